@@ -183,6 +183,11 @@ def sample_world(rng: np.random.Generator, resolution: int):
     return image, caption, utility
 
 
+def tiny_prompts() -> list[str]:
+    """Every caption the tiny world can produce (colour x shape x background), in a fixed order."""
+    return [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in BACKGROUNDS]
+
+
 def build_clip_tokenizer(words, path: Path):
     """A CLIP BPE tokenizer made offline: byte-level characters plus one merge chain per known word."""
     from transformers import CLIPTokenizer
