@@ -69,12 +69,17 @@ class Config:
     max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (released code: 1.0)")
     seed: int = arg(0, "seed for everything; ranks derive their own streams from (seed, rank)")
     checkpointing_steps: int = arg(1000, "save checkpoint-<step>/ every this many steps (and at the end)")
+    checkpoints_total_limit: int = arg(0, "keep only the newest this many checkpoints (0: keep all)")
+    resume: str = arg("", "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if there is none)")
+    max_bad_steps: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
+    allow_one_class: bool = arg(False, "train on data with only desirable or only undesirable samples (KTO can learn from one kind)")
 
 
 TINY = dict(  # --tiny: a CPU-sized run; the model and data are built by utils.py
     resolution=32, train_batch_size=4, max_train_steps=60, learning_rate=1e-4, lr_warmup_steps=5, beta=200.0,
     checkpointing_steps=30, dataloader_workers=0, output_dir="runs/tiny",
 )
+MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
 CHOICES = dict(utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
                reference_point=("kl_mismatched", "batch_mean", "zero"))
 
@@ -170,24 +175,82 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
             k, offset = k + 1, 0
 
 
+def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float):
+    """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout)."""
+    b = pixels.shape[0]
+    if random_flip:
+        flip = torch.rand(b, generator=gen, device=pixels.device) < 0.5
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    drop = (torch.rand(b, generator=gen, device=pixels.device) < caption_dropout).tolist()
+    return pixels, ["" if d else c for c, d in zip(captions, drop)]
+
+
 def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: checkpoint-<step>/ holds unet/ (diffusers layout), training_state.pt and rng_state.pt
 
-def save_checkpoint(cfg: Config, policy, step: int, rank: int, world_size: int):
-    """Rank 0 writes checkpoint-<step>/unet (diffusers layout). All ranks call this (it holds a barrier)."""
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message says what to try."""
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.tmp and is ignored."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def fsync_tree(path: Path):
+    for p in [*path.rglob("*"), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, gen, step: int, bad_steps: int, rank: int, world_size: int):
+    """Atomic save: rank 0 writes checkpoint-<step>.tmp, flushes it to disk, then renames it. All ranks call this."""
+    rng_states = [gen.get_state()]
+    if world_size > 1:
+        rng_states = [None] * world_size
+        dist.all_gather_object(rng_states, gen.get_state())  # every rank's noise/timestep stream
     if rank == 0:
         out = Path(cfg.output_dir) / f"checkpoint-{step}"
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp / "unet")
+        torch.save(dict(optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), step=step,
+                        bad_steps=bad_steps), tmp / "training_state.pt")
+        torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
+        fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.rename(tmp, out)
+        if cfg.checkpoints_total_limit > 0:
+            for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
+                shutil.rmtree(old)
     if world_size > 1:
         dist.barrier()
+
+
+def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume."""
+    out = Path(cfg.output_dir)
+    if not cfg.resume:
+        if list_checkpoints(out):
+            raise DataError(f"--output_dir {out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...) "
+                            "of another run. Pass --resume latest to continue it, or choose another --output_dir.")
+        return None
+    if cfg.resume == "latest":
+        found = list_checkpoints(out)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / "training_state.pt").exists():
+        raise DataError(f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
+                        f"Pass a checkpoint-<step> folder or 'latest'.")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,13 +265,20 @@ def main(argv=None):
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # torchrun --max-restarts reuses one key-value store across restarts: a per-restart prefix keeps a
+        # restarted group from reading the dead group's addresses (pytorch/pytorch#167288)
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=rank == 0 and not agent_store)
+        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
     try:
         return train(cfg, rank, world_size, device)
-    except DataError as e:
+    except (DataError, TrainingError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, DataError) else 3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -229,7 +299,19 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     dataset = utils.FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     desirable = table["desirable"].to_numpy()
     num_desirable, num_undesirable = int(desirable.sum()), int((~desirable).sum())
-    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank])
+    if min(num_desirable, num_undesirable) == 0 and not cfg.allow_one_class:
+        raise DataError(f"--dataset {cfg.dataset}: {num_desirable} desirable and {num_undesirable} undesirable samples. "
+                        "KTO can learn from one kind alone, but this is often a labelling mistake: check the "
+                        "label column, or pass --allow_one_class to train anyway.")
+    empty = float((table["caption"].str.strip() == "").mean())
+    if empty > MAX_EMPTY_CAPTIONS:
+        raise DataError(f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
+                        f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
+                        "Fill in the caption column or drop those rows.")
+    resume_from = find_resume(cfg)
+    start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
+                                    start=start_step * cfg.train_batch_size)  # resumes the exact stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
                                          num_workers=cfg.dataloader_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=cfg.dataloader_workers > 0)
@@ -255,6 +337,21 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
     gen = torch.Generator(device).manual_seed(rank_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
+    bad_steps = 0
+    if resume_from:  # weights, optimizer, schedule, step and every rank's generator
+        policy.load_state_dict(UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet").state_dict())
+        state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        bad_steps = state["bad_steps"]
+        rng_states = torch.load(resume_from / "rng_state.pt", weights_only=True)
+        if len(rng_states) == world_size:
+            gen.set_state(rng_states[rank])
+        else:  # a different number of ranks: same weights and optimizer, new per-rank streams
+            gen.manual_seed(rank_seed(cfg.seed + start_step, rank))
+            if master:
+                print(f"warning: {resume_from} was saved by {len(rng_states)} ranks, resuming on {world_size}: "
+                      "random streams restart, so the run will not match an uninterrupted one exactly")
 
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +362,13 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         (out_dir / "run.json").write_text(json.dumps(run, indent=2))
         print(f"{num_desirable} desirable / {num_undesirable} undesirable images; {world_size} rank(s) x "
               f"{cfg.train_batch_size} = global batch {world_size * cfg.train_batch_size}; device {device}")
-    metrics_file = open(out_dir / "metrics.jsonl", "w") if master else None
+    metrics_file = None
+    if master:  # on resume keep the log up to the checkpoint's step, then append
+        old = (out_dir / "metrics.jsonl").read_text().splitlines() if resume_from and (out_dir / "metrics.jsonl").exists() else []
+        metrics_file = open(out_dir / "metrics.jsonl", "w")
+        metrics_file.writelines(line + "\n" for line in old if json.loads(line)["step"] <= start_step)
+        if resume_from:
+            print(f"resuming from {resume_from} at step {start_step}")
 
     def encode_captions(captions):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
@@ -274,8 +377,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     batches = iter(loader)
-    bar = tqdm(range(cfg.max_train_steps), disable=not master, desc="kto", dynamic_ncols=True)
-    for step in range(1, cfg.max_train_steps + 1):
+    bar = tqdm(total=cfg.max_train_steps, initial=start_step, disable=not master, desc="kto", dynamic_ncols=True)
+    for step in range(start_step + 1, cfg.max_train_steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
         pixels = batch["pixel_values"].to(device, non_blocking=True)
@@ -284,12 +387,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         captions = list(batch["caption"])
 
         with torch.no_grad(), autocast:
-            # random flip and caption dropout, from this rank's generator
-            if cfg.random_flip:
-                flip = torch.rand(b, generator=gen, device=device) < 0.5
-                pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-            drop = (torch.rand(b, generator=gen, device=device) < cfg.caption_dropout).tolist()
-            captions_in = ["" if d else c for c, d in zip(captions, drop)]
+            pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
             # x0 = E(image); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}; same x0, eps, t for both UNets
             x0 = vae.encode(pixels.to(frozen_dtype)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
             x0 = x0.float()
@@ -323,31 +421,43 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()                                        # DDP averages the gradients over ranks here
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
+        lr = lr_schedule.get_last_lr()[0]
 
         # -- metrics: one all-reduce of sums and counts, so rank 0 logs global values -----------------
         d, u = is_desirable.float(), (~is_desirable).float()
         margin = torch.where(is_desirable, r - z, z - r)       # w * (r - z) > 0 means the sample is "won"
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         sums = torch.stack([loss.detach() * b, (r * d).sum(), d.sum(), (r * u).sum(), u.sum(), (margin > 0).float().sum(),
-                            policy_err.detach().sum(), ref_err.sum(), torch.tensor(float(b), device=device)])
+                            policy_err.detach().sum(), ref_err.sum(), torch.tensor(float(b), device=device),
+                            (~finite).float()])
         if dist.is_initialized():
             dist.all_reduce(sums)
+        skipped = sums[9].item() > 0                           # the same decision on every rank
+        if skipped:  # a NaN/inf anywhere: no rank steps; the bad gradients are dropped at the next zero_grad
+            bad_steps += 1
+        else:
+            optimizer.step()
+            bad_steps = 0
+        lr_schedule.step()
         if master:
             n = sums[8].item()
             row = dict(step=step, loss=sums[0].item() / n, z=z.item(),
                        reward_desirable=sums[1].item() / max(sums[2].item(), 1),
                        reward_undesirable=sums[3].item() / max(sums[4].item(), 1),
                        accuracy=sums[5].item() / n, policy_err=sums[6].item() / n, ref_err=sums[7].item() / n,
-                       grad_norm=grad_norm.item(), lr=lr_schedule.get_last_lr()[0],
+                       grad_norm=grad_norm.item(), lr=lr, desirable_frac=sums[2].item() / n, skipped=int(skipped),
                        images_per_sec=n / (time.perf_counter() - t0))
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
         bar.update()
 
+        if bad_steps >= cfg.max_bad_steps:
+            raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
+                                "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
+                                "--beta, check the data for broken images, or raise --max_bad_steps.")
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            save_checkpoint(cfg, policy, step, rank, world_size)
+            save_checkpoint(cfg, policy, optimizer, lr_schedule, gen, step, bad_steps, rank, world_size)
     bar.close()
     if master:
         metrics_file.close()
