@@ -47,7 +47,8 @@ def arg(default, help: str):
 class Config:
     # data and model
     pretrained_model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5", "base model: hub id or local diffusers folder; policy and ref both start from its UNet")
-    dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: a .csv/.jsonl/.parquet file with columns image, caption, label")
+    dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
+    label_policy: str = arg("won_once", utils.LABEL_POLICY_HELP)
     output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
     tiny: bool = arg(False, "build (once, cached) and use a tiny offline model and dataset, with small defaults; explicit flags still win")
     resolution: int = arg(512, "training image side in pixels (resize short side, center crop)")
@@ -79,8 +80,9 @@ TINY = dict(  # --tiny: a CPU-sized run; the model and data are built by utils.p
     resolution=32, train_batch_size=4, max_train_steps=60, learning_rate=1e-4, lr_warmup_steps=5, beta=200.0,
     checkpointing_steps=30, dataloader_workers=0, output_dir="runs/tiny",
 )
+MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
-CHOICES = dict(utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
+CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
                reference_point=("kl_mismatched", "batch_mean", "zero"))
 
 
@@ -295,7 +297,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         mismatched_indices(cfg.train_batch_size)  # fails early, with a clear message, for a batch of 1
 
     # -- data: checked before any model is loaded ---------------------------------------------------
-    table = utils.load_feedback(cfg.dataset)
+    table = utils.load_feedback(cfg.dataset, label_policy=cfg.label_policy)
     dataset = utils.FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     desirable = table["desirable"].to_numpy()
     num_desirable, num_undesirable = int(desirable.sum()), int((~desirable).sum())
@@ -337,7 +339,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
     gen = torch.Generator(device).manual_seed(rank_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
-    bad_steps = 0
+    bad_steps, n_corrupt, n_seen = 0, 0, 0
     if resume_from:  # weights, optimizer, schedule, step and every rank's generator
         policy.load_state_dict(UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet").state_dict())
         state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
@@ -357,7 +359,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         out_dir.mkdir(parents=True, exist_ok=True)
         versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
         run = dict(config=dataclasses.asdict(cfg), world_size=world_size, device=str(device),
-                   num_desirable=num_desirable, num_undesirable=num_undesirable,
+                   num_desirable=num_desirable, num_undesirable=num_undesirable, label_policy=cfg.label_policy,
+                   data=table.attrs.get("stats"),
                    versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
         (out_dir / "run.json").write_text(json.dumps(run, indent=2))
         print(f"{num_desirable} desirable / {num_undesirable} undesirable images; {world_size} rank(s) x "
@@ -429,10 +432,13 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         sums = torch.stack([loss.detach() * b, (r * d).sum(), d.sum(), (r * u).sum(), u.sum(), (margin > 0).float().sum(),
                             policy_err.detach().sum(), ref_err.sum(), torch.tensor(float(b), device=device),
-                            (~finite).float()])
+                            (~finite).float(), batch["corrupt"].sum().to(device, torch.float32)])
         if dist.is_initialized():
             dist.all_reduce(sums)
         skipped = sums[9].item() > 0                           # the same decision on every rank
+        n_corrupt += int(sums[10].item())
+        n_seen += int(sums[8].item()) + int(sums[10].item())
+        utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together beyond 1%
         if skipped:  # a NaN/inf anywhere: no rank steps; the bad gradients are dropped at the next zero_grad
             bad_steps += 1
         else:

@@ -10,15 +10,24 @@ Nothing here knows about KTO; the method lives in train_kto.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
@@ -85,14 +94,21 @@ def read_table(path: Path) -> pd.DataFrame:
     )
 
 
-def load_feedback(path: str | Path) -> pd.DataFrame:
-    """Read and check a like/dislike table. Returns columns image, caption, desirable (bool).
+def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFrame:
+    """Read and check a like/dislike table. Returns columns caption, desirable (bool) and where the image is.
 
-    `image` is a path relative to the table's folder (or absolute), or the image's encoded bytes.
-    `label` is 1/0, true/false or desirable/undesirable. Raises DataError naming the file, the column or
-    row, and what was expected.
+    A .csv/.jsonl/.parquet file with columns image, caption, label: `image` is a path relative to the
+    table's folder (or absolute), or the image's encoded bytes; `label` is 1/0, true/false or
+    desirable/undesirable. Raises DataError naming the file, the column or row, and what was expected.
+    A folder (or a single shard) with Pick-a-Pic v2 columns, or a hub dataset id: pairwise preferences turned
+    into per-image labels by `label_policy`, see load_pickapic. attrs["stats"] holds the counts.
     """
+    if label_policy not in LABEL_POLICIES:
+        raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
     path = Path(path)
+    if path.is_dir() or (not path.exists() and _is_hub_id(str(path))) or (
+            path.is_file() and path.suffix.lower() == ".parquet" and _is_pickapic_parquet(path)):
+        return load_pickapic(path, label_policy)
     if not path.exists():
         raise DataError(f"--dataset {path}: no such file. Pass a .csv, .jsonl or .parquet file.")
     table = read_table(path)
@@ -125,24 +141,427 @@ def load_feedback(path: str | Path) -> pd.DataFrame:
                 f"(paths are relative to {base}). {int((~exists).sum())} image path(s) are missing in all."
             )
     captions = table["caption"].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    return pd.DataFrame({"image": images, "caption": captions, "desirable": labels.astype(bool)})
+    out = pd.DataFrame({"image": images, "caption": captions, "desirable": labels.astype(bool)})
+    out.attrs["stats"] = dict(source=str(path), num_desirable=int(out["desirable"].sum()),
+                              num_undesirable=int((~out["desirable"]).sum()))
+    return out
 
 
 class FeedbackDataset(torch.utils.data.Dataset):
-    """Decodes one image at a time (in DataLoader workers); nothing is held decoded in memory."""
+    """Decodes one image at a time (in DataLoader workers); nothing is held decoded in memory.
+
+    A Pick-a-Pic table (columns shard, row, column) holds no image bytes, only where they are: each worker
+    process keeps its own few open parquet files and reads one row group of one jpg column per image.
+    A corrupt image never raises: the next image of the same class (table order, wrapping around) replaces
+    it, and the sample's "corrupt" field counts the images skipped (0 almost always) so the training loop
+    can sum them and call check_corrupt.
+    """
+
+    max_open_files = 64      # parquet files kept open per worker process
+    max_corrupt_in_a_row = 100  # then the data are hopeless: raise DataError
 
     def __init__(self, table: pd.DataFrame, base_dir: Path, resolution: int):
-        self.images = table["image"].tolist()
-        self.captions = table["caption"].tolist()
-        self.desirable = torch.as_tensor(table["desirable"].to_numpy(), dtype=torch.bool)
+        desirable = np.array(table["desirable"].to_numpy(dtype=bool))  # a writable copy
+        self.desirable = torch.as_tensor(desirable, dtype=torch.bool)
         self.base_dir, self.resolution = Path(base_dir), resolution
+        self.by_class = (np.flatnonzero(~desirable), np.flatnonzero(desirable))  # for corrupt-image replacement
+        if "shard" in table.columns:  # Pick-a-Pic: numpy/arrow arrays, so forked workers copy no Python objects
+            self.images = None
+            self.shards = [str(s) for s in table["shard"].cat.categories]
+            self.shard = table["shard"].cat.codes.to_numpy(np.int32)
+            self.row = table["row"].to_numpy(np.int64)
+            self.image_column = [str(c) for c in table["column"].cat.categories]
+            self.column = table["column"].cat.codes.to_numpy(np.int8)
+            self.captions = pa.array(table["caption"])
+            for s in np.unique(self.shard):
+                names = pq.read_schema(self.shards[s]).names
+                missing = [c for c in self.image_column if c not in names]
+                if missing:
+                    raise DataError(
+                        f"{self.shards[s]}: no image column(s) {', '.join(missing)}. This copy of Pick-a-Pic has "
+                        f"labels but no images (e.g. pickapic_v2_no_images); train on the full copy.")
+        else:
+            self.images = table["image"].tolist()
+            self.captions = table["caption"].tolist()
+        self._files, self._pid, self.n_corrupt = OrderedDict(), None, 0
+
+    def __getstate__(self):  # open parquet files stay in the process that opened them
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    def _parquet(self, s: int):
+        """(ParquetFile, first row of each row group + total) of shard s, opened once per process (LRU)."""
+        if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s]
+        pf = pq.ParquetFile(self.shards[s], pre_buffer=False)
+        starts = np.cumsum([0] + [pf.metadata.row_group(k).num_rows for k in range(pf.num_row_groups)])
+        self._files[s] = (pf, starts)
+        if len(self._files) > self.max_open_files:
+            self._files.popitem(last=False)[1][0].close()
+        return pf, starts
+
+    def _source(self, i: int):
+        """Image i as stored: a path or bytes (CSV/JSONL/parquet tables), or bytes read from a Pick-a-Pic shard."""
+        if self.images is not None:
+            return self.images[i]
+        pf, starts = self._parquet(int(self.shard[i]))
+        row = int(self.row[i])
+        g = int(np.searchsorted(starts, row, side="right")) - 1
+        column = pf.read_row_group(g, columns=[self.image_column[self.column[i]]]).column(0)
+        return column[row - int(starts[g])].as_py()
+
+    def _where(self, i: int) -> str:
+        if self.images is not None:
+            return f"row {i} ({self.images[i] if isinstance(self.images[i], str) else 'bytes'})"
+        return f"{self.shards[self.shard[i]]} row {self.row[i]} {self.image_column[self.column[i]]}"
+
     def __getitem__(self, i: int) -> dict:
-        pixels = image_to_tensor(load_image(self.images[i], self.base_dir), self.resolution)
-        return {"pixel_values": pixels, "caption": self.captions[i], "desirable": self.desirable[i]}
+        corrupt = 0
+        while True:
+            source = self._source(i)  # a missing shard or unreadable parquet raises: that is not a corrupt image
+            try:
+                if source is None:
+                    raise ValueError("no image bytes (null)")
+                pixels = image_to_tensor(load_image(source, self.base_dir), self.resolution)
+                break
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                corrupt += 1
+                self.n_corrupt += 1
+                same = self.by_class[int(self.desirable[i])]
+                nxt = int(same[(np.searchsorted(same, i, side="right")) % len(same)])
+                if self.n_corrupt <= 20 or self.n_corrupt % 100 == 0:
+                    warnings.warn(f"corrupt image #{self.n_corrupt} in this process skipped: {self._where(i)}: "
+                                  f"{type(e).__name__}: {e}; replaced by item {nxt} of the same class", RuntimeWarning)
+                if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
+                    raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged.") from e
+                i = nxt
+        caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
+        return {"pixel_values": pixels, "caption": caption, "desirable": self.desirable[i], "corrupt": corrupt}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pick-a-Pic v2: pairwise preferences -> per-image like/dislike labels
+#
+# A Pick-a-Pic v2 row is one comparison: a caption, two generated images (jpg_0, jpg_1: encoded bytes) with
+# their uids, and label_0/label_1 = 1/0 or 0/1 for the preferred image, 0.5/0.5 for a tie. Diffusion-KTO
+# needs one label per image. A hub id and a local folder take the same road: the hub id is resolved to
+# its parquet shards in the local Hugging Face cache, then both are read with pyarrow, label/uid/caption
+# columns only (the image columns are never read here). The per-image table is cached next to the shards
+# and says where each image's bytes are (shard, row, jpg_0/jpg_1); FeedbackDataset reads them lazily.
+
+PICKAPIC_HUB_ID = "yuvalkirstain/pickapic_v2"
+PICKAPIC_LABEL_COLUMNS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid")
+PICKAPIC_IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+PICKAPIC_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+LABEL_POLICIES = ("won_once", "always_won")
+LABEL_POLICY_HELP = (
+    "how Pick-a-Pic pairs become per-image labels (ties dropped, each image uid counted once): won_once = "
+    "preferred in at least one comparison is desirable, never preferred is undesirable (paper); always_won = "
+    "desirable only if never the loser, images that both won and lost are dropped")
+PICKAPIC_LABELS_VERSION = 1  # bump when the conversion changes: cached label tables are then rebuilt
+
+
+def _is_hub_id(spec: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and Path(spec).suffix.lower() not in (
+        ".csv", ".jsonl", ".json", ".parquet")
+
+
+def _is_pickapic_parquet(path: Path) -> bool:
+    names = pq.read_schema(path).names
+    return "label" not in names and all(c in names for c in PICKAPIC_LABEL_COLUMNS)
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The Pick-a-Pic split a shard belongs to by its name (train-00000-of-00645-....parquet, or a train/ folder)."""
+    m = re.match(r"(" + "|".join(sorted(PICKAPIC_SPLITS, key=len, reverse=True)) + r")-", path.name)
+    if m:
+        return m.group(1)
+    return next((p for p in path.relative_to(root).parts[:-1] if p in PICKAPIC_SPLITS), None)
+
+
+def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[Path]]:
+    """(root folder, sorted parquet shards) of one split of a Pick-a-Pic v2 copy: a local folder, a single
+    shard, or a hub id resolved to its files in the local Hugging Face cache (downloaded when online).
+
+    In a folder, shards named by a split (the hub's layout: data/train-*.parquet) are filtered to `split`;
+    a folder whose shards carry no split name is used whole. Hidden folders (our label cache) are skipped.
+    Raises DataError when there is nothing to read or a shard lacks the label columns."""
+    path = Path(spec)
+    if path.is_file():
+        root, files = path.parent, [path]
+    else:
+        if not path.exists():
+            if not _is_hub_id(str(spec)):
+                raise DataError(f"--dataset {spec}: no such file or folder, and not a hub dataset id (owner/name).")
+            path = _hub_snapshot(str(spec), split)
+        root = path
+        files = sorted(p for p in root.rglob("*.parquet")
+                       if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not files:
+            raise DataError(f"--dataset {spec}: the folder {root} holds no .parquet files. Expected Pick-a-Pic v2 "
+                            f"parquet shards (columns {', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}).")
+        splits = [_split_of(p, root) for p in files]
+        if any(s is not None for s in splits):
+            files = [p for p, s in zip(files, splits) if s == split]
+            if not files:
+                found = sorted({s for s in splits if s})
+                raise DataError(f"--dataset {spec}: the folder {root} has shards of split(s) {', '.join(found)} "
+                                f"but none of split '{split}' (named {split}-*.parquet or under {split}/).")
+    for f in files:
+        names = pq.read_schema(f).names
+        missing = [c for c in PICKAPIC_LABEL_COLUMNS if c not in names]
+        if missing:
+            raise DataError(
+                f"--dataset {spec}: {f} is not a Pick-a-Pic v2 shard: missing column(s) {', '.join(missing)}. "
+                f"Found columns: {', '.join(names)}. A folder or hub id must hold parquet shards with columns "
+                f"{', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}; a like/dislike table must be a "
+                f".csv, .jsonl or .parquet file with columns {', '.join(REQUIRED_COLUMNS)}.")
+    return root, files
+
+
+def _hub_snapshot(repo_id: str, split: str) -> Path:
+    """The local folder of a hub dataset's parquet shards of `split` (from the cache; downloaded when online)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet"]
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns))
+    except Exception as e:  # offline and not cached, unknown repo, no network, ...
+        raise DataError(
+            f"--dataset {repo_id}: could not get the '{split}' parquet shards of this hub dataset "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download them first, e.g. "
+            f"`hf download {repo_id} --repo-type dataset --include 'data/{split}-*'` (older clients: "
+            f"huggingface-cli download), or pass a local folder of Pick-a-Pic v2 parquet shards.") from None
+
+
+def _pickapic_cache_path(root: Path, files: list[Path], split: str, label_policy: str) -> Path:
+    """labels-<split>-<policy>-<fingerprint>.parquet in <root>/.diffusion_kto (or the user cache if read-only).
+
+    The fingerprint covers the conversion version, split, policy and every shard's path, size and mtime."""
+    which = hashlib.sha1("|".join(str(f.relative_to(root)) for f in files).encode())  # the set of shards
+    state = hashlib.sha1(f"v{PICKAPIC_LABELS_VERSION}|{split}|{label_policy}".encode())  # and their content
+    for f in files:
+        st = f.stat()
+        state.update(f"|{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    name = f"labels-{split}-{label_policy}-{which.hexdigest()[:8]}-{state.hexdigest()[:16]}.parquet"
+    folder = root / ".diffusion_kto"
+    if not os.access(root, os.W_OK) and not os.access(folder, os.W_OK):
+        folder = cache_dir() / "pickapic-labels" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return folder / name
+
+
+def _read_label_columns(files: list[Path]) -> pa.Table:
+    """All comparisons, label/uid/caption columns only (parquet projection), plus shard index and row."""
+    types = dict(caption=pa.large_string(), label_0=pa.float64(), label_1=pa.float64(),
+                 image_0_uid=pa.large_string(), image_1_uid=pa.large_string())
+
+    def read(k):
+        t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
+        n = t.num_rows
+        cols = {c: t.column(c).cast(types[c]) for c in PICKAPIC_LABEL_COLUMNS}
+        return pa.table({**cols, "shard": np.full(n, k, np.int32), "row": np.arange(n, dtype=np.int64)})
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return pa.concat_tables(pool.map(read, range(len(files))))
+
+
+def pickapic_labels(comparisons: pa.Table, label_policy: str) -> tuple[pa.Table, dict]:
+    """Per-image labels from a table of comparisons (columns of PICKAPIC_LABEL_COLUMNS, shard, row).
+
+    Rules: a comparison with label_0 == label_1 (a tie, 0.5/0.5) or a missing label/uid carries no
+    preference and is dropped; an image (uid) only in such comparisons gets no label. Each image is counted
+    once: n_won / n_lost = comparisons it won / lost. won_once: desirable iff n_won > 0. always_won:
+    desirable iff n_won > 0 and n_lost == 0, undesirable iff n_won == 0, the rest dropped. Caption and
+    location (shard, row, side 0 = jpg_0 / 1 = jpg_1) are those of the image's first comparison in shard
+    order. Returns (table in first-appearance order, stats); vectorised, no Python loop over rows."""
+    if label_policy not in LABEL_POLICIES:
+        raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
+    n = comparisons.num_rows
+    l0 = comparisons.column("label_0").to_numpy().astype(np.float64)  # nulls become nan
+    l1 = comparisons.column("label_1").to_numpy().astype(np.float64)
+    u0, u1 = comparisons.column("image_0_uid"), comparisons.column("image_1_uid")
+    valid = ~np.isnan(l0) & ~np.isnan(l1) & pc.is_valid(u0).to_numpy(zero_copy_only=False) \
+        & pc.is_valid(u1).to_numpy(zero_copy_only=False)
+    decisive = valid & (l0 != l1)
+    idx = np.flatnonzero(decisive)
+    win0 = l0[idx] > l1[idx]
+    # one entry per (decisive comparison, side): the image's uid code, whether it won, and pos = 2 * comparison
+    # + side, which orders entries as they appear in the data
+    uids = pc.dictionary_encode(pa.chunked_array(u0.take(idx).chunks + u1.take(idx).chunks, type=u0.type))
+    uid_names = uids.chunk(0).dictionary if uids.num_chunks else pa.array([], u0.type)
+    code = np.concatenate([c.indices.to_numpy() for c in uids.chunks]) if uids.num_chunks else np.zeros(0, np.int32)
+    won_slot = np.concatenate([win0, ~win0])
+    pos = np.concatenate([2 * idx, 2 * idx + 1])
+    k = len(uid_names)
+    n_won = np.bincount(code, weights=won_slot, minlength=k).astype(np.int64)
+    n_lost = np.bincount(code, minlength=k) - n_won
+    first = np.full(k, np.iinfo(np.int64).max)
+    np.minimum.at(first, code, pos)  # each image's first appearance
+    caption_code = pc.dictionary_encode(comparisons.column("caption").fill_null("")).combine_chunks().indices
+    cap = caption_code.to_numpy()[pos // 2].astype(np.int64)
+    pairs = np.sort(code.astype(np.int64) * (int(cap.max(initial=0)) + 1) + cap)
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs  # distinct (image, caption)
+    several_captions = int((np.bincount(pairs // (int(cap.max(initial=0)) + 1), minlength=k) > 1).sum())
+    order = np.argsort(first, kind="stable")  # images in order of first appearance
+    uid_names, first, n_won, n_lost = uid_names.take(order), first[order], n_won[order], n_lost[order]
+    won, lost = n_won > 0, n_lost > 0
+    keep = np.ones(len(first), bool) if label_policy == "won_once" else ~(won & lost)
+    i = first // 2
+    table = pa.table({
+        "uid": uid_names,
+        "caption": comparisons.column("caption").fill_null("").take(i),
+        "desirable": won,  # always_won: the images that also lost are filtered out below
+        "shard": comparisons.column("shard").take(i),
+        "row": comparisons.column("row").take(i),
+        "side": (first % 2).astype(np.int8),
+        "n_won": n_won.astype(np.int32), "n_lost": n_lost.astype(np.int32),
+    }).filter(keep)
+    tie_uids = pc.unique(pa.chunked_array(u0.filter(valid & ~decisive).chunks + u1.filter(valid & ~decisive).chunks,
+                                          type=u0.type))
+    desirable = table.column("desirable").to_numpy()
+    stats = dict(
+        label_policy=label_policy, comparisons=n, ties=int((valid & ~decisive).sum()), invalid=int((~valid).sum()),
+        images=len(first), images_only_in_ties=len(tie_uids) - int(pc.sum(pc.is_in(tie_uids, uid_names)).as_py() or 0),
+        images_won_and_lost=int((won & lost).sum()), images_dropped=int((~keep).sum()),
+        images_with_several_captions=several_captions,
+        num_desirable=int(desirable.sum()), num_undesirable=int((~desirable).sum()),
+    )
+    return table, stats
+
+
+def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str = "train") -> pd.DataFrame:
+    """Per-image like/dislike table of a Pick-a-Pic v2 copy (folder, shard or hub id), computed once and cached.
+
+    Columns: uid, caption, desirable, shard (categorical: path of the parquet file), row (in that file),
+    column (categorical: jpg_0 or jpg_1), n_won, n_lost. attrs["stats"]: counts (see pickapic_labels) and the
+    cache file. The cache is keyed by the policy and invalidated when any shard's size or mtime changes."""
+    if label_policy not in LABEL_POLICIES:
+        raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
+    root, files = pickapic_shards(spec, split)
+    cache = _pickapic_cache_path(root, files, split, label_policy)
+    if cache.exists():
+        table = pq.read_table(cache)
+        meta = json.loads(table.schema.metadata[b"diffusion_kto"])
+    else:
+        table, stats = pickapic_labels(_read_label_columns(files), label_policy)
+        meta = dict(shards=[str(f.relative_to(root)) for f in files], stats=dict(stats, split=split))
+        table = table.replace_schema_metadata({"diffusion_kto": json.dumps(meta)})
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.parquet"):  # same shards, older data
+            if stale != cache:
+                stale.unlink(missing_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, cache)  # atomic: concurrent ranks write the same content
+    df = pd.DataFrame({
+        "uid": table.column("uid").to_pandas(), "caption": table.column("caption").to_pandas(),
+        "desirable": table.column("desirable").to_numpy(),
+        "shard": pd.Categorical.from_codes(table.column("shard").to_numpy(),
+                                           categories=[str(root / s) for s in meta["shards"]]),
+        "row": table.column("row").to_numpy(),
+        "column": pd.Categorical.from_codes(table.column("side").to_numpy(), categories=list(PICKAPIC_IMAGE_COLUMNS)),
+        "n_won": table.column("n_won").to_numpy(), "n_lost": table.column("n_lost").to_numpy(),
+    })
+    df.attrs["stats"] = dict(meta["stats"], source=str(spec), label_cache=str(cache))
+    return df
+
+
+def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: int = 0) -> None:
+    """Raise DataError when more than `limit` of the images seen were corrupt (judged once min_seen were read).
+
+    n_corrupt: sum of the "corrupt" field of the samples drawn; n_seen: images read, corrupt ones included
+    (samples drawn + n_corrupt)."""
+    if n_seen >= min_seen and n_corrupt > limit * n_seen:
+        raise DataError(
+            f"{n_corrupt} of the {n_seen} images read so far ({n_corrupt / max(n_seen, 1):.2%}) could not be "
+            f"decoded, more than the {limit:.0%} allowed: the data are damaged. The warnings above name the shards "
+            f"and rows; re-download those shards (or remove them from --dataset) and restart.")
+
+
+def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 1500, seed: int = 0,
+                             tie_fraction: float = 0.1, images_per_prompt: int = 4) -> list[Path]:
+    """Write train-*.parquet shards with Pick-a-Pic v2's columns and types (for the benchmark and tests).
+
+    Images are grouped by prompt; each comparison pairs two images of one prompt. The image columns reuse a
+    few tiny PNGs (the label conversion never reads them)."""
+    rng = np.random.default_rng(seed)
+    n_images = max(2 * images_per_prompt, n_rows)
+    tiny = []
+    for color in [(200, 30, 30), (30, 200, 30), (30, 30, 200)]:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+        tiny.append(buf.getvalue())
+    prompt_of_first = rng.integers(0, n_images // images_per_prompt, n_rows)
+    a = prompt_of_first * images_per_prompt + rng.integers(0, images_per_prompt, n_rows)
+    b = prompt_of_first * images_per_prompt + (a % images_per_prompt + rng.integers(1, images_per_prompt, n_rows)) % images_per_prompt
+    win0 = rng.random(n_rows) < 0.5
+    tie = rng.random(n_rows) < tie_fraction
+    label_0 = np.where(tie, 0.5, win0.astype(np.float64))
+    uid_of = np.array([f"{x:016x}{y:016x}" for x, y in rng.integers(0, 2**62, (n_images, 2))], dtype=object)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n_rows // rows_per_shard)
+    paths = []
+    for s in range(n_shards):
+        sl = slice(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
+        m = sl.stop - sl.start
+        ua, ub = uid_of[a[sl]], uid_of[b[sl]]
+        t = pa.table({
+            "are_different": np.ones(m, bool), "best_image_uid": np.where(label_0[sl] == 1, ua, np.where(label_0[sl] == 0, ub, "")),
+            "caption": [f"prompt {p}: a photograph of a small synthetic scene" for p in prompt_of_first[sl]],
+            "created_at": pa.array(np.full(m, 1_700_000_000_000_000, "datetime64[us]")),
+            "has_label": np.ones(m, bool),
+            "image_0_uid": ua, "image_0_url": [f"https://example.invalid/{u}.png" for u in ua],
+            "image_1_uid": ub, "image_1_url": [f"https://example.invalid/{u}.png" for u in ub],
+            "jpg_0": pa.array([tiny[k] for k in a[sl] % 3], pa.binary()),
+            "jpg_1": pa.array([tiny[k] for k in b[sl] % 3], pa.binary()),
+            "label_0": label_0[sl], "label_1": 1.0 - label_0[sl],
+            "model_0": ["sd-1.5"] * m, "model_1": ["sdxl"] * m,
+            "ranking_id": np.arange(sl.start, sl.stop), "user_id": rng.integers(0, 10_000, m),
+            "num_example_per_prompt": np.ones(m, np.int64),
+        })
+        path = folder / f"train-{s:05d}-of-{n_shards:05d}.parquet"
+        pq.write_table(t, path)
+        paths.append(path)
+    return paths
+
+
+def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None = None) -> dict:
+    """Time the label conversion of n_rows synthetic comparisons (real schema, 1,500 rows per shard as on the
+    hub) in a fresh process; prints and returns seconds, peak RSS and the counts. Command:
+        python -c "import utils; utils.benchmark_pickapic_labels(1_000_000)"
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(folder or tmp) / f"pickapic-synthetic-{n_rows}"
+        if not folder.exists():
+            t0 = time.perf_counter()
+            write_synthetic_pickapic(folder, n_rows)
+            print(f"wrote {n_rows:,} comparisons to {folder} in {time.perf_counter() - t0:.1f} s")
+        shutil.rmtree(folder / ".diffusion_kto", ignore_errors=True)
+        code = (
+            "import json, resource, time, utils\n"
+            "t0 = time.perf_counter()\n"
+            f"table = utils.load_pickapic({str(folder)!r})\n"
+            "t1 = time.perf_counter()\n"
+            f"utils.load_pickapic({str(folder)!r})\n"
+            "t2 = time.perf_counter()\n"
+            "print(json.dumps(dict(convert_s=t1 - t0, cached_s=t2 - t1,\n"
+            "    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **table.attrs['stats'])))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+    print(f"{n_rows:,} comparisons -> {result['num_desirable']:,} desirable / {result['num_undesirable']:,} "
+          f"undesirable: {result['convert_s']:.1f} s (cached: {result['cached_s']:.2f} s), "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,846 @@
+"""Evaluate a Diffusion-KTO checkpoint against a baseline: prompt-by-prompt win rates on five scorers.
+
+Both models draw images from the same prompts, starting from the same initial noise for every (prompt, image
+index); five automatic scorers (Aesthetic, PickScore, ImageReward, CLIP, HPS v2) rate every image, and for each
+prompt the median-scoring image of each model is compared (Li et al., NeurIPS 2024, Sec. 5 and App. A.2).
+Paper, Pick-a-Pic test prompts, Diffusion-KTO vs SD v1-5: 86.0 / 85.2 / 87.2 / 62.0 / 62.0 % win rate.
+
+Launch:
+    python eval.py --ckpt runs/tiny/checkpoint-60 --tiny              # CPU, offline: tiny prompts and scorers
+    python eval.py --ckpt runs/kto/checkpoint-10000 --num_prompts 100  # 1 GPU, vs the run's base model
+    torchrun --standalone --nproc_per_node 8 eval.py --ckpt runs/kto/checkpoint-10000 --prompts pickapic_test
+Every flag: python eval.py --help. Outputs in --out: results.json, results.md, win_rates.png, grid_*.png,
+images/{checkpoint,baseline}/*.png and images/index.csv. A rerun with the same --out skips finished images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import utils
+from utils import DataError
+
+
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+METRICS = ("aesthetic", "pickscore", "imagereward", "clip", "hps")  # the paper's column order
+DEFAULT_PATHS = dict(
+    aesthetic="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
+    pickscore="yuvalkirstain/PickScore_v1",
+    imagereward="THUDM/ImageReward",
+    clip="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    hps="xswu/HPSv2",
+)
+
+
+@dataclass
+class Config:
+    ckpt: str = arg("", "model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id")
+    baseline: str = arg("", "model to compare against, same forms as --ckpt (default: the base model in the checkpoint's run.json)")
+    prompts: str = arg("pickapic_test", "pickapic_test (500) | hps (3,200) | parti (1,632) | a .txt/.csv/.tsv/.jsonl/.parquet file")
+    num_prompts: int = arg(0, "use this many prompts, evenly spaced through the set (0 = all)")
+    images_per_prompt: int = arg(5, "images per prompt per model; the per-prompt score is their median (paper: 5)")
+    steps: int = arg(50, "denoising steps of the model's own scheduler")
+    guidance: float = arg(7.5, "classifier-free guidance scale")
+    seed: int = arg(0, "image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models")
+    metrics: str = arg(",".join(METRICS), "comma-separated scorers to run, from: " + ", ".join(METRICS))
+    compare: str = arg("median", "median: median image per model per prompt (paper) | all: every checkpoint x baseline image pair")
+    batch_size: int = arg(8, "images per generation call and per scorer call, per rank")
+    out: str = arg("runs/eval", "output folder (images, results.json, results.md, PNG charts)")
+    tiny: bool = arg(False, "offline plumbing test: tiny prompts, few steps and tiny RANDOM-WEIGHT scorers (scores mean nothing)")
+    aesthetic_path: str = arg(DEFAULT_PATHS["aesthetic"], "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP folder beside it overrides ViT-L/14")
+    pickscore_path: str = arg(DEFAULT_PATHS["pickscore"], "PickScore CLIPModel: hub id or local folder")
+    imagereward_path: str = arg(DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and med_config.json")
+    clip_path: str = arg(DEFAULT_PATHS["clip"], "CLIPModel for the CLIP score (cosine of image and text embeddings): hub id or folder")
+    hps_path: str = arg(DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo")
+
+
+TINY = dict(steps=10, images_per_prompt=3, batch_size=24, out="runs/eval-tiny")  # --tiny defaults; flags still win
+CHOICES = dict(compare=("median", "all"))
+TINY_NOTE = ("--tiny: the scorers are tiny RANDOM-WEIGHT models with the real architectures; these numbers test the "
+             "plumbing only and say nothing about image quality.")
+
+
+def parse_config(argv=None) -> Config:
+    """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    for f in dataclasses.fields(Config):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=eval(f.type))
+        default = "" if "default:" in f.metadata["help"] else f" (default: {f.default!r})"
+        parser.add_argument(f"--{f.name}", help=f.metadata["help"] + default,
+                            choices=CHOICES.get(f.name), **kind)
+    given = vars(parser.parse_args(argv))
+    cfg = Config()
+    if given.get("tiny"):
+        paths = {f"{m}_path": str(p) for m, p in tiny_scorer_paths().items()}
+        cfg = dataclasses.replace(cfg, **TINY, **paths, prompts="tiny")
+    cfg = dataclasses.replace(cfg, **given)
+    if not cfg.ckpt:
+        parser.error("--ckpt is required")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+NAMED_PROMPTS = ("pickapic_test", "hps", "parti")
+PROMPT_COLUMNS = ("prompt", "Prompt", "caption")
+PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
+HPS_FILES = ("anime.json", "concept-art.json", "paintings.json", "photo.json")  # 800 prompts each
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    if suffix in (".csv", ".tsv"):
+        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    elif suffix == ".jsonl":
+        table = pd.read_json(path, lines=True, dtype=False)
+    elif suffix == ".parquet":
+        table = pd.read_parquet(path)
+    else:
+        raise DataError(f"--prompts {path}: unsupported file type '{suffix}'. Use .txt (one prompt per line) or a "
+                        f".csv/.tsv/.jsonl/.parquet table with a column named {', '.join(PROMPT_COLUMNS)}.")
+    column = next((c for c in PROMPT_COLUMNS if c in table.columns), None)
+    if column is None:
+        raise DataError(f"--prompts {path}: no column named {', '.join(PROMPT_COLUMNS)}. Found columns: "
+                        f"{', '.join(map(str, table.columns))}.")
+    texts = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip() for v in table[column]]
+    return [t for t in texts if t]
+
+
+def download_named_prompts(name: str) -> list[str]:
+    """The paper's prompt sets; they need the network once (then the usual hub / datasets caches)."""
+    how = "No network? Fetch the set once elsewhere and pass it as a local file: --prompts prompts.txt"
+    try:
+        if name == "pickapic_test":
+            import datasets
+            ds = datasets.load_dataset("yuvalkirstain/pickapic_v2", split="test_unique",
+                                       data_files={"test_unique": "data/test_unique-*"})
+            return list(dict.fromkeys(str(c).strip() for c in ds["caption"]))  # unique, in order
+        if name == "parti":
+            dest = utils.cache_dir() / "prompts" / "PartiPrompts.tsv"
+            if not dest.exists():
+                download(PARTI_URL, dest)
+            return read_prompt_file(dest)
+        from huggingface_hub import hf_hub_download
+        prompts = []
+        for f in HPS_FILES:  # HPS v2 benchmark: the same files the hpsv2 package downloads
+            prompts += json.loads(Path(hf_hub_download("zhwang/HPDv2", f"benchmark/{f}", repo_type="dataset")).read_text())
+        return prompts
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). {how}") from e
+
+
+def load_prompts(spec: str) -> list[str]:
+    if spec == "tiny":
+        return utils.tiny_prompts()
+    if spec in NAMED_PROMPTS:
+        prompts = download_named_prompts(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"--prompts {spec}: not a named set ({', '.join(NAMED_PROMPTS)}) and no such file. "
+                            f"Pass a named set or a .txt/.csv/.tsv/.jsonl/.parquet file.")
+        prompts = read_prompt_file(path)
+    if not prompts:
+        raise DataError(f"--prompts {spec}: no (non-empty) prompts found.")
+    return prompts
+
+
+def subset_indices(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when k is 0 or >= n): deterministic, covers every style."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return [(i * n) // k for i in range(k)]
+
+
+def download(url: str, dest: Path) -> Path:
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        f.write(r.read())
+    os.replace(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models to compare
+
+def describe_model(spec: str) -> dict:
+    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None}. A checkpoint-<step> folder holds
+    only unet/; its base model is config.pretrained_model in the run.json of the folder above."""
+    path = Path(spec)
+    if (path / "unet" / "config.json").exists() and not (path / "model_index.json").exists():
+        run_json = path.parent / "run.json"
+        if not run_json.exists():
+            raise DataError(f"{spec}: a UNet checkpoint without {run_json}, so its base model is unknown. Pass the "
+                            f"checkpoint of a train_kto.py run, or a full diffusers folder / hub id.")
+        base = json.loads(run_json.read_text())["config"]["pretrained_model"]
+        return dict(base=base, unet=str(path / "unet"))
+    if path.exists() and not (path / "model_index.json").exists():
+        raise DataError(f"{spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model folder "
+                        f"(with model_index.json).")
+    return dict(base=spec, unet=None)
+
+
+def load_pipeline(model: dict, device: torch.device):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    extra = {}
+    try:
+        if model["unet"]:
+            extra["unet"] = UNet2DConditionModel.from_pretrained(model["unet"], dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(model["base"], dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False, **extra)
+    except OSError as e:
+        raise DataError(f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder.") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def image_seed(seed: int, p: int, k: int) -> int:
+    """Seed of image k of prompt p: a function of (seed, p, k) only, so both models start from the same noise."""
+    return int(np.random.SeedSequence([seed, p, k]).generate_state(1)[0])
+
+
+def generate(cfg: Config, pipe, items: list[tuple], folder: Path, desc: str, rank: int):
+    """Generate the images of `items` = [(prompt_id, k, prompt)] not yet on disk, batch_size at a time."""
+    from tqdm.auto import tqdm
+
+    todo = [it for it in items if not (folder / image_name(it[0], it[1])).exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    c = pipe.unet.config.in_channels
+    h = w = pipe.unet.config.sample_size  # latent side; image side = this x the VAE's scale factor
+    bar = tqdm(total=len(todo), desc=f"{desc} rank {rank}", disable=not todo, dynamic_ncols=True)
+    for i in range(0, len(todo), cfg.batch_size):
+        batch = todo[i:i + cfg.batch_size]
+        # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
+        gens = [torch.Generator("cpu").manual_seed(image_seed(cfg.seed, p, k)) for p, k, _ in batch]
+        latents = torch.stack([torch.randn((c, h, w), generator=g) for g in gens])
+        with torch.no_grad():
+            images = pipe([t for _, _, t in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                          latents=latents.to(pipe.device, pipe.unet.dtype), generator=gens).images
+        for (p, k, _), image in zip(batch, images):
+            tmp = folder / f".{image_name(p, k)}.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, folder / image_name(p, k))  # atomic: an interrupted run never leaves a half image
+        bar.update(len(batch))
+    bar.close()
+
+
+def image_name(p: int, k: int) -> str:
+    return f"{p:05d}_{k:02d}.png"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scorers. Each loader returns score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N].
+# Add one: write a loader, add it to SCORERS (and a default path to DEFAULT_PATHS).
+
+OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+
+def to_pixels(images, size: int, pad: bool = False) -> torch.Tensor:
+    """CLIP preprocessing with PIL: short side to `size` + centre crop (OpenAI CLIP, BLIP), or with pad=True
+    long side to `size` + centred black padding (HPS v2's ResizeMaxSize). Normalised with OpenAI CLIP's mean/std."""
+    out = []
+    for image in images:
+        image = image.convert("RGB")
+        w, h = image.size
+        if pad:
+            s = size / max(w, h)
+            image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+            canvas = Image.new("RGB", (size, size))
+            canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+            image = canvas
+        else:
+            s = size / min(w, h)
+            image = image.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
+            left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+            image = image.crop((left, top, left + size, top + size))
+        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return (torch.stack(out) - OPENAI_MEAN[:, None, None]) / OPENAI_STD[:, None, None]
+
+
+def embedding(output) -> torch.Tensor:
+    """transformers 5 returns an output object from get_*_features (embedding in .pooler_output); 4.x a tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def resolve_file(spec: str, filename: str, flag: str) -> Path:
+    """A weights file given as the file, a folder holding it, a URL or a hub repo id (downloaded once)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / filename).is_file():
+            return path / filename
+        raise DataError(f"{flag} {spec}: the folder has no {filename}.")
+    how = f"Offline? Download {filename} once and pass the file (or its folder) with {flag}."
+    try:
+        if spec.startswith(("http://", "https://")):
+            dest = utils.cache_dir() / "scorers" / filename
+            return dest if dest.exists() else download(spec, dest)
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(spec, filename))
+    except Exception as e:
+        raise DataError(f"{flag} {spec}: could not fetch {filename} ({type(e).__name__}). {how}") from e
+
+
+def beside(weights: Path, default: str) -> str:
+    """Where the architecture config and tokenizer come from: the weights' folder if it has a config.json
+    (the tiny test scorers, local mirrors), else the canonical hub id."""
+    return str(weights.parent) if (weights.parent / "config.json").exists() else default
+
+
+def load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+
+
+def load_clip(spec: str, flag: str, device):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    try:
+        model = CLIPModel.from_pretrained(spec)
+        tokenizer = CLIPTokenizer.from_pretrained(spec if (Path(spec) / "tokenizer_config.json").exists()
+                                                  else DEFAULT_PATHS["clip"])  # PickScore: the ViT-H-14 tokenizer
+    except (OSError, ValueError) as e:  # a missing folder reads as an invalid hub id (ValueError)
+        raise DataError(f"{flag} {spec}: could not load a CLIPModel ({e}). Offline? Pass a local folder.") from e
+    return model.to(device).eval(), tokenizer
+
+
+def clip_cosine(model, tokenizer, images, prompts, pad=False) -> torch.Tensor:
+    """cos(text embedding, image embedding) per (image, prompt) pair, with the CLIP tokenizer's 77-token cut."""
+    device = model.device
+    pixels = to_pixels(images, model.config.vision_config.image_size, pad).to(device)
+    tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                       max_length=model.config.text_config.max_position_embeddings).to(device)
+    img = embedding(model.get_image_features(pixel_values=pixels)).float()
+    txt = embedding(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
+    return torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+
+
+def load_pickscore(cfg: Config, device):
+    model, tokenizer = load_clip(cfg.pickscore_path, "--pickscore_path", device)
+    # PickScore = exp(logit_scale) * cos(text, image): the logit of a CLIP fine-tuned on Pick-a-Pic, ~20-22
+    return lambda images, prompts: model.logit_scale.exp().float() * clip_cosine(model, tokenizer, images, prompts)
+
+
+def load_clip_score(cfg: Config, device):
+    model, tokenizer = load_clip(cfg.clip_path, "--clip_path", device)
+    return lambda images, prompts: clip_cosine(model, tokenizer, images, prompts)  # raw cosine, as Diffusion-DPO
+
+
+def openclip_to_hf(sd: dict) -> dict:
+    """Rename an OpenCLIP (ViT) state dict to transformers' CLIPModel keys. OpenCLIP fuses q, k, v into in_proj and
+    stores projections as [width, embed] (x @ proj); transformers uses separate Linear layers ([embed, width])."""
+    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    top = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+           "positional_embedding": "text_model.embeddings.position_embedding.weight",
+           "ln_final": "text_model.final_layer_norm", "logit_scale": "logit_scale",
+           "visual.class_embedding": "vision_model.embeddings.class_embedding",
+           "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+           "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+           "visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm"}
+    out = {}
+    for key, v in sd.items():
+        key = key.removeprefix("module.")
+        if key.endswith("attn_mask"):
+            continue
+        if key in ("text_projection", "visual.proj"):
+            out["text_projection.weight" if key == "text_projection" else "visual_projection.weight"] = v.t()
+            continue
+        if ".resblocks." in key:
+            tower, rest = key.split(".resblocks.")
+            i, name = rest.split(".", 1)
+            prefix = f"{'vision_model' if tower.startswith('visual') else 'text_model'}.encoder.layers.{i}."
+            if name.startswith("attn.in_proj_"):
+                kind = "weight" if name.endswith("weight") else "bias"
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                    out[f"{prefix}self_attn.{proj}.{kind}"] = part
+                continue
+            stem, kind = name.rsplit(".", 1)
+            out[prefix + block[stem] + "." + kind] = v
+            continue
+        stem, dot, kind = key.rpartition(".")
+        if key in top:
+            out[top[key]] = v
+        elif stem in top:
+            out[top[stem] + "." + kind] = v
+        else:
+            raise KeyError(f"unexpected OpenCLIP key {key}")
+    return out
+
+
+def load_hps(cfg: Config, device):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    weights = resolve_file(cfg.hps_path, "HPS_v2_compressed.pt", "--hps_path")
+    arch = beside(weights, DEFAULT_PATHS["clip"])  # HPS v2 is a fine-tuned OpenCLIP ViT-H-14
+    try:
+        model, tokenizer = CLIPModel(CLIPConfig.from_pretrained(arch)), CLIPTokenizer.from_pretrained(arch)
+    except OSError as e:
+        raise DataError(f"--hps_path: could not load the ViT-H-14 config/tokenizer from {arch} ({e}).") from e
+    sd = load_state_dict(weights)
+    model.load_state_dict(openclip_to_hf(sd.get("state_dict", sd)), strict=True)
+    model = model.float().to(device).eval()
+    return lambda images, prompts: clip_cosine(model, tokenizer, images, prompts, pad=True)  # HPS v2: raw cosine
+
+
+def mlp_head(in_dim: int) -> torch.nn.Module:
+    """The linear MLP of improved-aesthetic-predictor and ImageReward (no activations; dropout is a no-op in eval)."""
+    head = torch.nn.Module()
+    head.layers = torch.nn.Sequential(
+        torch.nn.Linear(in_dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    head.forward = head.layers.forward
+    return head
+
+
+def load_aesthetic(cfg: Config, device):
+    weights = resolve_file(cfg.aesthetic_path, "sac+logos+ava1-l14-linearMSE.pth", "--aesthetic_path")
+    model, _ = load_clip(beside(weights, "openai/clip-vit-large-patch14"), "--aesthetic_path", device)
+    head = mlp_head(model.config.projection_dim)
+    head.load_state_dict(load_state_dict(weights), strict=True)
+    head = head.to(device).eval()
+
+    def score(images, prompts):  # the prompt is not used: aesthetic = MLP(image embedding / ||image embedding||)
+        pixels = to_pixels(images, model.config.vision_config.image_size).to(device)
+        img = embedding(model.get_image_features(pixel_values=pixels)).float()
+        return head(torch.nn.functional.normalize(img, dim=-1)).squeeze(-1)
+    return score
+
+
+def blip_to_hf(sd: dict) -> tuple[dict, dict, dict]:
+    """Split an ImageReward state dict into transformers' BlipVisionModel, BlipTextModel and MLP-head keys.
+    The BLIP ViT is timm-named (blocks.i.attn.qkv ...); the BLIP text encoder already uses BERT names."""
+    vision_names = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+                    "patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}
+    block = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+             "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    vision, text, head = {}, {}, {}
+    for key, v in sd.items():
+        if key.startswith("blip.visual_encoder."):
+            key = key.removeprefix("blip.visual_encoder.")
+            if key.startswith("blocks."):
+                _, i, name = key.split(".", 2)
+                stem, kind = name.rsplit(".", 1)
+                vision[f"encoder.layers.{i}.{block[stem]}.{kind}"] = v
+            else:
+                stem, _, kind = key.rpartition(".") if key not in vision_names else (key, "", "")
+                vision[vision_names[stem] + (f".{kind}" if kind else "")] = v
+        elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
+            text[key.removeprefix("blip.text_encoder.")] = v
+        elif key.startswith("mlp."):
+            head[key.removeprefix("mlp.")] = v
+    return vision, text, head  # other keys (ITC projections, ...) are not used by the score
+
+
+def load_imagereward(cfg: Config, device):
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    weights = resolve_file(cfg.imagereward_path, "ImageReward.pt", "--imagereward_path")
+    med_path = weights.parent / "med_config.json"  # beside the weights (a local copy), else from the same repo
+    if not med_path.exists():
+        med_path = resolve_file(cfg.imagereward_path, "med_config.json", "--imagereward_path")
+    med_config = json.loads(med_path.read_text())
+    vision_sd, text_sd, head_sd = blip_to_hf(load_state_dict(weights))
+    # BLIP ViT-L/16 (create_vit('large')): sizes read off the weights; heads = width / 64 (1024 -> 16)
+    width, patch = vision_sd["embeddings.class_embedding"].shape[-1], vision_sd["embeddings.patch_embedding.weight"].shape[-1]
+    n_pos = vision_sd["embeddings.position_embedding"].shape[1]
+    vision = BlipVisionModel(BlipVisionConfig(
+        hidden_size=width, intermediate_size=vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers.")),
+        num_attention_heads=max(1, width // 64), patch_size=patch, image_size=patch * round((n_pos - 1) ** 0.5),
+        layer_norm_eps=1e-6, hidden_act="gelu"))
+    # the BERT-base text encoder with cross-attention; BLIP_Pretrain sets encoder_width to the ViT width
+    text = BlipTextModel(BlipTextConfig(
+        vocab_size=med_config["vocab_size"], hidden_size=med_config["hidden_size"],
+        intermediate_size=med_config["intermediate_size"], num_hidden_layers=med_config["num_hidden_layers"],
+        num_attention_heads=med_config["num_attention_heads"], max_position_embeddings=med_config["max_position_embeddings"],
+        layer_norm_eps=med_config.get("layer_norm_eps", 1e-12), encoder_hidden_size=width, is_decoder=True,
+        pad_token_id=med_config.get("pad_token_id", 0), bos_token_id=med_config.get("bos_token_id", 30522),
+        sep_token_id=med_config.get("sep_token_id", 102)),
+        add_pooling_layer=False)
+    head = mlp_head(med_config["hidden_size"])
+    for module, sd in ((vision, vision_sd), (text, text_sd), (head, head_sd)):
+        module.load_state_dict(sd, strict=True)
+    folder = weights.parent
+    tokenizer = BertTokenizer.from_pretrained(str(folder) if (folder / "tokenizer_config.json").exists() else "bert-base-uncased")
+    vision, text, head = (m.float().to(device).eval() for m in (vision, text, head))
+
+    def score(images, prompts):
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(device)
+        image_embeds = vision(pixel_values=to_pixels(images, vision.config.image_size).to(device)).last_hidden_state
+        out = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds,
+                   encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device))
+        reward = head(out.last_hidden_state[:, 0].float()).squeeze(-1)   # MLP on the [CLS] token
+        return (reward - 0.16717362830052426) / 1.0333394966054072      # ImageReward's normalisation
+    return score
+
+
+SCORERS = dict(aesthetic=load_aesthetic, pickscore=load_pickscore, imagereward=load_imagereward,
+               clip=load_clip_score, hps=load_hps)
+NAMES = dict(aesthetic="Aesthetic", pickscore="PickScore", imagereward="ImageReward", clip="CLIP", hps="HPS v2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny random-weight scorers in the real file formats (for --tiny and the tests)
+
+TINY_SCORERS_VERSION = "v2"
+
+
+def tiny_clip(tokenizer, seed: int, image_size: int = 32):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8, hidden_act="gelu"),
+        projection_dim=16)).eval()
+
+
+def hf_to_openclip(sd: dict) -> dict:
+    """Inverse of openclip_to_hf (only to write the tiny HPS file in OpenCLIP's format)."""
+    inverse = {}
+    for k, v in sd.items():
+        if k in ("text_projection.weight", "visual_projection.weight"):
+            inverse["text_projection" if k.startswith("text") else "visual.proj"] = v.t()
+        elif ".encoder.layers." in k:
+            tower, rest = k.split(".encoder.layers.")
+            i, name = rest.split(".", 1)
+            prefix = ("visual." if tower == "vision_model" else "") + f"transformer.resblocks.{i}."
+            if "self_attn." in name and "out_proj" not in name:
+                kind = name.rsplit(".", 1)[1]
+                proj = name.split(".")[1][0]
+                inverse.setdefault(prefix + f"attn.in_proj_{kind}", {})[proj] = v
+                continue
+            for a, b in {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                         "self_attn.out_proj": "attn.out_proj"}.items():
+                name = name.replace(a, b) if name.startswith(a) else name
+            inverse[prefix + name] = v
+        else:
+            for a, b in {"text_model.embeddings.token_embedding": "token_embedding",
+                         "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                         "text_model.final_layer_norm": "ln_final",
+                         "vision_model.embeddings.class_embedding": "visual.class_embedding",
+                         "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+                         "vision_model.embeddings.patch_embedding": "visual.conv1",
+                         "vision_model.pre_layrnorm": "visual.ln_pre", "vision_model.post_layernorm": "visual.ln_post"}.items():
+                k = k.replace(a, b) if k.startswith(a) else k
+            inverse[k] = v
+    return {k: torch.cat([v["q"], v["k"], v["v"]]) if isinstance(v, dict) else v for k, v in inverse.items()}
+
+
+def build_tiny_scorers(path: Path) -> None:
+    """Write the five tiny scorers, each in the format of its real weights, under path/<metric>/."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    words = [*utils.WORDS, "dog", "cat"]
+    for seed, name in enumerate(("pickscore", "clip")):      # CLIPModel folders, like the hub repos
+        tokenizer = utils.build_clip_tokenizer(words, path / name)
+        tiny_clip(tokenizer, seed).save_pretrained(path / name)
+    tokenizer = utils.build_clip_tokenizer(words, path / "hps")  # HPS: OpenCLIP keys under "state_dict"
+    model = tiny_clip(tokenizer, 2)
+    model.config.save_pretrained(path / "hps")
+    sd = hf_to_openclip(model.state_dict())
+    torch.save({"epoch": 1, "state_dict": sd}, path / "hps" / "HPS_v2_compressed.pt")
+    tokenizer = utils.build_clip_tokenizer(words, path / "aesthetic")  # a CLIP folder + the .pth head
+    tiny_clip(tokenizer, 3).save_pretrained(path / "aesthetic")
+    torch.manual_seed(4)
+    torch.save(mlp_head(16).state_dict(), path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth")
+    # ImageReward: BLIP-keyed ImageReward.pt + med_config.json (+ a BERT tokenizer, which the real repo lacks)
+    torch.manual_seed(5)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + words + list("abcdefghijklmnopqrstuvwxyz0123456789"))}
+    tokenizer = BertTokenizer(vocab=vocab)
+    tokenizer.save_pretrained(path / "imagereward")
+    med = dict(architectures=["BertModel"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64, vocab_size=len(vocab), layer_norm_eps=1e-12,
+               hidden_act="gelu", model_type="bert", add_cross_attention=True, encoder_width=32, pad_token_id=0,
+               bos_token_id=2, sep_token_id=3)
+    (path / "imagereward" / "med_config.json").write_text(json.dumps(med, indent=2))
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=1, image_size=32, patch_size=8, layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=64,
+                                        is_decoder=True, bos_token_id=2, sep_token_id=3), add_pooling_layer=False)
+    vision_names = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+                    "embeddings.patch_embedding": "patch_embed.proj", "post_layernorm": "norm", "layer_norm1": "norm1",
+                    "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
+                    "encoder.layers": "blocks"}
+    sd = {}
+    for k, v in vision.state_dict().items():
+        for a, b in vision_names.items():
+            k = k.replace(a, b)
+        sd["blip.visual_encoder." + k] = v
+    sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
+    sd.update({"mlp." + k: v for k, v in mlp_head(32).state_dict().items()})
+    sd["blip.vision_proj.weight"] = torch.randn(8, 64)  # present in the real file, unused by the score
+    torch.save(sd, path / "imagereward" / "ImageReward.pt")
+
+
+def tiny_scorer_paths() -> dict:
+    root = utils.build_once(utils.cache_dir() / f"tiny-scorers-{TINY_SCORERS_VERSION}", build_tiny_scorers)
+    return {m: root / m for m in METRICS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Win rates: a pure function of two score arrays (tests import it)
+
+def lower_median(x: np.ndarray) -> np.ndarray:
+    """Median over the last axis that is always one of the values (the lower middle one for even counts)."""
+    return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
+
+
+def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000, seed: int = 0) -> dict:
+    """Win rate of the checkpoint over the baseline. ckpt, baseline: scores [n_prompts, images_per_prompt].
+
+    Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
+    the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
+    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
+    ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
+        raise ValueError(f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, {baseline.shape}")
+    if not (np.isfinite(ckpt).all() and np.isfinite(baseline).all()):
+        raise ValueError("scores contain NaN or inf")
+    if compare == "median":
+        a, b = lower_median(ckpt), lower_median(baseline)
+        outcome = (a > b) + 0.5 * (a == b)
+    elif compare == "all":
+        a, b = ckpt[:, :, None], baseline[:, None, :]
+        outcome = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
+    else:
+        raise ValueError(f"compare must be 'median' or 'all'; got {compare!r}")
+    rng, n = np.random.default_rng(seed), len(outcome)
+    boot = np.concatenate([outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1)
+                           for i in range(0, n_boot, 1000)])
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return dict(win_rate=float(outcome.mean()), ci95=[float(lo), float(hi)], mean_ckpt=float(ckpt.mean()),
+                mean_baseline=float(baseline.mean()), n_prompts=int(n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
+
+def write_markdown(results: dict, path: Path, cfg: Config):
+    names = [NAMES.get(m, m) for m in results]
+    rows = [("win rate (%)", lambda r: f"{100 * r['win_rate']:.1f}"),
+            ("95% CI (%)", lambda r: f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"),
+            ("mean, checkpoint", lambda r: f"{r['mean_ckpt']:.4g}"),
+            ("mean, baseline", lambda r: f"{r['mean_baseline']:.4g}")]
+    n = next(iter(results.values()))["n_prompts"] if results else 0
+    lines = [f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {n} prompts of `{cfg.prompts}`, "
+             f"{cfg.images_per_prompt} images per prompt, compare = {cfg.compare}.", ""]
+    if cfg.tiny:
+        lines += [f"**{TINY_NOTE}**", ""]
+    lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(fmt(results[m]) for m in results) + " |" for label, fmt in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def draw_bar_chart(results: dict, path: Path, title: str):
+    """Win rates (%) as bars with 95% CI whiskers and a dashed 50% line, drawn with PIL."""
+    w_bar, left, top, h = 110, 50, 40, 300
+    image = Image.new("RGB", (left + w_bar * max(1, len(results)) + 20, top + h + 40), "white")
+    d = ImageDraw.Draw(image)
+    y = lambda v: top + h - v * h  # noqa: E731  (v in [0, 1])
+    d.text((left, 8), title[:110], fill="black")
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        d.text((5, y(v) - 6), f"{int(100 * v)}%", fill="gray")
+        d.line([(left, y(v)), (image.width - 10, y(v))], fill=(225, 225, 225))
+    for x in range(left, image.width - 10, 12):
+        d.line([(x, y(0.5)), (x + 6, y(0.5))], fill="black")
+    for i, (m, r) in enumerate(results.items()):
+        x0 = left + i * w_bar + 20
+        d.rectangle([x0, y(r["win_rate"]), x0 + w_bar - 40, y(0)], fill=(70, 110, 200))
+        xc, (lo, hi) = x0 + (w_bar - 40) // 2, r["ci95"]
+        d.line([(xc, y(lo)), (xc, y(hi))], fill="black", width=2)
+        for v in (lo, hi):
+            d.line([(xc - 8, y(v)), (xc + 8, y(v))], fill="black", width=2)
+        d.text((x0, y(0) + 6), NAMES.get(m, m), fill="black")
+        d.text((x0, y(0) + 20), f"{100 * r['win_rate']:.1f}%", fill="black")
+    image.save(path)
+
+
+def draw_grid(baseline: list, ckpt: list, prompt: str, path: Path):
+    """Two rows, baseline above checkpoint, one column per image index (same initial noise in a column)."""
+    cell = max(128, min(256, baseline[0].width))
+    label, head = 80, 20
+    grid = Image.new("RGB", (label + cell * len(ckpt), head + 2 * cell), "white")
+    d = ImageDraw.Draw(grid)
+    d.text((4, 4), prompt[:int(grid.width / 6.5)], fill="black")
+    for row, (name, images) in enumerate((("baseline", baseline), ("checkpoint", ckpt))):
+        d.text((4, head + row * cell + cell // 2), name, fill="black")
+        for k, image in enumerate(images):
+            grid.paste(image.resize((cell, cell), Image.BICUBIC), (label + k * cell, head + row * cell))
+    grid.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """Run the evaluation; returns the results dict on rank 0 (None on other ranks)."""
+    cfg = parse_config(argv)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return evaluate(cfg, rank, world_size, device)
+    except DataError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
+    from tqdm.auto import tqdm
+
+    # -- check everything cheap before any model is loaded --------------------------------------------
+    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in SCORERS]
+    if unknown or not metrics:
+        raise DataError(f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(SCORERS)}.")
+    for name, value in (("--images_per_prompt", cfg.images_per_prompt), ("--steps", cfg.steps), ("--batch_size", cfg.batch_size)):
+        if value < 1:
+            raise DataError(f"{name} must be >= 1 (got {value}).")
+    ckpt = describe_model(cfg.ckpt)
+    if not cfg.baseline:
+        if ckpt["unet"] is None:
+            raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
+        cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
+    baseline = describe_model(cfg.baseline)
+    prompts = load_prompts(cfg.prompts)
+    ids = subset_indices(len(prompts), cfg.num_prompts)  # prompt ids are indices in the full set: seeds follow them
+    items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
+
+    out = Path(cfg.out)
+    generation = dict(ckpt=ckpt, baseline=baseline, prompts=cfg.prompts, steps=cfg.steps, guidance=cfg.guidance,
+                      seed=cfg.seed)
+    settings_file = out / "images" / "generation.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
+        raise DataError(f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
+                        f"or delete {out / 'images'} to regenerate.")
+    if rank == 0:
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(generation, indent=2))
+
+    # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------
+    folders = dict(checkpoint=out / "images" / "checkpoint", baseline=out / "images" / "baseline")
+    for tag, model in (("checkpoint", ckpt), ("baseline", baseline)):
+        mine = items[rank::world_size]
+        if any(not (folders[tag] / image_name(p, k)).exists() for p, k, _ in mine):
+            pipe = load_pipeline(model, device)
+            generate(cfg, pipe, mine, folders[tag], tag, rank)
+            del pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=image_seed(cfg.seed, p, k),
+                           path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
+                     ).to_csv(out / "images" / "index.csv", index=False)
+
+    # -- score: identical images (same file bytes) with the same prompt are scored once, so they tie exactly
+    paths = {(tag, p, k): folders[tag] / image_name(p, k) for tag in folders for p, k, _ in items}
+    digest = {key: hashlib.sha1(path.read_bytes()).hexdigest() for key, path in paths.items()}
+    prompt_of = {p: t for p, _, t in items}
+    unique = sorted({(digest[key], key[1]) for key in paths})  # (image hash, prompt id)
+    first = {}
+    for key in paths:
+        first.setdefault((digest[key], key[1]), paths[key])
+    mine = unique[rank::world_size]
+    scores = {m: {} for m in metrics}
+    for m in metrics:
+        score = SCORERS[m](cfg, device)
+        for i in tqdm(range(0, len(mine), cfg.batch_size), desc=f"{m} rank {rank}", dynamic_ncols=True):
+            batch = mine[i:i + cfg.batch_size]
+            images = [Image.open(first[u]).convert("RGB") for u in batch]
+            with torch.no_grad():
+                values = score(images, [prompt_of[p] for _, p in batch]).float().cpu().tolist()
+            scores[m].update(zip(batch, values))
+        del score
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, scores)
+        scores = {m: {k: v for part in gathered for k, v in part[m].items()} for m in metrics}
+    if rank != 0:
+        return None
+
+    # -- compare and report (rank 0) -------------------------------------------------------------------
+    results = {}
+    for m in metrics:
+        table = {tag: np.array([[scores[m][(digest[(tag, p, k)], p)] for k in range(cfg.images_per_prompt)] for p in ids])
+                 for tag in folders}
+        results[m] = win_rate(table["checkpoint"], table["baseline"], cfg.compare)
+    versions = {mod: __import__(mod).__version__ for mod in ("torch", "diffusers", "transformers", "numpy")}
+    report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=ckpt, baseline_model=baseline,
+                  n_images_per_model=len(items), world_size=world_size, device=str(device),
+                  versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
+    if cfg.tiny:
+        report["note"] = TINY_NOTE
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_markdown(results, out / "results.md", cfg)
+    draw_bar_chart(results, out / "win_rates.png", f"win rate of {Path(cfg.ckpt).name} vs {Path(cfg.baseline).name}"
+                   + (" (tiny random scorers)" if cfg.tiny else ""))
+    for p in ids[:4]:
+        draw_grid([Image.open(paths[("baseline", p, k)]) for k in range(cfg.images_per_prompt)],
+                  [Image.open(paths[("checkpoint", p, k)]) for k in range(cfg.images_per_prompt)],
+                  prompt_of[p], out / f"grid_{p:05d}.png")
+    print((out / "results.md").read_text())
+    if cfg.tiny:
+        print(TINY_NOTE)
+    return report
+
+
+if __name__ == "__main__":
+    main()

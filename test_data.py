@@ -1,0 +1,338 @@
+"""Pick-a-Pic v2 -> per-image labels: counts hand-derived from small shards, cache, lazy images, corrupt images.
+
+Run: HF_HUB_OFFLINE=1 python -m pytest -q test_data.py
+"""
+
+import io
+import pickle
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from utils import DataError
+
+# One colour per image uid, so a decoded image tells which uid's bytes were read.
+COLOR = {u: (20 + 25 * k, 200 - 20 * k, (60 * k) % 256) for k, u in enumerate("ABCDEFGHI")}
+CORRUPT = {"C"}  # C's bytes are a truncated JPEG
+
+# (caption, image_0_uid, image_1_uid, label_0, label_1) per shard. Hand-derived outcome (ties dropped):
+#   A won r0, lost r1 (both)   B lost twice       C won twice (corrupt bytes)   D tie, then lost
+#   E only in a tie            F won              G tie, then lost   H only in a tie      I won
+SHARDS = [
+    [("a cat", "A", "B", 1.0, 0.0), ("a cat", "A", "C", 0.0, 1.0), ("a dog", "D", "E", 0.5, 0.5)],
+    [("a cat", "B", "C", 0.0, 1.0), ("a dog", "F", "D", 1.0, 0.0), ("the sky", "G", "H", 0.5, 0.5),
+     ("the sky", "G", "I", 0.0, 1.0)],
+]
+EXPECTED = {  # policy -> (desirable uids, undesirable uids)
+    "won_once": ({"A", "C", "F", "I"}, {"B", "D", "G"}),
+    "always_won": ({"C", "F", "I"}, {"B", "D", "G"}),
+}
+# first decisive comparison of each image: (shard, row, column)
+LOCATION = {"A": (0, 0, "jpg_0"), "B": (0, 0, "jpg_1"), "C": (0, 1, "jpg_1"), "D": (1, 1, "jpg_1"),
+            "F": (1, 1, "jpg_0"), "G": (1, 3, "jpg_0"), "I": (1, 3, "jpg_1")}
+CAPTION = {"A": "a cat", "B": "a cat", "C": "a cat", "D": "a dog", "F": "a dog", "G": "the sky", "I": "the sky"}
+
+
+def encode(uid: str, size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    image = Image.new("RGB", (size, size), COLOR[uid])
+    if uid in CORRUPT:
+        image.save(buf, format="JPEG")
+        return buf.getvalue()[:40]  # a JPEG header and nothing else
+    image.save(buf, format="PNG" if uid in "ACEG" else "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, rows, drop_optional=False):
+    """One shard with Pick-a-Pic v2's columns and types (optional columns dropped if asked)."""
+    cap, u0, u1, l0, l1 = map(list, zip(*rows))
+    cols = {
+        "are_different": [True] * len(rows), "best_image_uid": [a if x == 1 else b if y == 1 else "" for a, b, x, y in zip(u0, u1, l0, l1)],
+        "caption": cap, "created_at": pa.array(np.full(len(rows), 1_700_000_000_000_000, "datetime64[us]")),
+        "has_label": [True] * len(rows), "image_0_uid": u0, "image_0_url": [f"https://x.invalid/{u}" for u in u0],
+        "image_1_uid": u1, "image_1_url": [f"https://x.invalid/{u}" for u in u1],
+        "jpg_0": pa.array([encode(u) for u in u0], pa.binary()), "jpg_1": pa.array([encode(u) for u in u1], pa.binary()),
+        "label_0": pa.array(l0, pa.float64()), "label_1": pa.array(l1, pa.float64()),
+        "model_0": ["sd"] * len(rows), "model_1": ["sdxl"] * len(rows), "ranking_id": list(range(len(rows))),
+        "user_id": [7] * len(rows), "num_example_per_prompt": [1] * len(rows),
+    }
+    if drop_optional:
+        for c in ("model_0", "model_1", "image_0_url", "image_1_url", "user_id", "created_at"):
+            del cols[c]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path, row_group_size=2)  # several row groups per shard
+
+
+def make_folder(root: Path, shards=SHARDS) -> Path:
+    for k, rows in enumerate(shards):
+        write_shard(root / f"train-{k:05d}-of-{len(shards):05d}.parquet", rows, drop_optional=k == 1)
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "pickapic")
+
+
+def by_uid(table):
+    return {u: row for u, row in zip(table["uid"], table.itertuples(index=False))}
+
+
+@pytest.mark.parametrize("policy", list(EXPECTED))
+def test_counts_per_policy_match_hand_derived(folder, policy):
+    table = utils.load_feedback(folder, label_policy=policy)
+    desirable, undesirable = EXPECTED[policy]
+    assert set(table["uid"][table["desirable"]]) == desirable
+    assert set(table["uid"][~table["desirable"]]) == undesirable
+    assert table["uid"].is_unique
+    stats = table.attrs["stats"]
+    assert (stats["num_desirable"], stats["num_undesirable"]) == (len(desirable), len(undesirable))
+    assert (stats["comparisons"], stats["ties"], stats["images"], stats["images_only_in_ties"]) == (7, 2, 7, 2)
+    assert stats["images_won_and_lost"] == 1 and stats["images_dropped"] == (1 if policy == "always_won" else 0)
+    assert stats["label_policy"] == policy
+
+
+def test_caption_and_location_carried_over(folder):
+    table = utils.load_feedback(folder)
+    rows = by_uid(table)
+    for uid, (shard, row, column) in LOCATION.items():
+        assert rows[uid].caption == CAPTION[uid]
+        assert Path(rows[uid].shard).name == f"train-{shard:05d}-of-00002.parquet"
+        assert (rows[uid].row, rows[uid].column) == (row, column)
+    # the bytes at that location are the image's: decode through the dataset and compare colours
+    dataset = utils.FeedbackDataset(table, folder, 32)
+    for i, uid in enumerate(table["uid"]):
+        if uid in CORRUPT:
+            continue
+        sample = dataset[i]
+        assert sample["corrupt"] == 0 and sample["caption"] == CAPTION[uid]
+        rgb = (sample["pixel_values"].mean(dim=(1, 2)) + 1) * 127.5
+        assert torch.allclose(rgb, torch.tensor(COLOR[uid], dtype=torch.float32), atol=3), uid
+
+
+def test_parity_with_a_python_loop(tmp_path):
+    """The vectorised conversion equals a plain transcription of the rules, on random synthetic data."""
+    root = tmp_path / "synthetic"
+    utils.write_synthetic_pickapic(root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3)
+    won, lost, seen = defaultdict(int), defaultdict(int), {}
+    for f in sorted(root.glob("*.parquet")):
+        t = pq.read_table(f, columns=list(utils.PICKAPIC_LABEL_COLUMNS)).to_pylist()
+        for r in t:
+            if r["label_0"] == r["label_1"]:
+                continue
+            for uid, w in ((r["image_0_uid"], r["label_0"] > r["label_1"]), (r["image_1_uid"], r["label_1"] > r["label_0"])):
+                won[uid] += w
+                lost[uid] += not w
+                seen.setdefault(uid, r["caption"])
+    reference = {
+        "won_once": {u: won[u] > 0 for u in seen},
+        "always_won": {u: won[u] > 0 for u in seen if not (won[u] and lost[u])},
+    }
+    for policy, expected in reference.items():
+        table = utils.load_feedback(root, label_policy=policy)
+        assert dict(zip(table["uid"], table["desirable"])) == expected
+        assert dict(zip(table["uid"], table["caption"])) == {u: seen[u] for u in expected}
+        assert {u: (w, l) for u, w, l in zip(table["uid"], table["n_won"], table["n_lost"])} == {
+            u: (won[u], lost[u]) for u in expected}
+
+
+def test_labels_never_read_the_image_columns(folder):
+    """Overwrite the jpg column chunks on disk with junk: labels still compute, the jpg columns can't be read."""
+    for f in folder.glob("*.parquet"):
+        meta = pq.ParquetFile(f).metadata
+        data = bytearray(f.read_bytes())
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                if col.path_in_schema in utils.PICKAPIC_IMAGE_COLUMNS:
+                    start = col.dictionary_page_offset or col.data_page_offset
+                    data[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+        f.write_bytes(bytes(data))
+        with pytest.raises(Exception):
+            pq.read_table(f, columns=["jpg_0"])
+    table = utils.load_feedback(folder)
+    assert set(table["uid"][table["desirable"]]) == EXPECTED["won_once"][0]
+
+
+def test_cache_reused_keyed_by_policy_and_invalidated_by_changes(folder, monkeypatch):
+    calls = []
+    real = utils._read_label_columns
+    monkeypatch.setattr(utils, "_read_label_columns", lambda files: calls.append(1) or real(files))
+    first = utils.load_feedback(folder)
+    assert len(calls) == 1 and Path(first.attrs["stats"]["label_cache"]).exists()
+    second = utils.load_feedback(folder)
+    assert len(calls) == 1  # served from the cache
+    assert second[["uid", "desirable", "caption", "row"]].equals(first[["uid", "desirable", "caption", "row"]])
+    assert second.attrs["stats"]["num_desirable"] == first.attrs["stats"]["num_desirable"]
+    other = utils.load_feedback(folder, label_policy="always_won")
+    assert len(calls) == 2 and set(other["uid"][other["desirable"]]) == EXPECTED["always_won"][0]
+    # change the data: H now beats E in a new comparison, so both get labels
+    write_shard(folder / "train-00001-of-00002.parquet", SHARDS[1] + [("the sky", "H", "E", 1.0, 0.0)])
+    third = utils.load_feedback(folder)
+    assert len(calls) == 3
+    assert set(third["uid"][third["desirable"]]) == EXPECTED["won_once"][0] | {"H"}
+    assert set(third["uid"][~third["desirable"]]) == EXPECTED["won_once"][1] | {"E"}
+    assert sorted(p.name.split("-")[2] for p in (folder / ".diffusion_kto").glob("*.parquet")) == ["always_won", "won_once"]
+
+
+def test_dataset_holds_no_decoded_images(folder):
+    table = utils.load_feedback(folder)
+    dataset = utils.FeedbackDataset(table, folder, 32)
+    image_bytes = sum(len(encode(u)) for rows in SHARDS for r in rows for u in r[1:3])
+
+    def held():  # everything the dataset object would carry into a worker
+        return pickle.dumps(dataset)
+
+    assert not any(isinstance(v, (Image.Image, bytes)) for v in vars(dataset).values())
+    size = len(held())
+    assert size < image_bytes
+    for i in range(len(dataset)):
+        dataset[i]
+    assert len(held()) <= size  # reading images caches nothing decoded (open files are dropped when pickled)
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > len(dataset) for v in vars(dataset).values())
+
+
+def test_corrupt_image_is_replaced_counted_and_warned(folder):
+    table = utils.load_feedback(folder)
+    dataset = utils.FeedbackDataset(table, folder, 32)
+    uids = list(table["uid"])
+    i = uids.index("C")
+    desirable_order = [k for k in range(len(uids)) if table["desirable"].iloc[k]]
+    replacement = desirable_order[(desirable_order.index(i) + 1) % len(desirable_order)]  # next of the same class, wrapping
+    with pytest.warns(RuntimeWarning, match="corrupt image #1"):
+        sample = dataset[i]
+    assert sample["corrupt"] == 1 and bool(sample["desirable"]) and uids[replacement] == "F"
+    assert sample["caption"] == CAPTION[uids[replacement]]
+    rgb = (sample["pixel_values"].mean(dim=(1, 2)) + 1) * 127.5
+    assert torch.allclose(rgb, torch.tensor(COLOR[uids[replacement]], dtype=torch.float32), atol=3)
+    # through a DataLoader with worker processes, one pass over every image sees exactly one corrupt image
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert sum(int(b["corrupt"].sum()) for b in batches) == len(CORRUPT)
+    assert sum(len(b["caption"]) for b in batches) == len(dataset)
+    assert batches[0]["pixel_values"].shape == (3, 3, 32, 32)
+
+
+def test_all_corrupt_class_raises(tmp_path):
+    CORRUPT.add("F")
+    try:
+        folder = make_folder(tmp_path / "bad")
+        table = utils.load_feedback(folder, label_policy="always_won")  # desirable: C, F, I
+        table = table[table["uid"].isin(["C", "F", "B"])]
+        dataset = utils.FeedbackDataset(table, folder, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(DataError, match="corrupt images in a row"):
+                dataset[list(table["uid"]).index("F")]
+    finally:
+        CORRUPT.discard("F")
+
+
+def test_check_corrupt():
+    utils.check_corrupt(0, 0)
+    utils.check_corrupt(1, 100)  # exactly 1% is allowed
+    utils.check_corrupt(5, 99, min_seen=100)  # too few images read to judge yet
+    with pytest.raises(utils.DataError):
+        utils.check_corrupt(5, 100, min_seen=100)
+    utils.check_corrupt(5, 100, limit=0.05)
+    with pytest.raises(DataError, match="2 of the 100 images"):
+        utils.check_corrupt(2, 100)
+    with pytest.raises(DataError, match="more than the 1%"):
+        utils.check_corrupt(1, 50)
+
+
+def test_folder_without_pickapic_columns(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(pa.table({"image": ["a.png"], "caption": ["x"], "label": [1]}), other / "part-0.parquet")
+    with pytest.raises(DataError, match=r"not a Pick-a-Pic v2 shard: missing column\(s\) label_0, label_1, image_0_uid"):
+        utils.load_feedback(other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no .parquet files"):
+        utils.load_feedback(empty)
+    with pytest.raises(DataError, match="--label_policy"):
+        utils.load_feedback(tmp_path, label_policy="majority")
+
+
+def test_split_filter_and_single_shard(folder):
+    write_shard(folder / "test-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)])  # must be ignored for train
+    assert set(utils.load_feedback(folder)["uid"]) == EXPECTED["won_once"][0] | EXPECTED["won_once"][1]
+    single = utils.load_feedback(folder / "train-00000-of-00002.parquet")  # one shard, recognised by its columns
+    assert dict(zip(single["uid"], single["desirable"])) == {"A": True, "B": False, "C": True}
+
+
+def test_labels_only_copy_cannot_train(tmp_path):
+    root = make_folder(tmp_path / "noimg")
+    for f in root.glob("*.parquet"):
+        pq.write_table(pq.read_table(f).drop_columns(["jpg_0", "jpg_1"]), f)
+    table = utils.load_feedback(root)
+    assert table.attrs["stats"]["num_desirable"] == len(EXPECTED["won_once"][0])
+    with pytest.raises(DataError, match="labels but no images"):
+        utils.FeedbackDataset(table, root, 32)
+
+
+def test_hub_id_reads_the_cached_shards(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's cache to the same folder code (offline: a hand-made cache)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "datasets--someone--pickapic_tiny"
+    make_folder(repo / "snapshots" / commit / "data")
+    write_shard(repo / "snapshots" / commit / "data" / "validation-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    table = utils.load_feedback("someone/pickapic_tiny")
+    assert set(table["uid"][table["desirable"]]) == EXPECTED["won_once"][0]
+    assert set(table["uid"][~table["desirable"]]) == EXPECTED["won_once"][1]
+    assert Path(table.attrs["stats"]["label_cache"]).exists()
+    with pytest.raises(DataError, match="hf download someone/not_cached"):
+        utils.load_feedback("someone/not_cached")
+
+
+def test_csv_path_unchanged(tmp_path):
+    (tmp_path / "likes.csv").write_text("image,caption,label\nmissing.png,x,1\n")
+    with pytest.raises(DataError, match="does not exist"):
+        utils.load_feedback(tmp_path / "likes.csv")
+    with pytest.raises(DataError, match="no such file. Pass a .csv"):
+        utils.load_feedback(tmp_path / "nope.csv")
+
+
+def test_first_caption_wins_and_conflicts_are_counted():
+    comparisons = pa.table({
+        "caption": ["first", "second", "other"], "label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5],
+        "image_0_uid": ["A", "A", "B"], "image_1_uid": ["B", "C", "C"],
+        "shard": np.zeros(3, np.int32), "row": np.arange(3, dtype=np.int64)})
+    table, stats = utils.pickapic_labels(comparisons, "won_once")
+    assert table.column("uid").to_pylist() == ["A", "B", "C"]
+    assert table.column("caption").to_pylist() == ["first", "first", "second"]
+    assert stats["images_with_several_captions"] == 1  # A: "first" and "second"; the tie's caption is not counted
+
+
+def test_train_kto_on_a_pickapic_folder(tmp_path):
+    """The issue's end-to-end check: --tiny training on a Pick-a-Pic folder records the won_once counts."""
+    import json
+    import train_kto
+    folder = tmp_path / "pickapic"
+    folder.mkdir()
+    make_folder(folder)
+    expected = utils.load_feedback(folder, label_policy="always_won")
+    train_kto.main(["--tiny", "--dataset", str(folder), "--label_policy", "always_won", "--max_train_steps", "2",
+                    "--output_dir", str(tmp_path / "out")])
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["label_policy"] == "always_won" and run["data"]["num_desirable"] == run["num_desirable"]
+    assert (run["num_desirable"], run["num_undesirable"]) == (int(expected.desirable.sum()), int((~expected.desirable).sum()))
+    assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()

@@ -1,0 +1,378 @@
+"""Tests of eval.py: offline, on CPU, with the tiny model and tiny random-weight scorers (about 1-2 minutes).
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_eval.py
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import eval as ev
+import utils
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).parent
+REAL_LOAD_PIPELINE = ev.load_pipeline
+FAST = ["--tiny", "--steps", "2", "--images_per_prompt", "2", "--num_prompts", "3"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Win rates: the pure function
+
+def test_win_rate_by_hand_uses_the_median_image():
+    ckpt = np.array([[0.0, 5.0, 9.0], [1.0, 1.0, 1.0], [0.0, 0.0, 100.0]])
+    base = np.array([[4.0, 4.0, 4.0], [1.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    r = ev.win_rate(ckpt, base)  # medians 5 vs 4 (win), 1 vs 1 (tie), 0 vs 1 (loss; the mean would win)
+    assert r["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert r["mean_ckpt"] == pytest.approx(ckpt.mean()) and r["n_prompts"] == 3
+    r_all = ev.win_rate(ckpt, base, compare="all")  # prompt 0: 0 loses 3x, 5 and 9 win 3x -> 6/9
+    assert r_all["win_rate"] == pytest.approx((6 / 9 + (3 * 0.5 + 3 * 1 + 0) / 9 + 3 / 9) / 3)
+
+
+@pytest.mark.parametrize("compare", ["median", "all"])
+def test_win_rate_invariants(compare):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 5)), rng.normal(size=(40, 5)) + 0.3
+    r = ev.win_rate(a, b, compare)
+    assert ev.win_rate(a, a.copy(), compare)["win_rate"] == 0.5
+    assert ev.win_rate(a, a.copy(), compare)["ci95"] == [0.5, 0.5]
+    swapped = ev.win_rate(b, a, compare)
+    assert swapped["win_rate"] == pytest.approx(1 - r["win_rate"])
+    assert swapped["ci95"] == pytest.approx([1 - r["ci95"][1], 1 - r["ci95"][0]])
+    scaled = ev.win_rate(3.7 * a + 0.0, 3.7 * b, compare)
+    assert scaled["win_rate"] == r["win_rate"] and scaled["ci95"] == r["ci95"]
+    assert r["ci95"][0] < r["win_rate"] < r["ci95"][1]
+
+
+def test_win_rate_rejects_bad_input():
+    with pytest.raises(ValueError):
+        ev.win_rate(np.zeros((3, 2)), np.zeros((3, 3)))
+    with pytest.raises(ValueError):
+        ev.win_rate(np.full((3, 2), np.nan), np.zeros((3, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+LONG = " ".join(["a very detailed painting of a red circle"] * 20)  # far beyond 77 CLIP tokens
+PROMPTS = ["a red circle on a white background", "ein grüner Würfel — 緑の四角 🟩", LONG]
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "tsv", "jsonl", "parquet"])
+def test_prompt_files_of_every_format(tmp_path, kind):
+    path = tmp_path / f"p.{kind}"
+    column = {"csv": "prompt", "tsv": "Prompt", "jsonl": "caption", "parquet": "prompt"}.get(kind)
+    if kind == "txt":
+        path.write_text("\n" + PROMPTS[0] + "\n\n  \n" + PROMPTS[1] + "\n" + PROMPTS[2] + "\n\n", encoding="utf-8")
+    else:
+        table = pd.DataFrame({column: [PROMPTS[0], "", PROMPTS[1], PROMPTS[2]], "other": [1, 2, 3, 4]})
+        if kind == "csv":
+            table.to_csv(path, index=False)
+        elif kind == "tsv":
+            table.to_csv(path, sep="\t", index=False)
+        elif kind == "jsonl":
+            table.to_json(path, orient="records", lines=True, force_ascii=False)
+        else:
+            table.to_parquet(path)
+    assert ev.load_prompts(str(path)) == PROMPTS
+
+
+def test_prompt_errors(tmp_path):
+    pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(utils.DataError, match="no column named prompt"):
+        ev.load_prompts(str(tmp_path / "a.csv"))
+    (tmp_path / "a.xml").write_text("<x/>")
+    with pytest.raises(utils.DataError, match="unsupported file type"):
+        ev.load_prompts(str(tmp_path / "a.xml"))
+    with pytest.raises(utils.DataError, match="not a named set"):
+        ev.load_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(utils.DataError, match="no \\(non-empty\\) prompts"):
+        ev.load_prompts(str(tmp_path / "empty.txt"))
+
+
+def test_named_prompt_set_offline_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(utils.DataError, match="pass it as a local file"):
+        ev.load_prompts("hps")
+
+
+def test_subset_is_deterministic_and_spread():
+    assert ev.subset_indices(10, 0) == list(range(10)) and ev.subset_indices(10, 20) == list(range(10))
+    assert ev.subset_indices(3200, 4) == [0, 800, 1600, 2400]  # one per HPS style
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scorers: tiny random weights, saved in the real formats, loaded by the real code paths
+
+@pytest.fixture(scope="module")
+def scorer_cfg():
+    paths = ev.tiny_scorer_paths()
+    return ev.Config(**{f"{m}_path": str(p) for m, p in paths.items()}), paths
+
+
+def sample_images(n=3):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (32, 48 if i == 0 else 32, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_every_scorer_loads_from_its_format_and_scores(scorer_cfg):
+    cfg, paths = scorer_cfg
+    assert (paths["hps"] / "HPS_v2_compressed.pt").exists() and (paths["imagereward"] / "med_config.json").exists()
+    assert (paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth").exists()
+    assert (paths["pickscore"] / "config.json").exists() and (paths["clip"] / "config.json").exists()
+    images, prompts = sample_images(), [PROMPTS[0], PROMPTS[1], LONG]
+    for m in ev.METRICS:
+        s = ev.SCORERS[m](cfg, torch.device("cpu"))(images, prompts)
+        assert s.shape == (3,) and torch.isfinite(s).all(), m
+        assert len(set(s.tolist())) == 3, m  # the images differ, so do their scores
+
+
+def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
+    """Independent transcription of OpenCLIP's ViT (torch's MultiheadAttention on the fused in_proj weights)."""
+    cfg, paths = scorer_cfg
+    sd = torch.load(paths["hps"] / "HPS_v2_compressed.pt", weights_only=True)["state_dict"]
+    heads = 4
+
+    def blocks(x, prefix, causal):
+        n = 1 + max(int(k.split("resblocks.")[1].split(".")[0]) for k in sd if k.startswith(prefix))
+        mask = torch.full((x.shape[1],) * 2, float("-inf")).triu(1) if causal else None
+        for i in range(n):
+            p = f"{prefix}{i}."
+            attn = torch.nn.MultiheadAttention(x.shape[-1], heads, batch_first=True)
+            attn.load_state_dict({k: sd[p + "attn." + k] for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")})
+            h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+            x = x + attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+            h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+            x = x + F.linear(F.gelu(F.linear(h, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+        return x
+
+    images, prompts = sample_images(), [PROMPTS[0], "a blue square", LONG]
+    px = ev.to_pixels(images, 32, pad=True)
+    x = F.conv2d(px, sd["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = blocks(F.layer_norm(x, x.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"]), "visual.transformer.resblocks.", False)
+    img = F.layer_norm(x[:, 0], x.shape[-1:], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    from transformers import CLIPTokenizer
+    ids = CLIPTokenizer.from_pretrained(paths["hps"])(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    t = blocks(sd["token_embedding.weight"][ids] + sd["positional_embedding"], "transformer.resblocks.", True)
+    t = F.layer_norm(t, t.shape[-1:], sd["ln_final.weight"], sd["ln_final.bias"])
+    txt = t[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
+    expected = F.cosine_similarity(img, txt, dim=-1)
+    got = ev.load_hps(cfg, torch.device("cpu"))(images, prompts)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
+    from transformers import CLIPModel, CLIPTokenizer
+    cfg, paths = scorer_cfg
+    images, prompts = sample_images(), [PROMPTS[0], "a blue square", LONG]
+    for m in ("pickscore", "clip"):
+        model, tok = CLIPModel.from_pretrained(paths[m]).eval(), CLIPTokenizer.from_pretrained(paths[m])
+        inputs = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=inputs.input_ids, pixel_values=ev.to_pixels(images, 32)).logits_per_image.diagonal()
+            got = ev.SCORERS[m](cfg, torch.device("cpu"))(images, prompts)
+        expected = logits if m == "pickscore" else logits / model.logit_scale.exp()  # scale * cos, or cos
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    model = CLIPModel.from_pretrained(paths["aesthetic"]).eval()
+    head = torch.load(paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
+    with torch.no_grad():
+        e = model.visual_projection(model.vision_model(pixel_values=ev.to_pixels(images, 32)).pooler_output)
+        x = e / e.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):
+            x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
+        got = ev.load_aesthetic(cfg, torch.device("cpu"))(images, ["ignored"] * 3)
+    torch.testing.assert_close(got, x.squeeze(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
+    cfg, paths = scorer_cfg
+    sd = torch.load(paths["imagereward"] / "ImageReward.pt", weights_only=True)
+    vision, text, head = ev.blip_to_hf(sd)
+    assert torch.equal(vision["embeddings.class_embedding"], sd["blip.visual_encoder.cls_token"])
+    assert torch.equal(vision["encoder.layers.1.self_attn.qkv.weight"], sd["blip.visual_encoder.blocks.1.attn.qkv.weight"])
+    assert torch.equal(text["encoder.layer.0.crossattention.self.key.weight"], sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"])
+    assert set(head) == {f"layers.{i}.{k}" for i in (0, 2, 4, 6, 7) for k in ("weight", "bias")}
+    score = ev.load_imagereward(cfg, torch.device("cpu"))  # loads with strict=True: every weight is mapped
+    images = sample_images(2)
+    a, b = score(images, ["a red circle", "a red circle"]), score(images, ["a blue square", "a blue square"])
+    assert not torch.allclose(a, b)  # the text (35-token BERT) cross-attends to the image
+    torch.testing.assert_close(score(images[:1], [LONG]), score(images[:1], [LONG + " more words"]))  # cut at 35
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end (tiny model; a real train_kto.py checkpoint)
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import train_kto
+    out = tmp_path_factory.mktemp("kto")
+    train_kto.main(["--tiny", "--max_train_steps", "2", "--output_dir", str(out), "--learning_rate", "1e-3"])
+    return out / "checkpoint-2"
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class SpyPipe:
+    """Wraps a pipeline: records every call (batch size and kwargs); raises after `fail_after` calls."""
+
+    def __init__(self, pipe, log, fail_after=None):
+        self.pipe, self.log, self.fail_after = pipe, log, fail_after
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, prompts, **kw):
+        if self.fail_after is not None and len(self.log) >= self.fail_after:
+            raise Interrupted("simulated interruption (a killed job)")
+        self.log.append((len(prompts), kw))
+        return self.pipe(prompts, **kw)
+
+
+def spy(monkeypatch, fail_after=None):
+    log = []
+    monkeypatch.setattr(ev, "load_pipeline", lambda model, device: SpyPipe(REAL_LOAD_PIPELINE(model, device), log, fail_after))
+    return log
+
+
+def pixels(folder):
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))}
+
+
+def test_tiny_run_writes_every_output(ckpt, tmp_path, monkeypatch):
+    log = spy(monkeypatch)
+    out = tmp_path / "e"
+    report = ev.main(["--ckpt", str(ckpt), *FAST, "--guidance", "3.0", "--batch_size", "4", "--out", str(out)])
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["metrics"]) == set(ev.METRICS) and r == json.loads(json.dumps(report))
+    for m in r["metrics"].values():
+        assert set(m) == {"win_rate", "ci95", "mean_ckpt", "mean_baseline", "n_prompts"} and m["n_prompts"] == 3
+    assert "RANDOM-WEIGHT" in r["note"] and "RANDOM-WEIGHT" in (out / "results.md").read_text()
+    assert r["settings"]["baseline"] == str(utils.tiny_model_path())  # default: the base model in run.json
+    assert Image.open(out / "win_rates.png").size[0] > 100 and len(list(out.glob("grid_*.png"))) == 3
+    index = pd.read_csv(out / "images" / "index.csv")
+    assert len(index) == 2 * 3 * 2 and all((out / "images" / p).exists() for p in index["path"])
+    assert {kw["num_inference_steps"] for _, kw in log} == {2} and {kw["guidance_scale"] for _, kw in log} == {3.0}
+    assert max(n for n, _ in log) <= 4 and sum(n for n, _ in log) == 12
+    seeds = index.pivot_table(index=["prompt_id", "image_index"], columns="model", values="seed")
+    assert (seeds["checkpoint"] == seeds["baseline"]).all() and seeds["checkpoint"].nunique() == 6  # same noise per (p, k)
+
+
+def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path):
+    twin = tmp_path / "twin" / "checkpoint-2"  # same weights under another path: generated separately
+    shutil.copytree(ckpt.parent, twin.parent)
+    same = ev.main(["--ckpt", str(ckpt), "--baseline", str(twin), *FAST, "--out", str(tmp_path / "same")])
+    assert all(m["win_rate"] == 0.5 for m in same["metrics"].values())
+    a, b = pixels(tmp_path / "same/images/checkpoint"), pixels(tmp_path / "same/images/baseline")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    a = ev.main(["--ckpt", str(ckpt), *FAST, "--compare", "all", "--out", str(tmp_path / "a")])
+    b = ev.main(["--ckpt", str(utils.tiny_model_path()), "--baseline", str(ckpt), *FAST, "--compare", "all",
+                 "--out", str(tmp_path / "b")])
+    assert a["settings"]["compare"] == "all"
+    for m in ev.METRICS:
+        assert b["metrics"][m]["win_rate"] == pytest.approx(1 - a["metrics"][m]["win_rate"])
+        assert b["metrics"][m]["mean_ckpt"] == pytest.approx(a["metrics"][m]["mean_baseline"])
+    assert any(m["win_rate"] != 0.5 for m in a["metrics"].values())  # the checkpoint differs from its base
+
+
+def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    args = ["--ckpt", str(ckpt), *FAST, "--batch_size", "1", "--metrics", "clip", "--out", str(out)]
+    spy(monkeypatch, fail_after=4)
+    with pytest.raises(Interrupted):
+        ev.main(args)
+    done = pixels(out / "images" / "checkpoint")
+    assert len(done) == 4 and not list((out / "images" / "checkpoint").glob(".*"))  # no half-written file
+    log = spy(monkeypatch)
+    ev.main(args)
+    assert sum(n for n, _ in log) == 12 - 4  # only the missing images were generated
+    again = pixels(out / "images" / "checkpoint")
+    assert all(np.array_equal(again[k], v) for k, v in done.items())
+    log.clear()
+    ev.main(args)
+    assert log == []  # nothing left to generate
+    # a different batch size gives the same images: noise depends on (seed, prompt, image index) only
+    fresh = tmp_path / "fresh"
+    ev.main(["--ckpt", str(ckpt), *FAST, "--batch_size", "5", "--metrics", "clip", "--out", str(fresh)])
+    other = pixels(fresh / "images" / "checkpoint")
+    assert other.keys() == again.keys()
+    assert all(np.abs(other[k].astype(int) - again[k].astype(int)).max() <= 1 for k in other)
+    with pytest.raises(SystemExit):  # other generation settings in the same --out are refused
+        ev.main(args + ["--steps", "3"])
+
+
+def test_scaling_a_scorer_changes_no_win_rate(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    args = ["--ckpt", str(ckpt), *FAST, "--metrics", "pickscore,hps", "--out", str(out)]
+    before = ev.main(args)
+    for m in ("pickscore", "hps"):
+        loader = ev.SCORERS[m]
+        monkeypatch.setitem(ev.SCORERS, m, lambda cfg, device, loader=loader: (lambda i, p, s=loader(cfg, device): 7.5 * s(i, p)))
+    after = ev.main(args)  # the images are on disk: only the scores change
+    for m in ("pickscore", "hps"):
+        assert after["metrics"][m]["win_rate"] == before["metrics"][m]["win_rate"]
+        assert after["metrics"][m]["ci95"] == before["metrics"][m]["ci95"]
+        assert after["metrics"][m]["mean_ckpt"] == pytest.approx(7.5 * before["metrics"][m]["mean_ckpt"], rel=1e-5)
+    assert set(after["metrics"]) == {"pickscore", "hps"}
+
+
+def test_prompts_file_seed_and_paths(ckpt, tmp_path, scorer_cfg):
+    _, paths = scorer_cfg
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    common = ["--ckpt", str(ckpt), "--tiny", "--steps", "1", "--images_per_prompt", "1", "--prompts", str(tmp_path / "p.txt"),
+              "--metrics", "aesthetic,imagereward"]
+    r = ev.main(common + ["--num_prompts", "2", "--seed", "1", "--aesthetic_path", str(paths["aesthetic"]),
+                          "--imagereward_path", str(paths["imagereward"] / "ImageReward.pt"), "--out", str(tmp_path / "x")])
+    assert r["metrics"]["aesthetic"]["n_prompts"] == 2
+    assert pd.read_csv(tmp_path / "x/images/index.csv")["prompt"].tolist()[:2] == [PROMPTS[0], PROMPTS[1]]
+    r0 = ev.main(common + ["--seed", "0", "--out", str(tmp_path / "y")])
+    a, b = pixels(tmp_path / "x/images/checkpoint"), pixels(tmp_path / "y/images/checkpoint")
+    assert r0["metrics"]["aesthetic"]["n_prompts"] == 3 and not np.array_equal(a["00000_00.png"], b["00000_00.png"])
+    for flag in ("--pickscore_path", "--clip_path", "--hps_path", "--aesthetic_path", "--imagereward_path"):
+        with pytest.raises(SystemExit) as e:
+            ev.main(common + [flag, str(tmp_path / "nowhere"), "--metrics", flag[2:-5], "--out", str(tmp_path / "z")])
+        assert e.value.code == 2
+
+
+def test_cli_errors_and_help(ckpt, tmp_path, capsys):
+    for bad in (["--metrics", "fid"], ["--images_per_prompt", "0"], ["--prompts", "nope.txt"]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--ckpt", str(ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit) as e:  # a full model has no recorded base: --baseline is needed
+        ev.main(["--ckpt", str(utils.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")])
+    assert "--baseline" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-c", "import eval"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == ""
+    out = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for f in ev.Config.__dataclass_fields__:
+        assert f"--{f}" in out.stdout
+
+
+def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
+    """Two CPU ranks share the images; rank 0 alone writes the results, equal to a one-process run."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
+           "--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--out", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = json.loads((out / "results.json").read_text())
+    assert ddp["world_size"] == 2
+    single = ev.main(["--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--out", str(tmp_path / "one")])
+    for m in ("clip", "hps"):
+        assert ddp["metrics"][m]["win_rate"] == single["metrics"][m]["win_rate"]
