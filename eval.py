@@ -6,7 +6,7 @@ prompt the median-scoring image of each model is compared (Li et al., NeurIPS 20
 Paper, Pick-a-Pic test prompts, Diffusion-KTO vs SD v1-5: 86.0 / 85.2 / 87.2 / 62.0 / 62.0 % win rate.
 
 Launch:
-    python eval.py --ckpt runs/tiny/checkpoint-60 --tiny              # CPU, offline: tiny prompts and scorers
+    python eval.py --ckpt runs/tiny/checkpoint-60 --tiny              # CPU, offline: the tiny world's utility
     python eval.py --ckpt runs/kto/checkpoint-10000 --num_prompts 100  # 1 GPU, vs the run's base model
     torchrun --standalone --nproc_per_node 8 eval.py --ckpt runs/kto/checkpoint-10000 --prompts pickapic_test
 Every flag: python eval.py --help. Outputs in --out: results.json, results.md, win_rates.png, grid_*.png,
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+import tiny_world
 import utils
 from utils import DataError
 
@@ -59,11 +60,11 @@ class Config:
     steps: int = arg(50, "denoising steps of the model's own scheduler")
     guidance: float = arg(7.5, "classifier-free guidance scale")
     seed: int = arg(0, "image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models")
-    metrics: str = arg(",".join(METRICS), "comma-separated scorers to run, from: " + ", ".join(METRICS))
+    metrics: str = arg(",".join(METRICS), "comma-separated scorers to run, from: " + ", ".join(METRICS) + ", utility (tiny world only)")
     compare: str = arg("median", "median: median image per model per prompt (paper) | all: every checkpoint x baseline image pair")
     batch_size: int = arg(8, "images per generation call and per scorer call, per rank")
     out: str = arg("runs/eval", "output folder (images, results.json, results.md, PNG charts)")
-    tiny: bool = arg(False, "offline plumbing test: tiny prompts, few steps and tiny RANDOM-WEIGHT scorers (scores mean nothing)")
+    tiny: bool = arg(False, "the offline tiny world: its held-out prompts, its hidden utility as metric; the five paper metrics become tiny RANDOM-WEIGHT scorers (plumbing only)")
     aesthetic_path: str = arg(DEFAULT_PATHS["aesthetic"], "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP folder beside it overrides ViT-L/14")
     pickscore_path: str = arg(DEFAULT_PATHS["pickscore"], "PickScore CLIPModel: hub id or local folder")
     imagereward_path: str = arg(DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and med_config.json")
@@ -71,10 +72,16 @@ class Config:
     hps_path: str = arg(DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo")
 
 
-TINY = dict(steps=10, images_per_prompt=3, batch_size=24, out="runs/eval-tiny")  # --tiny defaults; flags still win
+# --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison
+TINY = dict(steps=20, guidance=3.0, images_per_prompt=1, batch_size=64, metrics="utility", out="runs/eval-tiny")
 CHOICES = dict(compare=("median", "all"))
-TINY_NOTE = ("--tiny: the scorers are tiny RANDOM-WEIGHT models with the real architectures; these numbers test the "
-             "plumbing only and say nothing about image quality.")
+TINY_NOTE = ("--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their numbers "
+             "test the plumbing only and say nothing about image quality ('utility', the tiny world's own, is real).")
+
+
+def random_scorers(cfg: Config) -> bool:
+    """--tiny with any of the five paper metrics: those scores come from random weights."""
+    return cfg.tiny and any(m.strip() in METRICS for m in cfg.metrics.split(","))
 
 
 def parse_config(argv=None) -> Config:
@@ -157,7 +164,7 @@ def download_named_prompts(name: str) -> list[str]:
 
 def load_prompts(spec: str) -> list[str]:
     if spec == "tiny":
-        return utils.tiny_prompts()
+        return tiny_world.eval_prompts()
     if spec in NAMED_PROMPTS:
         prompts = download_named_prompts(spec)
     else:
@@ -512,9 +519,15 @@ def load_imagereward(cfg: Config, device):
     return score
 
 
+def load_utility(cfg: Config, device):
+    """The tiny world's hidden utility, read off the pixels (tiny_world.world_utility); needs no weights."""
+    return lambda images, prompts: torch.tensor([tiny_world.world_utility(im, p) for im, p in zip(images, prompts)])
+
+
 SCORERS = dict(aesthetic=load_aesthetic, pickscore=load_pickscore, imagereward=load_imagereward,
-               clip=load_clip_score, hps=load_hps)
-NAMES = dict(aesthetic="Aesthetic", pickscore="PickScore", imagereward="ImageReward", clip="CLIP", hps="HPS v2")
+               clip=load_clip_score, hps=load_hps, utility=load_utility)
+NAMES = dict(aesthetic="Aesthetic", pickscore="PickScore", imagereward="ImageReward", clip="CLIP", hps="HPS v2",
+             utility="Utility (tiny world)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -671,7 +684,7 @@ def write_markdown(results: dict, path: Path, cfg: Config):
     n = next(iter(results.values()))["n_prompts"] if results else 0
     lines = [f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {n} prompts of `{cfg.prompts}`, "
              f"{cfg.images_per_prompt} images per prompt, compare = {cfg.compare}.", ""]
-    if cfg.tiny:
+    if random_scorers(cfg):
         lines += [f"**{TINY_NOTE}**", ""]
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(fmt(results[m]) for m in results) + " |" for label, fmt in rows]
@@ -826,18 +839,18 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=ckpt, baseline_model=baseline,
                   n_images_per_model=len(items), world_size=world_size, device=str(device),
                   versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
-    if cfg.tiny:
+    if random_scorers(cfg):
         report["note"] = TINY_NOTE
     (out / "results.json").write_text(json.dumps(report, indent=2))
     write_markdown(results, out / "results.md", cfg)
     draw_bar_chart(results, out / "win_rates.png", f"win rate of {Path(cfg.ckpt).name} vs {Path(cfg.baseline).name}"
-                   + (" (tiny random scorers)" if cfg.tiny else ""))
+                   + (" (tiny random scorers)" if random_scorers(cfg) else ""))
     for p in ids[:4]:
         draw_grid([Image.open(paths[("baseline", p, k)]) for k in range(cfg.images_per_prompt)],
                   [Image.open(paths[("checkpoint", p, k)]) for k in range(cfg.images_per_prompt)],
                   prompt_of[p], out / f"grid_{p:05d}.png")
     print((out / "results.md").read_text())
-    if cfg.tiny:
+    if random_scorers(cfg):
         print(TINY_NOTE)
     return report
 

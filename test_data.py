@@ -330,7 +330,7 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     folder.mkdir()
     make_folder(folder)
     expected = utils.load_feedback(folder, label_policy="always_won")
-    train_kto.main(["--tiny", "--dataset", str(folder), "--label_policy", "always_won", "--max_train_steps", "2",
+    train_kto.main(["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(folder), "--label_policy", "always_won", "--max_train_steps", "2",
                     "--output_dir", str(tmp_path / "out")])
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["label_policy"] == "always_won" and run["data"]["num_desirable"] == run["num_desirable"]

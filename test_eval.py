@@ -23,7 +23,7 @@ import utils
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).parent
 REAL_LOAD_PIPELINE = ev.load_pipeline
-FAST = ["--tiny", "--steps", "2", "--images_per_prompt", "2", "--num_prompts", "3"]
+FAST = ["--tiny", "--steps", "2", "--images_per_prompt", "2", "--num_prompts", "3", "--metrics", ",".join(ev.METRICS)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,7 +218,8 @@ def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
 def ckpt(tmp_path_factory):
     import train_kto
     out = tmp_path_factory.mktemp("kto")
-    train_kto.main(["--tiny", "--max_train_steps", "2", "--output_dir", str(out), "--learning_rate", "1e-3"])
+    train_kto.main(["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(utils.tiny_dataset_path()),
+                    "--max_train_steps", "2", "--output_dir", str(out), "--learning_rate", "1e-3"])
     return out / "checkpoint-2"
 
 
@@ -376,3 +377,15 @@ def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
     single = ev.main(["--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--out", str(tmp_path / "one")])
     for m in ("clip", "hps"):
         assert ddp["metrics"][m]["win_rate"] == single["metrics"][m]["win_rate"]
+
+
+def test_utility_metric_reads_the_world_off_the_pixels(tmp_path):
+    """The tiny world's metric: the asked colour earns 0.5, size earns up to 0.5; no weights involved."""
+    import tiny_world
+    score = ev.SCORERS["utility"](None, "cpu")
+    big_red = utils.draw_shape("circle", "red", "white", 0.45, (0.5, 0.5), 32)
+    small_red = utils.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
+    big_blue = utils.draw_shape("circle", "blue", "white", 0.45, (0.5, 0.5), 32)
+    s = score([big_red, small_red, big_blue], ["a red circle on a white background"] * 3).tolist()
+    assert s[0] > s[1] >= 0.5 > s[2] and s[0] - s[2] == pytest.approx(0.5)
+    assert tiny_world.world_utility(big_red, "a red circle on a white background") == pytest.approx(s[0])

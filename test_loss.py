@@ -24,6 +24,9 @@ from train_kto import DesirableRatioSampler, augment, kto_loss, mismatched_indic
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
 HERE = Path(__file__).parent
+# --tiny with the random-weight tiny model and its small CSV dataset (fast); --tiny alone trains on the tiny
+# world (tiny_world.py), which test_world.py covers
+TINY = ["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(utils.tiny_dataset_path())]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = write_table(tmp_path, rows)
     with pytest.raises(SystemExit) as e:
-        train_kto.main(["--tiny", "--dataset", str(path), "--output_dir", str(tmp_path / "out")])
+        train_kto.main([*TINY, "--dataset", str(path), "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
@@ -196,7 +199,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
 # End to end on the tiny model
 
 def run(tmp_path, *args, out="out"):
-    policy = train_kto.main(["--tiny", "--output_dir", str(tmp_path / out), *args])
+    policy = train_kto.main([*TINY, "--output_dir", str(tmp_path / out), *args])
     rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
     return policy, rows
 
@@ -295,7 +298,7 @@ def run_script(tmp_path, body, *argv, torchrun=None, check=True):
     script.write_text("import os, sys, json, torch\nsys.path.insert(0, %r)\nimport train_kto\n" % str(HERE)
                       + textwrap.dedent(body) + "\ntrain_kto.main(sys.argv[1:])\n" + "on_exit()\n" * ("def on_exit" in body))
     launcher = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
-    proc = subprocess.run([*launcher, str(script), "--tiny", *argv], capture_output=True, text=True,
+    proc = subprocess.run([*launcher, str(script), *TINY, *argv], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -629,7 +629,7 @@ def build_clip_tokenizer(words, path: Path):
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
         tokenizer = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"))
-    tokenizer.model_max_length = 77
+    tokenizer.model_max_length = 16  # the tiny world's captions are <= 10 tokens; SD's CLIP uses 77
     tokenizer.save_pretrained(path)
     return tokenizer
 
@@ -641,7 +641,7 @@ def sd15_scheduler_config() -> dict:
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> None:
-    """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 16x16x4 latents) in diffusers layout."""
+    """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -655,11 +655,11 @@ def build_tiny_model(path: Path, seed: int = 0) -> None:
     ))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32,
     )
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
         up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=8,
     )
@@ -683,7 +683,7 @@ def build_tiny_dataset(path: Path, n: int = 256, resolution: int = 32, seed: int
     pd.DataFrame(rows).to_csv(path / "data.csv", index=False)
 
 
-TINY_VERSION = "v1"  # bump when the tiny model or data change, so stale caches are rebuilt
+TINY_VERSION = "v2"  # bump when the tiny model or data change, so stale caches are rebuilt
 
 
 def cache_dir() -> Path:
@@ -715,3 +715,30 @@ def tiny_model_path() -> Path:
 
 def tiny_dataset_path() -> Path:
     return build_once(cache_dir() / f"tiny-data-{TINY_VERSION}", build_tiny_dataset) / "data.csv"
+
+
+SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"  # SD v1-5's published configs, no weights
+
+
+def build_sd15_random(path: Path, seed: int = 0) -> None:
+    """SD v1-5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder, scheduler) with RANDOM weights, diffusers layout."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")  # offline tiny vocabulary (ids < 49408)
+    tokenizer.model_max_length = 77  # SD's CLIP context
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(SD15_CONFIGS / "text_encoder" / "config.json")),
+        tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet")),
+        scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(SD15_CONFIGS / "scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+
+
+def sd15_random_path() -> Path:
+    """--pretrained_model sd15-random: built once into the cache (about 4.3 GB). MEANINGLESS weights."""
+    warnings.warn("--pretrained_model sd15-random: Stable Diffusion v1-5's architecture with RANDOM weights; "
+                  "the trained model is meaningless (benchmarks and memory checks only)", UserWarning)
+    return build_once(cache_dir() / "sd15-random-v1", build_sd15_random)
