@@ -201,5 +201,33 @@ def world_path() -> Path:
     return utils.build_once(utils.cache_dir() / f"tiny-world-{WORLD_VERSION}", build_world)
 
 
+def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> None:
+    """Base (top) and KTO (bottom) images of each held-out prompt, same seeds column by column, from the
+    images/ folder that `eval.py --tiny --out eval_out` wrote."""
+    from PIL import ImageDraw
+
+    index = pd.read_csv(Path(eval_out) / "images" / "index.csv")
+    size, pad, label = 64, 4, 14
+    rows = [(p, m) for p in HELD_OUT for m in ("baseline", "checkpoint")]
+    canvas = Image.new("RGB", (150 + seeds * (size + pad), len(rows) * (size + pad) + label), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((150, 0), "same seed in each column", fill="black")
+    for r, (prompt, model) in enumerate(rows):
+        y = label + r * (size + pad)
+        draw.text((2, y + size // 2 - 12), prompt.replace(" on a ", "\non a "), fill="black")
+        draw.text((2, y + size // 2 + 12), "base" if model == "baseline" else "KTO", fill="gray" if model == "baseline" else "blue")
+        paths = index[(index.model == model) & (index.prompt == prompt)].sort_values("prompt_id").path.tolist()
+        for k, path in enumerate(paths[:seeds]):
+            image = Image.open(Path(eval_out) / "images" / path).resize((size, size), Image.NEAREST)
+            canvas.paste(image, (150 + k * (size + pad), y))
+    canvas.save(png)
+
+
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Build (or find) the tiny world; optionally draw the README figure.")
+    parser.add_argument("--figure", nargs=2, metavar=("EVAL_OUT", "PNG"), help="draw base vs KTO images from an eval.py --tiny output folder")
+    args = parser.parse_args()
     print(world_path())
+    if args.figure:
+        make_figure(Path(args.figure[0]), Path(args.figure[1]))

@@ -7,7 +7,7 @@ The loss maximises a Kahneman-Tversky utility of beta * (r - z), pushing r up on
 on undesirable ones, relative to a reference point z (an estimate of KL(policy || ref)).
 
 Launch:
-    python train_kto.py --tiny                                      # CPU, offline: tiny model + data built here
+    python train_kto.py --tiny                                      # CPU, offline: the tiny world of tiny_world.py
     torchrun --standalone --nproc_per_node 2 train_kto.py --tiny    # the same with 2 CPU processes (gloo)
     python train_kto.py --dataset likes.csv                         # 1 GPU, SD v1-5
     torchrun --standalone --nproc_per_node 4 train_kto.py           # the paper's recipe: 4 GPUs x 2 images
@@ -74,16 +74,25 @@ class Config:
     resume: str = arg("", "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if there is none)")
     max_bad_steps: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
     allow_one_class: bool = arg(False, "train on data with only desirable or only undesirable samples (KTO can learn from one kind)")
+    # speed and memory (README "Benchmarks"); attention is PyTorch's scaled_dot_product_attention (diffusers' default)
+    mixed_precision: str = arg("auto", "autocast dtype of the UNets, frozen modules stored in it: auto (bf16 on GPUs that have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 | fp16 | no")
+    gradient_checkpointing: bool = arg(False, "recompute the policy UNet's activations in the backward pass: less memory, about a third more compute")
+    optimizer: str = arg("adamw", "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; 8-bit states: 2 instead of 8 bytes per parameter)")
+    compile: bool = arg(False, "torch.compile the policy and reference UNets (the first steps are slow while it compiles)")
+    cache_latents: bool = arg(False, "encode every image (both flips) with the VAE and every caption with the text encoder once, to disk; training then never loads them")
+    cache_dir: str = arg("", "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and resumed when its settings match")
+    profile: bool = arg(False, "add seconds per phase of each step (time_<phase>, CUDA-synchronised) to metrics.jsonl")
 
 
-TINY = dict(  # --tiny: a CPU-sized run; the model and data are built by utils.py
-    resolution=32, train_batch_size=4, max_train_steps=60, learning_rate=1e-4, lr_warmup_steps=5, beta=200.0,
-    checkpointing_steps=30, dataloader_workers=0, output_dir="runs/tiny",
+TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
+    resolution=32, train_batch_size=8, max_train_steps=100, learning_rate=1e-4, lr_warmup_steps=5, beta=200.0,
+    checkpointing_steps=50, dataloader_workers=0, output_dir="runs/tiny",
 )
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
 CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
-               reference_point=("kl_mismatched", "batch_mean", "zero"))
+               reference_point=("kl_mismatched", "batch_mean", "zero"), mixed_precision=("auto", "bf16", "fp16", "no"),
+               optimizer=("adamw", "adamw8bit"))
 
 
 def parse_config(argv=None) -> Config:
@@ -96,9 +105,13 @@ def parse_config(argv=None) -> Config:
                             choices=CHOICES.get(f.name), **kind)
     given = vars(parser.parse_args(argv))
     cfg = Config()
-    if given.get("tiny"):
-        cfg = dataclasses.replace(cfg, **TINY, pretrained_model=str(utils.tiny_model_path()),
-                                  dataset=str(utils.tiny_dataset_path()))
+    if given.get("tiny"):  # the tiny world's base model and feedback (tiny_world.py), built once, only if used
+        import tiny_world
+        cfg = dataclasses.replace(cfg, **TINY)
+        if "pretrained_model" not in given:
+            cfg = dataclasses.replace(cfg, pretrained_model=str(tiny_world.world_path() / "model"))
+        if "dataset" not in given:
+            cfg = dataclasses.replace(cfg, dataset=str(tiny_world.world_path() / "feedback"))
     return dataclasses.replace(cfg, **given)
 
 
@@ -177,18 +190,110 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
             k, offset = k + 1, 0
 
 
+def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropout: float):
+    """Bool masks [b]: flip horizontally (p = 0.5, or never) and drop the caption (p = caption_dropout)."""
+    flip = torch.rand(b, generator=gen, device=gen.device) < 0.5 if random_flip else torch.zeros(b, dtype=torch.bool, device=gen.device)
+    return flip, torch.rand(b, generator=gen, device=gen.device) < caption_dropout
+
+
 def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float):
     """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout)."""
-    b = pixels.shape[0]
-    if random_flip:
-        flip = torch.rand(b, generator=gen, device=pixels.device) < 0.5
-        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-    drop = (torch.rand(b, generator=gen, device=pixels.device) < caption_dropout).tolist()
-    return pixels, ["" if d else c for c, d in zip(captions, drop)]
+    flip, drop = augment_draws(pixels.shape[0], gen, random_flip, caption_dropout)
+    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    return pixels, ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
 def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed: per-phase timing (--profile) and the latent cache (--cache_latents)
+
+class Laps:
+    """lap(name) adds the seconds since the previous mark to phase `name`; a no-op unless --profile."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.cuda, self.times, self.t = enabled, device.type == "cuda", {}, 0.0
+
+    def __call__(self, name: str | None = None):  # lap() alone starts a step
+        if not self.enabled:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait for it, or it is billed to a later phase
+        now = time.perf_counter()
+        self.times = {} if name is None else {**self.times, f"time_{name}": self.times.get(f"time_{name}", 0.0) + now - self.t}
+        self.t = now
+
+    def report(self) -> dict:  # the step's phase times, and on a GPU the peak memory so far
+        cuda = self.enabled and self.cuda
+        return {**self.times, **({"max_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if cuda else {})}
+
+
+CACHE_CHUNK = 256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
+
+
+def cache_files(n_images: int, n_captions: int) -> list[str]:
+    return ([f"text-{k:06d}.pt" for k in range(math.ceil(n_captions / CACHE_CHUNK))]
+            + [f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))])
+
+
+def check_cache_settings(folder: Path, settings: dict, master: bool):
+    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
+    file = folder / "settings.json"
+    if file.exists() and json.loads(file.read_text()) != settings:
+        raise DataError(f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
+                        f"delete it or choose another --cache_dir. Wanted: {settings}")
+    if master and not file.exists():
+        file.write_text(json.dumps(settings, indent=2))
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image)
+    and its caption's text embedding, memory-mapped from <cache>/latents-*.pt and text-*.pt."""
+
+    def __init__(self, folder: Path, desirable: torch.Tensor):
+        self.desirable = desirable
+        self.latents = [torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))]
+        text = [torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))]
+        self.empty_emb = text[0][0]  # caption 0 is "" (caption dropout)
+        self.text = text
+
+    def __len__(self):
+        return len(self.desirable)
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
+        c = int(part["caption_id"][j])
+        return dict(mean=part["mean"][j], std=part["std"][j], emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
+                    desirable=self.desirable[i], corrupt=int(part["corrupt"][j]))
+
+
+def build_latent_cache(folder: Path, dataset, captions: list[str], encode_pixels, encode_captions, cfg, rank, world_size):
+    """Encode chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size.
+
+    Each file is written to a temporary name and renamed, so a killed run resumes where it stopped."""
+    caption_id = {c: i for i, c in enumerate(captions)}
+    for name in cache_files(len(dataset), len(captions))[rank::world_size]:
+        file, k = folder / name, int(name[-9:-3])
+        if file.exists():
+            continue
+        rows = range(k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset)))
+        if name.startswith("text"):
+            part = dict(emb=torch.cat([encode_captions([captions[i] for i in rows[n:n + 64]]) for n in range(0, len(rows), 64)]))
+        else:
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.train_batch_size,
+                                                 num_workers=cfg.dataloader_workers)
+            stats = [encode_pixels(batch["pixel_values"]) + ([caption_id[c] for c in batch["caption"]], batch["corrupt"])
+                     for batch in loader]
+            part = dict(mean=torch.cat([m for m, _, _, _ in stats]), std=torch.cat([s for _, s, _, _ in stats]),
+                        caption_id=torch.tensor(sum([c for _, _, c, _ in stats], [])),
+                        corrupt=torch.cat([n for _, _, _, n in stats]))
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
+        os.replace(tmp, file)
+    if world_size > 1:
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,6 +400,12 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     out_dir = Path(cfg.output_dir)
     if cfg.reference_point == "kl_mismatched":
         mismatched_indices(cfg.train_batch_size)  # fails early, with a clear message, for a batch of 1
+    if cfg.optimizer == "adamw8bit":  # the released code's optimizer; imported only when asked for
+        try:
+            import bitsandbytes
+        except ImportError as e:
+            raise DataError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; "
+                            "CUDA GPUs only). Install it, or use --optimizer adamw.") from e
 
     # -- data: checked before any model is loaded ---------------------------------------------------
     table = utils.load_feedback(cfg.dataset, label_policy=cfg.label_policy)
@@ -314,29 +425,42 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
     sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
                                     start=start_step * cfg.train_batch_size)  # resumes the exact stream
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
-                                         num_workers=cfg.dataloader_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.dataloader_workers > 0)
 
     # -- models: a trainable policy and a separate frozen reference, both from the base UNet ----------
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    path = cfg.pretrained_model
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=frozen_dtype).to(device)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype).to(device)
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "no" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+    frozen_dtype = amp_dtype or torch.float32  # ref, VAE and text encoder are stored in the autocast dtype
+    path = str(utils.sd15_random_path()) if cfg.pretrained_model == "sd15-random" else cfg.pretrained_model
+    scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)  # 0.18215: SD's
+    captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
+    cache = Path(cfg.cache_dir or out_dir / "latent_cache")
+    cache_ready = cfg.cache_latents and all((cache / f).exists() for f in cache_files(len(dataset), len(captions)))
+    if not cache_ready:  # the VAE and text encoder are loaded only to encode images and captions
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=frozen_dtype).to(device)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype).to(device)
+        text_encoder.requires_grad_(False).eval()
+        vae.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device)  # fp32 master weights
-    ref = copy.deepcopy(policy)  # never swap weights in and out of one module: two modules
-    if use_bf16:
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # never swap weights in and out of one module: two modules
+    if frozen_dtype != torch.float32:
         ref.to(frozen_dtype)
-    for module in (text_encoder, vae, ref):
-        module.requires_grad_(False).eval()
     policy.train()
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    if cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    if cfg.compile:  # in place: state_dict keys, saving and DDP are unchanged
+        policy.compile()
+        ref.compile()
     model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    if cfg.optimizer == "adamw8bit":
+        optimizer = bitsandbytes.optim.AdamW8bit(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    else:  # fused: one kernel for all parameters
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 gradients underflow without it
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
     gen = torch.Generator(device).manual_seed(rank_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
     bad_steps, n_corrupt, n_seen = 0, 0, 0
@@ -378,37 +502,82 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                         truncation=True, return_tensors="pt").input_ids.to(device)
         return text_encoder(ids)[0]
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    def posterior(pixels):  # the VAE's q(x0 | image): mean and std; pixels [B, 3, H, W] in [-1, 1]
+        latent_dist = vae.encode(pixels.to(device, frozen_dtype)).latent_dist
+        return latent_dist.mean, latent_dist.std
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    if cfg.cache_latents:  # encode once (both flips), then train on the cache without the VAE and text encoder
+        cache.mkdir(parents=True, exist_ok=True)
+        check_cache_settings(cache, dict(pretrained_model=path, dataset=cfg.dataset, label_policy=cfg.label_policy,
+                                         resolution=cfg.resolution, random_flip=cfg.random_flip, images=len(dataset),
+                                         captions=len(captions), dtype=str(frozen_dtype)), master)
+        if not cache_ready:
+            def both_flips(pixels):  # mean and std [B, views, 4, h, w]; view 1 is the flipped image
+                views = [posterior(p) for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])]
+                return torch.stack([m for m, _ in views], 1), torch.stack([s for _, s in views], 1)
+
+            with torch.no_grad(), autocast:
+                build_latent_cache(cache, dataset, captions, both_flips, encode_captions, cfg, rank, world_size)
+            vae = text_encoder = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        dataset = CachedLatents(cache, dataset.desirable)
+        empty_emb = dataset.empty_emb.to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
+                                         num_workers=cfg.dataloader_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=cfg.dataloader_workers > 0)
+
+    def latents_and_embeddings(batch, b):
+        """x0 ~ q(x0 | image) after a random flip, and the text embeddings of the captions after dropout, followed
+        (kl_mismatched) by those of the rolled batch's own captions: [2b or b, 77, D]. Both paths draw the same numbers."""
+        rolled = mismatched_indices(b) if cfg.reference_point == "kl_mismatched" else torch.zeros(0, dtype=torch.long)
+        if cfg.cache_latents:
+            flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
+            mean, std = (batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()] for k in ("mean", "std"))
+            emb = batch["emb"].to(device, non_blocking=True)
+            both = torch.cat([torch.where(drop[:, None, None], empty_emb, emb), emb[rolled.to(device)]])
+        else:
+            captions = list(batch["caption"])
+            pixels, captions_in = augment(batch["pixel_values"].to(device, non_blocking=True), captions, gen,
+                                          cfg.random_flip, cfg.caption_dropout)
+            mean, std = posterior(pixels)
+            both = encode_captions(captions_in + [captions[j] for j in rolled.tolist()])
+        return mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype), both  # as diffusers' sample()
+
+    lap = Laps(cfg.profile, device)
     batches = iter(loader)
     bar = tqdm(total=cfg.max_train_steps, initial=start_step, disable=not master, desc="kto", dynamic_ncols=True)
     for step in range(start_step + 1, cfg.max_train_steps + 1):
         t0 = time.perf_counter()
+        lap()
         batch = next(batches)
-        pixels = batch["pixel_values"].to(device, non_blocking=True)
         is_desirable = batch["desirable"].to(device)
-        b = pixels.shape[0]
-        captions = list(batch["caption"])
+        b = len(is_desirable)
+        lap("data")
 
         with torch.no_grad(), autocast:
-            pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
             # x0 = E(image); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}; same x0, eps, t for both UNets
-            x0 = vae.encode(pixels.to(frozen_dtype)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-            x0 = x0.float()
+            x0, both = latents_and_embeddings(batch, b)  # one text-encoder call for matched + mismatched captions
+            x0 = (x0 * scaling_factor).float()
             eps = torch.randn(x0.shape, generator=gen, device=device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
             x_t = scheduler.add_noise(x0, eps, t)
             target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
-            if cfg.reference_point == "kl_mismatched":  # one text-encoder call for matched + mismatched captions
-                both = encode_captions(captions_in + [captions[j] for j in mismatched_indices(b).tolist()])
+            lap("encode")
+            if cfg.reference_point == "kl_mismatched":
                 emb, emb_mismatched = both[:b], both[b:]
                 ref_both = ref(torch.cat([x_t, x_t]).to(frozen_dtype), torch.cat([t, t]), both.to(frozen_dtype)).sample
                 ref_err = denoising_error(ref_both[:b], target)
                 # z (paper): KL(policy || ref) estimated on (image, another sample's caption), no gradient
                 ref_err_mismatched = denoising_error(ref_both[b:], target)
+                lap("ref_forward")
                 policy_err_mismatched = denoising_error(policy(x_t, t, emb_mismatched).sample, target)
+                lap("policy_forward_mismatched")
             else:
-                emb = encode_captions(captions_in)
+                emb = both
                 ref_err = denoising_error(ref(x_t.to(frozen_dtype), t, emb.to(frozen_dtype)).sample, target)
+                lap("ref_forward")
 
         with autocast:
             policy_err = denoising_error(model(x_t, t, emb.float()).sample, target)
@@ -420,16 +589,20 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         else:
             z = torch.zeros((), device=device)
         loss = kto_loss(policy_err, ref_err, is_desirable, cfg.beta, z, cfg.utility, cfg.lambda_d, cfg.lambda_u).mean()
+        lap("policy_forward")
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()                                        # DDP averages the gradients over ranks here
+        scaler.scale(loss).backward()                          # DDP averages the gradients over ranks here
+        lap("backward")
+        scaler.unscale_(optimizer)                             # fp16: true gradients, so clipping sees their real norm
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        lap("clip_grad")
         lr = lr_schedule.get_last_lr()[0]
 
         # -- metrics: one all-reduce of sums and counts, so rank 0 logs global values -----------------
         d, u = is_desirable.float(), (~is_desirable).float()
         margin = torch.where(is_desirable, r - z, z - r)       # w * (r - z) > 0 means the sample is "won"
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | scaler.is_enabled())  # fp16: see below
         sums = torch.stack([loss.detach() * b, (r * d).sum(), d.sum(), (r * u).sum(), u.sum(), (margin > 0).float().sum(),
                             policy_err.detach().sum(), ref_err.sum(), torch.tensor(float(b), device=device),
                             (~finite).float(), batch["corrupt"].sum().to(device, torch.float32)])
@@ -439,12 +612,15 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt += int(sums[10].item())
         n_seen += int(sums[8].item()) + int(sums[10].item())
         utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together beyond 1%
+        lap("allreduce")
         if skipped:  # a NaN/inf anywhere: no rank steps; the bad gradients are dropped at the next zero_grad
             bad_steps += 1
         else:
-            optimizer.step()
+            scaler.step(optimizer)                             # fp16: a gradient overflow skips the step, as usual
             bad_steps = 0
+        scaler.update()                                        # fp16: and halves the loss scale
         lr_schedule.step()
+        lap("optimizer")
         if master:
             n = sums[8].item()
             row = dict(step=step, loss=sums[0].item() / n, z=z.item(),
@@ -452,7 +628,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                        reward_undesirable=sums[3].item() / max(sums[4].item(), 1),
                        accuracy=sums[5].item() / n, policy_err=sums[6].item() / n, ref_err=sums[7].item() / n,
                        grad_norm=grad_norm.item(), lr=lr, desirable_frac=sums[2].item() / n, skipped=int(skipped),
-                       images_per_sec=n / (time.perf_counter() - t0))
+                       images_per_sec=n / (time.perf_counter() - t0), **lap.report())
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")

@@ -1,0 +1,193 @@
+"""Tests of train_kto.py's fast paths: each option runs on the tiny model (CPU) and is checked against the plain path.
+
+Tolerances (relative, on loss, z, rewards, errors and gradient norm of every step of a 3-step run):
+  --gradient_checkpointing 1e-5 (the same arithmetic, recomputed); --cache_latents 1e-5 (the same random draws; only
+  the VAE / text encoder batch composition differs); --mixed_precision bf16 / fp16 5e-2 on the denoising errors;
+  --optimizer adamw8bit is tested with a stand-in module (bitsandbytes is not a dependency) and for its error.
+Run: HF_HUB_OFFLINE=1 python -m pytest -q test_fast.py
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+
+import train_kto
+import utils
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TINY = ["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(utils.tiny_dataset_path()),
+        "--max_train_steps", "3"]
+KEYS = ("loss", "z", "reward_desirable", "reward_undesirable", "policy_err", "ref_err", "grad_norm")
+PHASES = {"data", "encode", "ref_forward", "policy_forward_mismatched", "policy_forward", "backward", "clip_grad",
+          "allreduce", "optimizer"}
+
+
+def run(out, *args):
+    policy = train_kto.main([*TINY, "--output_dir", str(out), *args])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def assert_close(a, b, rtol, keys=KEYS):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert abs(ra[k] - rb[k]) <= rtol * max(1.0, abs(rb[k])), (k, ra[k], rb[k])
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("plain") / "out")
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, plain):
+    rows, weights = run(tmp_path / "out", "--gradient_checkpointing")
+    assert_close(rows, plain[0], 1e-5)
+    assert max((weights[k] - plain[1][k]).abs().max().item() for k in weights) < 1e-6
+
+
+def test_attention_is_pytorch_sdpa_and_adamw_is_fused(tmp_path, plain):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = UNet2DConditionModel.from_pretrained(utils.tiny_model_path(), subfolder="unet")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}  # F.scaled_dot_product_attention
+    run(tmp_path / "out")
+    state = torch.load(tmp_path / "out" / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+
+
+def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, plain, monkeypatch, capsys):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    cache = tmp_path / "cache"
+    rows, _ = run(tmp_path / "a", "--cache_latents", "--cache_dir", str(cache))
+    assert_close(rows, plain[0], 1e-5)
+    first = torch.load(cache / "latents-000000.pt", weights_only=True)
+    assert first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape  # both flips
+    text = torch.load(cache / "text-000000.pt", weights_only=True)["emb"]
+    assert text.shape[0] == 1 + len(set(__import__("pandas").read_csv(utils.tiny_dataset_path())["caption"]))
+
+    # a complete cache: the VAE and text encoder are never loaded, and the run is the same
+    def refuse(*a, **k):
+        raise AssertionError("loaded the VAE or text encoder although the cache is complete")
+    with monkeypatch.context() as m:
+        m.setattr(AutoencoderKL, "from_pretrained", refuse)
+        m.setattr(CLIPTextModel, "from_pretrained", refuse)
+        again, _ = run(tmp_path / "b", "--cache_latents", "--cache_dir", str(cache))
+    assert_close(again, rows, 0.0)
+
+    # a missing chunk (an interrupted cache pass) is encoded again, identically
+    (cache / "latents-000000.pt").unlink()
+    run(tmp_path / "c", "--cache_latents", "--cache_dir", str(cache))
+    rebuilt = torch.load(cache / "latents-000000.pt", weights_only=True)
+    assert all(torch.equal(first[k], rebuilt[k]) for k in first)
+
+    # a cache made with other settings is refused, not silently reused
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "d", "--cache_latents", "--cache_dir", str(cache), "--resolution", "16")
+    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_cache_latents_without_flip_with_batch_mean_and_dropout(tmp_path):
+    args = ["--no-random_flip", "--reference_point", "batch_mean", "--caption_dropout", "0.5"]
+    want, _ = run(tmp_path / "plain", *args)
+    rows, _ = run(tmp_path / "cached", *args, "--cache_latents")  # default folder: <output_dir>/latent_cache
+    assert_close(rows, want, 1e-5)
+    part = torch.load(tmp_path / "cached" / "latent_cache" / "latents-000000.pt", weights_only=True)
+    assert part["mean"].shape[1] == 1  # one view when images are not flipped
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeypatch):
+    scalers = []
+    real = torch.amp.GradScaler
+
+    def record(*a, **k):
+        scalers.append(real(*a, **k))
+        return scalers[-1]
+    monkeypatch.setattr(torch.amp, "GradScaler", record)
+    rows, weights = run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "12")
+    assert scalers[0].is_enabled() == (precision == "fp16")  # the loss scaler exists for fp16 only
+    assert_close(rows[:3], plain[0], 5e-2, keys=("policy_err", "ref_err"))
+    assert all(r["skipped"] == 0 for r in rows)
+    if precision == "fp16":  # the first steps overflow at the initial scale 2**16 and are skipped by the scaler ...
+        assert not math.isfinite(rows[0]["grad_norm"]) and scalers[0].get_scale() < 2**16
+    assert math.isfinite(rows[-1]["grad_norm"])  # ... until the scale fits; the weights then move
+    from diffusers import UNet2DConditionModel
+    start = UNet2DConditionModel.from_pretrained(utils.tiny_model_path(), subfolder="unet").state_dict()
+    assert any((weights[k] - start[k]).abs().max() > 0 for k in weights)
+
+
+def test_profile_logs_every_phase(tmp_path):
+    rows, _ = run(tmp_path / "out", "--profile")
+    for r in rows:
+        times = {k[5:]: v for k, v in r.items() if k.startswith("time_")}
+        assert set(times) == PHASES and all(v >= 0 for v in times.values())
+        assert sum(times.values()) <= 4 / r["images_per_sec"]  # phases lie inside the step (batch of 4)
+    rows, _ = run(tmp_path / "batch_mean", "--profile", "--reference_point", "batch_mean")
+    assert {k[5:] for k in rows[0] if k.startswith("time_")} == PHASES - {"policy_forward_mismatched"}
+
+
+def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as when it is not installed
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "missing", "--optimizer", "adamw8bit")
+    assert e.value.code == 2 and "bitsandbytes" in capsys.readouterr().err
+    made = []
+
+    class StandIn(torch.optim.AdamW):  # bitsandbytes' AdamW8bit signature; 32-bit states, so results match adamw
+        def __init__(self, params, **kw):
+            made.append(kw)
+            super().__init__(params, **kw)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandIn)))
+    rows, _ = run(tmp_path / "standin", "--optimizer", "adamw8bit")
+    assert made == [dict(lr=1e-4, weight_decay=0.0)]
+    assert_close(rows, plain[0], 1e-5)
+
+
+def test_sd15_configs_are_stable_diffusion_v1_5():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):  # no memory: parameter counts of the published SD v1-5 components
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(utils.SD15_CONFIGS / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(utils.SD15_CONFIGS / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_json_file(utils.SD15_CONFIGS / "text_encoder" / "config.json"))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
+
+
+def test_sd15_random_is_built_once_and_warned_about(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def small_stand_in(path):  # the real build writes 4 GB; the flag's plumbing is what is tested here
+        built.append(path)
+        shutil.copytree(utils.tiny_model_path(), path, dirs_exist_ok=True)
+    monkeypatch.setattr(utils, "build_sd15_random", small_stand_in)
+    for out in ("a", "b"):
+        with pytest.warns(UserWarning, match="RANDOM weights"):
+            run(tmp_path / out, "--pretrained_model", "sd15-random", "--max_train_steps", "1")
+    assert len(built) == 1 and (tmp_path / "cache" / "sd15-random-v1" / "unet").is_dir()
+
+
+def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
+    """Dynamo traces the UNets (backend "eager": inductor's C++ build of a UNet takes minutes on a small CPU)."""
+    compiled, real = [], torch.nn.Module.compile
+
+    def eager(self, **kw):
+        compiled.append(type(self).__name__)
+        real(self, backend="eager")
+    monkeypatch.setattr(torch.nn.Module, "compile", eager)
+    rows, weights = run(tmp_path / "out", "--compile")
+    assert compiled == ["UNet2DConditionModel", "UNet2DConditionModel"]  # policy and ref
+    assert_close(rows, plain[0], 1e-5)
+    assert set(weights) == set(plain[1])  # in place: the saved state_dict keys are unchanged
