@@ -734,14 +734,7 @@ def draw_grid(baseline: list, ckpt: list, prompt: str, path: Path):
 def main(argv=None):
     """Run the evaluation; returns the results dict on rank 0 (None on other ranks)."""
     cfg = parse_config(argv)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size, device = utils.init_distributed()
     try:
         return evaluate(cfg, rank, world_size, device)
     except DataError as e:

@@ -131,7 +131,8 @@ def test_profile_logs_every_phase(tmp_path):
     for r in rows:
         times = {k[5:]: v for k, v in r.items() if k.startswith("time_")}
         assert set(times) == PHASES and all(v >= 0 for v in times.values())
-        assert sum(times.values()) <= 4 / r["images_per_sec"]  # phases lie inside the step (batch of 4)
+        batch = train_kto.TINY["train_batch_size"]
+        assert sum(times.values()) <= batch / r["images_per_sec"]  # the phases lie inside the step
     rows, _ = run(tmp_path / "batch_mean", "--profile", "--reference_point", "batch_mean")
     assert {k[5:] for k in rows[0] if k.startswith("time_")} == PHASES - {"policy_forward_mismatched"}
 
@@ -149,7 +150,7 @@ def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
             super().__init__(params, **kw)
     monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandIn)))
     rows, _ = run(tmp_path / "standin", "--optimizer", "adamw8bit")
-    assert made == [dict(lr=1e-4, weight_decay=0.0)]
+    assert made == [dict(lr=train_kto.TINY["learning_rate"], weight_decay=0.0)]
     assert_close(rows, plain[0], 1e-5)
 
 

@@ -35,3 +35,6 @@ def test_kto_beats_the_base_model(tmp_path):
     assert utility["n_prompts"] >= 200
     assert utility["ci95"][0] > 0.5, utility                             # better than the base, not by chance
     assert utility["mean_ckpt"] > utility["mean_baseline"]
+    tiny_world.make_figure(tmp_path / "eval", tmp_path / "figure.png")           # the README's figure
+    from PIL import Image
+    assert Image.open(tmp_path / "figure.png").size[1] > 8 * 64                  # 4 prompts x (base, KTO) rows

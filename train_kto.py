@@ -85,8 +85,8 @@ class Config:
 
 
 TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
-    resolution=32, train_batch_size=8, max_train_steps=100, learning_rate=1e-4, lr_warmup_steps=5, beta=200.0,
-    checkpointing_steps=50, dataloader_workers=0, output_dir="runs/tiny",
+    resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=3e-5, lr_warmup_steps=5, beta=200.0,
+    checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny",
 )
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
@@ -365,21 +365,7 @@ def find_resume(cfg: Config) -> Path | None:
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
     cfg = parse_config(argv)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # torchrun --max-restarts reuses one key-value store across restarts: a per-restart prefix keeps a
-        # restarted group from reading the dead group's addresses (pytorch/pytorch#167288)
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                              is_master=rank == 0 and not agent_store)
-        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                                world_size=world_size, device_id=device if device.type == "cuda" else None)
+    rank, world_size, device = utils.init_distributed()
     try:
         return train(cfg, rank, world_size, device)
     except (DataError, TrainingError) as e:

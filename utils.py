@@ -32,6 +32,27 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def init_distributed():
+    """(rank, world_size, device). Under torchrun also the process group: nccl on CUDA, gloo on CPU; plain
+    `python script.py` runs as rank 0 of 1 with no process group."""
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if "RANK" in os.environ:  # launched by torchrun
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # torchrun --max-restarts reuses one key-value store across restarts: a per-restart prefix keeps a
+        # restarted group from reading the dead group's addresses (pytorch/pytorch#167288)
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=rank == 0 and not agent_store)
+        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
+    return rank, world_size, device
+
+
 class DataError(ValueError):
     """Bad user input (a dataset, a path, a flag). The scripts print the message and exit, no traceback."""
 
