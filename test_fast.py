@@ -124,6 +124,10 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     from diffusers import UNet2DConditionModel
     start = UNet2DConditionModel.from_pretrained(utils.tiny_model_path(), subfolder="unet").state_dict()
     assert any((weights[k] - start[k]).abs().max() > 0 for k in weights)
+    if precision == "fp16":  # a resume restores the loss scale reached, not the initial 2**16
+        scale = scalers[0].get_scale()
+        run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "13", "--resume", "latest")
+        assert scalers[-1].get_scale() in (scale, scale * 2, scale / 2)  # one more step may move it once
 
 
 def test_profile_logs_every_phase(tmp_path):

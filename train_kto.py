@@ -318,7 +318,7 @@ def fsync_tree(path: Path):
             os.close(fd)
 
 
-def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, gen, step: int, bad_steps: int, rank: int, world_size: int):
+def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int, world_size: int):
     """Atomic save: rank 0 writes checkpoint-<step>.tmp, flushes it to disk, then renames it. All ranks call this."""
     rng_states = [gen.get_state()]
     if world_size > 1:
@@ -330,7 +330,7 @@ def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, gen, step: int,
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp / "unet")
         torch.save(dict(optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), step=step,
-                        bad_steps=bad_steps), tmp / "training_state.pt")
+                        bad_steps=bad_steps, scaler=scaler.state_dict()), tmp / "training_state.pt")
         torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
         fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)
@@ -455,6 +455,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
+        if state.get("scaler") and scaler.is_enabled():  # fp16: the loss scale it had reached
+            scaler.load_state_dict(state["scaler"])
         bad_steps = state["bad_steps"]
         rng_states = torch.load(resume_from / "rng_state.pt", weights_only=True)
         if len(rng_states) == world_size:
@@ -625,7 +627,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                                 "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
                                 "--beta, check the data for broken images, or raise --max_bad_steps.")
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            save_checkpoint(cfg, policy, optimizer, lr_schedule, gen, step, bad_steps, rank, world_size)
+            save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size)
     bar.close()
     if master:
         metrics_file.close()
