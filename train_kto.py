@@ -50,7 +50,7 @@ class Config:
     dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
     label_policy: str = arg("won_once", utils.LABEL_POLICY_HELP)
     output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
-    tiny: bool = arg(False, "build (once, cached) and use a tiny offline model and dataset, with small defaults; explicit flags still win")
+    tiny: bool = arg(False, "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized defaults; explicit flags still win")
     resolution: int = arg(512, "training image side in pixels (resize short side, center crop)")
     random_flip: bool = arg(True, "flip each image horizontally with probability 0.5 (released code; the paper is silent)")
     caption_dropout: float = arg(0.2, "probability of replacing a caption by the empty one (released code; not in the paper)")
