@@ -6,7 +6,7 @@ prompt the median-scoring image of each model is compared (Li et al., NeurIPS 20
 Paper, Pick-a-Pic test prompts, Diffusion-KTO vs SD v1-5: 86.0 / 85.2 / 87.2 / 62.0 / 62.0 % win rate.
 
 Launch:
-    python eval.py --ckpt runs/tiny/checkpoint-60 --tiny              # CPU, offline: the tiny world's utility
+    python eval.py --ckpt runs/tiny/checkpoint-200 --tiny             # CPU, offline: the tiny world's utility
     python eval.py --ckpt runs/kto/checkpoint-10000 --num_prompts 100  # 1 GPU, vs the run's base model
     torchrun --standalone --nproc_per_node 8 eval.py --ckpt runs/kto/checkpoint-10000 --prompts pickapic_test
 Every flag: python eval.py --help. Outputs in --out: results.json, results.md, win_rates.png, grid_*.png,
