@@ -12,7 +12,8 @@ builds, once, everything the Hugging Face hub would otherwise provide:
   4. feedback in the Pick-a-Pic v2 schema: pairs of base-model images for the same caption, the preferred
      one chosen by the hidden utility with label noise, written as parquet shards.
 
-    python tiny_world.py            # build (or find) the world and print its folders
+    python tiny_world.py                                   # build (or find) the world and print its folder
+    python tiny_world.py --figure runs/eval-tiny fig.png   # also draw base vs KTO from an eval.py --tiny output
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 import utils
-from utils import BACKGROUNDS, COLORS, SHAPES
+from utils import BACKGROUNDS, COLORS
 
 WORLD_VERSION = "v1"  # bump when anything below changes, so cached worlds are rebuilt
 RESOLUTION = 32
@@ -72,7 +73,7 @@ def world_images(n: int, seed: int):
 
 
 def train_base(path: Path, vae_steps: int = 300, unet_steps: int = 1000, seed: int = 0, log=print):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     utils.build_tiny_model(path, seed=seed)
     torch.manual_seed(seed)

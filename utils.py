@@ -1,9 +1,12 @@
 """Helpers shared by train_kto.py and eval.py.
 
-- reading a like/dislike dataset (CSV, JSONL or parquet) and checking it before any training starts;
+- torchrun-aware setup of the process group (init_distributed);
+- reading a like/dislike dataset (CSV, JSONL or parquet, or Pick-a-Pic v2 pairs turned into per-image labels)
+  and checking it before any training starts;
 - turning images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL + torch, no torchvision);
-- the offline "tiny" world: a small Stable-Diffusion-shaped model and a small labelled dataset that the
-  repository builds itself, so every code path runs on a CPU without the Hugging Face hub.
+- offline stand-ins the repository builds itself: the shapes that tiny_world.py draws, a random-weight tiny
+  Stable-Diffusion-shaped model with a small labelled CSV dataset (the fast tests), and SD v1-5's
+  architecture with random weights (benchmarks).
 
 Nothing here knows about KTO; the method lives in train_kto.py.
 """
@@ -586,8 +589,9 @@ def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None
 
 
 # ----------------------------------------------------------------------------------------------------
-# The tiny offline world: coloured shapes, captions that name them, a hidden "utility" that likes big
-# shapes in the colour the caption asks for. Labels are derived from that utility.
+# Coloured shapes and captions that name them (drawn here, used by tiny_world.py), and the small CSV dataset
+# of the fast tests, labelled from the drawing parameters (tiny_world.world_utility measures the same
+# preference on pixels, which is what generated images need).
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
