@@ -606,7 +606,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         else:
             scaler.step(optimizer)                             # fp16: a gradient overflow skips the step, as usual
             bad_steps = 0
-        scaler.update()                                        # fp16: and halves the loss scale
+        scaler.update()                                        # fp16: halve the loss scale after an overflow
         lr_schedule.step()
         lap("optimizer")
         if master:
