@@ -367,7 +367,10 @@ def main(argv=None):
     cfg = parse_config(argv)
     rank, world_size, device = utils.init_distributed()
     try:
-        return train(cfg, rank, world_size, device)
+        result = train(cfg, rank, world_size, device)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
+        return result
     except (DataError, TrainingError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
