@@ -196,3 +196,30 @@ def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
     assert compiled == ["UNet2DConditionModel", "UNet2DConditionModel"]  # policy and ref
     assert_close(rows, plain[0], 1e-5)
     assert set(weights) == set(plain[1])  # in place: the saved state_dict keys are unchanged
+
+
+@pytest.fixture(scope="module")
+def uneven_norms(tmp_path_factory):
+    """The tiny model with GroupNorm/LayerNorm weights and biases that bf16 and fp16 cannot store exactly (the
+    random tiny model's are exactly 1 and 0, which hides any rounding of the reference's norms)."""
+    from diffusers import UNet2DConditionModel
+    folder = tmp_path_factory.mktemp("uneven") / "model"
+    shutil.copytree(utils.tiny_model_path(), folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in unet.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+@pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean"])
+def test_reference_equals_policy_at_step_one(tmp_path, uneven_norms, precision, reference_point):
+    rows, _ = run(tmp_path / "out", "--pretrained_model", str(uneven_norms), "--mixed_precision", precision,
+                  "--reference_point", reference_point, "--learning_rate", "0", "--max_train_steps", "2")
+    for r in rows:  # lr 0: the policy never moves, so every implicit reward, and so z, is exactly 0
+        assert (r["reward_desirable"], r["reward_undesirable"], r["z"]) == (0.0, 0.0, 0.0), (precision, r)

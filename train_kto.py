@@ -163,6 +163,19 @@ def mismatched_indices(n: int) -> torch.Tensor:
     return (torch.arange(n) + 1) % n
 
 
+def frozen_reference(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of the policy stored in `dtype`, except its normalisation layers, which keep the policy's
+    exact float32 values. Autocast rounds conv/linear weights to bf16/fp16 for both models alike, but runs the
+    norms with their parameters as stored: rounded norms would make ref != policy at step 0 (beta * std(r) ~ 1)."""
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for module in ref.modules():
+        if not isinstance(module, norms):
+            for name, p in module.named_parameters(recurse=False):
+                p.data = p.data.to(dtype)
+    return ref
+
+
 def denoising_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over latent elements of the squared error, per sample, in float32: shape [B]."""
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
@@ -434,9 +447,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         vae.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device)  # fp32 master weights
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # never swap weights in and out of one module: two modules
-    if frozen_dtype != torch.float32:
-        ref.to(frozen_dtype)
+    ref = frozen_reference(policy, frozen_dtype)  # never swap weights in and out of one module: two modules
     policy.train()
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
