@@ -32,6 +32,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import tiny_world
+import fixtures
 import utils
 from utils import DataError
 
@@ -588,16 +589,16 @@ def build_tiny_scorers(path: Path) -> None:
     from transformers.models.blip.modeling_blip import BlipVisionModel
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-    words = [*utils.WORDS, "dog", "cat"]
+    words = [*fixtures.WORDS, "dog", "cat"]
     for seed, name in enumerate(("pickscore", "clip")):      # CLIPModel folders, like the hub repos
-        tokenizer = utils.build_clip_tokenizer(words, path / name)
+        tokenizer = fixtures.build_clip_tokenizer(words, path / name)
         tiny_clip(tokenizer, seed).save_pretrained(path / name)
-    tokenizer = utils.build_clip_tokenizer(words, path / "hps")  # HPS: OpenCLIP keys under "state_dict"
+    tokenizer = fixtures.build_clip_tokenizer(words, path / "hps")  # HPS: OpenCLIP keys under "state_dict"
     model = tiny_clip(tokenizer, 2)
     model.config.save_pretrained(path / "hps")
     sd = hf_to_openclip(model.state_dict())
     torch.save({"epoch": 1, "state_dict": sd}, path / "hps" / "HPS_v2_compressed.pt")
-    tokenizer = utils.build_clip_tokenizer(words, path / "aesthetic")  # a CLIP folder + the .pth head
+    tokenizer = fixtures.build_clip_tokenizer(words, path / "aesthetic")  # a CLIP folder + the .pth head
     tiny_clip(tokenizer, 3).save_pretrained(path / "aesthetic")
     torch.manual_seed(4)
     torch.save(mlp_head(16).state_dict(), path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth")

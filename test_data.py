@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fixtures
 import utils
 from utils import DataError
 
@@ -121,7 +122,7 @@ def test_caption_and_location_carried_over(folder):
 def test_parity_with_a_python_loop(tmp_path):
     """The vectorised conversion equals a plain transcription of the rules, on random synthetic data."""
     root = tmp_path / "synthetic"
-    utils.write_synthetic_pickapic(root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3)
+    fixtures.write_synthetic_pickapic(root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3)
     won, lost, seen = defaultdict(int), defaultdict(int), {}
     for f in sorted(root.glob("*.parquet")):
         t = pq.read_table(f, columns=list(utils.PICKAPIC_LABEL_COLUMNS)).to_pylist()
@@ -330,7 +331,7 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     folder.mkdir()
     make_folder(folder)
     expected = utils.load_feedback(folder, label_policy="always_won")
-    train_kto.main(["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(folder), "--label_policy", "always_won", "--max_train_steps", "2",
+    train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(folder), "--label_policy", "always_won", "--max_train_steps", "2",
                     "--output_dir", str(tmp_path / "out")])
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["label_policy"] == "always_won" and run["data"]["num_desirable"] == run["num_desirable"]

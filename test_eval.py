@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
+import fixtures
 import utils
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -218,7 +219,7 @@ def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
 def ckpt(tmp_path_factory):
     import train_kto
     out = tmp_path_factory.mktemp("kto")
-    train_kto.main(["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(utils.tiny_dataset_path()),
+    train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
                     "--max_train_steps", "2", "--output_dir", str(out), "--learning_rate", "1e-3"])
     return out / "checkpoint-2"
 
@@ -262,7 +263,7 @@ def test_tiny_run_writes_every_output(ckpt, tmp_path, monkeypatch):
     for m in r["metrics"].values():
         assert set(m) == {"win_rate", "ci95", "mean_ckpt", "mean_baseline", "n_prompts"} and m["n_prompts"] == 3
     assert "RANDOM-WEIGHT" in r["note"] and "RANDOM-WEIGHT" in (out / "results.md").read_text()
-    assert r["settings"]["baseline"] == str(utils.tiny_model_path())  # default: the base model in run.json
+    assert r["settings"]["baseline"] == str(fixtures.tiny_model_path())  # default: the base model in run.json
     assert Image.open(out / "win_rates.png").size[0] > 100 and len(list(out.glob("grid_*.png"))) == 3
     index = pd.read_csv(out / "images" / "index.csv")
     assert len(index) == 2 * 3 * 2 and all((out / "images" / p).exists() for p in index["path"])
@@ -280,7 +281,7 @@ def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path)
     a, b = pixels(tmp_path / "same/images/checkpoint"), pixels(tmp_path / "same/images/baseline")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     a = ev.main(["--ckpt", str(ckpt), *FAST, "--compare", "all", "--out", str(tmp_path / "a")])
-    b = ev.main(["--ckpt", str(utils.tiny_model_path()), "--baseline", str(ckpt), *FAST, "--compare", "all",
+    b = ev.main(["--ckpt", str(fixtures.tiny_model_path()), "--baseline", str(ckpt), *FAST, "--compare", "all",
                  "--out", str(tmp_path / "b")])
     assert a["settings"]["compare"] == "all"
     for m in ev.METRICS:
@@ -355,7 +356,7 @@ def test_cli_errors_and_help(ckpt, tmp_path, capsys):
         assert e.value.code == 2
         assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(SystemExit) as e:  # a full model has no recorded base: --baseline is needed
-        ev.main(["--ckpt", str(utils.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")])
+        ev.main(["--ckpt", str(fixtures.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")])
     assert "--baseline" in capsys.readouterr().err
     out = subprocess.run([sys.executable, "-c", "import eval"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == ""
@@ -383,9 +384,9 @@ def test_utility_metric_reads_the_world_off_the_pixels(tmp_path):
     """The tiny world's metric: the asked colour earns 0.5, size earns up to 0.5; no weights involved."""
     import tiny_world
     score = ev.SCORERS["utility"](None, "cpu")
-    big_red = utils.draw_shape("circle", "red", "white", 0.45, (0.5, 0.5), 32)
-    small_red = utils.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
-    big_blue = utils.draw_shape("circle", "blue", "white", 0.45, (0.5, 0.5), 32)
+    big_red = fixtures.draw_shape("circle", "red", "white", 0.45, (0.5, 0.5), 32)
+    small_red = fixtures.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
+    big_blue = fixtures.draw_shape("circle", "blue", "white", 0.45, (0.5, 0.5), 32)
     s = score([big_red, small_red, big_blue], ["a red circle on a white background"] * 3).tolist()
     assert s[0] > s[1] >= 0.5 > s[2] and s[0] - s[2] == pytest.approx(0.5)
     assert tiny_world.world_utility(big_red, "a red circle on a white background") == pytest.approx(s[0])

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import train_kto
+import fixtures
 import utils
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TINY = ["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(utils.tiny_dataset_path()),
+TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
         "--max_train_steps", "3"]
 KEYS = ("loss", "z", "reward_desirable", "reward_undesirable", "policy_err", "ref_err", "grad_norm")
 PHASES = {"data", "encode", "ref_forward", "policy_forward_mismatched", "policy_forward", "backward", "clip_grad",
@@ -56,7 +57,7 @@ def test_attention_is_pytorch_sdpa_and_adamw_is_fused(tmp_path, plain):
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet = UNet2DConditionModel.from_pretrained(utils.tiny_model_path(), subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet")
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}  # F.scaled_dot_product_attention
     run(tmp_path / "out")
     state = torch.load(tmp_path / "out" / "checkpoint-3" / "training_state.pt", weights_only=True)
@@ -73,7 +74,7 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, pl
     first = torch.load(cache / "latents-000000.pt", weights_only=True)
     assert first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape  # both flips
     text = torch.load(cache / "text-000000.pt", weights_only=True)["emb"]
-    assert text.shape[0] == 1 + len(set(__import__("pandas").read_csv(utils.tiny_dataset_path())["caption"]))
+    assert text.shape[0] == 1 + len(set(__import__("pandas").read_csv(fixtures.tiny_dataset_path())["caption"]))
 
     # a complete cache: the VAE and text encoder are never loaded, and the run is the same
     def refuse(*a, **k):
@@ -122,7 +123,7 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
         assert not math.isfinite(rows[0]["grad_norm"]) and scalers[0].get_scale() < 2**16
     assert math.isfinite(rows[-1]["grad_norm"])  # ... until the scale fits; the weights then move
     from diffusers import UNet2DConditionModel
-    start = UNet2DConditionModel.from_pretrained(utils.tiny_model_path(), subfolder="unet").state_dict()
+    start = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
     assert any((weights[k] - start[k]).abs().max() > 0 for k in weights)
     if precision == "fp16":  # a resume restores the loss scale reached, not the initial 2**16
         scale = scalers[0].get_scale()
@@ -163,9 +164,9 @@ def test_sd15_configs_are_stable_diffusion_v1_5():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):  # no memory: parameter counts of the published SD v1-5 components
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(utils.SD15_CONFIGS / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(utils.SD15_CONFIGS / "vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_json_file(utils.SD15_CONFIGS / "text_encoder" / "config.json"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(fixtures.SD15_CONFIGS / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(fixtures.SD15_CONFIGS / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_json_file(fixtures.SD15_CONFIGS / "text_encoder" / "config.json"))
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
 
@@ -176,7 +177,7 @@ def test_sd15_random_is_built_once_and_warned_about(tmp_path, monkeypatch):
 
     def small_stand_in(path):  # the real build writes 4 GB; the flag's plumbing is what is tested here
         built.append(path)
-        shutil.copytree(utils.tiny_model_path(), path, dirs_exist_ok=True)
+        shutil.copytree(fixtures.tiny_model_path(), path, dirs_exist_ok=True)
     monkeypatch.setattr(utils, "build_sd15_random", small_stand_in)
     for out in ("a", "b"):
         with pytest.warns(UserWarning, match="RANDOM weights"):
@@ -204,7 +205,7 @@ def uneven_norms(tmp_path_factory):
     random tiny model's are exactly 1 and 0, which hides any rounding of the reference's norms)."""
     from diffusers import UNet2DConditionModel
     folder = tmp_path_factory.mktemp("uneven") / "model"
-    shutil.copytree(utils.tiny_model_path(), folder)
+    shutil.copytree(fixtures.tiny_model_path(), folder)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

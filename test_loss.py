@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import train_kto
+import fixtures
 import utils
 from train_kto import DesirableRatioSampler, augment, kto_loss, mismatched_indices, reference_point
 
@@ -26,7 +27,7 @@ UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
 HERE = Path(__file__).parent
 # --tiny with the random-weight tiny model and its small CSV dataset (fast); --tiny alone trains on the tiny
 # world (tiny_world.py), which test_world.py covers
-TINY = ["--tiny", "--pretrained_model", str(utils.tiny_model_path()), "--dataset", str(utils.tiny_dataset_path())]
+TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path())]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,10 +214,10 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(out / "checkpoint-4", subfolder="unet")
     for a, b in zip(unet.state_dict().values(), policy.state_dict().values()):
         assert torch.equal(a, b)
-    pipe = StableDiffusionPipeline.from_pretrained(utils.tiny_model_path(), unet=unet)
+    pipe = StableDiffusionPipeline.from_pretrained(fixtures.tiny_model_path(), unet=unet)
     assert pipe.unet is unet
     run_json = json.loads((out / "run.json").read_text())
-    table = pd.read_csv(utils.tiny_dataset_path())
+    table = pd.read_csv(fixtures.tiny_dataset_path())
     assert run_json["num_desirable"] == table.label.sum() and run_json["num_undesirable"] == (table.label == 0).sum()
     assert run_json["config"]["beta"] == train_kto.TINY["beta"] and run_json["world_size"] == 1
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -259,7 +260,7 @@ def test_same_seed_same_run_and_workers_do_not_change_it(tmp_path):
 
 def test_max_grad_norm_clips(tmp_path):
     from diffusers import UNet2DConditionModel
-    base = UNet2DConditionModel.from_pretrained(utils.tiny_model_path(), subfolder="unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
     free, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", out="free")
     tight, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", "--max_grad_norm", "1e-12", out="tight")
     change = lambda m: max((m.state_dict()[k] - base[k]).abs().max().item() for k in base)

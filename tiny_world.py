@@ -28,8 +28,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+import fixtures
 import utils
-from utils import BACKGROUNDS, COLORS
+from fixtures import BACKGROUNDS, COLORS
 
 WORLD_VERSION = "v1"  # bump when anything below changes, so cached worlds are rebuilt
 RESOLUTION = 32
@@ -53,7 +54,7 @@ def world_utility(image: Image.Image, caption: str) -> float:
 
 
 def train_prompts() -> list[str]:
-    return [p for p in utils.tiny_prompts() if p not in HELD_OUT]
+    return [p for p in fixtures.tiny_prompts() if p not in HELD_OUT]
 
 
 def eval_prompts(repeats: int = 64) -> list[str]:
@@ -63,11 +64,11 @@ def eval_prompts(repeats: int = 64) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The base model: the tiny pipeline of utils.build_tiny_model, its VAE and UNet trained on the world
+# The base model: the tiny pipeline of fixtures.build_tiny_model, its VAE and UNet trained on the world
 
 def world_images(n: int, seed: int):
     rng = np.random.default_rng(seed)
-    images, captions = zip(*[utils.sample_world(rng, RESOLUTION)[:2] for _ in range(n)])
+    images, captions = zip(*[fixtures.sample_world(rng, RESOLUTION)[:2] for _ in range(n)])
     pixels = torch.stack([utils.image_to_tensor(im, RESOLUTION) for im in images])
     return pixels, list(captions)
 
@@ -75,7 +76,7 @@ def world_images(n: int, seed: int):
 def train_base(path: Path, vae_steps: int = 300, unet_steps: int = 1000, seed: int = 0, log=print):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    utils.build_tiny_model(path, seed=seed)
+    fixtures.build_tiny_model(path, seed=seed)
     torch.manual_seed(seed)
     pixels, captions = world_images(4096, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -190,7 +191,7 @@ def build_world(path: Path, log=print) -> None:
 
     t0 = time.time()
     train_base(path / "model", log=log)
-    DDIMScheduler(**utils.sd15_scheduler_config(), set_alpha_to_one=False).save_pretrained(path / "model" / "scheduler")
+    DDIMScheduler(**fixtures.sd15_scheduler_config(), set_alpha_to_one=False).save_pretrained(path / "model" / "scheduler")
     pipe = StableDiffusionPipeline.from_pretrained(path / "model")
     pipe.set_progress_bar_config(disable=True)
     write_feedback(pipe, path / "feedback", log=log)

@@ -434,7 +434,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         precision = "no" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
     frozen_dtype = amp_dtype or torch.float32  # ref, VAE and text encoder are stored in the autocast dtype
-    path = str(utils.sd15_random_path()) if cfg.pretrained_model == "sd15-random" else cfg.pretrained_model
+    path = str(__import__("fixtures").sd15_random_path()) if cfg.pretrained_model == "sd15-random" else cfg.pretrained_model
     scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)  # 0.18215: SD's
     captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
     cache = Path(cfg.cache_dir or out_dir / "latent_cache")

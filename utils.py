@@ -4,23 +4,21 @@
 - reading a like/dislike dataset (CSV, JSONL or parquet, or Pick-a-Pic v2 pairs turned into per-image labels)
   and checking it before any training starts;
 - turning images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL + torch, no torchvision);
-- offline stand-ins the repository builds itself: the shapes that tiny_world.py draws, a random-weight tiny
-  Stable-Diffusion-shaped model with a small labelled CSV dataset (the fast tests), and SD v1-5's
-  architecture with random weights (benchmarks).
+- files written atomically (atomic_path) and a cache of things built once (build_once).
 
-Nothing here knows about KTO; the method lives in train_kto.py.
+Nothing here knows about KTO (the method lives in train_kto.py) or builds synthetic data (fixtures.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import tempfile
-import time
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def init_distributed():
@@ -87,11 +85,6 @@ def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return x.float().div(127.5).sub(1.0)
 
-
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """Inverse of image_to_tensor for one [3, H, W] tensor in [-1, 1]."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -479,9 +472,8 @@ def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str =
         for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.parquet"):  # same shards, older data
             if stale != cache:
                 stale.unlink(missing_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, cache)  # atomic: concurrent ranks write the same content
+        with atomic_path(cache) as tmp:  # concurrent ranks write the same content
+            pq.write_table(table, tmp)
     df = pd.DataFrame({
         "uid": table.column("uid").to_pandas(), "caption": table.column("caption").to_pandas(),
         "desirable": table.column("desirable").to_numpy(),
@@ -507,263 +499,49 @@ def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: in
             f"and rows; re-download those shards (or remove them from --dataset) and restart.")
 
 
-def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 1500, seed: int = 0,
-                             tie_fraction: float = 0.1, images_per_prompt: int = 4) -> list[Path]:
-    """Write train-*.parquet shards with Pick-a-Pic v2's columns and types (for the benchmark and tests).
-
-    Images are grouped by prompt; each comparison pairs two images of one prompt. The image columns reuse a
-    few tiny PNGs (the label conversion never reads them)."""
-    rng = np.random.default_rng(seed)
-    n_images = max(2 * images_per_prompt, n_rows)
-    tiny = []
-    for color in [(200, 30, 30), (30, 200, 30), (30, 30, 200)]:
-        buf = io.BytesIO()
-        Image.new("RGB", (8, 8), color).save(buf, format="PNG")
-        tiny.append(buf.getvalue())
-    prompt_of_first = rng.integers(0, n_images // images_per_prompt, n_rows)
-    a = prompt_of_first * images_per_prompt + rng.integers(0, images_per_prompt, n_rows)
-    b = prompt_of_first * images_per_prompt + (a % images_per_prompt + rng.integers(1, images_per_prompt, n_rows)) % images_per_prompt
-    win0 = rng.random(n_rows) < 0.5
-    tie = rng.random(n_rows) < tie_fraction
-    label_0 = np.where(tie, 0.5, win0.astype(np.float64))
-    uid_of = np.array([f"{x:016x}{y:016x}" for x, y in rng.integers(0, 2**62, (n_images, 2))], dtype=object)
-    folder.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-n_rows // rows_per_shard)
-    paths = []
-    for s in range(n_shards):
-        sl = slice(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
-        m = sl.stop - sl.start
-        ua, ub = uid_of[a[sl]], uid_of[b[sl]]
-        t = pa.table({
-            "are_different": np.ones(m, bool), "best_image_uid": np.where(label_0[sl] == 1, ua, np.where(label_0[sl] == 0, ub, "")),
-            "caption": [f"prompt {p}: a photograph of a small synthetic scene" for p in prompt_of_first[sl]],
-            "created_at": pa.array(np.full(m, 1_700_000_000_000_000, "datetime64[us]")),
-            "has_label": np.ones(m, bool),
-            "image_0_uid": ua, "image_0_url": [f"https://example.invalid/{u}.png" for u in ua],
-            "image_1_uid": ub, "image_1_url": [f"https://example.invalid/{u}.png" for u in ub],
-            "jpg_0": pa.array([tiny[k] for k in a[sl] % 3], pa.binary()),
-            "jpg_1": pa.array([tiny[k] for k in b[sl] % 3], pa.binary()),
-            "label_0": label_0[sl], "label_1": 1.0 - label_0[sl],
-            "model_0": ["sd-1.5"] * m, "model_1": ["sdxl"] * m,
-            "ranking_id": np.arange(sl.start, sl.stop), "user_id": rng.integers(0, 10_000, m),
-            "num_example_per_prompt": np.ones(m, np.int64),
-        })
-        path = folder / f"train-{s:05d}-of-{n_shards:05d}.parquet"
-        pq.write_table(t, path)
-        paths.append(path)
-    return paths
-
-
-def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None = None) -> dict:
-    """Time the label conversion of n_rows synthetic comparisons (real schema, 1,500 rows per shard as on the
-    hub) in a fresh process; prints and returns seconds, peak RSS and the counts. Command:
-        python -c "import utils; utils.benchmark_pickapic_labels(1_000_000)"
-    """
-    import subprocess
-    import sys
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(folder or tmp) / f"pickapic-synthetic-{n_rows}"
-        if not folder.exists():
-            t0 = time.perf_counter()
-            write_synthetic_pickapic(folder, n_rows)
-            print(f"wrote {n_rows:,} comparisons to {folder} in {time.perf_counter() - t0:.1f} s")
-        shutil.rmtree(folder / ".diffusion_kto", ignore_errors=True)
-        code = (
-            "import json, resource, time, utils\n"
-            "t0 = time.perf_counter()\n"
-            f"table = utils.load_pickapic({str(folder)!r})\n"
-            "t1 = time.perf_counter()\n"
-            f"utils.load_pickapic({str(folder)!r})\n"
-            "t2 = time.perf_counter()\n"
-            "print(json.dumps(dict(convert_s=t1 - t0, cached_s=t2 - t1,\n"
-            "    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **table.attrs['stats'])))\n"
-        )
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout
-        result = json.loads(out.strip().splitlines()[-1])
-    print(f"{n_rows:,} comparisons -> {result['num_desirable']:,} desirable / {result['num_undesirable']:,} "
-          f"undesirable: {result['convert_s']:.1f} s (cached: {result['cached_s']:.2f} s), "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    return result
-
-
 # ----------------------------------------------------------------------------------------------------
-# Coloured shapes and captions that name them (drawn here, used by tiny_world.py), and the small CSV dataset
-# of the fast tests, labelled from the drawing parameters (tiny_world.world_utility measures the same
-# preference on pixels, which is what generated images need).
-
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20)}
-WORDS = ["a", "on", "background", *COLORS, *SHAPES, *BACKGROUNDS]
-
-
-def draw_shape(shape: str, color: str, background: str, size: float, center, resolution: int) -> Image.Image:
-    """Draw one shape (size = half-width as a fraction of the image) at 4x and downsample (anti-aliasing)."""
-    s = 4 * resolution
-    image = Image.new("RGB", (s, s), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    cx, cy, r = center[0] * s, center[1] * s, size * s
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLORS[color])
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
-    return image.resize((resolution, resolution), Image.LANCZOS)
-
-
-def sample_world(rng: np.random.Generator, resolution: int):
-    """One (image, caption, utility) from the world. Utility in [0, 1]: right colour and large size."""
-    shape, asked, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
-    color = asked if rng.random() < 0.5 else rng.choice([c for c in COLORS if c != asked])
-    size = float(rng.uniform(0.12, 0.45))
-    center = rng.uniform(0.5 - (0.5 - size) * 0.8, 0.5 + (0.5 - size) * 0.8, size=2)
-    image = draw_shape(shape, color, background, size, center, resolution)
-    caption = f"a {asked} {shape} on a {background} background"
-    utility = 0.5 * (color == asked) + 0.5 * (size - 0.12) / 0.33
-    return image, caption, utility
-
-
-def tiny_prompts() -> list[str]:
-    """Every caption the tiny world can produce (colour x shape x background), in a fixed order."""
-    return [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in BACKGROUNDS]
-
-
-def build_clip_tokenizer(words, path: Path):
-    """A CLIP BPE tokenizer made offline: byte-level characters plus one merge chain per known word."""
-    from transformers import CLIPTokenizer
-
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-        tokenizer = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"))
-    tokenizer.model_max_length = 16  # the tiny world's captions are <= 10 tokens; SD's CLIP uses 77
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-def sd15_scheduler_config() -> dict:
-    """Stable Diffusion v1-5's DDPM training noise schedule (scheduler/scheduler_config.json)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", clip_sample=False, steps_offset=1)
-
-
-def build_tiny_model(path: Path, seed: int = 0) -> None:
-    """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=8,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**sd15_scheduler_config()), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-
-
-def build_tiny_dataset(path: Path, n: int = 256, resolution: int = 32, seed: int = 0) -> None:
-    """Write n world images as PNGs and data.csv (image, caption, label); desirable = utility >= 0.5."""
-    rng = np.random.default_rng(seed)
-    (path / "images").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        image, caption, utility = sample_world(rng, resolution)
-        image.save(path / "images" / f"{i:05d}.png")
-        rows.append({"image": f"images/{i:05d}.png", "caption": caption, "label": int(utility >= 0.5)})
-    pd.DataFrame(rows).to_csv(path / "data.csv", index=False)
-
-
-TINY_VERSION = "v2"  # bump when the tiny model or data change, so stale caches are rebuilt
-
+# The cache of things built once (tiny models, converted labels, downloads)
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSION_KTO_CACHE", Path.home() / ".cache" / "diffusion_kto"))
 
 
-def build_once(path: Path, build) -> Path:
-    """Run build(tmp_path) into a temporary folder and rename it to path; a no-op when path exists.
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; when the block ends without an error, rename it to `path` (a file
+    or a folder, replacing an old one). A crash leaves `path` as it was and only a *.tmp beside it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
-    Safe when several ranks race: the rename is atomic and the loser's copy is discarded."""
+
+def build_once(path: Path, build, threads: int = 2) -> Path:
+    """Run build(folder) once and keep its result at path; a no-op when path exists.
+
+    One process builds while any others (torchrun ranks, parallel test runs) wait on a lock and then reuse it.
+    Float results depend on the number of threads, so the build runs with a fixed `threads`, whatever
+    OMP_NUM_THREADS or the launcher says: the same machine always builds the same thing."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
-    try:
-        build(tmp)
-        os.rename(tmp, path)
-    except OSError:
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with atomic_path(path) as tmp:
+                    tmp.mkdir()
+                    build(tmp)
+            finally:
+                torch.set_num_threads(previous)
     return path
-
-
-def tiny_model_path() -> Path:
-    return build_once(cache_dir() / f"tiny-model-{TINY_VERSION}", build_tiny_model)
-
-
-def tiny_dataset_path() -> Path:
-    return build_once(cache_dir() / f"tiny-data-{TINY_VERSION}", build_tiny_dataset) / "data.csv"
-
-
-SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"  # SD v1-5's published configs, no weights
-
-
-def build_sd15_random(path: Path, seed: int = 0) -> None:
-    """SD v1-5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder, scheduler) with RANDOM weights, diffusers layout."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")  # offline tiny vocabulary (ids < 49408)
-    tokenizer.model_max_length = 77  # SD's CLIP context
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(SD15_CONFIGS / "text_encoder" / "config.json")),
-        tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet")),
-        scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(SD15_CONFIGS / "scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(path)
-
-
-def sd15_random_path() -> Path:
-    """--pretrained_model sd15-random: built once into the cache (about 4.3 GB). MEANINGLESS weights."""
-    warnings.warn("--pretrained_model sd15-random: Stable Diffusion v1-5's architecture with RANDOM weights; "
-                  "the trained model is meaningless (benchmarks and memory checks only)", UserWarning)
-    return build_once(cache_dir() / "sd15-random-v1", build_sd15_random)
