@@ -11,7 +11,9 @@ Nothing here knows about KTO (the method lives in train_kto.py) or builds synthe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +59,52 @@ def init_distributed():
 
 class DataError(ValueError):
     """Bad user input (a dataset, a path, a flag). The scripts print the message and exit, no traceback."""
+    exit_code = 2
+
+
+def arg(default, help: str):
+    """A Config field with its --help line."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_extra=None):
+    """Build argparse from a Config dataclass, parse argv, return a Config.
+
+    --tiny only changes defaults (`tiny`, plus `tiny_extra()` computed only when --tiny is given, e.g. paths of
+    things built on first use); flags given explicitly always win. --help shows both defaults."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=doc.split("\n\n", 1)[1])
+    for f in dataclasses.fields(config_cls):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=eval(f.type))
+        default = f" (default: {f.default!r}" + (f"; --tiny: {tiny[f.name]!r})" if f.name in tiny else ")")
+        parser.add_argument(f"--{f.name}", help=f.metadata["help"] + default, choices=choices.get(f.name), **kind)
+    given = vars(parser.parse_args(argv))
+    cfg = config_cls()
+    if given.get("tiny"):
+        cfg = dataclasses.replace(cfg, **tiny, **(tiny_extra(given) if tiny_extra else {}))
+    return dataclasses.replace(cfg, **given), parser
+
+
+def run_main(work, cfg, errors: tuple):
+    """init_distributed, work(cfg, rank, world_size, device), then tear down on every rank. An error of a type in
+    `errors` (bad input or a run that cannot go on: the message says what and how to fix) is printed by rank 0
+    alone (every rank checks the same things), without a traceback; the exit code is the error's exit_code."""
+    import torch.distributed as dist
+
+    rank, world_size, device = init_distributed()
+    try:
+        result = work(cfg, rank, world_size, device)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
+        return result
+    except errors as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------
