@@ -9,20 +9,19 @@ Launch:
     python eval.py --ckpt runs/tiny/checkpoint-200 --tiny             # CPU, offline: the tiny world's utility
     python eval.py --ckpt runs/kto/checkpoint-10000 --num_prompts 100  # 1 GPU, vs the run's base model
     torchrun --standalone --nproc_per_node 8 eval.py --ckpt runs/kto/checkpoint-10000 --prompts pickapic_test
-Every flag: python eval.py --help. Outputs in --out: results.json, results.md, win_rates.png, grid_*.png,
-images/{checkpoint,baseline}/*.png and images/index.csv. A rerun with the same --out skips finished images.
+Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
+results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png and images/index.csv. A rerun with the
+same --out skips finished images.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,53 +30,72 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-import tiny_world
-import fixtures
 import utils
-from utils import DataError
+from utils import DataError, arg
 
-
-def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
-
+# ----------------------------------------------------------------------------------------------------
+# Config
 
 METRICS = ("aesthetic", "pickscore", "imagereward", "clip", "hps")  # the paper's column order
-DEFAULT_PATHS = dict(
-    aesthetic="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
-    pickscore="yuvalkirstain/PickScore_v1",
-    imagereward="THUDM/ImageReward",
-    clip="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-    hps="xswu/HPSv2",
-)
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac+logos+ava1-l14-linearMSE.pth")
+DEFAULT_PATHS = dict(aesthetic=AESTHETIC_URL, pickscore="yuvalkirstain/PickScore_v1", imagereward="THUDM/ImageReward",
+                     clip="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", hps="xswu/HPSv2")
 
 
 @dataclass
 class Config:
     ckpt: str = arg("", "model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id")
-    baseline: str = arg("", "model to compare against, same forms as --ckpt (default: the base model in the checkpoint's run.json)")
-    prompts: str = arg("pickapic_test", "pickapic_test (500) | hps (3,200) | parti (1,632) | a .txt/.csv/.tsv/.jsonl/.parquet file")
+    baseline: str = arg("", "model to compare against, same forms as --ckpt (default: the base model in the "
+                            "checkpoint's run.json)")
+    prompts: str = arg("pickapic_test", "pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's "
+                                        "held-out captions) | a .txt/.csv/.tsv/.jsonl/.parquet file")
     num_prompts: int = arg(0, "use this many prompts, evenly spaced through the set (0 = all)")
     images_per_prompt: int = arg(5, "images per prompt per model; the per-prompt score is their median (paper: 5)")
     steps: int = arg(50, "denoising steps of the model's own scheduler")
     guidance: float = arg(7.5, "classifier-free guidance scale")
     seed: int = arg(0, "image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models")
-    metrics: str = arg(",".join(METRICS), "comma-separated scorers to run, from: " + ", ".join(METRICS) + ", utility (tiny world only)")
-    compare: str = arg("median", "median: median image per model per prompt (paper) | all: every checkpoint x baseline image pair")
+    metrics: str = arg(",".join(METRICS), "comma-separated scorers to run, from: " + ", ".join(METRICS)
+                       + ", utility (the tiny world's captions only)")
+    compare: str = arg("median", "median: median image per model per prompt (paper) | all: every checkpoint x "
+                                 "baseline image pair")
     batch_size: int = arg(8, "images per generation call and per scorer call, per rank")
     out: str = arg("runs/eval", "output folder (images, results.json, results.md, PNG charts)")
-    tiny: bool = arg(False, "the offline tiny world: its held-out prompts, its hidden utility as metric; the five paper metrics become tiny RANDOM-WEIGHT scorers (plumbing only)")
-    aesthetic_path: str = arg(DEFAULT_PATHS["aesthetic"], "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP folder beside it overrides ViT-L/14")
+    tiny: bool = arg(False, "the offline tiny world: its held-out prompts, its hidden utility as metric; the five "
+                            "paper metrics' paths become tiny RANDOM-WEIGHT scorers (plumbing only)")
+    aesthetic_path: str = arg(DEFAULT_PATHS["aesthetic"], "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP "
+                                                          "folder beside it overrides ViT-L/14")
     pickscore_path: str = arg(DEFAULT_PATHS["pickscore"], "PickScore CLIPModel: hub id or local folder")
-    imagereward_path: str = arg(DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and med_config.json")
-    clip_path: str = arg(DEFAULT_PATHS["clip"], "CLIPModel for the CLIP score (cosine of image and text embeddings): hub id or folder")
-    hps_path: str = arg(DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo")
+    imagereward_path: str = arg(DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and "
+                                                              "med_config.json")
+    clip_path: str = arg(DEFAULT_PATHS["clip"], "CLIPModel for the CLIP score (cosine of image and text "
+                                                "embeddings): hub id or folder")
+    hps_path: str = arg(DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a "
+                                              "hub repo")
 
 
 # --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison
-TINY = dict(steps=20, guidance=3.0, images_per_prompt=1, batch_size=64, metrics="utility", out="runs/eval-tiny")
+TINY = dict(prompts="tiny", steps=20, guidance=3.0, images_per_prompt=1, batch_size=64, metrics="utility",
+            out="runs/eval-tiny")
 CHOICES = dict(compare=("median", "all"))
-TINY_NOTE = ("--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their numbers "
-             "test the plumbing only and say nothing about image quality ('utility', the tiny world's own, is real).")
+TINY_NOTE = ("--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their "
+             "numbers test the plumbing only and say nothing about image quality ('utility', the tiny world's own, "
+             "is real).")
+
+
+def tiny_paths(given: dict) -> dict:
+    """--tiny: the five paper metrics' weights are the tiny random-weight scorers (fixtures.py, built once)."""
+    import fixtures
+
+    return {f"{m}_path": str(p) for m, p in fixtures.tiny_scorer_paths().items()}
+
+
+def parse_config(argv=None) -> Config:
+    """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
+    cfg, parser = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_paths)
+    if not cfg.ckpt:
+        parser.error("--ckpt is required")
+    return cfg
 
 
 def random_scorers(cfg: Config) -> bool:
@@ -85,29 +103,8 @@ def random_scorers(cfg: Config) -> bool:
     return cfg.tiny and any(m.strip() in METRICS for m in cfg.metrics.split(","))
 
 
-def parse_config(argv=None) -> Config:
-    """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=eval(f.type))
-        default = "" if "default:" in f.metadata["help"] else f" (default: {f.default!r})"
-        parser.add_argument(f"--{f.name}", help=f.metadata["help"] + default,
-                            choices=CHOICES.get(f.name), **kind)
-    given = vars(parser.parse_args(argv))
-    cfg = Config()
-    if given.get("tiny"):
-        paths = {f"{m}_path": str(p) for m, p in tiny_scorer_paths().items()}
-        cfg = dataclasses.replace(cfg, **TINY, **paths, prompts="tiny")
-    cfg = dataclasses.replace(cfg, **given)
-    if not cfg.ckpt:
-        parser.error("--ckpt is required")
-    return cfg
-
-
 # ----------------------------------------------------------------------------------------------------
-# Prompts
+# Prompts and seeds
 
 NAMED_PROMPTS = ("pickapic_test", "hps", "parti")
 PROMPT_COLUMNS = ("prompt", "Prompt", "caption")
@@ -155,16 +152,19 @@ def download_named_prompts(name: str) -> list[str]:
         from huggingface_hub import hf_hub_download
         prompts = []
         for f in HPS_FILES:  # HPS v2 benchmark: the same files the hpsv2 package downloads
-            prompts += json.loads(Path(hf_hub_download("zhwang/HPDv2", f"benchmark/{f}", repo_type="dataset")).read_text())
+            path = hf_hub_download("zhwang/HPDv2", f"benchmark/{f}", repo_type="dataset")
+            prompts += json.loads(Path(path).read_text())
         return prompts
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). {how}") from e
+        raise DataError(f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). "
+                        f"{how}") from e
 
 
 def load_prompts(spec: str) -> list[str]:
     if spec == "tiny":
+        import tiny_world
         return tiny_world.eval_prompts()
     if spec in NAMED_PROMPTS:
         prompts = download_named_prompts(spec)
@@ -190,15 +190,17 @@ def download(url: str, dest: Path) -> Path:
     import urllib.request
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-        f.write(r.read())
-    os.replace(tmp, dest)
+    with urllib.request.urlopen(url, timeout=60) as r, utils.atomic_path(dest) as tmp:
+        tmp.write_bytes(r.read())
     return dest
 
 
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
 # ----------------------------------------------------------------------------------------------------
-# Models to compare
+# Generation: both models, the same initial noise for image k of prompt p
 
 def describe_model(spec: str) -> dict:
     """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None}. A checkpoint-<step> folder holds
@@ -233,34 +235,35 @@ def load_pipeline(model: dict, device: torch.device):
     return pipe.to(device)
 
 
-def image_seed(seed: int, p: int, k: int) -> int:
-    """Seed of image k of prompt p: a function of (seed, p, k) only, so both models start from the same noise."""
-    return int(np.random.SeedSequence([seed, p, k]).generate_state(1)[0])
-
-
-def generate(cfg: Config, pipe, items: list[tuple], folder: Path, desc: str, rank: int):
-    """Generate the images of `items` = [(prompt_id, k, prompt)] not yet on disk, batch_size at a time."""
+def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: str, rank: int, device):
+    """Generate the images of `items` = [(prompt_id, k, prompt)] not yet on disk, batch_size at a time. The noise
+    of image (p, k) is seeded by (cfg.seed, p, k) only: the same for both models, whatever the batch or rank."""
     from tqdm.auto import tqdm
 
     todo = [it for it in items if not (folder / image_name(it[0], it[1])).exists()]
+    if not todo:
+        return
+    pipe = load_pipeline(model, device)
     folder.mkdir(parents=True, exist_ok=True)
     c = pipe.unet.config.in_channels
     h = w = pipe.unet.config.sample_size  # latent side; image side = this x the VAE's scale factor
-    bar = tqdm(total=len(todo), desc=f"{desc} rank {rank}", disable=not todo, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"{desc} rank {rank}", dynamic_ncols=True)
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
-        gens = [torch.Generator("cpu").manual_seed(image_seed(cfg.seed, p, k)) for p, k, _ in batch]
+        gens = [torch.Generator("cpu").manual_seed(derive_seed(cfg.seed, p, k)) for p, k, _ in batch]
         latents = torch.stack([torch.randn((c, h, w), generator=g) for g in gens])
         with torch.no_grad():
             images = pipe([t for _, _, t in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                           latents=latents.to(pipe.device, pipe.unet.dtype), generator=gens).images
         for (p, k, _), image in zip(batch, images):
-            tmp = folder / f".{image_name(p, k)}.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, folder / image_name(p, k))  # atomic: an interrupted run never leaves a half image
+            with utils.atomic_path(folder / image_name(p, k)) as tmp:  # a killed run never leaves half an image
+                image.save(tmp, format="PNG")
         bar.update(len(batch))
     bar.close()
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def image_name(p: int, k: int) -> str:
@@ -268,7 +271,157 @@ def image_name(p: int, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scorers. Each loader returns score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N].
+# Scoring interface. SCORERS (below the evaluation) maps a metric name to its loader: loader(cfg, device) returns
+# score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N], higher = better.
+
+def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device) -> dict:
+    """{metric: {key: score}} for every image file in paths = {key: path}, key = (model, prompt id, k).
+
+    Identical images (same file bytes) with the same prompt are scored once, so identical models tie exactly.
+    The ranks split the unique images and then share their scores."""
+    from tqdm.auto import tqdm
+
+    digest = {key: hashlib.sha1(path.read_bytes()).hexdigest() for key, path in paths.items()}
+    first = {}
+    for key, path in paths.items():
+        first.setdefault((digest[key], key[1]), path)  # (image hash, prompt id) -> one of its files
+    mine = sorted(first)[rank::world_size]
+    unique = {m: {} for m in metrics}
+    for m in metrics:
+        score = SCORERS[m](cfg, device)
+        for i in tqdm(range(0, len(mine), cfg.batch_size), desc=f"{m} rank {rank}", dynamic_ncols=True):
+            batch = mine[i:i + cfg.batch_size]
+            images = [Image.open(first[u]).convert("RGB") for u in batch]
+            with torch.no_grad():
+                values = score(images, [prompts[p] for _, p in batch]).float().cpu().tolist()
+            unique[m].update(zip(batch, values))
+        del score
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, unique)
+        unique = {m: {u: v for part in gathered for u, v in part[m].items()} for m in metrics}
+    return {m: {key: unique[m][(digest[key], key[1])] for key in paths} for m in metrics}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Win rates: a pure function of two score arrays (tests import it)
+
+def lower_median(x: np.ndarray) -> np.ndarray:
+    """Median over the last axis that is always one of the values (the lower middle one for even counts)."""
+    return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
+
+
+def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000,
+             seed: int = 0) -> dict:
+    """Win rate of the checkpoint over the baseline. ckpt, baseline: scores [n_prompts, images_per_prompt].
+
+    Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
+    the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
+    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
+    ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
+        raise ValueError(f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, "
+                         f"{baseline.shape}")
+    if not (np.isfinite(ckpt).all() and np.isfinite(baseline).all()):
+        raise ValueError("scores contain NaN or inf")
+    if compare == "median":
+        a, b = lower_median(ckpt), lower_median(baseline)
+        outcome = (a > b) + 0.5 * (a == b)
+    elif compare == "all":
+        a, b = ckpt[:, :, None], baseline[:, None, :]
+        outcome = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
+    else:
+        raise ValueError(f"compare must be 'median' or 'all'; got {compare!r}")
+    rng, n = np.random.default_rng(seed), len(outcome)
+    boot = np.concatenate([outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1)
+                           for i in range(0, n_boot, 1000)])
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return dict(win_rate=float(outcome.mean()), ci95=[float(lo), float(hi)], mean_ckpt=float(ckpt.mean()),
+                mean_baseline=float(baseline.mean()), n_prompts=int(n))
+
+# ----------------------------------------------------------------------------------------------------
+# The evaluation: check everything, generate, score, compare per prompt, report
+
+def check_inputs(cfg: Config):
+    """Everything bad input can break, checked before any model is loaded: the flags, both models, the prompts.
+    Returns (cfg with --baseline filled in, metrics, {'checkpoint': model, 'baseline': model}, prompts, prompt ids)."""
+    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in SCORERS]
+    if unknown or not metrics:
+        raise DataError(f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(SCORERS)}.")
+    for name in ("images_per_prompt", "steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
+    ckpt = describe_model(cfg.ckpt)
+    if not cfg.baseline:
+        if ckpt["unet"] is None:
+            raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
+        cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
+    models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline))
+    prompts = load_prompts(cfg.prompts)
+    ids = subset_indices(len(prompts), cfg.num_prompts)  # prompt ids are indices in the full set: seeds follow them
+    return cfg, metrics, models, prompts, ids
+
+
+def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
+    """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
+    cfg, metrics, models, prompts, ids = check_inputs(cfg)
+    items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
+    out = Path(cfg.out)
+    generation = dict(ckpt=models["checkpoint"], baseline=models["baseline"], prompts=cfg.prompts, steps=cfg.steps,
+                      guidance=cfg.guidance, seed=cfg.seed)
+    settings_file = out / "images" / "generation.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
+        raise DataError(f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
+                        f"or delete {out / 'images'} to regenerate.")
+    if rank == 0:
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(generation, indent=2))
+
+    # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------------
+    folders = {tag: out / "images" / tag for tag in models}
+    for tag, model in models.items():
+        generate(cfg, model, items[rank::world_size], folders[tag], tag, rank, device)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=derive_seed(cfg.seed, p, k),
+                           path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
+                     ).to_csv(out / "images" / "index.csv", index=False)
+
+    # -- score every image, then compare the models prompt by prompt (rank 0) -----------------------------------
+    paths = {(tag, p, k): folders[tag] / image_name(p, k) for tag in folders for p, k, _ in items}
+    scores = score_images(cfg, metrics, paths, prompts, rank, world_size, device)
+    if rank != 0:
+        return None
+    tables = {m: {tag: np.array([[scores[m][(tag, p, k)] for k in range(cfg.images_per_prompt)] for p in ids])
+                  for tag in folders} for m in metrics}  # [n_prompts, images_per_prompt] per model
+    results = {m: win_rate(tables[m]["checkpoint"], tables[m]["baseline"], cfg.compare) for m in metrics}
+
+    # -- report ----------------------------------------------------------------------------------------------
+    versions = {mod: __import__(mod).__version__ for mod in ("torch", "diffusers", "transformers", "numpy")}
+    report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=models["checkpoint"],
+                  baseline_model=models["baseline"], n_images_per_model=len(items), world_size=world_size,
+                  device=str(device), versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
+    if random_scorers(cfg):
+        report["note"] = TINY_NOTE
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_markdown(results, out / "results.md", cfg)
+    draw_bar_chart(results, out / "win_rates.png", f"win rate of {Path(cfg.ckpt).name} vs {Path(cfg.baseline).name}"
+                   + (" (tiny random scorers)" if random_scorers(cfg) else ""))
+    for p in ids[:4]:
+        draw_grid([Image.open(paths[("baseline", p, k)]) for k in range(cfg.images_per_prompt)],
+                  [Image.open(paths[("checkpoint", p, k)]) for k in range(cfg.images_per_prompt)],
+                  prompts[p], out / f"grid_{p:05d}.png")
+    print((out / "results.md").read_text())
+    if random_scorers(cfg):
+        print(TINY_NOTE)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scorers: loaders and key maps. Each loader returns score(images, prompts) -> FloatTensor [N].
 # Add one: write a loader, add it to SCORERS (and a default path to DEFAULT_PATHS).
 
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
@@ -487,7 +640,8 @@ def load_imagereward(cfg: Config, device):
     med_config = json.loads(med_path.read_text())
     vision_sd, text_sd, head_sd = blip_to_hf(load_state_dict(weights))
     # BLIP ViT-L/16 (create_vit('large')): sizes read off the weights; heads = width / 64 (1024 -> 16)
-    width, patch = vision_sd["embeddings.class_embedding"].shape[-1], vision_sd["embeddings.patch_embedding.weight"].shape[-1]
+    width = vision_sd["embeddings.class_embedding"].shape[-1]
+    patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
     n_pos = vision_sd["embeddings.position_embedding"].shape[1]
     vision = BlipVisionModel(BlipVisionConfig(
         hidden_size=width, intermediate_size=vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -498,7 +652,8 @@ def load_imagereward(cfg: Config, device):
     text = BlipTextModel(BlipTextConfig(
         vocab_size=med_config["vocab_size"], hidden_size=med_config["hidden_size"],
         intermediate_size=med_config["intermediate_size"], num_hidden_layers=med_config["num_hidden_layers"],
-        num_attention_heads=med_config["num_attention_heads"], max_position_embeddings=med_config["max_position_embeddings"],
+        num_attention_heads=med_config["num_attention_heads"],
+        max_position_embeddings=med_config["max_position_embeddings"],
         layer_norm_eps=med_config.get("layer_norm_eps", 1e-12), encoder_hidden_size=width, is_decoder=True,
         pad_token_id=med_config.get("pad_token_id", 0), bos_token_id=med_config.get("bos_token_id", 30522),
         sep_token_id=med_config.get("sep_token_id", 102)),
@@ -507,11 +662,13 @@ def load_imagereward(cfg: Config, device):
     for module, sd in ((vision, vision_sd), (text, text_sd), (head, head_sd)):
         module.load_state_dict(sd, strict=True)
     folder = weights.parent
-    tokenizer = BertTokenizer.from_pretrained(str(folder) if (folder / "tokenizer_config.json").exists() else "bert-base-uncased")
+    tokenizer = BertTokenizer.from_pretrained(str(folder) if (folder / "tokenizer_config.json").exists()
+                                              else "bert-base-uncased")
     vision, text, head = (m.float().to(device).eval() for m in (vision, text, head))
 
     def score(images, prompts):
-        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(device)
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                           return_tensors="pt").to(device)
         image_embeds = vision(pixel_values=to_pixels(images, vision.config.image_size).to(device)).last_hidden_state
         out = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds,
                    encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device))
@@ -522,6 +679,8 @@ def load_imagereward(cfg: Config, device):
 
 def load_utility(cfg: Config, device):
     """The tiny world's hidden utility, read off the pixels (tiny_world.world_utility); needs no weights."""
+    import tiny_world
+
     return lambda images, prompts: torch.tensor([tiny_world.world_utility(im, p) for im, p in zip(images, prompts)])
 
 
@@ -529,149 +688,6 @@ SCORERS = dict(aesthetic=load_aesthetic, pickscore=load_pickscore, imagereward=l
                clip=load_clip_score, hps=load_hps, utility=load_utility)
 NAMES = dict(aesthetic="Aesthetic", pickscore="PickScore", imagereward="ImageReward", clip="CLIP", hps="HPS v2",
              utility="Utility (tiny world)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tiny random-weight scorers in the real file formats (for --tiny and the tests)
-
-TINY_SCORERS_VERSION = "v2"
-
-
-def tiny_clip(tokenizer, seed: int, image_size: int = 32):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    return CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8, hidden_act="gelu"),
-        projection_dim=16)).eval()
-
-
-def hf_to_openclip(sd: dict) -> dict:
-    """Inverse of openclip_to_hf (only to write the tiny HPS file in OpenCLIP's format)."""
-    inverse = {}
-    for k, v in sd.items():
-        if k in ("text_projection.weight", "visual_projection.weight"):
-            inverse["text_projection" if k.startswith("text") else "visual.proj"] = v.t()
-        elif ".encoder.layers." in k:
-            tower, rest = k.split(".encoder.layers.")
-            i, name = rest.split(".", 1)
-            prefix = ("visual." if tower == "vision_model" else "") + f"transformer.resblocks.{i}."
-            if "self_attn." in name and "out_proj" not in name:
-                kind = name.rsplit(".", 1)[1]
-                proj = name.split(".")[1][0]
-                inverse.setdefault(prefix + f"attn.in_proj_{kind}", {})[proj] = v
-                continue
-            for a, b in {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                         "self_attn.out_proj": "attn.out_proj"}.items():
-                name = name.replace(a, b) if name.startswith(a) else name
-            inverse[prefix + name] = v
-        else:
-            for a, b in {"text_model.embeddings.token_embedding": "token_embedding",
-                         "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                         "text_model.final_layer_norm": "ln_final",
-                         "vision_model.embeddings.class_embedding": "visual.class_embedding",
-                         "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-                         "vision_model.embeddings.patch_embedding": "visual.conv1",
-                         "vision_model.pre_layrnorm": "visual.ln_pre", "vision_model.post_layernorm": "visual.ln_post"}.items():
-                k = k.replace(a, b) if k.startswith(a) else k
-            inverse[k] = v
-    return {k: torch.cat([v["q"], v["k"], v["v"]]) if isinstance(v, dict) else v for k, v in inverse.items()}
-
-
-def build_tiny_scorers(path: Path) -> None:
-    """Write the five tiny scorers, each in the format of its real weights, under path/<metric>/."""
-    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
-    from transformers.models.blip.modeling_blip import BlipVisionModel
-    from transformers.models.blip.modeling_blip_text import BlipTextModel
-
-    words = [*fixtures.WORDS, "dog", "cat"]
-    for seed, name in enumerate(("pickscore", "clip")):      # CLIPModel folders, like the hub repos
-        tokenizer = fixtures.build_clip_tokenizer(words, path / name)
-        tiny_clip(tokenizer, seed).save_pretrained(path / name)
-    tokenizer = fixtures.build_clip_tokenizer(words, path / "hps")  # HPS: OpenCLIP keys under "state_dict"
-    model = tiny_clip(tokenizer, 2)
-    model.config.save_pretrained(path / "hps")
-    sd = hf_to_openclip(model.state_dict())
-    torch.save({"epoch": 1, "state_dict": sd}, path / "hps" / "HPS_v2_compressed.pt")
-    tokenizer = fixtures.build_clip_tokenizer(words, path / "aesthetic")  # a CLIP folder + the .pth head
-    tiny_clip(tokenizer, 3).save_pretrained(path / "aesthetic")
-    torch.manual_seed(4)
-    torch.save(mlp_head(16).state_dict(), path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth")
-    # ImageReward: BLIP-keyed ImageReward.pt + med_config.json (+ a BERT tokenizer, which the real repo lacks)
-    torch.manual_seed(5)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + words + list("abcdefghijklmnopqrstuvwxyz0123456789"))}
-    tokenizer = BertTokenizer(vocab=vocab)
-    tokenizer.save_pretrained(path / "imagereward")
-    med = dict(architectures=["BertModel"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64, vocab_size=len(vocab), layer_norm_eps=1e-12,
-               hidden_act="gelu", model_type="bert", add_cross_attention=True, encoder_width=32, pad_token_id=0,
-               bos_token_id=2, sep_token_id=3)
-    (path / "imagereward" / "med_config.json").write_text(json.dumps(med, indent=2))
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                              num_attention_heads=1, image_size=32, patch_size=8, layer_norm_eps=1e-6))
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=64,
-                                        is_decoder=True, bos_token_id=2, sep_token_id=3), add_pooling_layer=False)
-    vision_names = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-                    "embeddings.patch_embedding": "patch_embed.proj", "post_layernorm": "norm", "layer_norm1": "norm1",
-                    "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv", "self_attn.projection": "attn.proj",
-                    "encoder.layers": "blocks"}
-    sd = {}
-    for k, v in vision.state_dict().items():
-        for a, b in vision_names.items():
-            k = k.replace(a, b)
-        sd["blip.visual_encoder." + k] = v
-    sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
-    sd.update({"mlp." + k: v for k, v in mlp_head(32).state_dict().items()})
-    sd["blip.vision_proj.weight"] = torch.randn(8, 64)  # present in the real file, unused by the score
-    torch.save(sd, path / "imagereward" / "ImageReward.pt")
-
-
-def tiny_scorer_paths() -> dict:
-    root = utils.build_once(utils.cache_dir() / f"tiny-scorers-{TINY_SCORERS_VERSION}", build_tiny_scorers)
-    return {m: root / m for m in METRICS}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Win rates: a pure function of two score arrays (tests import it)
-
-def lower_median(x: np.ndarray) -> np.ndarray:
-    """Median over the last axis that is always one of the values (the lower middle one for even counts)."""
-    return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
-
-
-def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000, seed: int = 0) -> dict:
-    """Win rate of the checkpoint over the baseline. ckpt, baseline: scores [n_prompts, images_per_prompt].
-
-    Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
-    the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
-    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
-    ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
-        raise ValueError(f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, {baseline.shape}")
-    if not (np.isfinite(ckpt).all() and np.isfinite(baseline).all()):
-        raise ValueError("scores contain NaN or inf")
-    if compare == "median":
-        a, b = lower_median(ckpt), lower_median(baseline)
-        outcome = (a > b) + 0.5 * (a == b)
-    elif compare == "all":
-        a, b = ckpt[:, :, None], baseline[:, None, :]
-        outcome = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
-    else:
-        raise ValueError(f"compare must be 'median' or 'all'; got {compare!r}")
-    rng, n = np.random.default_rng(seed), len(outcome)
-    boot = np.concatenate([outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1)
-                           for i in range(0, n_boot, 1000)])
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return dict(win_rate=float(outcome.mean()), ci95=[float(lo), float(hi)], mean_ckpt=float(ckpt.mean()),
-                mean_baseline=float(baseline.mean()), n_prompts=int(n))
-
 
 # ----------------------------------------------------------------------------------------------------
 # Reports
@@ -729,127 +745,11 @@ def draw_grid(baseline: list, ckpt: list, prompt: str, path: Path):
             grid.paste(image.resize((cell, cell), Image.BICUBIC), (label + k * cell, head + row * cell))
     grid.save(path)
 
-
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """Run the evaluation; returns the results dict on rank 0 (None on other ranks)."""
-    cfg = parse_config(argv)
-    rank, world_size, device = utils.init_distributed()
-    try:
-        result = evaluate(cfg, rank, world_size, device)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
-        return result
-    except DataError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
-    from tqdm.auto import tqdm
-
-    # -- check everything cheap before any model is loaded --------------------------------------------
-    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in SCORERS]
-    if unknown or not metrics:
-        raise DataError(f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                        f"{', '.join(SCORERS)}.")
-    for name, value in (("--images_per_prompt", cfg.images_per_prompt), ("--steps", cfg.steps), ("--batch_size", cfg.batch_size)):
-        if value < 1:
-            raise DataError(f"{name} must be >= 1 (got {value}).")
-    ckpt = describe_model(cfg.ckpt)
-    if not cfg.baseline:
-        if ckpt["unet"] is None:
-            raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
-        cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
-    baseline = describe_model(cfg.baseline)
-    prompts = load_prompts(cfg.prompts)
-    ids = subset_indices(len(prompts), cfg.num_prompts)  # prompt ids are indices in the full set: seeds follow them
-    items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
-
-    out = Path(cfg.out)
-    generation = dict(ckpt=ckpt, baseline=baseline, prompts=cfg.prompts, steps=cfg.steps, guidance=cfg.guidance,
-                      seed=cfg.seed)
-    settings_file = out / "images" / "generation.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
-        raise DataError(f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
-                        f"or delete {out / 'images'} to regenerate.")
-    if rank == 0:
-        settings_file.parent.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(generation, indent=2))
-
-    # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------
-    folders = dict(checkpoint=out / "images" / "checkpoint", baseline=out / "images" / "baseline")
-    for tag, model in (("checkpoint", ckpt), ("baseline", baseline)):
-        mine = items[rank::world_size]
-        if any(not (folders[tag] / image_name(p, k)).exists() for p, k, _ in mine):
-            pipe = load_pipeline(model, device)
-            generate(cfg, pipe, mine, folders[tag], tag, rank)
-            del pipe
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=image_seed(cfg.seed, p, k),
-                           path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
-                     ).to_csv(out / "images" / "index.csv", index=False)
-
-    # -- score: identical images (same file bytes) with the same prompt are scored once, so they tie exactly
-    paths = {(tag, p, k): folders[tag] / image_name(p, k) for tag in folders for p, k, _ in items}
-    digest = {key: hashlib.sha1(path.read_bytes()).hexdigest() for key, path in paths.items()}
-    prompt_of = {p: t for p, _, t in items}
-    unique = sorted({(digest[key], key[1]) for key in paths})  # (image hash, prompt id)
-    first = {}
-    for key in paths:
-        first.setdefault((digest[key], key[1]), paths[key])
-    mine = unique[rank::world_size]
-    scores = {m: {} for m in metrics}
-    for m in metrics:
-        score = SCORERS[m](cfg, device)
-        for i in tqdm(range(0, len(mine), cfg.batch_size), desc=f"{m} rank {rank}", dynamic_ncols=True):
-            batch = mine[i:i + cfg.batch_size]
-            images = [Image.open(first[u]).convert("RGB") for u in batch]
-            with torch.no_grad():
-                values = score(images, [prompt_of[p] for _, p in batch]).float().cpu().tolist()
-            scores[m].update(zip(batch, values))
-        del score
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, scores)
-        scores = {m: {k: v for part in gathered for k, v in part[m].items()} for m in metrics}
-    if rank != 0:
-        return None
-
-    # -- compare and report (rank 0) -------------------------------------------------------------------
-    results = {}
-    for m in metrics:
-        table = {tag: np.array([[scores[m][(digest[(tag, p, k)], p)] for k in range(cfg.images_per_prompt)] for p in ids])
-                 for tag in folders}
-        results[m] = win_rate(table["checkpoint"], table["baseline"], cfg.compare)
-    versions = {mod: __import__(mod).__version__ for mod in ("torch", "diffusers", "transformers", "numpy")}
-    report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=ckpt, baseline_model=baseline,
-                  n_images_per_model=len(items), world_size=world_size, device=str(device),
-                  versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
-    if random_scorers(cfg):
-        report["note"] = TINY_NOTE
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    write_markdown(results, out / "results.md", cfg)
-    draw_bar_chart(results, out / "win_rates.png", f"win rate of {Path(cfg.ckpt).name} vs {Path(cfg.baseline).name}"
-                   + (" (tiny random scorers)" if random_scorers(cfg) else ""))
-    for p in ids[:4]:
-        draw_grid([Image.open(paths[("baseline", p, k)]) for k in range(cfg.images_per_prompt)],
-                  [Image.open(paths[("checkpoint", p, k)]) for k in range(cfg.images_per_prompt)],
-                  prompt_of[p], out / f"grid_{p:05d}.png")
-    print((out / "results.md").read_text())
-    if random_scorers(cfg):
-        print(TINY_NOTE)
-    return report
+    """Run the evaluation; returns the report on rank 0 (None on other ranks)."""
+    return utils.run_main(evaluate, parse_config(argv), (DataError,))
 
 
 if __name__ == "__main__":

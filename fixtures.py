@@ -265,3 +265,120 @@ def sd15_random_path() -> Path:
     warnings.warn("--pretrained_model sd15-random: Stable Diffusion v1-5's architecture with RANDOM weights; "
                   "the trained model is meaningless (benchmarks and memory checks only)", UserWarning)
     return build_once(cache_dir() / "sd15-random-v1", build_sd15_random)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny scorers (eval.py --tiny)
+# The five paper scorers with tiny RANDOM weights, each saved in the format of its real weights, so that eval.py's
+# real loading code runs offline. Their scores test the plumbing only and say nothing about image quality.
+
+TINY_SCORERS_VERSION = "v2"  # bump when the tiny scorers change, so stale caches are rebuilt
+
+
+def tiny_clip(tokenizer, seed: int, image_size: int = 32):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8, hidden_act="gelu"),
+        projection_dim=16)).eval()
+
+
+def hf_to_openclip(sd: dict) -> dict:
+    """Inverse of eval.openclip_to_hf (only to write the tiny HPS file in OpenCLIP's format)."""
+    inverse = {}
+    for k, v in sd.items():
+        if k in ("text_projection.weight", "visual_projection.weight"):
+            inverse["text_projection" if k.startswith("text") else "visual.proj"] = v.t()
+        elif ".encoder.layers." in k:
+            tower, rest = k.split(".encoder.layers.")
+            i, name = rest.split(".", 1)
+            prefix = ("visual." if tower == "vision_model" else "") + f"transformer.resblocks.{i}."
+            if "self_attn." in name and "out_proj" not in name:
+                kind = name.rsplit(".", 1)[1]
+                proj = name.split(".")[1][0]
+                inverse.setdefault(prefix + f"attn.in_proj_{kind}", {})[proj] = v
+                continue
+            for a, b in {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                         "self_attn.out_proj": "attn.out_proj"}.items():
+                name = name.replace(a, b) if name.startswith(a) else name
+            inverse[prefix + name] = v
+        else:
+            for a, b in {"text_model.embeddings.token_embedding": "token_embedding",
+                         "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                         "text_model.final_layer_norm": "ln_final",
+                         "vision_model.embeddings.class_embedding": "visual.class_embedding",
+                         "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+                         "vision_model.embeddings.patch_embedding": "visual.conv1",
+                         "vision_model.pre_layrnorm": "visual.ln_pre",
+                         "vision_model.post_layernorm": "visual.ln_post"}.items():
+                k = k.replace(a, b) if k.startswith(a) else k
+            inverse[k] = v
+    return {k: torch.cat([v["q"], v["k"], v["v"]]) if isinstance(v, dict) else v for k, v in inverse.items()}
+
+
+def build_tiny_scorers(path: Path) -> None:
+    """Write the five tiny scorers, each in the format of its real weights, under path/<metric>/."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    from eval import mlp_head  # the real heads' architecture
+
+    words = [*WORDS, "dog", "cat"]
+    for seed, name in enumerate(("pickscore", "clip")):      # CLIPModel folders, like the hub repos
+        tokenizer = build_clip_tokenizer(words, path / name)
+        tiny_clip(tokenizer, seed).save_pretrained(path / name)
+    tokenizer = build_clip_tokenizer(words, path / "hps")  # HPS: OpenCLIP keys under "state_dict"
+    model = tiny_clip(tokenizer, 2)
+    model.config.save_pretrained(path / "hps")
+    sd = hf_to_openclip(model.state_dict())
+    torch.save({"epoch": 1, "state_dict": sd}, path / "hps" / "HPS_v2_compressed.pt")
+    tokenizer = build_clip_tokenizer(words, path / "aesthetic")  # a CLIP folder + the .pth head
+    tiny_clip(tokenizer, 3).save_pretrained(path / "aesthetic")
+    torch.manual_seed(4)
+    torch.save(mlp_head(16).state_dict(), path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth")
+    # ImageReward: BLIP-keyed ImageReward.pt + med_config.json (+ a BERT tokenizer, which the real repo lacks)
+    torch.manual_seed(5)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + words + list("abcdefghijklmnopqrstuvwxyz0123456789"))}
+    tokenizer = BertTokenizer(vocab=vocab)
+    tokenizer.save_pretrained(path / "imagereward")
+    med = dict(architectures=["BertModel"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64, vocab_size=len(vocab), layer_norm_eps=1e-12,
+               hidden_act="gelu", model_type="bert", add_cross_attention=True, encoder_width=32, pad_token_id=0,
+               bos_token_id=2, sep_token_id=3)
+    (path / "imagereward" / "med_config.json").write_text(json.dumps(med, indent=2))
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=1, image_size=32, patch_size=8,
+                                              layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                        encoder_hidden_size=64, is_decoder=True, bos_token_id=2, sep_token_id=3),
+                         add_pooling_layer=False)
+    vision_names = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+                    "embeddings.patch_embedding": "patch_embed.proj", "post_layernorm": "norm",
+                    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+                    "self_attn.projection": "attn.proj", "encoder.layers": "blocks"}
+    sd = {}
+    for k, v in vision.state_dict().items():
+        for a, b in vision_names.items():
+            k = k.replace(a, b)
+        sd["blip.visual_encoder." + k] = v
+    sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
+    sd.update({"mlp." + k: v for k, v in mlp_head(32).state_dict().items()})
+    sd["blip.vision_proj.weight"] = torch.randn(8, 64)  # present in the real file, unused by the score
+    torch.save(sd, path / "imagereward" / "ImageReward.pt")
+
+
+def tiny_scorer_paths() -> dict:
+    """{metric: folder} of the five tiny scorers, built once into the cache."""
+    from eval import METRICS
+
+    root = build_once(cache_dir() / f"tiny-scorers-{TINY_SCORERS_VERSION}", build_tiny_scorers)
+    return {m: root / m for m in METRICS}

@@ -118,7 +118,7 @@ def test_subset_is_deterministic_and_spread():
 
 @pytest.fixture(scope="module")
 def scorer_cfg():
-    paths = ev.tiny_scorer_paths()
+    paths = fixtures.tiny_scorer_paths()
     return ev.Config(**{f"{m}_path": str(p) for m, p in paths.items()}), paths
 
 
@@ -297,7 +297,7 @@ def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatc
     with pytest.raises(Interrupted):
         ev.main(args)
     done = pixels(out / "images" / "checkpoint")
-    assert len(done) == 4 and not list((out / "images" / "checkpoint").glob(".*"))  # no half-written file
+    assert len(done) == 4 and not list((out / "images" / "checkpoint").glob("*.tmp"))  # no half-written file
     log = spy(monkeypatch)
     ev.main(args)
     assert sum(n for n, _ in log) == 12 - 4  # only the missing images were generated
