@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import json
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import ftfy
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import utils
@@ -424,30 +428,80 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
 # Scorers: loaders and key maps. Each loader returns score(images, prompts) -> FloatTensor [N].
 # Add one: write a loader, add it to SCORERS (and a default path to DEFAULT_PATHS).
 
-OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+# -- images and prompts, prepared as each scorer's authors prepare them (docs/evaluation.md lists the sources) --
+
+OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])  # every scorer here normalises with these
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
 
-def to_pixels(images, size: int, pad: bool = False) -> torch.Tensor:
-    """CLIP preprocessing with PIL: short side to `size` + centre crop (OpenAI CLIP, BLIP), or with pad=True
-    long side to `size` + centred black padding (HPS v2's ResizeMaxSize). Normalised with OpenAI CLIP's mean/std."""
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """torchvision's ToTensor: uint8 RGB [H, W, 3] -> float32 [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def normalize(pixels: list) -> torch.Tensor:
+    return (torch.stack(pixels) - OPENAI_MEAN[:, None, None]) / OPENAI_STD[:, None, None]
+
+
+def preprocess_hps(images, size: int) -> torch.Tensor:
+    """HPS v2 (hpsv2 package: preprocess_val = ToTensor, ResizeMaxSize(size, fill=0), Normalize) and the CLIP score
+    of Diffusion-DPO (utils/clip_utils.py builds the same transform from the same open_clip copy).
+
+    The image becomes a float tensor in [0, 1] FIRST, and the float tensor is resized so that its long side is
+    `size` (new side = round(side * size / long side)), bicubic with antialiasing as torchvision resizes tensors
+    (torchvision >= 0.17; F.interpolate reproduces it): no rounding to uint8, no clamping, so overshoot at edges
+    stays. Then zeros pad it to a square (left/top get the smaller half) and it is normalised. Upstream skips the
+    resize and the padding when the long side is already `size`; a non-square image would then not fit the model,
+    so here it is padded anyway."""
     out = []
     for image in images:
-        image = image.convert("RGB")
-        w, h = image.size
-        if pad:
-            s = size / max(w, h)
-            image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-            canvas = Image.new("RGB", (size, size))
-            canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-            image = canvas
-        else:
-            s = size / min(w, h)
-            image = image.resize((max(size, int(w * s)), max(size, int(h * s))), Image.BICUBIC)
-            left, top = round((image.width - size) / 2), round((image.height - size) / 2)
-            image = image.crop((left, top, left + size, top + size))
-        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    return (torch.stack(out) - OPENAI_MEAN[:, None, None]) / OPENAI_STD[:, None, None]
+        x = to_tensor(image)
+        h, w = x.shape[1:]
+        s = size / max(h, w)
+        new_h, new_w = round(h * s), round(w * s)
+        if (new_h, new_w) != (h, w):
+            x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
+        pad_h, pad_w = size - new_h, size - new_w
+        out.append(F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
+    return normalize(out)
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) on a PIL image, and transformers' resize to {"shortest_edge": size}: the short
+    side becomes `size`, the long side int(size * long / short) (truncated); PIL bicubic."""
+    w, h = image.size
+    new_long = int(size * max(w, h) / min(w, h))
+    return image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int, offset) -> Image.Image:
+    """The size x size square at (offset(width - size), offset(height - size))."""
+    left, top = offset(image.width - size), offset(image.height - size)
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess_openai_clip(images, size: int) -> torch.Tensor:
+    """Aesthetic (improved-aesthetic-predictor feeds OpenAI CLIP's `preprocess`) and ImageReward (its `_transform`,
+    the same): Resize(size, BICUBIC) on the PIL image (resize_short_side), CenterCrop(size) with torchvision's
+    offset int(round(excess / 2)) (Python round: half to even), RGB, ToTensor, Normalize."""
+    return normalize([to_tensor(center_crop(resize_short_side(image, size), size, lambda d: int(round(d / 2))))
+                      for image in images])
+
+
+def preprocess_pickscore(images, size: int) -> torch.Tensor:
+    """PickScore (transformers' CLIPImageProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, its PIL path): RGB,
+    shortest edge to `size` (resize_short_side), centre crop at offset floor(excess / 2), rescale to [0, 1],
+    Normalize. The crop offset differs from torchvision's by a pixel when the excess is 3 mod 4 (1216 x 832)."""
+    return normalize([to_tensor(center_crop(resize_short_side(image.convert("RGB"), size), size, lambda d: d // 2))
+                      for image in images])
+
+
+def clean_openclip_text(text: str) -> str:
+    """open_clip's tokenizer cleans text before BPE: ftfy.fix_text (curly quotes become straight ones, ...), HTML
+    entities unescaped twice (&amp;amp; -> &), whitespace runs collapsed, stripped, lower-cased. transformers'
+    CLIPTokenizer does only the last three, so HPS v2 and the CLIP score clean prompts here first."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def embedding(output) -> torch.Tensor:
@@ -500,26 +554,32 @@ def load_clip(spec: str, flag: str, device):
     return model.to(device).eval(), tokenizer
 
 
-def clip_cosine(model, tokenizer, images, prompts, pad=False) -> torch.Tensor:
+def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts) -> torch.Tensor:
     """cos(text embedding, image embedding) per (image, prompt) pair, with the CLIP tokenizer's 77-token cut."""
     device = model.device
-    pixels = to_pixels(images, model.config.vision_config.image_size, pad).to(device)
     tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                        max_length=model.config.text_config.max_position_embeddings).to(device)
-    img = embedding(model.get_image_features(pixel_values=pixels)).float()
+    img = embedding(model.get_image_features(pixel_values=pixels.to(device))).float()
     txt = embedding(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
-    return torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    return F.cosine_similarity(img, txt, dim=-1)
 
 
 def load_pickscore(cfg: Config, device):
     model, tokenizer = load_clip(cfg.pickscore_path, "--pickscore_path", device)
-    # PickScore = exp(logit_scale) * cos(text, image): the logit of a CLIP fine-tuned on Pick-a-Pic, ~20-22
-    return lambda images, prompts: model.logit_scale.exp().float() * clip_cosine(model, tokenizer, images, prompts)
+    size = model.config.vision_config.image_size
+
+    def score(images, prompts):  # exp(logit_scale) * cos(text, image): the logit of a CLIP tuned on Pick-a-Pic, ~21
+        return model.logit_scale.exp().float() * clip_cosine(model, tokenizer, preprocess_pickscore(images, size),
+                                                             prompts)
+    return score
 
 
 def load_clip_score(cfg: Config, device):
+    """Diffusion-DPO's CLIP score: OpenCLIP ViT-H-14's raw cosine, images and text prepared as for HPS v2."""
     model, tokenizer = load_clip(cfg.clip_path, "--clip_path", device)
-    return lambda images, prompts: clip_cosine(model, tokenizer, images, prompts)  # raw cosine, as Diffusion-DPO
+    size = model.config.vision_config.image_size
+    return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),
+                                               [clean_openclip_text(p) for p in prompts])
 
 
 def openclip_to_hf(sd: dict) -> dict:
@@ -576,7 +636,9 @@ def load_hps(cfg: Config, device):
     sd = load_state_dict(weights)
     model.load_state_dict(openclip_to_hf(sd.get("state_dict", sd)), strict=True)
     model = model.float().to(device).eval()
-    return lambda images, prompts: clip_cosine(model, tokenizer, images, prompts, pad=True)  # HPS v2: raw cosine
+    size = model.config.vision_config.image_size
+    return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),  # HPS: raw cosine
+                                               [clean_openclip_text(p) for p in prompts])
 
 
 def mlp_head(in_dim: int) -> torch.nn.Module:
@@ -597,9 +659,9 @@ def load_aesthetic(cfg: Config, device):
     head = head.to(device).eval()
 
     def score(images, prompts):  # the prompt is not used: aesthetic = MLP(image embedding / ||image embedding||)
-        pixels = to_pixels(images, model.config.vision_config.image_size).to(device)
+        pixels = preprocess_openai_clip(images, model.config.vision_config.image_size).to(device)
         img = embedding(model.get_image_features(pixel_values=pixels)).float()
-        return head(torch.nn.functional.normalize(img, dim=-1)).squeeze(-1)
+        return head(F.normalize(img, dim=-1)).squeeze(-1)
     return score
 
 
@@ -669,7 +731,8 @@ def load_imagereward(cfg: Config, device):
     def score(images, prompts):
         tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
                            return_tensors="pt").to(device)
-        image_embeds = vision(pixel_values=to_pixels(images, vision.config.image_size).to(device)).last_hidden_state
+        pixels = preprocess_openai_clip(images, vision.config.image_size).to(device)
+        image_embeds = vision(pixel_values=pixels).last_hidden_state
         out = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds,
                    encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device))
         reward = head(out.last_hidden_state[:, 0].float()).squeeze(-1)   # MLP on the [CLS] token

@@ -114,6 +114,68 @@ def test_subset_is_deterministic_and_spread():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Images and prompts prepared as each scorer's authors prepare them (upstream transforms: docs/evaluation.md)
+
+def edge_image(w, h, seed=0):
+    """Noise with a hard black/white edge: bicubic resizing overshoots below 0 and above 1 next to it."""
+    x = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    x[:, : w // 2] = 0
+    x[:, w // 2: w // 2 + 8] = 255
+    return Image.fromarray(x)
+
+
+def unnormalize(pixels):
+    return pixels * ev.OPENAI_STD[:, None, None] + ev.OPENAI_MEAN[:, None, None]
+
+
+def test_hps_resizes_the_float_tensor_then_pads_with_zeros():
+    """hpsv2's preprocess_val: ToTensor, then ResizeMaxSize on the float tensor (bicubic, antialiased, not rounded
+    to uint8, not clamped), zero padding to a square, Normalize. 360 x 320 -> 224 x 199, 12 rows above, 13 below."""
+    image = edge_image(360, 320)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    resized = F.interpolate(x, size=(199, 224), mode="bicubic", antialias=True, align_corners=False)[0]
+    got = unnormalize(ev.preprocess_hps([image], 224)[0])
+    assert got.shape == (3, 224, 224)
+    torch.testing.assert_close(got[:, 12:211], resized, atol=1e-5, rtol=0)
+    assert (got[:, :12].abs() < 1e-6).all() and (got[:, 211:].abs() < 1e-6).all()  # padding: zeros before Normalize
+    assert got.min() < -0.005 and got.max() > 1.005  # the overshoot a uint8 image cannot hold
+    noise = Image.fromarray(np.random.default_rng(1).integers(1, 256, (360, 320, 3), dtype=np.uint8))
+    tall = unnormalize(ev.preprocess_hps([noise], 224)[0])  # padding split: left 12, right 13
+    assert (tall[:, :, :12].abs() < 1e-6).all() and (tall[:, :, 211:].abs() < 1e-6).all()
+    assert (tall[:, :, 12].abs() > 1e-3).any() and (tall[:, :, 210].abs() > 1e-3).any()
+
+
+def test_pickscore_pixels_equal_transformers_clip_image_processor():
+    """PickScore's processor (CLIPImageProcessor, PIL path): crop offset floor((327 - 224) / 2) = 51 for 1216 x 832;
+    torchvision's round() would take 52."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    for w, h in ((1216, 832), (832, 1216), (360, 320), (512, 512)):
+        image = edge_image(w, h)
+        expected = processor(images=image, return_tensors="pt").pixel_values
+        torch.testing.assert_close(ev.preprocess_pickscore([image], 224), expected, atol=1e-5, rtol=0)
+
+
+def test_openai_clip_and_blip_resize_the_short_side_then_crop_with_torchvision_offsets():
+    """OpenAI CLIP's / ImageReward's transform: Resize(224) makes the long side int(224 * long / short) (360 x 320
+    -> 252 x 224, not 251), CenterCrop offsets int(round(excess / 2)) (1216 x 832: round(51.5) = 52)."""
+    for (w, h), size, (left, top) in (((360, 320), (252, 224), (14, 0)), ((320, 360), (224, 252), (0, 14)),
+                                      ((1216, 832), (327, 224), (52, 0)), ((832, 1216), (224, 327), (0, 52))):
+        image = edge_image(w, h)
+        crop = image.resize(size, Image.BICUBIC).crop((left, top, left + 224, top + 224))
+        expected = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
+        torch.testing.assert_close(unnormalize(ev.preprocess_openai_clip([image], 224)[0]), expected,
+                                   atol=1e-5, rtol=0)
+
+
+def test_openclip_text_cleaning():
+    messy = "A  \u201cRed\u201d circle &amp;amp; a\tblue square\u2019s EDGE "
+    assert ev.clean_openclip_text(messy) == "a \"red\" circle & a blue square's edge"
+    assert ev.clean_openclip_text(PROMPTS[0]) == PROMPTS[0]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Scorers: tiny random weights, saved in the real formats, loaded by the real code paths
 
 @pytest.fixture(scope="module")
@@ -159,7 +221,7 @@ def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
         return x
 
     images, prompts = sample_images(), [PROMPTS[0], "a blue square", LONG]
-    px = ev.to_pixels(images, 32, pad=True)
+    px = ev.preprocess_hps(images, 32)
     x = F.conv2d(px, sd["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
     x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
     x = blocks(F.layer_norm(x, x.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"]), "visual.transformer.resblocks.", False)
@@ -181,20 +243,42 @@ def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
     for m in ("pickscore", "clip"):
         model, tok = CLIPModel.from_pretrained(paths[m]).eval(), CLIPTokenizer.from_pretrained(paths[m])
         inputs = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        pixels = (ev.preprocess_pickscore if m == "pickscore" else ev.preprocess_hps)(images, 32)
         with torch.no_grad():
-            logits = model(input_ids=inputs.input_ids, pixel_values=ev.to_pixels(images, 32)).logits_per_image.diagonal()
+            logits = model(input_ids=inputs.input_ids, pixel_values=pixels).logits_per_image.diagonal()
             got = ev.SCORERS[m](cfg, torch.device("cpu"))(images, prompts)
         expected = logits if m == "pickscore" else logits / model.logit_scale.exp()  # scale * cos, or cos
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     model = CLIPModel.from_pretrained(paths["aesthetic"]).eval()
     head = torch.load(paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
     with torch.no_grad():
-        e = model.visual_projection(model.vision_model(pixel_values=ev.to_pixels(images, 32)).pooler_output)
+        e = model.visual_projection(model.vision_model(pixel_values=ev.preprocess_openai_clip(images, 32)).pooler_output)
         x = e / e.norm(dim=-1, keepdim=True)
         for i in (0, 2, 4, 6, 7):
             x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
         got = ev.load_aesthetic(cfg, torch.device("cpu"))(images, ["ignored"] * 3)
     torch.testing.assert_close(got, x.squeeze(-1), atol=1e-5, rtol=1e-4)
+
+
+PREPROCESS = dict(aesthetic="preprocess_openai_clip", imagereward="preprocess_openai_clip",
+                  pickscore="preprocess_pickscore", clip="preprocess_hps", hps="preprocess_hps")
+
+
+@pytest.mark.parametrize("metric", ev.METRICS)
+def test_each_scorer_prepares_images_and_prompts_as_its_authors(scorer_cfg, monkeypatch, metric):
+    """Each scorer calls its own preprocessing (and no other); HPS v2 and CLIP (OpenCLIP) clean the prompt first,
+    so HTML entities and curly quotes give the tokens of the clean text."""
+    cfg, _ = scorer_cfg
+    calls = []
+    for name in set(PREPROCESS.values()):
+        real = getattr(ev, name)
+        monkeypatch.setattr(ev, name, lambda images, size, real=real, name=name: calls.append(name) or real(images, size))
+    score = ev.SCORERS[metric](cfg, torch.device("cpu"))
+    images = sample_images(2)
+    clean, messy = ["a red circle & a dog's square"] * 2, ["a  red circle &amp; a dog\u2019s square"] * 2
+    same = torch.equal(score(images, clean), score(images, messy))
+    assert set(calls) == {PREPROCESS[metric]}
+    assert same == (metric in ("hps", "clip", "aesthetic")), metric  # aesthetic ignores the prompt
 
 
 def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
