@@ -215,6 +215,17 @@ def build_tiny_model(path: Path, seed: int = 0) -> None:
     pipe.save_pretrained(path)
 
 
+def perturb_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Move every GroupNorm/LayerNorm weight and bias away from 1 and 0 (in place): random models hold exactly 1
+    and 0 there, which bf16 and fp16 store exactly, so they hide any rounding of norm parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+
+
 def build_tiny_dataset(path: Path, n: int = 256, resolution: int = 32, seed: int = 0) -> None:
     """Write n world images as PNGs and data.csv (image, caption, label); desirable = utility >= 0.5."""
     rng = np.random.default_rng(seed)

@@ -25,8 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
         "--max_train_steps", "3"]
 KEYS = ("loss", "z", "reward_desirable", "reward_undesirable", "policy_err", "ref_err", "grad_norm")
-PHASES = {"data", "encode", "ref_forward", "policy_forward_mismatched", "policy_forward", "backward", "clip_grad",
-          "allreduce", "optimizer"}
+PHASES = {"data", "encode", "forward", "backward", "optimizer"}
 
 
 def run(out, *args):
@@ -47,23 +46,23 @@ def plain(tmp_path_factory):
     return run(tmp_path_factory.mktemp("plain") / "out")
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_run(tmp_path, plain):
     rows, weights = run(tmp_path / "out", "--gradient_checkpointing")
     assert_close(rows, plain[0], 1e-5)
     assert max((weights[k] - plain[1][k]).abs().max().item() for k in weights) < 1e-6
 
 
-def test_attention_is_pytorch_sdpa_and_adamw_is_fused(tmp_path, plain):
-    from diffusers import UNet2DConditionModel
+def test_attention_is_pytorch_sdpa_and_adamw_is_fused(tmp_path):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet")
-    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}  # F.scaled_dot_product_attention
-    run(tmp_path / "out")
-    state = torch.load(tmp_path / "out" / "checkpoint-3" / "training_state.pt", weights_only=True)
+    policy = train_kto.main([*TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
+    assert {type(p) for p in policy.attn_processors.values()} == {AttnProcessor2_0}  # F.scaled_dot_product_attention
+    state = torch.load(tmp_path / "out" / "checkpoint-1" / "training_state.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["fused"] is True
 
 
+@pytest.mark.slow
 def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, plain, monkeypatch, capsys):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
@@ -97,6 +96,7 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, pl
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cache_latents_without_flip_with_batch_mean_and_dropout(tmp_path):
     args = ["--no-random_flip", "--reference_point", "batch_mean", "--caption_dropout", "0.5"]
     want, _ = run(tmp_path / "plain", *args)
@@ -106,6 +106,7 @@ def test_cache_latents_without_flip_with_batch_mean_and_dropout(tmp_path):
     assert part["mean"].shape[1] == 1  # one view when images are not flipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeypatch):
     scalers = []
@@ -127,8 +128,8 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     assert any((weights[k] - start[k]).abs().max() > 0 for k in weights)
     if precision == "fp16":  # a resume restores the loss scale reached, not the initial 2**16
         scale = scalers[0].get_scale()
-        run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "13", "--resume", "latest")
-        assert scalers[-1].get_scale() in (scale, scale * 2, scale / 2)  # one more step may move it once
+        run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "12", "--resume", "latest")
+        assert scalers[-1].get_scale() == scale < 2**16  # resumed at the last step: no step runs to move it
 
 
 def test_profile_logs_every_phase(tmp_path):
@@ -139,7 +140,7 @@ def test_profile_logs_every_phase(tmp_path):
         batch = train_kto.TINY["train_batch_size"]
         assert sum(times.values()) <= batch / r["images_per_sec"]  # the phases lie inside the step
     rows, _ = run(tmp_path / "batch_mean", "--profile", "--reference_point", "batch_mean")
-    assert {k[5:] for k in rows[0] if k.startswith("time_")} == PHASES - {"policy_forward_mismatched"}
+    assert {k[5:] for k in rows[0] if k.startswith("time_")} == PHASES
 
 
 def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
@@ -178,13 +179,14 @@ def test_sd15_random_is_built_once_and_warned_about(tmp_path, monkeypatch):
     def small_stand_in(path):  # the real build writes 4 GB; the flag's plumbing is what is tested here
         built.append(path)
         shutil.copytree(fixtures.tiny_model_path(), path, dirs_exist_ok=True)
-    monkeypatch.setattr(utils, "build_sd15_random", small_stand_in)
+    monkeypatch.setattr(fixtures, "build_sd15_random", small_stand_in)
     for out in ("a", "b"):
         with pytest.warns(UserWarning, match="RANDOM weights"):
             run(tmp_path / out, "--pretrained_model", "sd15-random", "--max_train_steps", "1")
     assert len(built) == 1 and (tmp_path / "cache" / "sd15-random-v1" / "unet").is_dir()
 
 
+@pytest.mark.slow
 def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
     """Dynamo traces the UNets (backend "eager": inductor's C++ build of a UNet takes minutes on a small CPU)."""
     compiled, real = [], torch.nn.Module.compile
@@ -207,12 +209,7 @@ def uneven_norms(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uneven") / "model"
     shutil.copytree(fixtures.tiny_model_path(), folder)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in unet.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    fixtures.perturb_norms(unet)
     unet.save_pretrained(folder / "unet")
     return folder
 

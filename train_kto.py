@@ -7,16 +7,18 @@ The loss maximises a Kahneman-Tversky utility of beta * (r - z), pushing r up on
 on undesirable ones, relative to a reference point z (an estimate of KL(policy || ref)).
 
 Launch:
-    python train_kto.py --tiny                                      # CPU, offline: the tiny world of tiny_world.py
-    torchrun --standalone --nproc_per_node 2 train_kto.py --tiny    # the same with 2 CPU processes (gloo)
-    python train_kto.py --dataset likes.csv                         # 1 GPU, SD v1-5
-    torchrun --standalone --nproc_per_node 4 train_kto.py           # the paper's recipe: 4 GPUs x 2 images
+    python train_kto.py --tiny                                   # CPU, offline: the tiny world of tiny_world.py
+    torchrun --standalone --nproc_per_node 2 train_kto.py --tiny --train_batch_size 4   # 2 CPU processes
+    python train_kto.py --dataset likes.csv                      # 1 GPU, SD v1-5
+    torchrun --standalone --nproc_per_node 4 train_kto.py        # the paper's recipe: 4 GPUs x 2 images
 Every flag: python train_kto.py --help. Outputs: <output_dir>/run.json, metrics.jsonl, checkpoint-<step>/unet.
+File map: this file is the method and its training loop; utils.py the plumbing (data, distributed set-up,
+atomic files); fixtures.py and tiny_world.py the offline stand-ins for the hub (tests and the CPU demo).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -27,7 +29,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,30 +38,35 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import utils
-from utils import DataError
-
-
-def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+from utils import DataError, arg
 
 
 @dataclass
 class Config:
     # data and model
-    pretrained_model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5", "base model: hub id or local diffusers folder; policy and ref both start from its UNet")
-    dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
+    pretrained_model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                "base model: hub id or local diffusers folder; policy and ref both start from its UNet")
+    dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet "
+                       "shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
     label_policy: str = arg("won_once", utils.LABEL_POLICY_HELP)
     output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
-    tiny: bool = arg(False, "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized defaults; explicit flags still win")
+    tiny: bool = arg(False, "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized "
+                     "defaults; explicit flags still win")
+    world_seed: int = arg(0, "with --tiny: which tiny world to build and train on (independent worlds per seed)")
     resolution: int = arg(512, "training image side in pixels (resize short side, center crop)")
-    random_flip: bool = arg(True, "flip each image horizontally with probability 0.5 (released code; the paper is silent)")
-    caption_dropout: float = arg(0.2, "probability of replacing a caption by the empty one (released code; not in the paper)")
+    random_flip: bool = arg(True, "flip each image horizontally with probability 0.5 (released code; paper silent)")
+    caption_dropout: float = arg(0.2, "probability of replacing a caption by the empty one (released code; not in "
+                                 "the paper)")
     desirable_ratio: float = arg(0.8, "probability that a sample is drawn from the desirable set (the paper's gamma)")
     dataloader_workers: int = arg(4, "DataLoader worker processes per rank that decode images")
     # the objective
-    beta: float = arg(5000.0, "scale of the implicit reward inside the utility (paper: 5000; released code default: 1000)")
-    utility: str = arg("kahneman_tversky", "U in lambda_y * (1 - U(w * beta * (r - z))): kahneman_tversky | loss_averse | risk_seeking")
-    reference_point: str = arg("kl_mismatched", "z: kl_mismatched (paper, KTO) | batch_mean (released code) | zero")
+    objective: str = arg("kto", "kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on "
+                         "desirable images only (same loop; --desirable_ratio is then 1)")
+    beta: float = arg(5000.0, "scale of the implicit reward inside the utility (paper: 5000; released code: 1000)")
+    utility: str = arg("kahneman_tversky", "U in lambda_y * (1 - U(w * beta * (r - z))): kahneman_tversky = sigmoid | "
+                       "loss_averse = log sigmoid | risk_seeking = -log sigmoid(-x)")
+    reference_point: str = arg("kl_mismatched", "z: kl_mismatched (paper, KTO: rewards of mismatched image-caption "
+                               "pairs) | batch_mean (released code: rewards of the batch itself) | zero")
     lambda_d: float = arg(1.0, "loss weight lambda_D of desirable samples")
     lambda_u: float = arg(1.0, "loss weight lambda_U of undesirable samples")
     # optimisation
@@ -71,16 +78,24 @@ class Config:
     seed: int = arg(0, "seed for everything; ranks derive their own streams from (seed, rank)")
     checkpointing_steps: int = arg(1000, "save checkpoint-<step>/ every this many steps (and at the end)")
     checkpoints_total_limit: int = arg(0, "keep only the newest this many checkpoints (0: keep all)")
-    resume: str = arg("", "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if there is none)")
-    max_bad_steps: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
-    allow_one_class: bool = arg(False, "train on data with only desirable or only undesirable samples (KTO can learn from one kind)")
-    # speed and memory (README "Benchmarks"); attention is PyTorch's scaled_dot_product_attention (diffusers' default)
-    mixed_precision: str = arg("auto", "autocast dtype of the UNets, frozen modules stored in it: auto (bf16 on GPUs that have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 | fp16 | no")
-    gradient_checkpointing: bool = arg(False, "recompute the policy UNet's activations in the backward pass: less memory, about a third more compute")
-    optimizer: str = arg("adamw", "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; 8-bit states: 2 instead of 8 bytes per parameter)")
-    compile: bool = arg(False, "torch.compile the policy and reference UNets (the first steps are slow while it compiles)")
-    cache_latents: bool = arg(False, "encode every image (both flips) with the VAE and every caption with the text encoder once, to disk; training then never loads them")
-    cache_dir: str = arg("", "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and resumed when its settings match")
+    resume: str = arg("", "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if "
+                      "there is none); refused if the data, model or objective differ from the checkpoint's")
+    max_bad_steps: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient (each "
+                             "is skipped: no update, no learning-rate step)")
+    allow_one_class: bool = arg(False, "train on data with only desirable or only undesirable samples")
+    # speed and memory (docs/benchmarks.md); attention is PyTorch's scaled_dot_product_attention
+    mixed_precision: str = arg("auto", "autocast dtype of the UNets, frozen modules stored in it (norms in float32): "
+                               "auto (bf16 on GPUs that have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 "
+                               "| fp16 | no")
+    gradient_checkpointing: bool = arg(False, "recompute the policy's activations in the backward pass: less memory, "
+                                       "about a third more compute")
+    optimizer: str = arg("adamw", "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; "
+                         "2 instead of 8 bytes of state per parameter)")
+    compile: bool = arg(False, "torch.compile the policy and reference UNets (the first steps are slow)")
+    cache_latents: bool = arg(False, "encode every image (both flips) and caption once, to disk; training then never "
+                              "loads the VAE and text encoder")
+    cache_dir: str = arg("", "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and "
+                         "resumed when its settings match")
     profile: bool = arg(False, "add seconds per phase of each step (time_<phase>, CUDA-synchronised) to metrics.jsonl")
 
 
@@ -88,35 +103,34 @@ TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedba
     resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=3e-5, lr_warmup_steps=5, beta=200.0,
     checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny",
 )
+CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
+               reference_point=("kl_mismatched", "batch_mean", "zero"), objective=("kto", "sft"),
+               mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"))
+RESUMABLE = {  # what may differ between a run and its resumption; anything else is refused
+    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_bad_steps",
+    "dataloader_workers", "gradient_checkpointing", "compile", "profile", "cache_latents", "cache_dir"}
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
-CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
-               reference_point=("kl_mismatched", "batch_mean", "zero"), mixed_precision=("auto", "bf16", "fp16", "no"),
-               optimizer=("adamw", "adamw8bit"))
 
 
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=eval(f.type))
-        parser.add_argument(f"--{f.name}", help=f.metadata["help"] + f" (default: {f.default})",
-                            choices=CHOICES.get(f.name), **kind)
-    given = vars(parser.parse_args(argv))
-    cfg = Config()
-    if given.get("tiny"):  # the tiny world's base model and feedback (tiny_world.py), built once, only if used
+    def tiny_world(given):  # built on first use, and only if the run needs it
         import tiny_world
-        cfg = dataclasses.replace(cfg, **TINY)
-        if "pretrained_model" not in given:
-            cfg = dataclasses.replace(cfg, pretrained_model=str(tiny_world.world_path() / "model"))
-        if "dataset" not in given:
-            cfg = dataclasses.replace(cfg, dataset=str(tiny_world.world_path() / "feedback"))
-    return dataclasses.replace(cfg, **given)
+        world = lambda: tiny_world.world_path(given.get("world_seed", 0))  # noqa: E731
+        return {**({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
+                **({} if "dataset" in given else dict(dataset=str(world() / "feedback")))}
+    cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world)
+    return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
 # ----------------------------------------------------------------------------------------------------
-# The objective: pure tensor functions (tests import them)
+# The objective (paper Eq. 8): pure tensor functions
+
+def denoising_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over latent elements of the squared error, per sample, in float32: shape [B]."""
+    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
 
 def kto_loss(policy_err, ref_err, desirable, beta, z, utility="kahneman_tversky", lambda_d=1.0, lambda_u=1.0):
     """Per-sample Diffusion-KTO loss, lambda_y * (1 - U(w * beta * (r - z))), shape [B].
@@ -126,7 +140,7 @@ def kto_loss(policy_err, ref_err, desirable, beta, z, utility="kahneman_tversky"
     """
     r = ref_err - policy_err                                  # implicit reward: log pi_theta/pi_ref up to scale
     w = desirable.float() * 2 - 1                             # w(x0) = +1 desirable, -1 undesirable
-    x = w * beta * (r - z)                                    # paper Eq. 8: w * (beta * log-ratio - Q_ref), Q_ref = beta * z
+    x = w * beta * (r - z)                                    # Eq. 8: w * (beta * log-ratio - Q_ref), Q_ref = beta z
     if utility == "kahneman_tversky":
         one_minus_u = torch.sigmoid(-x)                       # U = sigmoid(x);            1 - U = sigmoid(-x)
     elif utility == "loss_averse":
@@ -135,24 +149,25 @@ def kto_loss(policy_err, ref_err, desirable, beta, z, utility="kahneman_tversky"
         one_minus_u = 1 - F.softplus(x)                       # U = -log sigmoid(-x);      1 - U = 1 - softplus(x)
     else:
         raise ValueError(f"utility must be one of {', '.join(CHOICES['utility'])}; got {utility!r}")
-    lambda_y = torch.where(desirable, torch.as_tensor(lambda_d, dtype=x.dtype), torch.as_tensor(lambda_u, dtype=x.dtype))
+    lambda_y = torch.where(desirable, torch.tensor(lambda_d, dtype=x.dtype), torch.tensor(lambda_u, dtype=x.dtype))
     return lambda_y * one_minus_u
 
 
-def global_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of x over all of its elements on ALL ranks (sum and count all-reduced, so unequal sizes are fine)."""
-    stats = torch.stack([x.detach().float().sum(), torch.tensor(float(x.numel()), device=x.device)])
+def global_sums(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each named scalar over ALL ranks (one all-reduce); without a process group, the values themselves."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in named.values()])
     if dist.is_initialized():
-        dist.all_reduce(stats)
-    return stats[0] / stats[1]
+        dist.all_reduce(stacked)
+    return dict(zip(named, stacked))
 
 
 def reference_point(rewards: torch.Tensor) -> torch.Tensor:
     """z = max(0, mean of the rewards over all ranks), detached: KTO's estimate of KL(policy || ref).
 
     With rewards of mismatched (image, caption) pairs this is the paper's z; with the matched batch it is the
-    released code's. Identical on every rank because the mean is all-reduced."""
-    return global_mean(rewards).clamp(min=0).detach()
+    released code's. Identical on every rank: the sum and the count are all-reduced (unequal sizes are fine)."""
+    s = global_sums(dict(sum=rewards.sum(), count=torch.tensor(float(rewards.numel()), device=rewards.device)))
+    return (s["sum"] / s["count"]).clamp(min=0).detach()
 
 
 def mismatched_indices(n: int) -> torch.Tensor:
@@ -168,18 +183,79 @@ def frozen_reference(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     exact float32 values. Autocast rounds conv/linear weights to bf16/fp16 for both models alike, but runs the
     norms with their parameters as stored: rounded norms would make ref != policy at step 0 (beta * std(r) ~ 1)."""
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     for module in ref.modules():
-        if not isinstance(module, norms):
-            for name, p in module.named_parameters(recurse=False):
+        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            for p in module.parameters(recurse=False):
                 p.data = p.data.to(dtype)
     return ref
 
 
-def denoising_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over latent elements of the squared error, per sample, in float32: shape [B]."""
-    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, cfg: Config):
+    """One evaluation of the Diffusion-KTO objective (paper Eq. 8) on a batch; returns (loss, stats).
 
+        L = E_{x0, t} [ lambda_y * (1 - U(w(x0) * beta * (r - z))) ]
+        r = ||eps - eps_ref(x_t, t, c)||^2 - ||eps - eps_policy(x_t, t, c)||^2     (means over latent elements)
+
+    x0: latents [B, 4, h, w]; emb / emb_mismatched: caption embeddings of each image's own caption / of another
+    sample's caption (None unless --reference_point kl_mismatched); desirable: bool [B]; gen: this rank's generator.
+    `policy` may be DDP-wrapped (its forward with gradients is the one DDP must see); `ref` is frozen.
+    With --objective sft the loss is the plain denoising loss of the policy instead (the paper's SFT baseline).
+    stats: per-sample r, policy_err, ref_err (detached) and the scalar z.
+    """
+    # Sample noise and a timestep per image; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the same for both UNets
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen, device=x0.device)
+    x_t = scheduler.add_noise(x0, eps, t)
+    target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
+    with torch.no_grad():
+        # Reference model's denoising error
+        ref_err = denoising_error(ref(x_t, t, emb).sample, target)
+        if cfg.reference_point == "kl_mismatched":
+            # z = max(0, E[r]) on (image, another sample's caption), no gradient: KTO's KL(policy || ref) estimate
+            raw_policy = getattr(policy, "module", policy)
+            r_mismatched = (denoising_error(ref(x_t, t, emb_mismatched).sample, target)
+                            - denoising_error(raw_policy(x_t, t, emb_mismatched).sample, target))
+            z = reference_point(r_mismatched)
+    # Policy's denoising error (the only forward with gradients)
+    policy_err = denoising_error(policy(x_t, t, emb).sample, target)
+    # Implicit reward r = ref_err - policy_err: how much better the policy denoises than the reference
+    r = (ref_err - policy_err).detach()
+    if cfg.reference_point == "batch_mean":
+        z = reference_point(r)                                # released code: max(0, mean r over all GPUs)
+    elif cfg.reference_point == "zero":
+        z = torch.zeros((), device=x0.device)
+    # Final loss: lambda_y * (1 - U(w * beta * (r - z))), mean over the batch
+    if cfg.objective == "sft":
+        loss = policy_err.mean()
+    else:
+        loss = kto_loss(policy_err, ref_err, desirable, cfg.beta, z, cfg.utility, cfg.lambda_d, cfg.lambda_u).mean()
+    return loss, dict(r=r, z=z, policy_err=policy_err.detach(), ref_err=ref_err)
+
+
+def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.Tensor]:
+    """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
+    r, z, d = stats["r"], stats["z"], desirable.float()
+    won = torch.where(desirable, r > z, r < z).float()        # w * (r - z) > 0: the utility is above its midpoint
+    return global_sums(dict(
+        loss=loss.detach() * len(r), r_desirable=(r * d).sum(), n_desirable=d.sum(), r_undesirable=(r * (1 - d)).sum(),
+        n=torch.tensor(float(len(r)), device=r.device), won=won.sum(), policy_err=stats["policy_err"].sum(),
+        ref_err=stats["ref_err"].sum(), not_finite=(~(torch.isfinite(loss.detach()) & grad_finite)).float(),
+        corrupt=corrupt.sum().float().to(r.device)))
+
+
+def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:
+    """One line of metrics.jsonl (names in README "Outputs")."""
+    n = s["n"].item()
+    return dict(step=step, loss=s["loss"].item() / n, z=z.item(),
+                reward_desirable=s["r_desirable"].item() / max(s["n_desirable"].item(), 1),
+                reward_undesirable=s["r_undesirable"].item() / max(n - s["n_desirable"].item(), 1),
+                accuracy=s["won"].item() / n, policy_err=s["policy_err"].item() / n, ref_err=s["ref_err"].item() / n,
+                grad_norm=grad_norm.item(), lr=lr, desirable_frac=s["n_desirable"].item() / n, skipped=int(skipped),
+                images_per_sec=n / seconds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data for the objective: the desirable-ratio sampler and augmentation
 
 class DesirableRatioSampler(torch.utils.data.Sampler):
     """Infinite stream of dataset indices: desirable with probability `ratio`, else undesirable, uniform within.
@@ -188,8 +264,7 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
     def __init__(self, desirable: np.ndarray, ratio: float, seed, start: int = 0, chunk: int = 4096):
         self.d, self.u = np.flatnonzero(desirable), np.flatnonzero(~desirable)
-        self.ratio = ratio if len(self.u) else 1.0
-        self.ratio = self.ratio if len(self.d) else 0.0
+        self.ratio = (ratio if len(self.u) else 1.0) if len(self.d) else 0.0
         self.seed, self.start, self.chunk = seed, start, chunk
 
     def __iter__(self):
@@ -205,7 +280,8 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
 def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropout: float):
     """Bool masks [b]: flip horizontally (p = 0.5, or never) and drop the caption (p = caption_dropout)."""
-    flip = torch.rand(b, generator=gen, device=gen.device) < 0.5 if random_flip else torch.zeros(b, dtype=torch.bool, device=gen.device)
+    flip = (torch.rand(b, generator=gen, device=gen.device) < 0.5 if random_flip
+            else torch.zeros(b, dtype=torch.bool, device=gen.device))
     return flip, torch.rand(b, generator=gen, device=gen.device) < caption_dropout
 
 
@@ -217,30 +293,126 @@ def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, ran
 
 
 def rank_seed(seed: int, rank: int) -> int:
+    """A generator seed of its own for each (seed, rank)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Speed: per-phase timing (--profile) and the latent cache (--cache_latents)
+# Plumbing: models, inputs (images or the latent cache), timing, checkpoints, the run record
 
-class Laps:
-    """lap(name) adds the seconds since the previous mark to phase `name`; a no-op unless --profile."""
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message says what to try."""
+    exit_code = 3
+
+
+def load_models(cfg: Config, path: str, device: torch.device):
+    """The trainable policy (float32 master weights) and the frozen reference, both from the base UNet; the
+    noise scheduler; the autocast dtype (None: float32) and the dtype the frozen modules are stored in."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "no" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).train()
+    ref = frozen_reference(policy, amp_dtype or torch.float32)  # two modules: never swap weights in and out of one
+    if cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    if cfg.compile:  # in place: state_dict keys, saving and DDP are unchanged
+        policy.compile()
+        ref.compile()
+    return policy, ref, scheduler, amp_dtype
+
+
+class Inputs:
+    """Turns a loader batch into the objective's inputs: x0 ~ q(x0 | image) after a random flip (scaled latents),
+    the caption embeddings after caption dropout and, for kl_mismatched, those of the rolled batch's own captions.
+    From images through the VAE and text encoder, or from the --cache_latents files (built here on first use);
+    both paths draw the same random numbers, so they give the same run."""
+
+    def __init__(self, cfg: Config, path: str, dataset, captions: list[str], dtype, autocast, device, rank, world_size):
+        from diffusers import AutoencoderKL
+        self.cfg, self.device, self.dtype, self.autocast = cfg, device, dtype, autocast
+        self.scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)
+        self.cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
+        if not (self.cache and all((self.cache / f).exists() for f in cache_files(len(dataset), len(captions)))):
+            self.load_encoders(path)  # the VAE and text encoder are loaded only to encode images and captions
+        if self.cache:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            check_cache_settings(self.cache, dict(
+                pretrained_model=path, dataset=cfg.dataset, label_policy=cfg.label_policy, resolution=cfg.resolution,
+                random_flip=cfg.random_flip, images=len(dataset), captions=len(captions), dtype=str(dtype)), rank)
+            if hasattr(self, "vae"):
+                build_latent_cache(self.cache, dataset, captions, self, cfg, rank, world_size)
+                del self.vae, self.text_encoder, self.tokenizer
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            self.dataset = CachedLatents(self.cache, dataset.desirable)
+            self.empty_emb = self.dataset.empty_emb.to(device)
+        else:
+            self.dataset = dataset
+
+    def load_encoders(self, path: str):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
+        for m in (self.text_encoder, self.vae):
+            m.to(self.device).requires_grad_(False).eval()
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def posterior(self, pixels: torch.Tensor):
+        """The VAE's q(x0 | image) as (mean, std); pixels [B, 3, H, W] in [-1, 1]."""
+        latent_dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return latent_dist.mean, latent_dist.std
+
+    def __call__(self, batch: dict, gen: torch.Generator):
+        """(x0 [B, 4, h, w] float32, emb [B, L, D], emb_mismatched [B, L, D] or None)."""
+        cfg, device, b = self.cfg, self.device, len(batch["desirable"])
+        rolled = mismatched_indices(b) if cfg.reference_point == "kl_mismatched" else torch.zeros(0, dtype=torch.long)
+        if self.cache:
+            flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
+            mean, std = (batch[k].to(device)[torch.arange(b, device=device), flip.long()] for k in ("mean", "std"))
+            emb = batch["emb"].to(device)
+            both = torch.cat([torch.where(drop[:, None, None], self.empty_emb, emb), emb[rolled.to(device)]])
+        else:
+            captions = list(batch["caption"])
+            pixels, captions_in = augment(batch["pixel_values"].to(device), captions, gen, cfg.random_flip,
+                                          cfg.caption_dropout)
+            mean, std = self.posterior(pixels)
+            both = self.encode_captions(captions_in + [captions[j] for j in rolled.tolist()])  # one call for both
+        x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)  # as diffusers
+        return (x0 * self.scaling_factor).float(), both[:b], both[b:] if len(rolled) else None
+
+
+class Phases:
+    """--profile: `with phases("name"):` adds the block's seconds to time_<name> (CUDA-synchronised, since GPU work
+    is asynchronous); a no-op otherwise. report() returns the step's times (and peak GPU memory), then resets."""
 
     def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.cuda, self.times, self.t = enabled, device.type == "cuda", {}, 0.0
+        self.enabled, self.cuda, self.times = enabled, device.type == "cuda", {}
 
-    def __call__(self, name: str | None = None):  # lap() alone starts a step
-        if not self.enabled:
-            return
-        if self.cuda:
-            torch.cuda.synchronize()  # GPU work is asynchronous: wait for it, or it is billed to a later phase
-        now = time.perf_counter()
-        self.times = {} if name is None else {**self.times, f"time_{name}": self.times.get(f"time_{name}", 0.0) + now - self.t}
-        self.t = now
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.enabled and self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.enabled:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times[f"time_{name}"] = self.times.get(f"time_{name}", 0.0) + time.perf_counter() - t0
 
-    def report(self) -> dict:  # the step's phase times, and on a GPU the peak memory so far
-        cuda = self.enabled and self.cuda
-        return {**self.times, **({"max_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if cuda else {})}
+    def report(self) -> dict:
+        memory = {"max_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if self.enabled and self.cuda else {}
+        times, self.times = self.times, {}
+        return {**times, **memory}
 
 
 CACHE_CHUNK = 256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
@@ -251,13 +423,13 @@ def cache_files(n_images: int, n_captions: int) -> list[str]:
             + [f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))])
 
 
-def check_cache_settings(folder: Path, settings: dict, master: bool):
+def check_cache_settings(folder: Path, settings: dict, rank: int):
     """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
     file = folder / "settings.json"
     if file.exists() and json.loads(file.read_text()) != settings:
         raise DataError(f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
                         f"delete it or choose another --cache_dir. Wanted: {settings}")
-    if master and not file.exists():
+    if rank == 0 and not file.exists():
         file.write_text(json.dumps(settings, indent=2))
 
 
@@ -268,9 +440,8 @@ class CachedLatents(torch.utils.data.Dataset):
     def __init__(self, folder: Path, desirable: torch.Tensor):
         self.desirable = desirable
         self.latents = [torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))]
-        text = [torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))]
-        self.empty_emb = text[0][0]  # caption 0 is "" (caption dropout)
-        self.text = text
+        self.text = [torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))]
+        self.empty_emb = self.text[0][0]  # caption 0 is "" (caption dropout)
 
     def __len__(self):
         return len(self.desirable)
@@ -282,47 +453,45 @@ class CachedLatents(torch.utils.data.Dataset):
                     desirable=self.desirable[i], corrupt=int(part["corrupt"][j]))
 
 
-def build_latent_cache(folder: Path, dataset, captions: list[str], encode_pixels, encode_captions, cfg, rank, world_size):
-    """Encode chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size.
-
-    Each file is written to a temporary name and renamed, so a killed run resumes where it stopped."""
+def build_latent_cache(folder: Path, dataset, captions: list[str], inputs: Inputs, cfg: Config, rank, world_size):
+    """Encode the chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size, each
+    written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)."""
     caption_id = {c: i for i, c in enumerate(captions)}
     for name in cache_files(len(dataset), len(captions))[rank::world_size]:
         file, k = folder / name, int(name[-9:-3])
         if file.exists():
             continue
         rows = range(k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset)))
-        if name.startswith("text"):
-            part = dict(emb=torch.cat([encode_captions([captions[i] for i in rows[n:n + 64]]) for n in range(0, len(rows), 64)]))
-        else:
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.train_batch_size,
-                                                 num_workers=cfg.dataloader_workers)
-            stats = [encode_pixels(batch["pixel_values"]) + ([caption_id[c] for c in batch["caption"]], batch["corrupt"])
-                     for batch in loader]
-            part = dict(mean=torch.cat([m for m, _, _, _ in stats]), std=torch.cat([s for _, s, _, _ in stats]),
-                        caption_id=torch.tensor(sum([c for _, _, c, _ in stats], [])),
-                        corrupt=torch.cat([n for _, _, _, n in stats]))
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-        torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
-        os.replace(tmp, file)
+        with torch.no_grad(), inputs.autocast:
+            if name.startswith("text"):
+                part = dict(emb=torch.cat([inputs.encode_captions([captions[i] for i in rows[n:n + 64]])
+                                           for n in range(0, len(rows), 64)]))
+            else:
+                part = dict(mean=[], std=[], caption_id=[], corrupt=[])
+                for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows),
+                                                         batch_size=cfg.train_batch_size,
+                                                         num_workers=cfg.dataloader_workers):
+                    pixels = batch["pixel_values"]
+                    views = [inputs.posterior(p) for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])]
+                    part["mean"].append(torch.stack([m for m, _ in views], 1))
+                    part["std"].append(torch.stack([s for _, s in views], 1))
+                    part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
+                    part["corrupt"].append(batch["corrupt"])
+                part = {key: torch.cat(v) for key, v in part.items()}
+        with utils.atomic_path(file) as tmp:
+            torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
     if world_size > 1:
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: checkpoint-<step>/ holds unet/ (diffusers layout), training_state.pt and rng_state.pt
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite losses); the message says what to try."""
-
-
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.tmp and is ignored."""
+    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp and is ignored."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def fsync_tree(path: Path):
+    """Flush a folder's files to disk: the rename that follows is atomic, but durable only for data on disk."""
     for p in [*path.rglob("*"), path]:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -331,23 +500,22 @@ def fsync_tree(path: Path):
             os.close(fd)
 
 
-def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int, world_size: int):
-    """Atomic save: rank 0 writes checkpoint-<step>.tmp, flushes it to disk, then renames it. All ranks call this."""
+def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int,
+                    world_size: int):
+    """checkpoint-<step>/: unet/ (diffusers layout), training_state.pt, rng_state.pt (every rank's generator) and
+    config.json. Rank 0 writes it to a temporary folder, flushes it to disk, then renames it. All ranks call this."""
     rng_states = [gen.get_state()]
     if world_size > 1:
         rng_states = [None] * world_size
-        dist.all_gather_object(rng_states, gen.get_state())  # every rank's noise/timestep stream
+        dist.all_gather_object(rng_states, gen.get_state())
     if rank == 0:
-        out = Path(cfg.output_dir) / f"checkpoint-{step}"
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp / "unet")
-        torch.save(dict(optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), step=step,
-                        bad_steps=bad_steps, scaler=scaler.state_dict()), tmp / "training_state.pt")
-        torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
-        fsync_tree(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
+        with utils.atomic_path(Path(cfg.output_dir) / f"checkpoint-{step}") as tmp:
+            policy.save_pretrained(tmp / "unet")
+            torch.save(dict(optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), step=step,
+                            bad_steps=bad_steps, scaler=scaler.state_dict()), tmp / "training_state.pt")
+            torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            fsync_tree(tmp)
         if cfg.checkpoints_total_limit > 0:
             for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -356,47 +524,83 @@ def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, st
 
 
 def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume."""
+    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume, and
+    to resume a checkpoint whose data, model or objective differ from this launch's (RESUMABLE may differ)."""
     out = Path(cfg.output_dir)
     if not cfg.resume:
         if list_checkpoints(out):
             raise DataError(f"--output_dir {out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...) "
                             "of another run. Pass --resume latest to continue it, or choose another --output_dir.")
         return None
-    if cfg.resume == "latest":
-        found = list_checkpoints(out)
-        return found[-1] if found else None
-    path = Path(cfg.resume)
+    path = (list_checkpoints(out) or [None])[-1] if cfg.resume == "latest" else Path(cfg.resume)
+    if path is None:
+        return None
     if not (path / "training_state.pt").exists():
         raise DataError(f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
                         f"Pass a checkpoint-<step> folder or 'latest'.")
+    saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    now = dataclasses.asdict(cfg)
+    differ = [k for k in saved if k not in RESUMABLE and k in now and saved[k] != now[k]]
+    if differ:
+        raise DataError(f"--resume {path}: this launch differs from the checkpoint's run in "
+                        + ", ".join(f"--{k} ({saved[k]!r} there, {now[k]!r} here)" for k in differ)
+                        + ". Resuming would mix two runs in one record: pass the checkpoint's values, or start a new "
+                        "run with another --output_dir (and --pretrained_model pointing at the checkpoint's unet).")
     return path
+
+
+def write_run_record(cfg: Config, out_dir: Path, start_step: int, world_size: int, device, data: dict):
+    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks)."""
+    file = out_dir / "run.json"
+    launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
+    versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
+    launches.append(dict(argv=sys.argv, start_step=start_step, world_size=world_size, device=str(device),
+                         time=time.strftime("%Y-%m-%d %H:%M:%S"), versions=dict(python=platform.python_version(),
+                                                                                **versions)))
+    run = dict(config=dataclasses.asdict(cfg), world_size=world_size, device=str(device), **data, launches=launches)
+    with utils.atomic_path(file) as tmp:
+        tmp.write_text(json.dumps(run, indent=2))
+
+
+def open_metrics(out_dir: Path, start_step: int):
+    """metrics.jsonl for appending; on resume the lines after the checkpoint's step are dropped first."""
+    file = out_dir / "metrics.jsonl"
+    old = file.read_text().splitlines() if start_step and file.exists() else []
+    with utils.atomic_path(file) as tmp:
+        tmp.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start_step))
+    return open(file, "a")
+
+
+def load_data(cfg: Config):
+    """The feedback table and its dataset, checked before any model is loaded."""
+    table = utils.load_feedback(cfg.dataset, label_policy=cfg.label_policy)
+    dataset = utils.FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
+    desirable = table["desirable"].to_numpy()
+    n_d, n_u = int(desirable.sum()), int((~desirable).sum())
+    if min(n_d, n_u) == 0 and not cfg.allow_one_class and cfg.objective == "kto":
+        raise DataError(f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
+                        "from one kind alone, but this is often a labelling mistake: check the label column, or "
+                        "pass --allow_one_class to train anyway.")
+    if cfg.objective == "sft" and n_d == 0:
+        raise DataError(f"--dataset {cfg.dataset}: --objective sft trains on desirable samples, and there are none.")
+    empty = float((table["caption"].str.strip() == "").mean())
+    if empty > MAX_EMPTY_CAPTIONS:
+        raise DataError(f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
+                        f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
+                        "Fill in the caption column or drop those rows.")
+    counts = dict(num_desirable=n_d, num_undesirable=n_u, label_policy=cfg.label_policy, data=table.attrs.get("stats"))
+    return table, dataset, desirable, counts
 
 
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
-    cfg = parse_config(argv)
-    rank, world_size, device = utils.init_distributed()
-    try:
-        result = train(cfg, rank, world_size, device)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
-        return result
-    except (DataError, TrainingError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, DataError) else 3)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return utils.run_main(train, parse_config(argv), (DataError, TrainingError))
 
 
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     master = rank == 0
     out_dir = Path(cfg.output_dir)
@@ -406,70 +610,35 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         try:
             import bitsandbytes
         except ImportError as e:
-            raise DataError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; "
-                            "CUDA GPUs only). Install it, or use --optimizer adamw.") from e
-
-    # -- data: checked before any model is loaded ---------------------------------------------------
-    table = utils.load_feedback(cfg.dataset, label_policy=cfg.label_policy)
-    dataset = utils.FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
-    desirable = table["desirable"].to_numpy()
-    num_desirable, num_undesirable = int(desirable.sum()), int((~desirable).sum())
-    if min(num_desirable, num_undesirable) == 0 and not cfg.allow_one_class:
-        raise DataError(f"--dataset {cfg.dataset}: {num_desirable} desirable and {num_undesirable} undesirable samples. "
-                        "KTO can learn from one kind alone, but this is often a labelling mistake: check the "
-                        "label column, or pass --allow_one_class to train anyway.")
-    empty = float((table["caption"].str.strip() == "").mean())
-    if empty > MAX_EMPTY_CAPTIONS:
-        raise DataError(f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
-                        f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
-                        "Fill in the caption column or drop those rows.")
+            raise DataError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
+                            "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw.") from e
+    table, dataset, desirable, counts = load_data(cfg)
     resume_from = find_resume(cfg)
     start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
-    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
-                                    start=start_step * cfg.train_batch_size)  # resumes the exact stream
 
     # -- models: a trainable policy and a separate frozen reference, both from the base UNet ----------
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "no" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
-    frozen_dtype = amp_dtype or torch.float32  # ref, VAE and text encoder are stored in the autocast dtype
-    path = str(__import__("fixtures").sd15_random_path()) if cfg.pretrained_model == "sd15-random" else cfg.pretrained_model
-    scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)  # 0.18215: SD's
-    captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
-    cache = Path(cfg.cache_dir or out_dir / "latent_cache")
-    cache_ready = cfg.cache_latents and all((cache / f).exists() for f in cache_files(len(dataset), len(captions)))
-    if not cache_ready:  # the VAE and text encoder are loaded only to encode images and captions
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=frozen_dtype).to(device)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype).to(device)
-        text_encoder.requires_grad_(False).eval()
-        vae.requires_grad_(False).eval()
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device)  # fp32 master weights
-    ref = frozen_reference(policy, frozen_dtype)  # never swap weights in and out of one module: two modules
-    policy.train()
-    if cfg.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    if cfg.compile:  # in place: state_dict keys, saving and DDP are unchanged
-        policy.compile()
-        ref.compile()
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy
-
+    path = cfg.pretrained_model
+    if path == "sd15-random":  # SD v1-5's architecture with random weights (benchmarks), built once
+        path = str(__import__("fixtures").sd15_random_path())
+    policy, ref, scheduler, amp_dtype = load_models(cfg, path, device)
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy  # ref is never wrapped
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     if cfg.optimizer == "adamw8bit":
         optimizer = bitsandbytes.optim.AdamW8bit(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     else:  # fused: one kernel for all parameters
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 gradients underflow without it
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 gradients underflow
+    warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))  # noqa: E731  linear, then constant
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     gen = torch.Generator(device).manual_seed(rank_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
     bad_steps, n_corrupt, n_seen = 0, 0, 0
-    if resume_from:  # weights, optimizer, schedule, step and every rank's generator
+    if resume_from:  # weights, optimizer, schedule, loss scale, step and every rank's generator
+        from diffusers import UNet2DConditionModel
         policy.load_state_dict(UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet").state_dict())
         state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
-        if state.get("scaler") and scaler.is_enabled():  # fp16: the loss scale it had reached
+        if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         bad_steps = state["bad_steps"]
         rng_states = torch.load(resume_from / "rng_state.pt", weights_only=True)
@@ -480,162 +649,61 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             if master:
                 print(f"warning: {resume_from} was saved by {len(rng_states)} ranks, resuming on {world_size}: "
                       "random streams restart, so the run will not match an uninterrupted one exactly")
-
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
-        run = dict(config=dataclasses.asdict(cfg), world_size=world_size, device=str(device),
-                   num_desirable=num_desirable, num_undesirable=num_undesirable, label_policy=cfg.label_policy,
-                   data=table.attrs.get("stats"),
-                   versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
-        (out_dir / "run.json").write_text(json.dumps(run, indent=2))
-        print(f"{num_desirable} desirable / {num_undesirable} undesirable images; {world_size} rank(s) x "
-              f"{cfg.train_batch_size} = global batch {world_size * cfg.train_batch_size}; device {device}")
-    metrics_file = None
-    if master:  # on resume keep the log up to the checkpoint's step, then append
-        old = (out_dir / "metrics.jsonl").read_text().splitlines() if resume_from and (out_dir / "metrics.jsonl").exists() else []
-        metrics_file = open(out_dir / "metrics.jsonl", "w")
-        metrics_file.writelines(line + "\n" for line in old if json.loads(line)["step"] <= start_step)
-        if resume_from:
-            print(f"resuming from {resume_from} at step {start_step}")
+        write_run_record(cfg, out_dir, start_step, world_size, device, counts)
+        metrics_file = open_metrics(out_dir, start_step)
+        print(f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
+              f"rank(s) x {cfg.train_batch_size} = global batch {world_size * cfg.train_batch_size}; device {device}"
+              + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""))
 
-    def encode_captions(captions):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0]
-
-    def posterior(pixels):  # the VAE's q(x0 | image): mean and std; pixels [B, 3, H, W] in [-1, 1]
-        latent_dist = vae.encode(pixels.to(device, frozen_dtype)).latent_dist
-        return latent_dist.mean, latent_dist.std
-
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    if cfg.cache_latents:  # encode once (both flips), then train on the cache without the VAE and text encoder
-        cache.mkdir(parents=True, exist_ok=True)
-        check_cache_settings(cache, dict(pretrained_model=path, dataset=cfg.dataset, label_policy=cfg.label_policy,
-                                         resolution=cfg.resolution, random_flip=cfg.random_flip, images=len(dataset),
-                                         captions=len(captions), dtype=str(frozen_dtype)), master)
-        if not cache_ready:
-            def both_flips(pixels):  # mean and std [B, views, 4, h, w]; view 1 is the flipped image
-                views = [posterior(p) for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])]
-                return torch.stack([m for m, _ in views], 1), torch.stack([s for _, s in views], 1)
-
-            with torch.no_grad(), autocast:
-                build_latent_cache(cache, dataset, captions, both_flips, encode_captions, cfg, rank, world_size)
-            vae = text_encoder = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        dataset = CachedLatents(cache, dataset.desirable)
-        empty_emb = dataset.empty_emb.to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler,
-                                         num_workers=cfg.dataloader_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.dataloader_workers > 0)
-
-    def latents_and_embeddings(batch, b):
-        """x0 ~ q(x0 | image) after a random flip, and the text embeddings of the captions after dropout, followed
-        (kl_mismatched) by those of the rolled batch's own captions: [2b or b, 77, D]. Both paths draw the same numbers."""
-        rolled = mismatched_indices(b) if cfg.reference_point == "kl_mismatched" else torch.zeros(0, dtype=torch.long)
-        if cfg.cache_latents:
-            flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = (batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()] for k in ("mean", "std"))
-            emb = batch["emb"].to(device, non_blocking=True)
-            both = torch.cat([torch.where(drop[:, None, None], empty_emb, emb), emb[rolled.to(device)]])
-        else:
-            captions = list(batch["caption"])
-            pixels, captions_in = augment(batch["pixel_values"].to(device, non_blocking=True), captions, gen,
-                                          cfg.random_flip, cfg.caption_dropout)
-            mean, std = posterior(pixels)
-            both = encode_captions(captions_in + [captions[j] for j in rolled.tolist()])
-        return mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype), both  # as diffusers' sample()
-
-    lap = Laps(cfg.profile, device)
-    batches = iter(loader)
+    # -- data: the desirable-ratio sampler resumes its exact stream; inputs from images or the latent cache ----
+    captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
+    inputs = Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank, world_size)
+    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
+                                    start=start_step * cfg.train_batch_size)
+    batches = iter(torch.utils.data.DataLoader(
+        inputs.dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=cfg.dataloader_workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
+    phases = Phases(cfg.profile, device)
     bar = tqdm(total=cfg.max_train_steps, initial=start_step, disable=not master, desc="kto", dynamic_ncols=True)
+
     for step in range(start_step + 1, cfg.max_train_steps + 1):
         t0 = time.perf_counter()
-        lap()
-        batch = next(batches)
-        is_desirable = batch["desirable"].to(device)
-        b = len(is_desirable)
-        lap("data")
+        with phases("data"):
+            batch = next(batches)
+            is_desirable = batch["desirable"].to(device)
+        with phases("encode"), torch.no_grad(), autocast:
+            x0, emb, emb_mismatched = inputs(batch, gen)
+        with phases("forward"), autocast:
+            loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, cfg)
+        with phases("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()                      # DDP averages the gradients over ranks here
+            scaler.unscale_(optimizer)                         # fp16: true gradients, so clipping sees their norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        with phases("optimizer"):
+            # fp16 overflows are the scaler's business (it skips the step); any other NaN/inf: no rank steps
+            sums = step_sums(loss, stats, is_desirable, torch.isfinite(grad_norm) | scaler.is_enabled(),
+                             batch["corrupt"])
+            skipped = sums["not_finite"].item() > 0            # the same decision on every rank
+            bad_steps = bad_steps + 1 if skipped else 0
+            lr = lr_schedule.get_last_lr()[0]
+            scale = scaler.get_scale()
+            if not skipped:
+                scaler.step(optimizer)
+            scaler.update()                                    # fp16: halve the loss scale after an overflow
+            if not skipped and scaler.get_scale() >= scale:    # a step skipped (by us or the fp16 scaler) does
+                lr_schedule.step()                             # not advance the learning-rate schedule
+        n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
+        utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together
 
-        with torch.no_grad(), autocast:
-            # x0 = E(image); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}; same x0, eps, t for both UNets
-            x0, both = latents_and_embeddings(batch, b)  # one text-encoder call for matched + mismatched captions
-            x0 = (x0 * scaling_factor).float()
-            eps = torch.randn(x0.shape, generator=gen, device=device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen, device=device)
-            x_t = scheduler.add_noise(x0, eps, t)
-            target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
-            lap("encode")
-            if cfg.reference_point == "kl_mismatched":
-                emb, emb_mismatched = both[:b], both[b:]
-                ref_both = ref(torch.cat([x_t, x_t]).to(frozen_dtype), torch.cat([t, t]), both.to(frozen_dtype)).sample
-                ref_err = denoising_error(ref_both[:b], target)
-                # z (paper): KL(policy || ref) estimated on (image, another sample's caption), no gradient
-                ref_err_mismatched = denoising_error(ref_both[b:], target)
-                lap("ref_forward")
-                policy_err_mismatched = denoising_error(policy(x_t, t, emb_mismatched).sample, target)
-                lap("policy_forward_mismatched")
-            else:
-                emb = both
-                ref_err = denoising_error(ref(x_t.to(frozen_dtype), t, emb.to(frozen_dtype)).sample, target)
-                lap("ref_forward")
-
-        with autocast:
-            policy_err = denoising_error(model(x_t, t, emb.float()).sample, target)
-        r = (ref_err - policy_err).detach()                    # implicit reward r = ref_err - policy_err, per sample
-        if cfg.reference_point == "kl_mismatched":
-            z = reference_point(ref_err_mismatched - policy_err_mismatched)
-        elif cfg.reference_point == "batch_mean":
-            z = reference_point(r)                             # released code: clamp(mean r over all GPUs, 0)
-        else:
-            z = torch.zeros((), device=device)
-        loss = kto_loss(policy_err, ref_err, is_desirable, cfg.beta, z, cfg.utility, cfg.lambda_d, cfg.lambda_u).mean()
-        lap("policy_forward")
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()                          # DDP averages the gradients over ranks here
-        lap("backward")
-        scaler.unscale_(optimizer)                             # fp16: true gradients, so clipping sees their real norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        lap("clip_grad")
-        lr = lr_schedule.get_last_lr()[0]
-
-        # -- metrics: one all-reduce of sums and counts, so rank 0 logs global values -----------------
-        d, u = is_desirable.float(), (~is_desirable).float()
-        margin = torch.where(is_desirable, r - z, z - r)       # w * (r - z) > 0 means the sample is "won"
-        finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | scaler.is_enabled())  # fp16: see below
-        sums = torch.stack([loss.detach() * b, (r * d).sum(), d.sum(), (r * u).sum(), u.sum(), (margin > 0).float().sum(),
-                            policy_err.detach().sum(), ref_err.sum(), torch.tensor(float(b), device=device),
-                            (~finite).float(), batch["corrupt"].sum().to(device, torch.float32)])
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        skipped = sums[9].item() > 0                           # the same decision on every rank
-        n_corrupt += int(sums[10].item())
-        n_seen += int(sums[8].item()) + int(sums[10].item())
-        utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together beyond 1%
-        lap("allreduce")
-        if skipped:  # a NaN/inf anywhere: no rank steps; the bad gradients are dropped at the next zero_grad
-            bad_steps += 1
-        else:
-            scaler.step(optimizer)                             # fp16: a gradient overflow skips the step, as usual
-            bad_steps = 0
-        scaler.update()                                        # fp16: halve the loss scale after an overflow
-        lr_schedule.step()
-        lap("optimizer")
         if master:
-            n = sums[8].item()
-            row = dict(step=step, loss=sums[0].item() / n, z=z.item(),
-                       reward_desirable=sums[1].item() / max(sums[2].item(), 1),
-                       reward_undesirable=sums[3].item() / max(sums[4].item(), 1),
-                       accuracy=sums[5].item() / n, policy_err=sums[6].item() / n, ref_err=sums[7].item() / n,
-                       grad_norm=grad_norm.item(), lr=lr, desirable_frac=sums[2].item() / n, skipped=int(skipped),
-                       images_per_sec=n / (time.perf_counter() - t0), **lap.report())
-            metrics_file.write(json.dumps(row) + "\n")
+            row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, time.perf_counter() - t0)
+            metrics_file.write(json.dumps({**row, **phases.report()}) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
         bar.update()
-
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
                                 "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
