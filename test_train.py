@@ -51,7 +51,8 @@ def test_feedback_dataset_shapes_and_bytes(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ([{"img": "a.png", "caption": "x", "label": 1}], r"missing column\(s\) image"),
     ([{"image": "a.png", "caption": "x", "label": "maybe"}], r"column 'label', row 0 .* 'maybe'"),
-    ([{"image": "nope.png", "caption": "x", "label": 1}], r"column 'image', row 0: image file 'nope.png' does not exist"),
+    ([{"image": "nope.png", "caption": "x", "label": 1}],
+     r"column 'image', row 0: image file 'nope.png' does not exist"),
 ])
 def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     from PIL import Image
@@ -91,6 +92,10 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     assert run_json["config"]["beta"] == train_kto.TINY["beta"] and run_json["world_size"] == 1
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
+    # the optimizer state (2x the UNet) is kept in the newest checkpoint only; an older one cannot be resumed
+    assert (out / "checkpoint-4" / "optimizer.pt").exists() and not (out / "checkpoint-2" / "optimizer.pt").exists()
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--max_train_steps", "5", "--resume", str(out / "checkpoint-2"))
     keys = {"loss", "z", "reward_desirable", "reward_undesirable", "accuracy", "policy_err", "ref_err",
             "grad_norm", "lr", "images_per_sec"}
     assert keys <= set(rows[0])
@@ -132,7 +137,8 @@ def test_max_grad_norm_clips(tmp_path):
     from diffusers import UNet2DConditionModel
     base = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
     free, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", out="free")
-    tight, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", "--max_grad_norm", "1e-12", out="tight")
+    tight, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", "--max_grad_norm", "1e-12",
+                   out="tight")
     change = lambda m: max((m.state_dict()[k] - base[k]).abs().max().item() for k in base)
     # Adam normalises the gradient's scale, so only a norm far below its eps (1e-8) slows it down
     assert change(tight) < 0.01 * change(free)
@@ -168,7 +174,8 @@ def run_script(tmp_path, body, *argv, torchrun=None, check=True):
     """Run train_kto.main in a fresh process with a patch applied first (`body` is Python code)."""
     script = tmp_path / "patched.py"
     script.write_text("import os, sys, json, torch\nsys.path.insert(0, %r)\nimport train_kto\n" % str(HERE)
-                      + textwrap.dedent(body) + "\ntrain_kto.main(sys.argv[1:])\n" + "on_exit()\n" * ("def on_exit" in body))
+                      + textwrap.dedent(body) + "\ntrain_kto.main(sys.argv[1:])\n"
+                      + "on_exit()\n" * ("def on_exit" in body))
     launcher = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
     proc = subprocess.run([*launcher, str(script), *TINY, *argv], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
@@ -219,7 +226,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert [r["skipped"] for r in rows] == [1, 1, 1]
 
 
-@pytest.mark.parametrize("case", ["one_class", "empty_captions", "batch_of_one", "foreign_output_dir", "bad_resume"])
+@pytest.mark.parametrize("case", ["one_class", "empty_captions", "batch_of_one", "foreign_output_dir", "bad_resume",
+                                  "no_such_model_folder", "not_a_pipeline_folder", "unreachable_hub_model"])
 def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
@@ -235,13 +243,20 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
     if case == "bad_resume":
         args += ["--resume", str(tmp_path)]
+    if case == "no_such_model_folder":
+        args += ["--pretrained_model", str(tmp_path / "runs" / "nope")]
+    if case == "not_a_pipeline_folder":
+        args += ["--pretrained_model", str(tmp_path)]
+    if case == "unreachable_hub_model":  # offline here: the hub cannot be reached, and the cache lacks it
+        args += ["--pretrained_model", "nobody-here/no-such-model"]
     args += ["--dataset", str(write_table(tmp_path, rows))]
     with pytest.raises(SystemExit) as e:
         run(tmp_path, *args)
     err = capsys.readouterr().err
     expected = {"one_class": "--allow_one_class", "empty_captions": "10% of the captions are empty",
                 "batch_of_one": "--train_batch_size >= 2", "foreign_output_dir": "--resume latest",
-                "bad_resume": "not a checkpoint folder"}[case]
+                "bad_resume": "not a checkpoint folder", "no_such_model_folder": "no such folder",
+                "not_a_pipeline_folder": "no unet/, scheduler/", "unreachable_hub_model": "hf download"}[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started
     if case == "one_class":  # allowed on request
@@ -308,7 +323,8 @@ def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path,
     assert record["config"]["max_train_steps"] == 2 and len(record["launches"]) == 1  # the refusals wrote nothing
     _, rows = run(tmp_path, "--max_train_steps", "3", "--resume", "latest", "--checkpointing_steps", "5")
     record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert [launch["start_step"] for launch in record["launches"]] == [0, 2] and record["config"]["max_train_steps"] == 3
+    assert [launch["start_step"] for launch in record["launches"]] == [0, 2]
+    assert record["config"]["max_train_steps"] == 3
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
@@ -336,3 +352,32 @@ def test_same_metrics_and_weights_as_before_the_redesign(tmp_path):
                 if k != "images_per_sec":
                     assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
         assert max_diff(weights(out / "checkpoint-3"), weights(tmp_path / f"new-{len(extra)}" / "checkpoint-3")) <= 1e-6
+
+
+def test_help_shows_the_tiny_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train_kto.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10000; --tiny: 200)" in text and "(default: 5000.0; --tiny: 200.0)" in text
+
+
+def test_long_captions_are_counted_and_warned_about(tmp_path, capsys):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    long = "a red circle on a white background next to a blue square on a black background"  # > 16 tiny tokens
+    rows = [{"image": "a.png", "caption": long if i < 3 else f"c{i}", "label": i % 2} for i in range(8)]
+    run(tmp_path, "--max_train_steps", "1", "--dataset", str(write_table(tmp_path, rows)))
+    assert "warning: 1 of 7 distinct captions are longer than the text encoder's 16 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_failure_is_reported_once_and_in_the_summary(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)]  # one class: refused
+    proc = run_script(tmp_path, "", "--dataset", str(write_table(tmp_path, rows)), "--output_dir",
+                      str(tmp_path / "out"), torchrun=TORCHRUN, check=False)
+    message = "--allow_one_class to train anyway"
+    assert proc.returncode != 0 and proc.stderr.count("error: --dataset") == 1, proc.stderr[-3000:]
+    summary = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert message in summary, summary  # torchrun's failure summary carries the message, not only an exit code

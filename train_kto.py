@@ -338,6 +338,8 @@ class Inputs:
         self.cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
         if not (self.cache and all((self.cache / f).exists() for f in cache_files(len(dataset), len(captions)))):
             self.load_encoders(path)  # the VAE and text encoder are loaded only to encode images and captions
+            if rank == 0:
+                self.warn_truncation(captions)
         if self.cache:
             self.cache.mkdir(parents=True, exist_ok=True)
             check_cache_settings(self.cache, dict(
@@ -361,6 +363,17 @@ class Inputs:
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
         for m in (self.text_encoder, self.vae):
             m.to(self.device).requires_grad_(False).eval()
+
+    def warn_truncation(self, captions: list[str], sample: int = 20_000):
+        """Captions longer than the text encoder's context are cut (as in SD's own training): say how many, once
+        (counted on at most `sample` distinct captions, evenly spaced)."""
+        step = max(1, len(captions) // sample)
+        lengths = [len(ids) for ids in self.tokenizer(captions[::step], verbose=False).input_ids]
+        n, limit = sum(n > self.tokenizer.model_max_length for n in lengths), self.tokenizer.model_max_length
+        if n:
+            of = f"{n} of {len(lengths)}" + (f" sampled (of {len(captions)})" if step > 1 else "")
+            print(f"warning: {of} distinct captions are longer than the text encoder's {limit} tokens and are "
+                  "truncated", file=sys.stderr)
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -502,8 +515,9 @@ def fsync_tree(path: Path):
 
 def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int,
                     world_size: int):
-    """checkpoint-<step>/: unet/ (diffusers layout), training_state.pt, rng_state.pt (every rank's generator) and
-    config.json. Rank 0 writes it to a temporary folder, flushes it to disk, then renames it. All ranks call this."""
+    """checkpoint-<step>/: unet/ (diffusers layout), optimizer.pt (newest checkpoint only), training_state.pt,
+    rng_state.pt (every rank's generator) and config.json. Rank 0 writes it to a temporary folder, flushes it to
+    disk, then renames it. All ranks call this."""
     rng_states = [gen.get_state()]
     if world_size > 1:
         rng_states = [None] * world_size
@@ -511,11 +525,15 @@ def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, st
     if rank == 0:
         with utils.atomic_path(Path(cfg.output_dir) / f"checkpoint-{step}") as tmp:
             policy.save_pretrained(tmp / "unet")
-            torch.save(dict(optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), step=step,
-                            bad_steps=bad_steps, scaler=scaler.state_dict()), tmp / "training_state.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(dict(lr_schedule=lr_schedule.state_dict(), step=step, bad_steps=bad_steps,
+                            scaler=scaler.state_dict()), tmp / "training_state.pt")
             torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
             (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             fsync_tree(tmp)
+        *older, _ = list_checkpoints(cfg.output_dir)
+        for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
+            (old / "optimizer.pt").unlink(missing_ok=True)
         if cfg.checkpoints_total_limit > 0:
             for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -538,6 +556,9 @@ def find_resume(cfg: Config) -> Path | None:
     if not (path / "training_state.pt").exists():
         raise DataError(f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
                         f"Pass a checkpoint-<step> folder or 'latest'.")
+    if not (path / "optimizer.pt").exists():
+        raise DataError(f"--resume {path}: this checkpoint keeps the weights but not the optimizer state, which only "
+                        "the newest checkpoint of a run keeps. Resume from the newest one (--resume latest).")
     saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in RESUMABLE and k in now and saved[k] != now[k]]
@@ -600,8 +621,6 @@ def main(argv=None):
 
 
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
-    from tqdm.auto import tqdm
-
     master = rank == 0
     out_dir = Path(cfg.output_dir)
     if cfg.reference_point == "kl_mismatched":
@@ -620,6 +639,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     path = cfg.pretrained_model
     if path == "sd15-random":  # SD v1-5's architecture with random weights (benchmarks), built once
         path = str(__import__("fixtures").sd15_random_path())
+    path = utils.check_pretrained(path, "--pretrained_model")
     policy, ref, scheduler, amp_dtype = load_models(cfg, path, device)
     model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy  # ref is never wrapped
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
@@ -636,7 +656,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         from diffusers import UNet2DConditionModel
         policy.load_state_dict(UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet").state_dict())
         state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
         lr_schedule.load_state_dict(state["lr_schedule"])
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
@@ -666,7 +686,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         inputs.dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=cfg.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
     phases = Phases(cfg.profile, device)
-    bar = tqdm(total=cfg.max_train_steps, initial=start_step, disable=not master, desc="kto", dynamic_ncols=True)
+    bar = utils.Progress(cfg.max_train_steps, cfg.objective, initial=start_step, enabled=master)
 
     for step in range(start_step + 1, cfg.max_train_steps + 1):
         t0 = time.perf_counter()
@@ -702,8 +722,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, time.perf_counter() - t0)
             metrics_file.write(json.dumps({**row, **phases.report()}) + "\n")
             metrics_file.flush()
-            bar.set_postfix(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
-        bar.update()
+        bar.update(**({} if not master else dict(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}",
+                                                  acc=f"{row['accuracy']:.2f}")))
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
                                 "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -101,10 +102,36 @@ def run_main(work, cfg, errors: tuple):
     except errors as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun: its failure summary then carries the message
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(e)
         raise SystemExit(getattr(e, "exit_code", 2)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_pretrained(spec: str, flag: str, parts=("unet", "scheduler", "vae", "text_encoder", "tokenizer")) -> str:
+    """A diffusers pipeline folder (local, or a hub id fetched to the local cache) holding `parts`, as a local path;
+    else a DataError saying what is missing, where, and how to fix it."""
+    path = Path(spec).expanduser()
+    if not path.exists() and (spec.count("/") != 1 or spec.startswith((".", "/", "~"))):
+        raise DataError(f"{flag} {spec}: no such folder (and not a hub id of the form owner/name). Check the path.")
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+        try:
+            path = Path(snapshot_download(spec, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)]))
+        except Exception as e:  # offline, unreachable, unknown repo, gated: all end up here
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise DataError(f"{flag} {spec}: could not get this model from the Hugging Face hub or its local cache "
+                            f"({reason}). With a network: `hf download {spec}` first (or run once online); without "
+                            "one: pass a local diffusers folder, or set HF_HUB_OFFLINE=1 to use what the cache "
+                            "holds.") from e
+    missing = [p for p in parts if not (path / p).is_dir()]
+    if missing:
+        raise DataError(f"{flag} {spec}: not a diffusers pipeline folder: no {', '.join(f'{p}/' for p in missing)} "
+                        f"in {path}. Pass the folder that holds model_index.json and those subfolders.")
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,7 +331,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
                     warnings.warn(f"corrupt image #{self.n_corrupt} in this process skipped: {self._where(i)}: "
                                   f"{type(e).__name__}: {e}; replaced by item {nxt} of the same class", RuntimeWarning)
                 if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
-                    raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged.") from e
+                    raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are "
+                                    "damaged.") from e
                 i = nxt
         caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
         return {"pixel_values": pixels, "caption": caption, "desirable": self.desirable[i], "corrupt": corrupt}
@@ -546,6 +574,37 @@ def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: in
             f"{n_corrupt} of the {n_seen} images read so far ({n_corrupt / max(n_seen, 1):.2%}) could not be "
             f"decoded, more than the {limit:.0%} allowed: the data are damaged. The warnings above name the shards "
             f"and rows; re-download those shards (or remove them from --dataset) and restart.")
+
+
+class Progress:
+    """Progress of long work: a tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every
+    `every` seconds and at the end, instead of a bar redrawn with carriage returns into one endless line."""
+
+    def __init__(self, total: int, desc: str, unit: str = "steps", initial: int = 0, every: float = 60.0,
+                 enabled: bool = True):
+        self.total, self.desc, self.unit, self.every, self.done = total, desc, unit, every, initial
+        self.start, self.shown, self.first, self.info = time.monotonic(), time.monotonic(), initial, ""
+        self.enabled, self.bar = enabled, None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit.rstrip("s"), dynamic_ncols=True)
+
+    def update(self, n: int = 1, **info):
+        self.done += n
+        self.info = " ".join(f"{k}={v}" for k, v in info.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.info, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.shown >= self.every or self.done >= self.total):
+            self.shown, each = now, (now - self.start) / max(self.done - self.first, 1)
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {each:.3g} s each, "
+                  f"{each * (self.total - self.done):.0f} s left {self.info}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------------------
