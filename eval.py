@@ -20,11 +20,16 @@ import dataclasses
 import hashlib
 import html
 import json
+import logging
 import platform
 import re
 import sys
+import textwrap
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import ftfy
 import numpy as np
@@ -32,7 +37,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import utils
 from utils import DataError, arg
@@ -203,24 +208,76 @@ def derive_seed(*keys: int) -> int:
     """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
+
+# ----------------------------------------------------------------------------------------------------
+# Models and weights: local paths, URLs and hub repos, each resolved before any image is generated
+
+HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # owner/name, or a legacy name such as bert-base-uncased
+
+
+def from_hub(spec: str, filename: str, what: str) -> Path:
+    """`filename` of the hub repo `spec`, from the hub cache or downloaded now. A spec that can only be a local
+    path (not owner/name, or its folder exists here as in runs/checkpoint-20) is reported missing instead."""
+    if not HUB_ID.fullmatch(spec) or ("/" in spec and Path(spec).parent.is_dir()):
+        raise DataError(f"{what}: no such file or folder.")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec, filename))
+    except Exception as e:  # offline and not cached, no such repo, no network, ...
+        raise DataError(f"{what}: no such local file or folder, and {filename} of the hub repo {spec} could not be "
+                        f"fetched ({type(e).__name__}). Offline? Download it once and pass the local copy.") from e
+
+
+def resolve_model(spec: str, what: str, marker: str = "config.json") -> str:
+    """A model folder holding `marker`, or a hub repo whose `marker` can be fetched (the weights follow at load)."""
+    path = Path(spec)
+    if path.is_dir() and not (path / marker).is_file():
+        raise DataError(f"{what}: the folder has no {marker}.")
+    if path.is_file():
+        raise DataError(f"{what}: a file; expected a model folder (with {marker}) or a hub id.")
+    if not path.exists():
+        from_hub(spec, marker, what)
+    return spec
+
+
+def resolve_file(spec: str, filename: str, what: str) -> Path:
+    """A weights file given as the file, a folder holding it, a URL (downloaded once into the cache) or a hub repo."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / filename).is_file():
+            return path / filename
+        raise DataError(f"{what}: the folder has no {filename}.")
+    if spec.startswith(("http://", "https://")):
+        dest = utils.cache_dir() / "scorers" / filename
+        try:
+            return dest if dest.exists() else download(spec, dest)
+        except Exception as e:
+            raise DataError(f"{what}: could not download {filename} ({type(e).__name__}). Offline? Download it once "
+                            f"and pass the file (or its folder).") from e
+    return from_hub(spec, filename, what)
+
 # ----------------------------------------------------------------------------------------------------
 # Generation: both models, the same initial noise for image k of prompt p
 
-def describe_model(spec: str) -> dict:
-    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None}. A checkpoint-<step> folder holds
-    only unet/; its base model is config.pretrained_model in the run.json of the folder above."""
+def describe_model(spec: str, flag: str) -> dict:
+    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None}, both checked to exist. A
+    checkpoint-<step> folder holds only unet/; its base model is config.pretrained_model in the run.json above."""
     path = Path(spec)
     if (path / "unet" / "config.json").exists() and not (path / "model_index.json").exists():
         run_json = path.parent / "run.json"
         if not run_json.exists():
-            raise DataError(f"{spec}: a UNet checkpoint without {run_json}, so its base model is unknown. Pass the "
-                            f"checkpoint of a train_kto.py run, or a full diffusers folder / hub id.")
+            raise DataError(f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
+                            f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id.")
         base = json.loads(run_json.read_text())["config"]["pretrained_model"]
+        resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
         return dict(base=base, unet=str(path / "unet"))
-    if path.exists() and not (path / "model_index.json").exists():
-        raise DataError(f"{spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model folder "
-                        f"(with model_index.json).")
-    return dict(base=spec, unet=None)
+    if path.is_dir() and not (path / "model_index.json").exists():
+        raise DataError(f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model "
+                        f"folder (with model_index.json).")
+    return dict(base=resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None)
 
 
 def load_pipeline(model: dict, device: torch.device):
@@ -239,11 +296,37 @@ def load_pipeline(model: dict, device: torch.device):
     return pipe.to(device)
 
 
+class Progress:
+    """A tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every `every` seconds and
+    at the end, instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, total: int, desc: str, every: float = 60.0):
+        self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.start = self.shown = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.shown >= self.every or self.done >= self.total:
+            self.shown, each = now, (now - self.start) / self.done
+            print(f"{self.desc}: {self.done}/{self.total} images, {each:.3g} s each, "
+                  f"{each * (self.total - self.done):.0f} s left", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: str, rank: int, device):
     """Generate the images of `items` = [(prompt_id, k, prompt)] not yet on disk, batch_size at a time. The noise
     of image (p, k) is seeded by (cfg.seed, p, k) only: the same for both models, whatever the batch or rank."""
-    from tqdm.auto import tqdm
-
     todo = [it for it in items if not (folder / image_name(it[0], it[1])).exists()]
     if not todo:
         return
@@ -251,7 +334,7 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     folder.mkdir(parents=True, exist_ok=True)
     c = pipe.unet.config.in_channels
     h = w = pipe.unet.config.sample_size  # latent side; image side = this x the VAE's scale factor
-    bar = tqdm(total=len(todo), desc=f"{desc} rank {rank}", dynamic_ncols=True)
+    bar = Progress(len(todo), f"{desc} rank {rank}")
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
@@ -275,16 +358,18 @@ def image_name(p: int, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scoring interface. SCORERS (below the evaluation) maps a metric name to its loader: loader(cfg, device) returns
-# score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N], higher = better.
+# Scoring interface. SCORERS (below the evaluation) maps a metric name to a Scorer.
+
+class Scorer(NamedTuple):
+    title: str  # in tables and charts
+    locate: Callable  # locate(cfg) -> every file the scorer reads, resolved (downloaded now if need be) or DataError
+    load: Callable  # load(cfg, device) -> score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N]
 
 def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device) -> dict:
     """{metric: {key: score}} for every image file in paths = {key: path}, key = (model, prompt id, k).
 
     Identical images (same file bytes) with the same prompt are scored once, so identical models tie exactly.
     The ranks split the unique images and then share their scores."""
-    from tqdm.auto import tqdm
-
     digest = {key: hashlib.sha1(path.read_bytes()).hexdigest() for key, path in paths.items()}
     first = {}
     for key, path in paths.items():
@@ -292,13 +377,15 @@ def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: i
     mine = sorted(first)[rank::world_size]
     unique = {m: {} for m in metrics}
     for m in metrics:
-        score = SCORERS[m](cfg, device)
-        for i in tqdm(range(0, len(mine), cfg.batch_size), desc=f"{m} rank {rank}", dynamic_ncols=True):
+        score, bar = SCORERS[m].load(cfg, device), Progress(len(mine), f"{m} rank {rank}")
+        for i in range(0, len(mine), cfg.batch_size):
             batch = mine[i:i + cfg.batch_size]
             images = [Image.open(first[u]).convert("RGB") for u in batch]
             with torch.no_grad():
                 values = score(images, [prompts[p] for _, p in batch]).float().cpu().tolist()
             unique[m].update(zip(batch, values))
+            bar.update(len(batch))
+        bar.close()
         del score
     if world_size > 1:
         gathered = [None] * world_size
@@ -347,7 +434,8 @@ def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_
 # The evaluation: check everything, generate, score, compare per prompt, report
 
 def check_inputs(cfg: Config):
-    """Everything bad input can break, checked before any model is loaded: the flags, both models, the prompts.
+    """Everything bad input can break, checked before any image is generated: the flags, both models, the prompts
+    and every scorer's files (resolved to local copies, or fetched now: a failure costs no generation time).
     Returns (cfg with --baseline filled in, metrics, {'checkpoint': model, 'baseline': model}, prompts, prompt ids)."""
     metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in SCORERS]
@@ -357,14 +445,26 @@ def check_inputs(cfg: Config):
     for name in ("images_per_prompt", "steps", "batch_size"):
         if getattr(cfg, name) < 1:
             raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
-    ckpt = describe_model(cfg.ckpt)
+    ckpt = describe_model(cfg.ckpt, "--ckpt")
     if not cfg.baseline:
         if ckpt["unet"] is None:
             raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
         cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
-    models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline))
+    models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
     prompts = load_prompts(cfg.prompts)
     ids = subset_indices(len(prompts), cfg.num_prompts)  # prompt ids are indices in the full set: seeds follow them
+    if "utility" in metrics:
+        import fixtures
+
+        captions = set(fixtures.tiny_prompts())
+        others = [prompts[p] for p in ids if prompts[p] not in captions]
+        if others:
+            raise DataError(f"--metrics utility: the tiny world's utility is defined only for its own captions (such "
+                            f"as '{fixtures.tiny_prompts()[0]}'), but --prompts {cfg.prompts} has {len(others)} "
+                            f"other prompt(s), e.g. {others[0]!r}. Use --prompts tiny (the --tiny default) or a file "
+                            f"of world captions, or score these prompts with other --metrics.")
+    for m in metrics:
+        SCORERS[m].locate(cfg)
     return cfg, metrics, models, prompts, ids
 
 
@@ -410,17 +510,11 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
                   device=str(device), versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
     if random_scorers(cfg):
         report["note"] = TINY_NOTE
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    write_markdown(results, out / "results.md", cfg)
-    draw_bar_chart(results, out / "win_rates.png", f"win rate of {Path(cfg.ckpt).name} vs {Path(cfg.baseline).name}"
-                   + (" (tiny random scorers)" if random_scorers(cfg) else ""))
-    for p in ids[:4]:
-        draw_grid([Image.open(paths[("baseline", p, k)]) for k in range(cfg.images_per_prompt)],
-                  [Image.open(paths[("checkpoint", p, k)]) for k in range(cfg.images_per_prompt)],
-                  prompts[p], out / f"grid_{p:05d}.png")
+    written = write_reports(cfg, report, tables, prompts, ids, paths, out)
     print((out / "results.md").read_text())
     if random_scorers(cfg):
         print(TINY_NOTE)
+    print("Wrote:\n" + "\n".join(f"  {p}" for p in [*written, out / "images" / "index.csv"]))
     return report
 
 
@@ -509,30 +603,17 @@ def embedding(output) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.pooler_output
 
 
-def resolve_file(spec: str, filename: str, flag: str) -> Path:
-    """A weights file given as the file, a folder holding it, a URL or a hub repo id (downloaded once)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / filename).is_file():
-            return path / filename
-        raise DataError(f"{flag} {spec}: the folder has no {filename}.")
-    how = f"Offline? Download {filename} once and pass the file (or its folder) with {flag}."
-    try:
-        if spec.startswith(("http://", "https://")):
-            dest = utils.cache_dir() / "scorers" / filename
-            return dest if dest.exists() else download(spec, dest)
-        from huggingface_hub import hf_hub_download
-        return Path(hf_hub_download(spec, filename))
-    except Exception as e:
-        raise DataError(f"{flag} {spec}: could not fetch {filename} ({type(e).__name__}). {how}") from e
-
-
-def beside(weights: Path, default: str) -> str:
+def beside(weights: Path, default: str, what: str) -> str:
     """Where the architecture config and tokenizer come from: the weights' folder if it has a config.json
     (the tiny test scorers, local mirrors), else the canonical hub id."""
-    return str(weights.parent) if (weights.parent / "config.json").exists() else default
+    return str(weights.parent) if (weights.parent / "config.json").exists() else resolve_model(default, what)
+
+
+def from_pretrained(cls, source: str, what: str):
+    try:
+        return cls.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{what}: could not load a {cls.__name__} from {source} ({e}).") from e
 
 
 def load_state_dict(path: Path) -> dict:
@@ -542,16 +623,19 @@ def load_state_dict(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
 
 
-def load_clip(spec: str, flag: str, device):
+def locate_clip(spec: str, flag: str) -> dict:
+    """A CLIPModel folder or hub id, and its tokenizer's (PickScore's repo has none: ViT-H-14's, as its authors)."""
+    what = f"{flag} {spec}"
+    model = resolve_model(spec, what)
+    tokenizer = spec if (Path(spec) / "tokenizer_config.json").exists() else resolve_model(DEFAULT_PATHS["clip"], what)
+    return dict(model=model, tokenizer=tokenizer)
+
+
+def load_clip(where: dict, what: str, device):
     from transformers import CLIPModel, CLIPTokenizer
 
-    try:
-        model = CLIPModel.from_pretrained(spec)
-        tokenizer = CLIPTokenizer.from_pretrained(spec if (Path(spec) / "tokenizer_config.json").exists()
-                                                  else DEFAULT_PATHS["clip"])  # PickScore: the ViT-H-14 tokenizer
-    except (OSError, ValueError) as e:  # a missing folder reads as an invalid hub id (ValueError)
-        raise DataError(f"{flag} {spec}: could not load a CLIPModel ({e}). Offline? Pass a local folder.") from e
-    return model.to(device).eval(), tokenizer
+    model = from_pretrained(CLIPModel, where["model"], what).to(device).eval()
+    return model, from_pretrained(CLIPTokenizer, where["tokenizer"], what)
 
 
 def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts) -> torch.Tensor:
@@ -564,8 +648,12 @@ def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts) -> torch.Tensor
     return F.cosine_similarity(img, txt, dim=-1)
 
 
+def locate_pickscore(cfg: Config) -> dict:
+    return locate_clip(cfg.pickscore_path, "--pickscore_path")
+
+
 def load_pickscore(cfg: Config, device):
-    model, tokenizer = load_clip(cfg.pickscore_path, "--pickscore_path", device)
+    model, tokenizer = load_clip(locate_pickscore(cfg), f"--pickscore_path {cfg.pickscore_path}", device)
     size = model.config.vision_config.image_size
 
     def score(images, prompts):  # exp(logit_scale) * cos(text, image): the logit of a CLIP tuned on Pick-a-Pic, ~21
@@ -574,9 +662,13 @@ def load_pickscore(cfg: Config, device):
     return score
 
 
+def locate_clip_score(cfg: Config) -> dict:
+    return locate_clip(cfg.clip_path, "--clip_path")
+
+
 def load_clip_score(cfg: Config, device):
     """Diffusion-DPO's CLIP score: OpenCLIP ViT-H-14's raw cosine, images and text prepared as for HPS v2."""
-    model, tokenizer = load_clip(cfg.clip_path, "--clip_path", device)
+    model, tokenizer = load_clip(locate_clip_score(cfg), f"--clip_path {cfg.clip_path}", device)
     size = model.config.vision_config.image_size
     return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),
                                                [clean_openclip_text(p) for p in prompts])
@@ -624,16 +716,19 @@ def openclip_to_hf(sd: dict) -> dict:
     return out
 
 
+def locate_hps(cfg: Config) -> dict:
+    what = f"--hps_path {cfg.hps_path}"
+    weights = resolve_file(cfg.hps_path, "HPS_v2_compressed.pt", what)
+    return dict(weights=weights, arch=beside(weights, DEFAULT_PATHS["clip"], what))  # a fine-tuned OpenCLIP ViT-H-14
+
+
 def load_hps(cfg: Config, device):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    weights = resolve_file(cfg.hps_path, "HPS_v2_compressed.pt", "--hps_path")
-    arch = beside(weights, DEFAULT_PATHS["clip"])  # HPS v2 is a fine-tuned OpenCLIP ViT-H-14
-    try:
-        model, tokenizer = CLIPModel(CLIPConfig.from_pretrained(arch)), CLIPTokenizer.from_pretrained(arch)
-    except OSError as e:
-        raise DataError(f"--hps_path: could not load the ViT-H-14 config/tokenizer from {arch} ({e}).") from e
-    sd = load_state_dict(weights)
+    where, what = locate_hps(cfg), f"--hps_path {cfg.hps_path}"
+    model = CLIPModel(from_pretrained(CLIPConfig, where["arch"], what))
+    tokenizer = from_pretrained(CLIPTokenizer, where["arch"], what)
+    sd = load_state_dict(where["weights"])
     model.load_state_dict(openclip_to_hf(sd.get("state_dict", sd)), strict=True)
     model = model.float().to(device).eval()
     size = model.config.vision_config.image_size
@@ -651,11 +746,19 @@ def mlp_head(in_dim: int) -> torch.nn.Module:
     return head
 
 
+def locate_aesthetic(cfg: Config) -> dict:
+    what = f"--aesthetic_path {cfg.aesthetic_path}"
+    weights = resolve_file(cfg.aesthetic_path, "sac+logos+ava1-l14-linearMSE.pth", what)
+    return dict(weights=weights, clip=beside(weights, "openai/clip-vit-large-patch14", what))
+
+
 def load_aesthetic(cfg: Config, device):
-    weights = resolve_file(cfg.aesthetic_path, "sac+logos+ava1-l14-linearMSE.pth", "--aesthetic_path")
-    model, _ = load_clip(beside(weights, "openai/clip-vit-large-patch14"), "--aesthetic_path", device)
+    from transformers import CLIPModel
+
+    where = locate_aesthetic(cfg)
+    model = from_pretrained(CLIPModel, where["clip"], f"--aesthetic_path {cfg.aesthetic_path}").to(device).eval()
     head = mlp_head(model.config.projection_dim)
-    head.load_state_dict(load_state_dict(weights), strict=True)
+    head.load_state_dict(load_state_dict(where["weights"]), strict=True)
     head = head.to(device).eval()
 
     def score(images, prompts):  # the prompt is not used: aesthetic = MLP(image embedding / ||image embedding||)
@@ -690,17 +793,24 @@ def blip_to_hf(sd: dict) -> tuple[dict, dict, dict]:
     return vision, text, head  # other keys (ITC projections, ...) are not used by the score
 
 
+def locate_imagereward(cfg: Config) -> dict:
+    what = f"--imagereward_path {cfg.imagereward_path}"
+    weights = resolve_file(cfg.imagereward_path, "ImageReward.pt", what)
+    med = weights.parent / "med_config.json"  # beside the weights (a local copy), else from the same repo
+    local_tokenizer = (weights.parent / "tokenizer_config.json").exists()  # the tiny scorer's; the real repo has none
+    return dict(weights=weights, med_config=med if med.exists() else resolve_file(cfg.imagereward_path,
+                                                                                   "med_config.json", what),
+                tokenizer=str(weights.parent) if local_tokenizer else resolve_model("bert-base-uncased", what))
+
+
 def load_imagereward(cfg: Config, device):
     from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
     from transformers.models.blip.modeling_blip import BlipVisionModel
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-    weights = resolve_file(cfg.imagereward_path, "ImageReward.pt", "--imagereward_path")
-    med_path = weights.parent / "med_config.json"  # beside the weights (a local copy), else from the same repo
-    if not med_path.exists():
-        med_path = resolve_file(cfg.imagereward_path, "med_config.json", "--imagereward_path")
-    med_config = json.loads(med_path.read_text())
-    vision_sd, text_sd, head_sd = blip_to_hf(load_state_dict(weights))
+    where = locate_imagereward(cfg)
+    med_config = json.loads(where["med_config"].read_text())
+    vision_sd, text_sd, head_sd = blip_to_hf(load_state_dict(where["weights"]))
     # BLIP ViT-L/16 (create_vit('large')): sizes read off the weights; heads = width / 64 (1024 -> 16)
     width = vision_sd["embeddings.class_embedding"].shape[-1]
     patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
@@ -723,9 +833,7 @@ def load_imagereward(cfg: Config, device):
     head = mlp_head(med_config["hidden_size"])
     for module, sd in ((vision, vision_sd), (text, text_sd), (head, head_sd)):
         module.load_state_dict(sd, strict=True)
-    folder = weights.parent
-    tokenizer = BertTokenizer.from_pretrained(str(folder) if (folder / "tokenizer_config.json").exists()
-                                              else "bert-base-uncased")
+    tokenizer = from_pretrained(BertTokenizer, where["tokenizer"], f"--imagereward_path {cfg.imagereward_path}")
     vision, text, head = (m.float().to(device).eval() for m in (vision, text, head))
 
     def score(images, prompts):
@@ -747,16 +855,18 @@ def load_utility(cfg: Config, device):
     return lambda images, prompts: torch.tensor([tiny_world.world_utility(im, p) for im, p in zip(images, prompts)])
 
 
-SCORERS = dict(aesthetic=load_aesthetic, pickscore=load_pickscore, imagereward=load_imagereward,
-               clip=load_clip_score, hps=load_hps, utility=load_utility)
-NAMES = dict(aesthetic="Aesthetic", pickscore="PickScore", imagereward="ImageReward", clip="CLIP", hps="HPS v2",
-             utility="Utility (tiny world)")
+SCORERS = dict(aesthetic=Scorer("Aesthetic", locate_aesthetic, load_aesthetic),
+               pickscore=Scorer("PickScore", locate_pickscore, load_pickscore),
+               imagereward=Scorer("ImageReward", locate_imagereward, load_imagereward),
+               clip=Scorer("CLIP", locate_clip_score, load_clip_score),
+               hps=Scorer("HPS v2", locate_hps, load_hps),
+               utility=Scorer("Utility (tiny world)", lambda cfg: {}, load_utility))
 
 # ----------------------------------------------------------------------------------------------------
 # Reports
 
 def write_markdown(results: dict, path: Path, cfg: Config):
-    names = [NAMES.get(m, m) for m in results]
+    names = [SCORERS[m].title for m in results]
     rows = [("win rate (%)", lambda r: f"{100 * r['win_rate']:.1f}"),
             ("95% CI (%)", lambda r: f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"),
             ("mean, checkpoint", lambda r: f"{r['mean_ckpt']:.4g}"),
@@ -771,48 +881,107 @@ def write_markdown(results: dict, path: Path, cfg: Config):
     path.write_text("\n".join(lines) + "\n")
 
 
-def draw_bar_chart(results: dict, path: Path, title: str):
-    """Win rates (%) as bars with 95% CI whiskers and a dashed 50% line, drawn with PIL."""
-    w_bar, left, top, h = 110, 50, 40, 300
-    image = Image.new("RGB", (left + w_bar * max(1, len(results)) + 20, top + h + 40), "white")
-    d = ImageDraw.Draw(image)
-    y = lambda v: top + h - v * h  # noqa: E731  (v in [0, 1])
-    d.text((left, 8), title[:110], fill="black")
-    for v in (0, 0.25, 0.5, 0.75, 1.0):
-        d.text((5, y(v) - 6), f"{int(100 * v)}%", fill="gray")
-        d.line([(left, y(v)), (image.width - 10, y(v))], fill=(225, 225, 225))
-    for x in range(left, image.width - 10, 12):
-        d.line([(x, y(0.5)), (x + 6, y(0.5))], fill="black")
-    for i, (m, r) in enumerate(results.items()):
-        x0 = left + i * w_bar + 20
-        d.rectangle([x0, y(r["win_rate"]), x0 + w_bar - 40, y(0)], fill=(70, 110, 200))
-        xc, (lo, hi) = x0 + (w_bar - 40) // 2, r["ci95"]
-        d.line([(xc, y(lo)), (xc, y(hi))], fill="black", width=2)
-        for v in (lo, hi):
-            d.line([(xc - 8, y(v)), (xc + 8, y(v))], fill="black", width=2)
-        d.text((x0, y(0) + 6), NAMES.get(m, m), fill="black")
-        d.text((x0, y(0) + 20), f"{100 * r['win_rate']:.1f}%", fill="black")
-    image.save(path)
+def wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
 
 
-def draw_grid(baseline: list, ckpt: list, prompt: str, path: Path):
-    """Two rows, baseline above checkpoint, one column per image index (same initial noise in a column)."""
-    cell = max(128, min(256, baseline[0].width))
-    label, head = 80, 20
-    grid = Image.new("RGB", (label + cell * len(ckpt), head + 2 * cell), "white")
-    d = ImageDraw.Draw(grid)
-    d.text((4, 4), prompt[:int(grid.width / 6.5)], fill="black")
-    for row, (name, images) in enumerate((("baseline", baseline), ("checkpoint", ckpt))):
-        d.text((4, head + row * cell + cell // 2), name, fill="black")
-        for k, image in enumerate(images):
-            grid.paste(image.resize((cell, cell), Image.BICUBIC), (label + k * cell, head + row * cell))
-    grid.save(path)
+def draw_win_rates(results: dict, path: Path, cfg: Config):
+    """Win rates (%) as bars with their 95% CIs and the 50% line; the title names both models in full."""
+    from matplotlib.figure import Figure
+
+    rates = np.array([100 * r["win_rate"] for r in results.values()])
+    ci = np.array([[100 * r["ci95"][0], 100 * r["ci95"][1]] for r in results.values()])
+    fig = Figure(figsize=(max(6.4, 1.4 * len(results) + 1.5), 4.8), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(results))
+    ax.bar(x, rates, width=0.6, color="#4c72b0", yerr=[rates - ci[:, 0], ci[:, 1] - rates], capsize=8)
+    ax.axhline(50, color="black", linestyle="--", linewidth=1)
+    for xi, rate, top in zip(x, rates, ci[:, 1]):
+        ax.text(xi, top + 2, f"{rate:.1f}%", ha="center", va="bottom")
+    ax.set_xticks(x, [wrap(SCORERS[m].title, 12) for m in results])
+    ax.set(ylim=(0, 112), yticks=range(0, 101, 25), ylabel="win rate of the checkpoint (%), 95% CI")
+    n = next(iter(results.values()))["n_prompts"]
+    ax.set_title(wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70) + "\n" + wrap(
+        f"{n} prompts of {cfg.prompts}, {cfg.images_per_prompt} image(s) per prompt, compare = {cfg.compare}", 80),
+        fontsize=10)
+    if random_scorers(cfg):
+        ax.set_xlabel(wrap(TINY_NOTE, 90), color="firebrick", fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    return fig
+
+
+def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
+    """One row per model (baseline above checkpoint), one column per image index: the same initial noise in each
+    column. images = {model: [PIL]}, scores = {model: {metric: [score per image]}}, shown under each image; with
+    --compare median a * marks each model's median image for that metric, the one compared."""
+    from matplotlib.figure import Figure
+
+    n = len(images["baseline"])
+    fig = Figure(figsize=(max(4.5, 1.5 + 2 * n), 2 * (2.5 + 0.18 * len(scores["baseline"])) + 1), dpi=100,
+                 layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    for row, (tag, model) in enumerate((("baseline", cfg.baseline), ("checkpoint", cfg.ckpt))):
+        for k, image in enumerate(images[tag]):
+            lines = []
+            for m, values in scores[tag].items():
+                median = np.argsort(values, kind="stable")[(n - 1) // 2]
+                lines.append(f"{SCORERS[m].title} {values[k]:.4g}" + (" *" if cfg.compare == "median"
+                                                                         and k == median else ""))
+            ax = axes[row, k]
+            ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased")
+            ax.set(xticks=[], yticks=[])
+            ax.set_xlabel("\n".join(lines), fontsize=8)
+        axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28), fontsize=8)
+    fig.suptitle(wrap(prompt, int(12 * fig.get_figwidth())), fontsize=10)
+    notes = ["same initial noise in each column"] + (["* = the model's median image for that metric (the one "
+                                                      "compared)"] if cfg.compare == "median" else [])
+    fig.supxlabel(wrap("; ".join(notes) + (f". {TINY_NOTE}" if random_scorers(cfg) else ""),
+                       int(14 * fig.get_figwidth())), fontsize=7, color="dimgray")
+    with warnings.catch_warnings():  # a prompt in a script the font lacks draws boxes; index.csv has its text
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(path, bbox_inches="tight")
+    return fig
+
+
+def write_reports(cfg: Config, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path) -> list:
+    """results.json, results.md, win_rates.png and grid_<prompt>.png for the first 4 prompts; returns their paths."""
+    results = report["metrics"]
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    write_markdown(results, out / "results.md", cfg)
+    draw_win_rates(results, out / "win_rates.png", cfg)
+    written = [out / "results.json", out / "results.md", out / "win_rates.png"]
+    for row, p in enumerate(ids[:4]):
+        images = {tag: [Image.open(paths[(tag, p, k)]) for k in range(cfg.images_per_prompt)]
+                  for tag in ("baseline", "checkpoint")}
+        scores = {tag: {m: tables[m][tag][row] for m in tables} for tag in images}
+        draw_grid(prompts[p], images, scores, cfg, out / f"grid_{p:05d}.png")
+        written.append(out / f"grid_{p:05d}.png")
+    return written
+
 
 # ----------------------------------------------------------------------------------------------------
 
+def drop_torchvision_notice(record) -> bool:
+    return "requires torchvision" not in record.getMessage()
+
+
+def quiet_libraries():
+    """No output a user cannot act on. Importing diffusers makes transformers announce that its image processors
+    want torchvision; eval.py uses none of them (each scorer's preprocessing is above), so that notice is dropped.
+    The per-file loading bars of diffusers and transformers are off: eval.py reports its own progress."""
+    import diffusers
+    import transformers
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv=None):
     """Run the evaluation; returns the report on rank 0 (None on other ranks)."""
-    return utils.run_main(evaluate, parse_config(argv), (DataError,))
+    cfg = parse_config(argv)
+    quiet_libraries()
+    return utils.run_main(evaluate, cfg, (DataError,))
 
 
 if __name__ == "__main__":
