@@ -25,7 +25,6 @@ import platform
 import re
 import sys
 import textwrap
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +258,7 @@ def resolve_file(spec: str, filename: str, what: str) -> Path:
                             f"and pass the file (or its folder).") from e
     return from_hub(spec, filename, what)
 
+
 # ----------------------------------------------------------------------------------------------------
 # Generation: both models, the same initial noise for image k of prompt p
 
@@ -296,34 +296,6 @@ def load_pipeline(model: dict, device: torch.device):
     return pipe.to(device)
 
 
-class Progress:
-    """A tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every `every` seconds and
-    at the end, instead of a bar redrawn with carriage returns."""
-
-    def __init__(self, total: int, desc: str, every: float = 60.0):
-        self.total, self.desc, self.every, self.done = total, desc, every, 0
-        self.start = self.shown = time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
-
-    def update(self, n: int):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.shown >= self.every or self.done >= self.total:
-            self.shown, each = now, (now - self.start) / self.done
-            print(f"{self.desc}: {self.done}/{self.total} images, {each:.3g} s each, "
-                  f"{each * (self.total - self.done):.0f} s left", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: str, rank: int, device):
     """Generate the images of `items` = [(prompt_id, k, prompt)] not yet on disk, batch_size at a time. The noise
     of image (p, k) is seeded by (cfg.seed, p, k) only: the same for both models, whatever the batch or rank."""
@@ -334,7 +306,7 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     folder.mkdir(parents=True, exist_ok=True)
     c = pipe.unet.config.in_channels
     h = w = pipe.unet.config.sample_size  # latent side; image side = this x the VAE's scale factor
-    bar = Progress(len(todo), f"{desc} rank {rank}")
+    bar = utils.Progress(len(todo), f"{desc} rank {rank}", unit="images")  # plain lines in a log file
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
@@ -365,6 +337,7 @@ class Scorer(NamedTuple):
     locate: Callable  # locate(cfg) -> every file the scorer reads, resolved (downloaded now if need be) or DataError
     load: Callable  # load(cfg, device) -> score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N]
 
+
 def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device) -> dict:
     """{metric: {key: score}} for every image file in paths = {key: path}, key = (model, prompt id, k).
 
@@ -377,7 +350,7 @@ def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: i
     mine = sorted(first)[rank::world_size]
     unique = {m: {} for m in metrics}
     for m in metrics:
-        score, bar = SCORERS[m].load(cfg, device), Progress(len(mine), f"{m} rank {rank}")
+        score, bar = SCORERS[m].load(cfg, device), utils.Progress(len(mine), f"{m} rank {rank}", unit="images")
         for i in range(0, len(mine), cfg.batch_size):
             batch = mine[i:i + cfg.batch_size]
             images = [Image.open(first[u]).convert("RGB") for u in batch]
