@@ -854,8 +854,11 @@ def write_markdown(results: dict, path: Path, cfg: Config):
     path.write_text("\n".join(lines) + "\n")
 
 
-def wrap(text: str, width: int) -> str:
-    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
+def wrap(text: str, width: int, path: bool = False) -> str:
+    """Lines of at most `width` characters, broken at spaces (and after a "/" too when `path`)."""
+    mark = "\x1f"  # a space after each "/" lets textwrap break there; the marked spaces are removed again
+    lines = textwrap.wrap(text.replace("/", f"/{mark} ") if path else text, width, break_on_hyphens=False)
+    return "\n".join(line.replace(f"{mark} ", "").replace(mark, "") for line in lines) or text
 
 
 def draw_win_rates(results: dict, path: Path, cfg: Config):
@@ -874,7 +877,7 @@ def draw_win_rates(results: dict, path: Path, cfg: Config):
     ax.set_xticks(x, [wrap(SCORERS[m].title, 12) for m in results])
     ax.set(ylim=(0, 112), yticks=range(0, 101, 25), ylabel="win rate of the checkpoint (%), 95% CI")
     n = next(iter(results.values()))["n_prompts"]
-    ax.set_title(wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70) + "\n" + wrap(
+    ax.set_title(wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70, path=True) + "\n" + wrap(
         f"{n} prompts of {cfg.prompts}, {cfg.images_per_prompt} image(s) per prompt, compare = {cfg.compare}", 80),
         fontsize=10)
     if random_scorers(cfg):
@@ -904,7 +907,7 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
             ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased")
             ax.set(xticks=[], yticks=[])
             ax.set_xlabel("\n".join(lines), fontsize=8)
-        axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28), fontsize=8)
+        axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28, path=True), fontsize=8)
     fig.suptitle(wrap(prompt, int(12 * fig.get_figwidth())), fontsize=10)
     notes = ["same initial noise in each column"] + (["* = the model's median image for that metric (the one "
                                                       "compared)"] if cfg.compare == "median" else [])

@@ -433,6 +433,9 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
                   "PickScore 21 HPS", "HPS v2 0.2 *", "PickScore 23.5 HPS"):  # * = each model's median image
         assert value in text, value
     assert Image.open(tmp_path / "g.png").width >= 400
+    # long model names break after a "/", not inside a name
+    assert ev.wrap("stable-diffusion-v1-5/stable-diffusion-v1-5", 28, path=True) == ("stable-diffusion-v1-5/\n"
+                                                                                      "stable-diffusion-v1-5")
 
 
 # ----------------------------------------------------------------------------------------------------
