@@ -54,8 +54,8 @@ DEFAULT_PATHS = dict(aesthetic=AESTHETIC_URL, pickscore="yuvalkirstain/PickScore
 @dataclass
 class Config:
     ckpt: str = arg("", "model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id")
-    baseline: str = arg("", "model to compare against, same forms as --ckpt (default: the base model in the "
-                            "checkpoint's run.json)")
+    baseline: str = arg("", "model to compare against, same forms as --ckpt; empty: the base model in the "
+                            "checkpoint's run.json")
     prompts: str = arg("pickapic_test", "pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's "
                                         "held-out captions) | a .txt/.csv/.tsv/.jsonl/.parquet file")
     num_prompts: int = arg(0, "use this many prompts, evenly spaced through the set (0 = all)")
