@@ -1,40 +1,186 @@
-"""End to end in the tiny world: build it, train with KTO, evaluate against the base with the hidden utility.
+"""The tiny world: a pure function of its seed, a shuffled-label control without signal, and end to end (build,
+train with KTO, evaluate against the base with the hidden utility).
 
-Slow on first use (the world is built once, a few minutes on 2 CPU cores, then cached in $DIFFUSION_KTO_CACHE).
+The slow tests build the default world of seed 0 once (minutes on 2 CPU cores, then cached in
+$DIFFUSION_KTO_CACHE); the determinism test builds three very small worlds in a temporary cache.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
+from PIL import Image
 
 import eval as ev
+import fixtures
 import tiny_world
 import train_kto
 import utils
 
+HERE = Path(__file__).parent
+SMALL = dict(n_images=64, vae_steps=2, unet_steps=4, unet_batch=8, pairs_per_prompt=1, sample_steps=2)
 
+
+# ----------------------------------------------------------------------------------------------------
+# The shuffled-label control (fast: drawn images, no model)
+
+def drawn_pairs(n_pairs: int, seed: int = 0):
+    """Pairs of drawn world images of one caption each: colour right half the time, random size."""
+    rng = np.random.default_rng(seed)
+    prompts = tiny_world.train_prompts()
+    images, captions = [], []
+    for _ in range(n_pairs):
+        caption = prompts[rng.integers(len(prompts))]
+        _, asked, shape, _, _, background, _ = caption.split()
+        for _ in range(2):
+            color = asked if rng.random() < 0.5 else str(rng.choice([c for c in fixtures.COLORS if c != asked]))
+            size = float(rng.uniform(0.12, 0.45))
+            images.append(fixtures.draw_shape(shape, color, background, size, (0.5, 0.5), tiny_world.RESOLUTION))
+            captions.append(caption)
+    return images, captions
+
+
+def test_shuffled_labels_keep_the_pairs_and_carry_no_signal(tmp_path):
+    table, u = tiny_world.feedback_table(*drawn_pairs(300), seed=0)
+    u0, u1 = u[0::2], u[1::2]
+    real = tiny_world.label_stats(table, u0, u1)
+    assert real["utility_gap"] > 0.15 and real["rater_agreement"] > 0.75         # the real labels follow u
+    gaps = []
+    for seed in range(20):
+        shuffled = tiny_world.shuffle_labels(table, seed)
+        for col in ("caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid"):  # same images and captions
+            assert shuffled.column(col).equals(table.column(col)), col
+        a, b = table.column("label_0").to_numpy(), shuffled.column("label_0").to_numpy()
+        assert sorted(a) == sorted(b) and not (a == b).all()                     # same label counts, moved
+        assert (shuffled.column("label_1").to_numpy() == 1 - b).all()
+        best = shuffled.column("best_image_uid").to_pylist()
+        assert best == tiny_world.best_uids(b, table.column("image_0_uid").to_pylist(),
+                                            table.column("image_1_uid").to_pylist())
+        gaps.append(tiny_world.label_stats(shuffled, u0, u1)["utility_gap"])
+    # no drift toward either class: liked and disliked images of the control have the same mean utility
+    se = np.std(np.abs(u0 - u1)) / np.sqrt(len(u0))
+    assert abs(np.mean(gaps)) < 3 * se / np.sqrt(len(gaps)) + 0.005, (np.mean(gaps), se)
+    assert max(abs(g) for g in gaps) < 4 * se, (gaps, se)
+    # and utils.load_feedback reads the control with the same desirable / undesirable counts as the real labels
+    import pyarrow.parquet as pq
+    counts = []
+    for name, t in (("real", table), ("shuffled", tiny_world.shuffle_labels(table, 0))):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(t, folder / "train-00000-of-00001.parquet")
+        labels = utils.load_feedback(folder)
+        counts.append((int(labels.desirable.sum()), int((~labels.desirable).sum())))
+    assert counts[0] == counts[1]
+
+
+def test_eval_prompts_are_the_held_out_captions():
+    prompts = tiny_world.eval_prompts()
+    assert len(prompts) >= 256 and set(prompts) == set(tiny_world.HELD_OUT) and len(tiny_world.HELD_OUT) == 8
+    assert not set(tiny_world.HELD_OUT) & set(tiny_world.train_prompts())
+    train = [p.split() for p in tiny_world.train_prompts()]
+    for colour in fixtures.COLORS:                      # every colour still gets feedback on both backgrounds
+        assert {w[5] for w in train if w[1] == colour} == set(fixtures.BACKGROUNDS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One world per seed, whatever the launcher
+
+BUILD = ("import sys, tiny_world; p = tiny_world.world_path({seed}, **{sizes}); "
+         "print('HASH', tiny_world.world_hash(p), p.name, flush=True)")
+
+
+def build_in_subprocess(cache: Path, launcher: list, threads: str, seed: int = 0) -> str:
+    script = cache / "build.py"
+    cache.mkdir(parents=True, exist_ok=True)
+    script.write_text(BUILD.format(seed=seed, sizes=SMALL))
+    env = {**os.environ, "DIFFUSION_KTO_CACHE": str(cache), "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(HERE)}
+    out = subprocess.run([*launcher, str(script)], env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_world_is_a_function_of_its_seed_whatever_the_launcher(tmp_path):
+    plain = build_in_subprocess(tmp_path / "a", [sys.executable], "1")
+    other_threads = build_in_subprocess(tmp_path / "b", [sys.executable], "3")
+    ranks = build_in_subprocess(tmp_path / "c", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 "--nproc_per_node", "2"], "1")
+    hashes = [line.split()[1] for text in (plain, other_threads, ranks) for line in text.splitlines()
+              if line.startswith("HASH")]
+    assert len(hashes) == 4 and len(set(hashes)) == 1, hashes                # both ranks see the one world
+    assert ranks.count("world built in") == 1                               # one rank built it, logged once
+    record = json.loads(next((tmp_path / "c").glob("tiny-world-*")).joinpath("world.json").read_text())
+    assert record["seed"] == 0 and record["threads"] == 2 and record["sizes"]["unet_steps"] == SMALL["unet_steps"]
+    other_seed = build_in_subprocess(tmp_path / "a", [sys.executable], "1", seed=1)
+    assert other_seed.split()[1] != hashes[0]                               # another seed, another world
+
+
+# ----------------------------------------------------------------------------------------------------
+# The default world and the end-to-end result (slow: builds world 0 once)
+
+@pytest.mark.slow
 def test_feedback_is_pickapic_shaped_and_follows_the_utility():
-    folder = tiny_world.world_path() / "feedback"
-    table = pd.read_parquet(next(folder.glob("*.parquet")))
+    world = tiny_world.world_path(0)
+    table = pd.read_parquet(next((world / "feedback").glob("*.parquet")))
     assert {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid"} <= set(table.columns)
     assert set(table.caption) == set(tiny_world.train_prompts())          # held-out prompts never get feedback
-    stats = json.loads((folder / "world.json").read_text())
-    assert 0.6 < stats["rater_agreement"] < 1.0                           # noisy, but mostly right
-    assert 0.2 < stats["color_match"] < 0.9                               # the base makes liked and disliked images
-    labels = utils.load_feedback(folder)
+    stats = json.loads((world / "world.json").read_text())
+    assert 0.6 < stats["feedback"]["rater_agreement"] < 1.0               # noisy, but mostly right
+    assert abs(stats["feedback-shuffled"]["utility_gap"]) < 0.05          # the control carries no signal
+    assert 0.2 < stats["base_images"]["color_match"] < 0.9                # the base makes liked and disliked images
+    assert stats["caption_dependence"]["ratio"] > 1.2                     # the base uses its captions
+    labels = utils.load_feedback(world / "feedback")
     assert labels.desirable.any() and (~labels.desirable).any()
 
 
+def check_figure(eval_out: Path, png: Path, tiles: dict, size: int = 48):
+    """Every tile of the figure is the eval image of its (prompt, model, seed), and every held-out prompt has a
+    base row and a KTO row."""
+    canvas = Image.open(png).convert("RGB")
+    assert {(p, m) for p, m, _ in tiles} == {(p, m) for p in tiny_world.HELD_OUT for m in ("baseline", "checkpoint")}
+    ys = [tiles[(p, m, 0)][1] for p in tiny_world.HELD_OUT for m in ("baseline", "checkpoint")]
+    assert ys == sorted(ys)                                                  # prompt by prompt, base above KTO
+    index = pd.read_csv(eval_out / "images" / "index.csv")
+    for (prompt, model, k), (x, y, path) in tiles.items():
+        row = index[index.path == path].iloc[0]
+        assert row.prompt == prompt and row.model == model
+        expected = Image.open(eval_out / "images" / path).convert("RGB").resize((size, size), Image.NEAREST)
+        assert np.array_equal(np.asarray(canvas.crop((x, y, x + size, y + size))), np.asarray(expected))
+
+
+def test_figure_shows_each_held_out_caption_base_above_kto(tmp_path):
+    """make_figure on a fake eval output (drawn images): each tile must be the image of its row and column."""
+    images, _ = drawn_pairs(8 * 8)
+    rows = []
+    (tmp_path / "images" / "baseline").mkdir(parents=True)
+    (tmp_path / "images" / "checkpoint").mkdir()
+    for i, prompt in enumerate(tiny_world.eval_prompts()[:64]):
+        for j, model in enumerate(("baseline", "checkpoint")):
+            path = f"{model}/{i:05d}_0.png"
+            images[2 * i + j].save(tmp_path / "images" / path)
+            rows.append(dict(model=model, prompt_id=i, image_index=0, seed=i, path=path, prompt=prompt))
+    pd.DataFrame(rows).to_csv(tmp_path / "images" / "index.csv", index=False)
+    tiles = tiny_world.make_figure(tmp_path, tmp_path / "figure.png")
+    assert len(tiles) == 8 * 2 * 8
+    check_figure(tmp_path, tmp_path / "figure.png", tiles)
+
+
+@pytest.mark.slow
 def test_kto_beats_the_base_model(tmp_path):
     out = tmp_path / "run"
-    train_kto.main(["--tiny", "--output_dir", str(out)])
+    train_kto.main(["--tiny", "--world_seed", "0", "--output_dir", str(out)])
     run = json.loads((out / "run.json").read_text())
     report = ev.main(["--ckpt", str(out / f"checkpoint-{run['config']['max_train_steps']}"), "--tiny",
                       "--out", str(tmp_path / "eval")])
     utility = report["metrics"]["utility"]
-    assert utility["n_prompts"] >= 200
+    assert utility["n_prompts"] >= 256
     assert utility["ci95"][0] > 0.5, utility                             # better than the base, not by chance
     assert utility["mean_ckpt"] > utility["mean_baseline"]
-    tiny_world.make_figure(tmp_path / "eval", tmp_path / "figure.png")           # the README's figure
-    from PIL import Image
-    assert Image.open(tmp_path / "figure.png").size[1] > 8 * 64                  # 4 prompts x (base, KTO) rows
+    tiles = tiny_world.make_figure(tmp_path / "eval", tmp_path / "figure.png")   # the docs' figure
+    check_figure(tmp_path / "eval", tmp_path / "figure.png", tiles)

@@ -1,26 +1,36 @@
 """A tiny offline world in which Diffusion-KTO's effect is visible and measured on a CPU in minutes.
 
 Why a separate file: it is the repository's demo and end-to-end test fixture, not part of the method. It
-builds, once, everything the Hugging Face hub would otherwise provide:
+builds, once per world seed, everything the Hugging Face hub would otherwise provide:
   1. a procedural image-caption world: coloured shapes on a plain background, captioned "a red circle on a
      white background"; in half of the images the shape's colour is not the one the caption asks for;
   2. a hidden "human utility" read off the pixels: 0.5 if the shape has the caption's colour, plus up to 0.5
      for a large shape. People like big shapes in the colour they asked for;
-  3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline whose VAE and UNet are
-     trained here on the world's images (liked and disliked alike), saved in diffusers layout and loaded by
-     train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
+  3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline whose VAE, UNet and text
+     encoder are trained here on the world's images (liked and disliked alike), saved in diffusers layout and
+     loaded by train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
   4. feedback in the Pick-a-Pic v2 schema: pairs of base-model images for the same caption, the preferred
-     one chosen by the hidden utility with label noise, written as parquet shards.
+     one chosen by the hidden utility with label noise (feedback/), and the same pairs with the labels
+     permuted (feedback-shuffled/, a control: same images and captions, no information in the labels).
+A world is a pure function of its seed (and sizes): built once into $DIFFUSION_KTO_CACHE/tiny-world-<VERSION>-
+seed<seed> by one process (utils.build_once: file lock, fixed thread count), whatever the launcher.
 
-    python tiny_world.py                                   # build (or find) the world and print its folder
-    python tiny_world.py --figure runs/eval-tiny fig.png   # also draw base vs KTO from an eval.py --tiny output
+    python tiny_world.py [--seed 1]                        # build (or find) a world and print its folder
+    python tiny_world.py --figure runs/eval-tiny fig.png   # draw base vs KTO from an eval.py --tiny output
+    python tiny_world.py --study --seeds 0 1 2 --out runs/study-out   # docs/tiny_world.md's table and plot
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +42,15 @@ import fixtures
 import utils
 from fixtures import BACKGROUNDS, COLORS
 
-WORLD_VERSION = "v1"  # bump when anything below changes, so cached worlds are rebuilt
+WORLD_VERSION = "v2"  # bump when anything below changes, so cached worlds are rebuilt
 RESOLUTION = 32
+# Captions that never get feedback (the base model still learns them): each colour on both backgrounds.
 HELD_OUT = ("a yellow triangle on a black background", "a green square on a white background",
-            "a red circle on a black background", "a blue triangle on a white background")
+            "a red circle on a black background", "a blue triangle on a white background",
+            "a red square on a white background", "a green circle on a black background",
+            "a blue square on a black background", "a yellow circle on a white background")
+# The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly)
+SIZES = dict(n_images=4096, vae_steps=300, unet_steps=2000, unet_batch=64, pairs_per_prompt=30, sample_steps=20)
 
 
 def world_utility(image: Image.Image, caption: str) -> float:
@@ -57,14 +72,16 @@ def train_prompts() -> list[str]:
     return [p for p in fixtures.tiny_prompts() if p not in HELD_OUT]
 
 
-def eval_prompts(repeats: int = 64) -> list[str]:
-    """The held-out captions, each repeated: every entry gets its own seed in eval.py, so 4 x 64 = 256
+def eval_prompts(repeats: int = 32) -> list[str]:
+    """The held-out captions, each repeated: every entry gets its own seed in eval.py, so 8 x 32 = 256
     paired (prompt, seed) comparisons between checkpoint and base."""
     return list(HELD_OUT) * repeats
 
 
 # ----------------------------------------------------------------------------------------------------
-# The base model: the tiny pipeline of fixtures.build_tiny_model, its VAE and UNet trained on the world
+# The base model: the tiny pipeline of fixtures.build_tiny_model, its VAE, UNet and text encoder trained on
+# the world. Every random draw comes from generators seeded by the world seed (CPU generators, also when the
+# models run on CUDA), so a world is a function of its seed.
 
 def world_images(n: int, seed: int):
     rng = np.random.default_rng(seed)
@@ -73,163 +90,492 @@ def world_images(n: int, seed: int):
     return pixels, list(captions)
 
 
-def train_base(path: Path, vae_steps: int = 300, unet_steps: int = 1000, seed: int = 0, log=print):
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps: int, unet_batch: int = 64,
+               device="cpu", log=print) -> dict:
+    """Train the tiny pipeline's VAE, then its UNet and text encoder together, on n_images world images."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     fixtures.build_tiny_model(path, seed=seed)
-    torch.manual_seed(seed)
-    pixels, captions = world_images(4096, seed)
+    pixels, captions = world_images(n_images, seed)
     gen = torch.Generator().manual_seed(seed)
 
     # VAE: reconstruction + a small KL term, as in latent diffusion
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     t0 = time.time()
-    for step in range(vae_steps):
-        x = pixels[torch.randint(0, len(pixels), (32,), generator=gen)]
+    for _ in range(vae_steps):
+        x = pixels[torch.randint(0, len(pixels), (32,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        loss = (vae.decode(z).sample - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     log(f"vae: {vae_steps} steps, reconstruction mse {loss.item():.4f}, {time.time() - t0:.0f}s")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        latents = torch.cat([vae.encode(pixels[i:i + 256].to(device)).latent_dist.mean
+                             for i in range(0, len(pixels), 256)]).cpu()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # unit-variance latents, as SD's 0.18215
     latents = latents * vae.config.scaling_factor
     vae.save_pretrained(path / "vae")
 
-    # UNet: the standard epsilon-prediction loss, 10% empty captions for classifier-free guidance
+    # UNet and text encoder: the standard epsilon-prediction loss, 10% empty captions for classifier-free
+    # guidance. The text encoder is trained too: a random one barely separates the captions, and then an
+    # image is denoised almost as well under another image's caption (the KL estimate z measures nothing).
     pipe = StableDiffusionPipeline.from_pretrained(path, vae=vae)
-    with torch.no_grad():
-        ids = pipe.tokenizer(captions + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        emb_all = torch.cat([pipe.text_encoder(ids[i:i + 512])[0] for i in range(0, len(ids), 512)])
-    emb, empty = emb_all[:-1], emb_all[-1:]
-    unet, scheduler = pipe.unet, pipe.scheduler
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=unet_steps, pct_start=0.05)
-    t0, ema = time.time(), None
+    ids, empty = tokenize(pipe.tokenizer, captions), tokenize(pipe.tokenizer, [""])
+    unet, text_encoder, scheduler = pipe.unet.to(device).train(), pipe.text_encoder.to(device).train(), pipe.scheduler
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(unet_steps, 2),
+                                                pct_start=max(0.05, 4 / max(unet_steps, 8)))
+    t0, ema, history = time.time(), None, {}
     for step in range(unet_steps):
-        idx = torch.randint(0, len(latents), (64,), generator=gen)
-        x0, c = latents[idx], emb[idx].clone()
-        c[torch.rand(64, generator=gen) < 0.1] = empty
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (64,), generator=gen)
-        loss = (unet(scheduler.add_noise(x0, eps, t), t, c).sample - eps).pow(2).mean()
+        idx = torch.randint(0, len(latents), (unet_batch,), generator=gen)
+        drop = torch.rand(unet_batch, generator=gen) < 0.1
+        c = text_encoder(torch.where(drop[:, None], empty, ids[idx]).to(device))[0]
+        eps = torch.randn(latents[idx].shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (unet_batch,), generator=gen)
+        x_t = scheduler.add_noise(latents[idx], eps, t)
+        loss = (unet(x_t.to(device), t.to(device), c).sample - eps.to(device)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if (step + 1) % 250 == 0:
+        if (step + 1) % max(1, unet_steps // 8) == 0 or step + 1 == unet_steps:
+            history[step + 1] = round(ema, 5)
             log(f"unet: step {step + 1}/{unet_steps}, loss {ema:.4f}, {time.time() - t0:.0f}s")
-    unet.eval()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
     unet.save_pretrained(path / "unet")
+    text_encoder.save_pretrained(path / "text_encoder")
+    return dict(unet_loss_ema=history)
+
+
+def caption_dependence(pipe, images: list, captions: list[str], seed: int, device="cpu") -> dict:
+    """The base model's mean denoising error (eps-MSE) on images with their own caption and with a different
+    caption (drawn at random among the others), same x_t, t and noise: if the second is barely larger, the
+    model ignores its captions and the paper's mismatched-pair reference point cannot estimate a KL."""
+    gen = torch.Generator().manual_seed(seed)
+    unet, vae, text_encoder = pipe.unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device)
+    all_captions = sorted(set(captions))
+    other = [c for c in captions]
+    for i, c in enumerate(captions):
+        choices = [x for x in all_captions if x != c]
+        other[i] = choices[int(torch.randint(0, len(choices), (1,), generator=gen))]
+    err = {"matched": [], "mismatched": []}
+    steps = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x = torch.stack([utils.image_to_tensor(im, RESOLUTION) for im in images[i:i + 256]]).to(device)
+            x0 = vae.encode(x).latent_dist.mean.cpu() * vae.config.scaling_factor
+            eps = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+            x_t = pipe.scheduler.add_noise(x0, eps, t).to(device)
+            for name, caps in (("matched", captions[i:i + 256]), ("mismatched", other[i:i + 256])):
+                c = text_encoder(tokenize(pipe.tokenizer, caps).to(device))[0]
+                pred = unet(x_t, t.to(device), c).sample.cpu()
+                err[name].append((pred - eps).pow(2).mean(dim=(1, 2, 3)))
+            steps.append(t)
+    m, mm, t = torch.cat(err["matched"]), torch.cat(err["mismatched"]), torch.cat(steps)
+    bands = {f"{lo}<=t<{hi}": (t >= lo) & (t < hi) for lo, hi in ((0, 250), (250, 500), (500, 1000))}
+    return dict(matched=float(m.mean()), mismatched=float(mm.mean()), ratio=float(mm.mean() / m.mean()),
+                mismatched_larger=float((mm > m).float().mean()), n_images=len(m),
+                by_timestep={k: dict(matched=float(m[b].mean()), mismatched=float(mm[b].mean()))
+                             for k, b in bands.items()})
 
 
 # ----------------------------------------------------------------------------------------------------
 # Feedback: pairs of base-model images per caption, the preferred one chosen by the noisy hidden utility
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0, batch: int = 128):
-    """Images from a pipeline; image i starts from noise seeded by seeds[i] alone."""
+def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0,
+                  batch: int = 128, device="cpu"):
+    """Images from a pipeline; image i starts from noise seeded by seeds[i] alone (CPU generators)."""
+    pipe = pipe.to(device)
     images = []
     for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
-        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   height=RESOLUTION, width=RESOLUTION, output_type="pil")
+        latents = torch.stack([torch.randn((4, RESOLUTION // 4, RESOLUTION // 4),
+                                           generator=torch.Generator().manual_seed(s)) for s in seeds[i:i + batch]])
+        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                   latents=latents.to(device), height=RESOLUTION, width=RESOLUTION, output_type="pil")
         images += out.images
     return images
 
 
-def write_feedback(pipe, folder: Path, pairs_per_prompt: int = 24, temperature: float = 0.1, seed: int = 0, log=print):
-    """Pick-a-Pic v2 shards: caption, jpg_0, jpg_1, label_0, label_1, image_0_uid, image_1_uid, ..."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
-    prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
-    t0 = time.time()
-    images = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))])
-    log(f"feedback: {len(images)} base-model images in {time.time() - t0:.0f}s")
+
+def feedback_table(images: list, prompts: list[str], seed: int, temperature: float = 0.1):
+    """Pick-a-Pic v2 rows for images (2k, 2k+1) of the same prompt: caption, jpg_0, jpg_1, label_0, label_1,
+    image_0_uid, ... The preferred image is drawn from a Bradley-Terry model of the hidden utility (noisy raters);
+    equal utilities are ties. Returns (pyarrow table, utilities of all images)."""
+    import pyarrow as pa
+
     rng = np.random.default_rng(seed)
     u = np.array([world_utility(im, p) for im, p in zip(images, prompts)])
     first = np.arange(0, len(prompts), 2)
-    p_first = 1 / (1 + np.exp(-(u[first] - u[first + 1]) / temperature))  # noisy raters (Bradley-Terry)
+    p_first = 1 / (1 + np.exp(-(u[first] - u[first + 1]) / temperature))
     label_0 = (rng.random(len(first)) < p_first).astype(np.float64)
-    label_0[u[first] == u[first + 1]] = 0.5                                   # no preference: a tie
-    jpg = []
-    for im in images:
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=95)
-        jpg.append(buf.getvalue())
+    label_0[u[first] == u[first + 1]] = 0.5
     uid = [f"world-{seed}-{i:06d}" for i in range(len(images))]
     n = len(first)
     table = pa.table({
         "caption": [prompts[i] for i in first],
-        "jpg_0": pa.array([jpg[i] for i in first], pa.binary()), "jpg_1": pa.array([jpg[i + 1] for i in first], pa.binary()),
+        "jpg_0": pa.array([jpeg(images[i]) for i in first], pa.binary()),
+        "jpg_1": pa.array([jpeg(images[i + 1]) for i in first], pa.binary()),
         "label_0": label_0, "label_1": 1.0 - label_0,
         "image_0_uid": [uid[i] for i in first], "image_1_uid": [uid[i + 1] for i in first],
-        "best_image_uid": [uid[i] if l == 1 else uid[i + 1] if l == 0 else "" for i, l in zip(first, label_0)],
+        "best_image_uid": best_uids(label_0, [uid[i] for i in first], [uid[i + 1] for i in first]),
         "are_different": np.ones(n, bool), "has_label": np.ones(n, bool),
         "model_0": ["tiny-world-base"] * n, "model_1": ["tiny-world-base"] * n,
         "ranking_id": np.arange(n), "user_id": np.zeros(n, np.int64), "num_example_per_prompt": np.ones(n, np.int64),
     })
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / "train-00000-of-00001.parquet")
-    agree = np.mean((label_0 == 1) == (u[first] > u[first + 1]))
-    stats = dict(pairs=n, mean_utility=float(u.mean()), color_match=float(np.mean(u >= 0.5)), rater_agreement=float(agree))
-    (folder / "world.json").write_text(json.dumps(stats, indent=2))
-    log(f"feedback: {n} pairs, base mean utility {u.mean():.3f}, raters agree with the utility on {agree:.0%}")
+    return table, u
 
 
-def build_world(path: Path, log=print) -> None:
-    """Base model into path/model, feedback into path/feedback."""
+def best_uids(label_0, uid_0, uid_1) -> list[str]:
+    return [a if lab == 1 else b if lab == 0 else "" for lab, a, b in zip(label_0, uid_0, uid_1)]
+
+
+def shuffle_labels(table, seed: int):
+    """The control: the same pairs (images, captions) with label_0 permuted across pairs, so the number of
+    first-image wins and of ties is kept and each label is independent of the images it now belongs to."""
+    label_0 = np.random.default_rng([seed, 1]).permutation(table.column("label_0").to_numpy())
+    uid_0, uid_1 = table.column("image_0_uid").to_pylist(), table.column("image_1_uid").to_pylist()
+    names = table.column_names
+    table = table.set_column(names.index("label_0"), "label_0", [label_0])
+    table = table.set_column(names.index("label_1"), "label_1", [1.0 - label_0])
+    return table.set_column(names.index("best_image_uid"), "best_image_uid", [best_uids(label_0, uid_0, uid_1)])
+
+
+def image_utilities(table) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden utilities of (image_0, image_1) of each row of a feedback table."""
+    caps = table.column("caption").to_pylist()
+    return tuple(np.array([world_utility(Image.open(io.BytesIO(b)), c) for b, c in
+                           zip(table.column(col).to_pylist(), caps)]) for col in ("jpg_0", "jpg_1"))
+
+
+def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
+    """How labels relate to the hidden utility: agreement with it and the utility gap winner - loser."""
+    label_0 = table.column("label_0").to_numpy()
+    decided = (label_0 != 0.5) & (u0 != u1)
+    win, lose = np.where(label_0 == 1, u0, u1), np.where(label_0 == 1, u1, u0)
+    return dict(pairs=len(label_0), ties=int((label_0 == 0.5).sum()), first_wins=int((label_0 == 1).sum()),
+                rater_agreement=float(np.mean((label_0 == 1)[decided] == (u0 > u1)[decided])),
+                utility_gap=float((win - lose)[label_0 != 0.5].mean()))
+
+
+def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_steps: int, device="cpu",
+                   log=print) -> tuple[dict, list, list]:
+    """feedback/ (the noisy utility's labels) and feedback-shuffled/ (the control), one parquet shard each."""
+    import pyarrow.parquet as pq
+
+    prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
+    t0 = time.time()
+    images = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
+                           device=device)
+    log(f"feedback: {len(images)} base-model images in {time.time() - t0:.0f}s")
+    table, u = feedback_table(images, prompts, seed)
+    stats = {}
+    for name, t in (("feedback", table), ("feedback-shuffled", shuffle_labels(table, seed))):
+        (path / name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, path / name / "train-00000-of-00001.parquet")
+        stats[name] = label_stats(t, u[0::2], u[1::2])
+    stats["base_images"] = dict(mean_utility=float(u.mean()), color_match=float(np.mean(u >= 0.5)))
+    log(f"feedback: {len(u) // 2} pairs, base mean utility {u.mean():.3f}, raters agree with the utility on "
+        f"{stats['feedback']['rater_agreement']:.0%} (shuffled: {stats['feedback-shuffled']['rater_agreement']:.0%})")
+    return stats, images, prompts
+
+
+def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **sizes) -> None:
+    """Base model into path/model; feedback into path/feedback and path/feedback-shuffled; path/world.json."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    sizes = {**SIZES, **sizes}
     t0 = time.time()
-    train_base(path / "model", log=log)
-    DDIMScheduler(**fixtures.sd15_scheduler_config(), set_alpha_to_one=False).save_pretrained(path / "model" / "scheduler")
+    record = dict(version=WORLD_VERSION, seed=seed, sizes=sizes, device=str(device), threads=torch.get_num_threads(),
+                  torch=torch.__version__, held_out=list(HELD_OUT))
+    record.update(train_base(path / "model", seed, sizes["n_images"], sizes["vae_steps"], sizes["unet_steps"],
+                             sizes["unet_batch"], device, log))
+    scheduler = DDIMScheduler(**fixtures.sd15_scheduler_config(), set_alpha_to_one=False)
+    scheduler.save_pretrained(path / "model" / "scheduler")
     pipe = StableDiffusionPipeline.from_pretrained(path / "model")
     pipe.set_progress_bar_config(disable=True)
-    write_feedback(pipe, path / "feedback", log=log)
+    stats, images, prompts = write_feedback(pipe, path, seed, sizes["pairs_per_prompt"], sizes["sample_steps"],
+                                            device, log)
+    record.update(stats)
+    record["caption_dependence"] = caption_dependence(pipe, images, prompts, seed, device)
+    cd = record["caption_dependence"]
+    log(f"base denoising error on its feedback images: matched captions {cd['matched']:.4f}, mismatched "
+        f"{cd['mismatched']:.4f} (x{cd['ratio']:.2f}; larger on {cd['mismatched_larger']:.0%} of images)")
+    record["build_seconds"] = round(time.time() - t0, 1)
+    for f in (path / "world.json", path / "feedback" / "world.json"):
+        f.write_text(json.dumps(record, indent=2))
     log(f"world built in {time.time() - t0:.0f}s: {path}")
 
 
-def world_path() -> Path:
-    """The cached world (built on first use, a few minutes on 2 CPU cores)."""
-    return utils.build_once(utils.cache_dir() / f"tiny-world-{WORLD_VERSION}", build_world)
+def world_path(seed: int = 0, device: str = "cpu", **sizes) -> Path:
+    """The cached world of this seed, built on first use (one process builds, others wait; minutes on 2 CPU cores).
+    Non-default sizes (tests) get their own folder. The device is not in the name: build where you run."""
+    extra = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()) if v != SIZES[k])
+    path = utils.cache_dir() / f"tiny-world-{WORLD_VERSION}-seed{seed}{extra}"
+    return utils.build_once(path, functools.partial(build_world, seed=seed, device=device, **sizes))
 
 
-def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> None:
-    """Base (top) and KTO (bottom) images of each held-out prompt, same seeds column by column, from the
-    images/ folder that `eval.py --tiny --out eval_out` wrote."""
+def world_hash(path: Path) -> str:
+    """sha256 over the model's weights (VAE, UNet, text encoder) and both feedback tables' labels and images."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for part in ("vae", "unet", "text_encoder"):
+        weights = load_file(next((Path(path) / "model" / part).glob("*.safetensors")))
+        for k in sorted(weights):
+            h.update(k.encode() + weights[k].contiguous().numpy().tobytes())
+    for name in ("feedback", "feedback-shuffled"):
+        t = pq.read_table(next((Path(path) / name).glob("*.parquet")))
+        for col in ("caption", "label_0", "jpg_0", "jpg_1"):
+            h.update(repr(t.column(col).to_pylist()).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
+    """Base and KTO images of each held-out prompt (two rows per prompt), same seeds column by column, from the
+    images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y)} of each tile."""
     from PIL import ImageDraw
 
     index = pd.read_csv(Path(eval_out) / "images" / "index.csv")
-    size, pad, label = 64, 4, 14
+    size, pad, label, left = 48, 4, 14, 150
     rows = [(p, m) for p in HELD_OUT for m in ("baseline", "checkpoint")]
-    canvas = Image.new("RGB", (150 + seeds * (size + pad), len(rows) * (size + pad) + label), "white")
+    canvas = Image.new("RGB", (left + seeds * (size + pad), len(rows) * (size + pad) + label), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((150, 0), "same seed in each column", fill="black")
+    draw.text((left, 0), "same seed in each column", fill="black")
+    tiles = {}
     for r, (prompt, model) in enumerate(rows):
         y = label + r * (size + pad)
-        draw.text((2, y + size // 2 - 12), prompt.replace(" on a ", "\non a "), fill="black")
-        draw.text((2, y + size // 2 + 12), "base" if model == "baseline" else "KTO", fill="gray" if model == "baseline" else "blue")
+        if model == "baseline":
+            draw.text((2, y + 4), prompt.replace(" on a ", "\non a "), fill="black")
+        draw.text((2, y + size - 14), "base" if model == "baseline" else "KTO",
+                  fill="gray" if model == "baseline" else "blue")
         paths = index[(index.model == model) & (index.prompt == prompt)].sort_values("prompt_id").path.tolist()
         for k, path in enumerate(paths[:seeds]):
-            image = Image.open(Path(eval_out) / "images" / path).resize((size, size), Image.NEAREST)
-            canvas.paste(image, (150 + k * (size + pad), y))
+            image = Image.open(Path(eval_out) / "images" / path).convert("RGB").resize((size, size), Image.NEAREST)
+            canvas.paste(image, (left + k * (size + pad), y))
+            tiles[(prompt, model, k)] = (left + k * (size + pad), y, path)
     canvas.save(png)
+    return tiles
+
+
+def steps_figure(rows: list[dict], png: Path) -> None:
+    """Win rate over the base (95% CI) against training steps: KTO per world seed, and the controls."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    styles = {"KTO": ("o-", None), "shuffled labels": ("s--", 0.6), "SFT": ("^:", 0.6)}
+    seeds = sorted({r["seed"] for r in rows})
+    for kind, (marker, alpha) in styles.items():
+        for i, seed in enumerate(seeds):
+            pts = sorted((r["steps"], r["win_rate"], *r["ci95"]) for r in rows
+                         if r["seed"] == seed and r["kind"] == kind and r["baseline"] == "base" and not r["ablation"])
+            if not pts:
+                continue
+            s, w, lo, hi = map(np.array, zip(*pts))
+            ax.errorbar(s + 4 * (i - 1), w, yerr=[w - lo, hi - w], fmt=marker, color=f"C{i}", alpha=alpha or 1,
+                        capsize=2, label=f"{kind}, world {seed}")
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set_xlabel("training steps (--tiny default: 200)")
+    ax.set_ylabel("win rate over the base, hidden utility")
+    ax.set_title("Tiny world: win rate vs steps (256 held-out comparisons, 95% CI)", fontsize=9)
+    ax.legend(fontsize=6, ncol=3, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study: docs/tiny_world.md's table and plot, every run a subprocess (runs in parallel with --jobs)
+
+TINY_STEPS = 200  # train_kto.py's --tiny max_train_steps
+ABLATIONS = {"loss_averse": ["--utility", "loss_averse"], "risk_seeking": ["--utility", "risk_seeking"],
+             "z=batch_mean": ["--reference_point", "batch_mean"], "z=zero": ["--reference_point", "zero"],
+             "gamma=0.5": ["--desirable_ratio", "0.5"], "gamma=1.0": ["--desirable_ratio", "1.0"]}
+
+
+def run_jobs(commands: list[tuple[str, list[str], Path]], jobs: int, threads: int, log) -> None:
+    """Run (name, argv, log file) subprocesses, `jobs` at a time, each with `threads` torch threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+
+    def one(cmd):
+        name, argv, logfile = cmd
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(logfile, "w") as f:
+            rc = subprocess.run([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).parent).returncode
+        log(f"  {name}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {logfile})'} in {time.time() - t0:.0f}s")
+        return rc
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        failed = [c[0] for c, rc in zip(commands, pool.map(one, commands)) if rc != 0]
+    if failed:
+        raise RuntimeError(f"failed: {failed}")
+
+
+def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path("runs/study"), device: str = "cpu",
+          jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=(0,), extra: list[str] = (),
+          sizes: dict | None = None) -> list:
+    """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
+    the base (and KTO against SFT) on the held-out captions. Writes into `out` (<= 8 files): tiny_world_table.md,
+    tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
+    Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes.
+    `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run."""
+    out, work = Path(out), Path(work)
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = open(out / "tiny_world_study.log", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logfile.write(msg + "\n")
+        logfile.flush()
+
+    t_start, sizes = time.time(), sizes or {}
+    size_flags = [f"{k}={v}" for k, v in sizes.items()]
+    threads = max(1, (os.cpu_count() or 2) // max(1, jobs))
+    log(f"study: seeds {list(seeds)}, device {device}, {jobs} job(s) x {threads} thread(s), fractions "
+        f"{list(fractions)}, ablations on {list(ablation_seeds)}, extra train flags {list(extra)}, world sizes "
+        f"{ {**SIZES, **sizes} }")
+    py = sys.executable
+    # 1. worlds (each in its own process; build_once makes this a no-op when cached)
+    run_jobs([(f"world {s}", ["tiny_world.py", "--seed", str(s), "--device", device, "--sizes", *size_flags],
+               work / "logs" / f"world{s}.log") for s in seeds], jobs, threads, log)
+    world = {s: world_path(s, **sizes) for s in seeds}
+    # 2. training runs: one per (seed, kind) to the longest step count, checkpoints at every fraction
+    steps = sorted({round(f * TINY_STEPS) for f in fractions})
+    top = max(steps)
+    every = functools.reduce(np.gcd, steps)
+    runs = {}
+    for s in seeds:
+        model, data = ["--pretrained_model", str(world[s] / "model")], ["--dataset", str(world[s] / "feedback")]
+        for kind, flags in (("KTO", data), ("shuffled labels", ["--dataset", str(world[s] / "feedback-shuffled")]),
+                            ("SFT", [*data, "--objective", "sft"])):
+            runs[(s, kind)] = ([*model, *flags], top)
+        for name in (ABLATIONS if s in ablation_seeds else {}):
+            runs[(s, name)] = ([*model, *data, *ABLATIONS[name]], TINY_STEPS)
+    commands = []
+    for (s, kind), (flags, n) in runs.items():
+        folder = work / f"seed{s}" / kind.replace(" ", "_").replace("=", "-")
+        if not (folder / f"checkpoint-{n}" / "unet").exists():
+            commands.append((f"train seed {s} {kind}", ["train_kto.py", "--tiny", "--world_seed", str(s),
+                             "--max_train_steps", str(n), "--checkpointing_steps", str(int(every)),
+                             "--output_dir", str(folder), *extra, *flags], folder.with_suffix(".log")))
+    run_jobs(commands, jobs, threads, log)
+    # 3. evaluations: 256 paired (held-out caption, seed) comparisons each
+    ckpt = lambda s, kind, n: work / f"seed{s}" / kind.replace(" ", "_").replace("=", "-") / f"checkpoint-{n}"  # noqa
+    evals = []
+    for s in seeds:
+        evals += [dict(seed=s, kind="KTO", steps=n, baseline="base", ablation=False) for n in steps]
+        evals += [dict(seed=s, kind=k, steps=n, baseline="base", ablation=False) for k in ("shuffled labels", "SFT")
+                  for n in sorted({TINY_STEPS, top})]
+        evals += [dict(seed=s, kind="KTO", steps=n, baseline="SFT", ablation=False) for n in sorted({TINY_STEPS, top})]
+        evals += [dict(seed=s, kind=a, steps=TINY_STEPS, baseline="base", ablation=True)
+                  for a in (ABLATIONS if s in ablation_seeds else {})]
+    commands = []
+    for e in evals:
+        e["out"] = str(work / f"seed{e['seed']}" / "eval" / f"{e['kind']}-{e['steps']}-vs-{e['baseline']}"
+                       .replace(" ", "_").replace("=", "-"))
+        argv = ["eval.py", "--ckpt", str(ckpt(e["seed"], e["kind"], e["steps"])), "--tiny", "--out", e["out"]]
+        if e["baseline"] != "base":
+            argv += ["--baseline", str(ckpt(e["seed"], e["baseline"], e["steps"]))]
+        if not (Path(e["out"]) / "results.json").exists():
+            commands.append((f"eval seed {e['seed']} {e['kind']}@{e['steps']} vs {e['baseline']}", argv,
+                             Path(e["out"] + ".log")))
+    run_jobs(commands, jobs, threads, log)
+    # 4. table, figures, world records
+    rows = []
+    for e in evals:
+        u = json.loads((Path(e["out"]) / "results.json").read_text())["metrics"]["utility"]
+        rows.append({**e, **{k: u[k] for k in ("win_rate", "ci95", "n_prompts", "mean_ckpt", "mean_baseline")}})
+    worlds = {s: json.loads((world[s] / "world.json").read_text()) for s in seeds}
+    minutes = (time.time() - t_start) / 60
+    table = study_table(rows, worlds, steps, device, jobs, minutes, py)
+    (out / "tiny_world_table.md").write_text(table)
+    (out / "tiny_world_results.json").write_text(json.dumps(rows, indent=2))
+    (out / "tiny_world_worlds.json").write_text(json.dumps(worlds, indent=2))
+    steps_figure(rows, out / "tiny_world_steps.png")
+    make_figure(Path(next(e["out"] for e in evals if e["kind"] == "KTO" and e["steps"] == TINY_STEPS
+                          and e["baseline"] == "base")), out / "tiny_world.png")
+    print(table)
+    log(f"study done in {minutes:.1f} min; wrote {sorted(p.name for p in out.iterdir())} to {out}")
+    return rows
+
+
+def study_table(rows, worlds, steps, device, jobs, minutes, py) -> str:
+    ci = lambda r: f"{r['win_rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
+    lines = [f"Tiny world study ({device}, {jobs} job(s), {minutes:.1f} min). Win rate on the hidden utility over "
+             f"the baseline, {rows[0]['n_prompts']} paired held-out comparisons, bootstrap 95% CI.", "",
+             "| world seed | base error, matched / mismatched caption | raters agree | base mean utility |",
+             "|---|---|---|---|"]
+    for s, w in worlds.items():
+        cd = w["caption_dependence"]
+        lines.append(f"| {s} | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) | "
+                     f"{w['feedback']['rater_agreement']:.0%} | {w['base_images']['mean_utility']:.3f} |")
+    lines += ["", "| world seed | model | steps | vs | win rate [95% CI] | mean utility model / baseline |",
+              "|---|---|---|---|---|---|"]
+    order = {"KTO": 0, "shuffled labels": 1, "SFT": 2}
+    for r in sorted(rows, key=lambda r: (r["ablation"], r["seed"], r["baseline"] != "base", order.get(r["kind"], 9),
+                                         r["kind"], r["steps"])):
+        lines.append(f"| {r['seed']} | {r['kind']} | {r['steps']} | {r['baseline']} | {ci(r)} | "
+                     f"{r['mean_ckpt']:.3f} / {r['mean_baseline']:.3f} |")
+    lines.append("")
+    for n in (TINY_STEPS, max(steps)):
+        kto = [r for r in rows if r["kind"] == "KTO" and r["baseline"] == "base" and r["steps"] == n]
+        if kto:
+            lines.append(f"KTO vs base at {n} steps: mean win rate over {len(kto)} world(s) "
+                         f"{np.mean([r['win_rate'] for r in kto]):.3f}, lowest CI lower bound "
+                         f"{min(r['ci95'][0] for r in kto):.3f}.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Build (or find) the tiny world; optionally draw the README figure.")
-    parser.add_argument("--figure", nargs=2, metavar=("EVAL_OUT", "PNG"), help="draw base vs KTO images from an eval.py --tiny output folder")
+    parser = argparse.ArgumentParser(description="Build (or find) a tiny world; draw the figure; run the study.")
+    parser.add_argument("--seed", type=int, default=0, help="world seed (one independent world per seed)")
+    parser.add_argument("--device", default="cpu", help="where to build worlds (cpu | cuda); training and "
+                        "evaluation pick CUDA themselves when it is there")
+    parser.add_argument("--figure", nargs=2, metavar=("EVAL_OUT", "PNG"),
+                        help="draw base vs KTO images from an eval.py --tiny output folder")
+    parser.add_argument("--study", action="store_true", help="run the whole study (docs/tiny_world.md)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--study: world seeds")
+    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0], help="--study: seeds with ablations")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0],
+                        help="--study: KTO steps as fractions of the --tiny default (200)")
+    parser.add_argument("--jobs", type=int, default=1, help="--study: runs at a time (threads split between them)")
+    parser.add_argument("--out", default="runs/study-out", help="--study: folder of the table and plots (<= 8 files)")
+    parser.add_argument("--work", default="runs/study", help="--study: folder of the runs and evaluations")
+    parser.add_argument("--sizes", nargs="*", default=[], metavar="KEY=N",
+                        help=f"world build sizes other than the defaults {SIZES} (own cache folder)")
+    parser.add_argument("--train_flags", default="", help="--study: extra train_kto.py flags for every run")
     args = parser.parse_args()
-    print(world_path())
+    sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
+    if args.study:
+        study(args.seeds, Path(args.out), Path(args.work), args.device, args.jobs, args.fractions,
+              args.ablation_seeds, args.train_flags.split(), sizes)
+    else:
+        print(world_path(args.seed, args.device, **sizes))
     if args.figure:
         make_figure(Path(args.figure[0]), Path(args.figure[1]))
