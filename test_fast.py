@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
         "--max_train_steps", "3"]
 KEYS = ("loss", "z", "reward_desirable", "reward_undesirable", "policy_err", "ref_err", "grad_norm")
-PHASES = {"data", "encode", "forward", "backward", "optimizer"}
+PHASES = {"data", "encode", "forward_backward", "clip", "optimizer"}
 
 
 def run(out, *args):

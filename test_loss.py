@@ -177,8 +177,30 @@ def test_kto_step_matches_an_independent_computation(prediction_type):
     want = by_hand(err(policy, emb).tolist(), err(ref, emb).tolist(), d.tolist(), cfg.beta, z, cfg.utility, 2.0, 0.5)
     assert loss.item() == pytest.approx(np.mean(want), rel=1e-4)
 
-    loss.backward()  # the gradient reaches the policy only
+    # kto_step ran the backward pass: the gradient reaches the policy only
     assert all(p.grad is not None for p in policy.parameters()) and all(p.grad is None for p in ref.parameters())
+
+
+@pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean", "zero"])
+def test_kto_step_in_micro_batches_gives_the_same_loss_z_and_gradients(reference_point):
+    policy, ref, scheduler = tiny_unets()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, emb, emb_m, d = step_inputs()
+    out = []
+    for k in (1, 2, 4):
+        policy.zero_grad()
+        loss, stats = train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2),
+                                         config(reference_point=reference_point, gradient_accumulation_steps=k))
+        out.append((loss, stats, [p.grad.clone() for p in policy.parameters()]))
+    for loss, stats, grads in out[1:]:
+        assert loss.item() == pytest.approx(out[0][0].item(), rel=1e-5)
+        assert stats["z"].item() == pytest.approx(out[0][1]["z"].item(), rel=1e-5, abs=1e-9)
+        torch.testing.assert_close(stats["r"], out[0][1]["r"], rtol=1e-4, atol=1e-8)
+        for g, g0 in zip(grads, out[0][2]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+    assert reference_point == "zero" or out[0][1]["z"].item() > 0
 
 
 def test_kto_step_sft_is_the_denoising_loss():

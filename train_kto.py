@@ -70,7 +70,10 @@ class Config:
     lambda_d: float = arg(1.0, "loss weight lambda_D of desirable samples")
     lambda_u: float = arg(1.0, "loss weight lambda_U of undesirable samples")
     # optimisation
-    train_batch_size: int = arg(2, "images per rank per step (global batch = this x number of ranks)")
+    train_batch_size: int = arg(2, "images per rank per forward pass (global batch = this x accumulation steps x "
+                                "number of ranks)")
+    gradient_accumulation_steps: int = arg(1, "forward/backward passes per optimizer step; z and the metrics are over "
+                                           "the whole accumulated batch (the paper's batch 8 on 1 GPU: 2 x 4)")
     max_train_steps: int = arg(10_000, "optimizer steps")
     learning_rate: float = arg(1e-7, "peak learning rate of AdamW (weight decay 0, i.e. Adam)")
     lr_warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up from 0, then constant")
@@ -190,46 +193,60 @@ def frozen_reference(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     return ref
 
 
-def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, cfg: Config):
-    """One evaluation of the Diffusion-KTO objective (paper Eq. 8) on a batch; returns (loss, stats).
+def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, cfg: Config,
+             backward=torch.Tensor.backward):
+    """One step of the Diffusion-KTO objective (paper Eq. 8) on a batch: the loss and its gradients.
 
         L = E_{x0, t} [ lambda_y * (1 - U(w(x0) * beta * (r - z))) ]
         r = ||eps - eps_ref(x_t, t, c)||^2 - ||eps - eps_policy(x_t, t, c)||^2     (means over latent elements)
 
     x0: latents [B, 4, h, w]; emb / emb_mismatched: caption embeddings of each image's own caption / of another
     sample's caption (None unless --reference_point kl_mismatched); desirable: bool [B]; gen: this rank's generator.
-    `policy` may be DDP-wrapped (its forward with gradients is the one DDP must see); `ref` is frozen.
-    With --objective sft the loss is the plain denoising loss of the policy instead (the paper's SFT baseline).
-    stats: per-sample r, policy_err, ref_err (detached) and the scalar z.
+    `policy` may be DDP-wrapped; `ref` is frozen. With --objective sft the loss is the plain denoising loss of the
+    policy instead (the paper's SFT baseline). The policy's forward and backward run in
+    cfg.gradient_accumulation_steps micro-batches, each ending in backward(loss_k) (the caller may scale it for
+    fp16); the micro-losses sum to the batch mean. z is a statistic of the whole batch, so it comes first.
+    Returns the loss (detached) and stats: per-sample r, policy_err, ref_err and the scalar z.
     """
+    micro = torch.arange(len(x0), device=x0.device).chunk(cfg.gradient_accumulation_steps)
     # Sample noise and a timestep per image; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the same for both UNets
     eps = torch.randn(x0.shape, generator=gen, device=x0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen, device=x0.device)
     x_t = scheduler.add_noise(x0, eps, t)
     target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
+
+    def err(unet, c, i):  # denoising error of samples i under captions c
+        return denoising_error(unet(x_t[i], t[i], c[i]).sample, target[i])
+
+    raw_policy, z = getattr(policy, "module", policy), None
     with torch.no_grad():
         # Reference model's denoising error
-        ref_err = denoising_error(ref(x_t, t, emb).sample, target)
+        ref_err = torch.cat([err(ref, emb, i) for i in micro])
         if cfg.reference_point == "kl_mismatched":
             # z = max(0, E[r]) on (image, another sample's caption), no gradient: KTO's KL(policy || ref) estimate
-            raw_policy = getattr(policy, "module", policy)
-            r_mismatched = (denoising_error(ref(x_t, t, emb_mismatched).sample, target)
-                            - denoising_error(raw_policy(x_t, t, emb_mismatched).sample, target))
-            z = reference_point(r_mismatched)
-    # Policy's denoising error (the only forward with gradients)
-    policy_err = denoising_error(policy(x_t, t, emb).sample, target)
-    # Implicit reward r = ref_err - policy_err: how much better the policy denoises than the reference
-    r = (ref_err - policy_err).detach()
-    if cfg.reference_point == "batch_mean":
-        z = reference_point(r)                                # released code: max(0, mean r over all GPUs)
-    elif cfg.reference_point == "zero":
-        z = torch.zeros((), device=x0.device)
-    # Final loss: lambda_y * (1 - U(w * beta * (r - z))), mean over the batch
-    if cfg.objective == "sft":
-        loss = policy_err.mean()
-    else:
-        loss = kto_loss(policy_err, ref_err, desirable, cfg.beta, z, cfg.utility, cfg.lambda_d, cfg.lambda_u).mean()
-    return loss, dict(r=r, z=z, policy_err=policy_err.detach(), ref_err=ref_err)
+            z = reference_point(torch.cat([err(ref, emb_mismatched, i) - err(raw_policy, emb_mismatched, i)
+                                           for i in micro]))
+        elif cfg.reference_point == "batch_mean" and len(micro) > 1:  # every micro-batch's r is needed first
+            z = reference_point(ref_err - torch.cat([err(raw_policy, emb, i) for i in micro]))
+        elif cfg.reference_point == "zero":
+            z = torch.zeros((), device=x0.device)
+    policy_err, loss = [], torch.zeros((), device=x0.device)
+    for k, i in enumerate(micro):  # DDP averages the gradients over ranks in the last micro-batch's backward
+        with policy.no_sync() if k < len(micro) - 1 and hasattr(policy, "no_sync") else contextlib.nullcontext():
+            # Policy's denoising error (the only forward with gradients)
+            policy_err.append(err(policy, emb, i))
+            if z is None:  # batch_mean (released code): max(0, mean r over all GPUs) of this very forward
+                z = reference_point(ref_err - policy_err[-1].detach())
+            # Final loss: lambda_y * (1 - U(w * beta * (r - z))), r = ref_err - policy_err, mean over the batch
+            if cfg.objective == "sft":
+                loss_k = policy_err[-1].sum() / len(x0)
+            else:
+                loss_k = kto_loss(policy_err[-1], ref_err[i], desirable[i], cfg.beta, z, cfg.utility, cfg.lambda_d,
+                                  cfg.lambda_u).sum() / len(x0)
+            backward(loss_k)
+        loss = loss + loss_k.detach()
+    policy_err = torch.cat(policy_err).detach()
+    return loss, dict(r=ref_err - policy_err, z=z, policy_err=policy_err, ref_err=ref_err)
 
 
 def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.Tensor]:
@@ -623,8 +640,9 @@ def main(argv=None):
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     master = rank == 0
     out_dir = Path(cfg.output_dir)
+    batch = cfg.train_batch_size * cfg.gradient_accumulation_steps  # per rank and optimizer step
     if cfg.reference_point == "kl_mismatched":
-        mismatched_indices(cfg.train_batch_size)  # fails early, with a clear message, for a batch of 1
+        mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)  # fails early for a batch of 1
     if cfg.optimizer == "adamw8bit":  # the released code's optimizer; imported only when asked for
         try:
             import bitsandbytes
@@ -674,16 +692,17 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         write_run_record(cfg, out_dir, start_step, world_size, device, counts)
         metrics_file = open_metrics(out_dir, start_step)
         print(f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
-              f"rank(s) x {cfg.train_batch_size} = global batch {world_size * cfg.train_batch_size}; device {device}"
+              f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
+              f"batch {world_size * batch}; device {device}"
               + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""))
 
     # -- data: the desirable-ratio sampler resumes its exact stream; inputs from images or the latent cache ----
     captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
     inputs = Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank, world_size)
     sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
-                                    start=start_step * cfg.train_batch_size)
+                                    start=start_step * batch)
     batches = iter(torch.utils.data.DataLoader(
-        inputs.dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=cfg.dataloader_workers,
+        inputs.dataset, batch_size=batch, sampler=sampler, num_workers=cfg.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
     phases = Phases(cfg.profile, device)
     bar = utils.Progress(cfg.max_train_steps, cfg.objective, initial=start_step, enabled=master)
@@ -695,11 +714,11 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             is_desirable = batch["desirable"].to(device)
         with phases("encode"), torch.no_grad(), autocast:
             x0, emb, emb_mismatched = inputs(batch, gen)
-        with phases("forward"), autocast:
-            loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, cfg)
-        with phases("backward"):
+        with phases("forward_backward"), autocast:
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()                      # DDP averages the gradients over ranks here
+            loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, cfg,
+                                   backward=lambda loss_k: scaler.scale(loss_k).backward())
+        with phases("clip"):
             scaler.unscale_(optimizer)                         # fp16: true gradients, so clipping sees their norm
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         with phases("optimizer"):
