@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import html
 import json
-import logging
 import platform
 import re
 import sys
@@ -203,42 +202,8 @@ def download(url: str, dest: Path) -> Path:
     return dest
 
 
-def derive_seed(*keys: int) -> int:
-    """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
 # ----------------------------------------------------------------------------------------------------
 # Models and weights: local paths, URLs and hub repos, each resolved before any image is generated
-
-HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # owner/name, or a legacy name such as bert-base-uncased
-
-
-def from_hub(spec: str, filename: str, what: str) -> Path:
-    """`filename` of the hub repo `spec`, from the hub cache or downloaded now. A spec that can only be a local
-    path (not owner/name, or its folder exists here as in runs/checkpoint-20) is reported missing instead."""
-    if not HUB_ID.fullmatch(spec) or ("/" in spec and Path(spec).parent.is_dir()):
-        raise DataError(f"{what}: no such file or folder.")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(spec, filename))
-    except Exception as e:  # offline and not cached, no such repo, no network, ...
-        raise DataError(f"{what}: no such local file or folder, and {filename} of the hub repo {spec} could not be "
-                        f"fetched ({type(e).__name__}). Offline? Download it once and pass the local copy.") from e
-
-
-def resolve_model(spec: str, what: str, marker: str = "config.json") -> str:
-    """A model folder holding `marker`, or a hub repo whose `marker` can be fetched (the weights follow at load)."""
-    path = Path(spec)
-    if path.is_dir() and not (path / marker).is_file():
-        raise DataError(f"{what}: the folder has no {marker}.")
-    if path.is_file():
-        raise DataError(f"{what}: a file; expected a model folder (with {marker}) or a hub id.")
-    if not path.exists():
-        from_hub(spec, marker, what)
-    return spec
-
 
 def resolve_file(spec: str, filename: str, what: str) -> Path:
     """A weights file given as the file, a folder holding it, a URL (downloaded once into the cache) or a hub repo."""
@@ -256,7 +221,7 @@ def resolve_file(spec: str, filename: str, what: str) -> Path:
         except Exception as e:
             raise DataError(f"{what}: could not download {filename} ({type(e).__name__}). Offline? Download it once "
                             f"and pass the file (or its folder).") from e
-    return from_hub(spec, filename, what)
+    return utils.from_hub(spec, filename, what)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,12 +237,12 @@ def describe_model(spec: str, flag: str) -> dict:
             raise DataError(f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
                             f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id.")
         base = json.loads(run_json.read_text())["config"]["pretrained_model"]
-        resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
+        utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
         return dict(base=base, unet=str(path / "unet"))
     if path.is_dir() and not (path / "model_index.json").exists():
         raise DataError(f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model "
                         f"folder (with model_index.json).")
-    return dict(base=resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None)
+    return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None)
 
 
 def load_pipeline(model: dict, device: torch.device):
@@ -310,7 +275,7 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
-        gens = [torch.Generator("cpu").manual_seed(derive_seed(cfg.seed, p, k)) for p, k, _ in batch]
+        gens = [torch.Generator("cpu").manual_seed(utils.derive_seed(cfg.seed, p, k)) for p, k, _ in batch]
         latents = torch.stack([torch.randn((c, h, w), generator=g) for g in gens])
         with torch.no_grad():
             images = pipe([t for _, _, t in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
@@ -463,7 +428,7 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     if world_size > 1:
         dist.barrier()
     if rank == 0:
-        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=derive_seed(cfg.seed, p, k),
+        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=utils.derive_seed(cfg.seed, p, k),
                            path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
                      ).to_csv(out / "images" / "index.csv", index=False)
 
@@ -579,7 +544,7 @@ def embedding(output) -> torch.Tensor:
 def beside(weights: Path, default: str, what: str) -> str:
     """Where the architecture config and tokenizer come from: the weights' folder if it has a config.json
     (the tiny test scorers, local mirrors), else the canonical hub id."""
-    return str(weights.parent) if (weights.parent / "config.json").exists() else resolve_model(default, what)
+    return str(weights.parent) if (weights.parent / "config.json").exists() else utils.resolve_model(default, what)
 
 
 def from_pretrained(cls, source: str, what: str):
@@ -599,8 +564,9 @@ def load_state_dict(path: Path) -> dict:
 def locate_clip(spec: str, flag: str) -> dict:
     """A CLIPModel folder or hub id, and its tokenizer's (PickScore's repo has none: ViT-H-14's, as its authors)."""
     what = f"{flag} {spec}"
-    model = resolve_model(spec, what)
-    tokenizer = spec if (Path(spec) / "tokenizer_config.json").exists() else resolve_model(DEFAULT_PATHS["clip"], what)
+    model = utils.resolve_model(spec, what)
+    local = (Path(spec) / "tokenizer_config.json").exists()
+    tokenizer = spec if local else utils.resolve_model(DEFAULT_PATHS["clip"], what)
     return dict(model=model, tokenizer=tokenizer)
 
 
@@ -773,7 +739,7 @@ def locate_imagereward(cfg: Config) -> dict:
     local_tokenizer = (weights.parent / "tokenizer_config.json").exists()  # the tiny scorer's; the real repo has none
     return dict(weights=weights, med_config=med if med.exists() else resolve_file(cfg.imagereward_path,
                                                                                    "med_config.json", what),
-                tokenizer=str(weights.parent) if local_tokenizer else resolve_model("bert-base-uncased", what))
+                tokenizer=str(weights.parent) if local_tokenizer else utils.resolve_model("bert-base-uncased", what))
 
 
 def load_imagereward(cfg: Config, device):
@@ -937,26 +903,10 @@ def write_reports(cfg: Config, report: dict, tables: dict, prompts: list, ids: l
 
 # ----------------------------------------------------------------------------------------------------
 
-def drop_torchvision_notice(record) -> bool:
-    return "requires torchvision" not in record.getMessage()
-
-
-def quiet_libraries():
-    """No output a user cannot act on. Importing diffusers makes transformers announce that its image processors
-    want torchvision; eval.py uses none of them (each scorer's preprocessing is above), so that notice is dropped.
-    The per-file loading bars of diffusers and transformers are off: eval.py reports its own progress."""
-    import diffusers
-    import transformers
-
-    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv=None):
     """Run the evaluation; returns the report on rank 0 (None on other ranks)."""
     cfg = parse_config(argv)
-    quiet_libraries()
+    utils.quiet_libraries()
     return utils.run_main(evaluate, cfg, (DataError,))
 
 

@@ -368,7 +368,8 @@ def test_every_scorer_is_found_before_any_image_is_generated(fake_ckpt, tmp_path
         fails_before_generating([*common, "--tiny", "--metrics", m, flag, str(folder)], capsys, f"{flag} {folder}")
     # offline without --tiny: the canonical weights (hub repos, a GitHub URL) are neither cached nor reachable
     for m in ev.METRICS:
-        fails_before_generating([*common, "--metrics", m], capsys, f"--{m}_path {ev.DEFAULT_PATHS[m]}", "Offline?")
+        fails_before_generating([*common, "--metrics", m], capsys, f"--{m}_path {ev.DEFAULT_PATHS[m]}",
+                                "Download it once" if m == "aesthetic" else "hf download")
     fails_before_generating(common, capsys, "--aesthetic_path")  # all five: the first missing one is named
     assert not (tmp_path / "o").exists()
 

@@ -255,7 +255,7 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
     err = capsys.readouterr().err
     expected = {"one_class": "--allow_one_class", "empty_captions": "10% of the captions are empty",
                 "batch_of_one": "--train_batch_size >= 2", "foreign_output_dir": "--resume latest",
-                "bad_resume": "not a checkpoint folder", "no_such_model_folder": "no such folder",
+                "bad_resume": "not a checkpoint folder", "no_such_model_folder": "no such file or folder",
                 "not_a_pipeline_folder": "no unet/, scheduler/", "unreachable_hub_model": "hf download"}[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started

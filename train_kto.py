@@ -309,11 +309,6 @@ def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, ran
     return pixels, ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A generator seed of its own for each (seed, rank)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
 # ----------------------------------------------------------------------------------------------------
 # Plumbing: models, inputs (images or the latent cache), timing, checkpoints, the run record
 
@@ -634,7 +629,9 @@ def load_data(cfg: Config):
 
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
-    return utils.run_main(train, parse_config(argv), (DataError, TrainingError))
+    cfg = parse_config(argv)
+    utils.quiet_libraries()
+    return utils.run_main(train, cfg, (DataError, TrainingError))
 
 
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
@@ -668,7 +665,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 gradients underflow
     warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))  # noqa: E731  linear, then constant
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    gen = torch.Generator(device).manual_seed(rank_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
+    gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
     bad_steps, n_corrupt, n_seen = 0, 0, 0
     if resume_from:  # weights, optimizer, schedule, loss scale, step and every rank's generator
         from diffusers import UNet2DConditionModel
@@ -683,7 +680,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         if len(rng_states) == world_size:
             gen.set_state(rng_states[rank])
         else:  # a different number of ranks: same weights and optimizer, new per-rank streams
-            gen.manual_seed(rank_seed(cfg.seed + start_step, rank))
+            gen.manual_seed(utils.derive_seed(cfg.seed + start_step, rank))
             if master:
                 print(f"warning: {resume_from} was saved by {len(rng_states)} ranks, resuming on {world_size}: "
                       "random streams restart, so the run will not match an uninterrupted one exactly")

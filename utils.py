@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -111,27 +112,71 @@ def run_main(work, cfg, errors: tuple):
             dist.destroy_process_group()
 
 
-def check_pretrained(spec: str, flag: str, parts=("unet", "scheduler", "vae", "text_encoder", "tokenizer")) -> str:
-    """A diffusers pipeline folder (local, or a hub id fetched to the local cache) holding `parts`, as a local path;
-    else a DataError saying what is missing, where, and how to fix it."""
-    path = Path(spec).expanduser()
-    if not path.exists() and (spec.count("/") != 1 or spec.startswith((".", "/", "~"))):
-        raise DataError(f"{flag} {spec}: no such folder (and not a hub id of the form owner/name). Check the path.")
+HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # owner/name, or a legacy name such as bert-base-uncased
+
+
+def from_hub(spec: str, filename: str, what: str) -> Path:
+    """`filename` of the hub repo `spec`, from the hub cache or downloaded now. A spec that can only be a local
+    path (not owner/name, or its folder exists here as in runs/checkpoint-20) is reported missing instead."""
+    if not HUB_ID.fullmatch(spec) or ("/" in spec and Path(spec).parent.is_dir()):
+        raise DataError(f"{what}: no such file or folder.")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec, filename))
+    except Exception as e:  # offline and not cached, no such repo, no network, ...
+        raise DataError(f"{what}: no such local file or folder, and {filename} of the hub repo {spec} could not be "
+                        f"fetched ({type(e).__name__}). With a network: `hf download {spec}` once; without one: pass "
+                        "a local copy, or set HF_HUB_OFFLINE=1 to use what the hub cache holds.") from e
+
+
+def resolve_model(spec: str, what: str, marker: str = "config.json") -> str:
+    """A model folder holding `marker`, or a hub repo whose `marker` can be fetched (the weights follow at load)."""
+    path = Path(spec)
+    if path.is_dir() and not (path / marker).is_file():
+        raise DataError(f"{what}: the folder has no {marker}.")
+    if path.is_file():
+        raise DataError(f"{what}: a file; expected a model folder (with {marker}) or a hub id.")
     if not path.exists():
-        from huggingface_hub import snapshot_download
-        try:
-            path = Path(snapshot_download(spec, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)]))
-        except Exception as e:  # offline, unreachable, unknown repo, gated: all end up here
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise DataError(f"{flag} {spec}: could not get this model from the Hugging Face hub or its local cache "
-                            f"({reason}). With a network: `hf download {spec}` first (or run once online); without "
-                            "one: pass a local diffusers folder, or set HF_HUB_OFFLINE=1 to use what the cache "
-                            "holds.") from e
+        from_hub(spec, marker, what)
+    return spec
+
+
+def check_pretrained(spec: str, flag: str, parts=("unet", "scheduler", "vae", "text_encoder", "tokenizer")) -> str:
+    """A diffusers pipeline: a local folder holding `parts`, or a hub id whose model_index.json can be fetched (its
+    weights follow in from_pretrained). Else a DataError saying what is missing, where, and how to fix it."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        from_hub(spec, "model_index.json", f"{flag} {spec}")
+        return spec
     missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
         raise DataError(f"{flag} {spec}: not a diffusers pipeline folder: no {', '.join(f'{p}/' for p in missing)} "
                         f"in {path}. Pass the folder that holds model_index.json and those subfolders.")
     return str(path)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition):
+    (seed, rank) for a rank's training stream, (seed, prompt, image) for an evaluation image."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def drop_torchvision_notice(record) -> bool:
+    return "requires torchvision" not in record.getMessage()
+
+
+def quiet_libraries():
+    """No output a user cannot act on. Importing diffusers makes transformers announce that its image processors
+    want torchvision; eval.py uses none of them (each scorer's preprocessing is above), so that notice is dropped.
+    The per-file loading bars of diffusers and transformers are off: eval.py reports its own progress."""
+    import diffusers
+    import transformers
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
 
 
 # ----------------------------------------------------------------------------------------------------
