@@ -41,7 +41,8 @@ def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 15
         tiny.append(buf.getvalue())
     prompt_of_first = rng.integers(0, n_images // images_per_prompt, n_rows)
     a = prompt_of_first * images_per_prompt + rng.integers(0, images_per_prompt, n_rows)
-    b = prompt_of_first * images_per_prompt + (a % images_per_prompt + rng.integers(1, images_per_prompt, n_rows)) % images_per_prompt
+    other = (a % images_per_prompt + rng.integers(1, images_per_prompt, n_rows)) % images_per_prompt  # never a itself
+    b = prompt_of_first * images_per_prompt + other
     win0 = rng.random(n_rows) < 0.5
     tie = rng.random(n_rows) < tie_fraction
     label_0 = np.where(tie, 0.5, win0.astype(np.float64))
@@ -54,7 +55,8 @@ def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 15
         m = sl.stop - sl.start
         ua, ub = uid_of[a[sl]], uid_of[b[sl]]
         t = pa.table({
-            "are_different": np.ones(m, bool), "best_image_uid": np.where(label_0[sl] == 1, ua, np.where(label_0[sl] == 0, ub, "")),
+            "are_different": np.ones(m, bool),
+            "best_image_uid": np.where(label_0[sl] == 1, ua, np.where(label_0[sl] == 0, ub, "")),
             "caption": [f"prompt {p}: a photograph of a small synthetic scene" for p in prompt_of_first[sl]],
             "created_at": pa.array(np.full(m, 1_700_000_000_000_000, "datetime64[us]")),
             "has_label": np.ones(m, bool),
@@ -255,7 +257,7 @@ SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"  # SD v1-5's published
 
 
 def build_sd15_random(path: Path, seed: int = 0) -> None:
-    """SD v1-5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder, scheduler) with RANDOM weights, diffusers layout."""
+    """SD v1-5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder, scheduler), RANDOM weights, diffusers layout."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -265,7 +267,8 @@ def build_sd15_random(path: Path, seed: int = 0) -> None:
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae")),
         text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(SD15_CONFIGS / "text_encoder" / "config.json")),
-        tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet")),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet")),
         scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(SD15_CONFIGS / "scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)

@@ -56,11 +56,13 @@ def write_shard(path: Path, rows, drop_optional=False):
     """One shard with Pick-a-Pic v2's columns and types (optional columns dropped if asked)."""
     cap, u0, u1, l0, l1 = map(list, zip(*rows))
     cols = {
-        "are_different": [True] * len(rows), "best_image_uid": [a if x == 1 else b if y == 1 else "" for a, b, x, y in zip(u0, u1, l0, l1)],
+        "are_different": [True] * len(rows),
+        "best_image_uid": [a if x == 1 else b if y == 1 else "" for a, b, x, y in zip(u0, u1, l0, l1)],
         "caption": cap, "created_at": pa.array(np.full(len(rows), 1_700_000_000_000_000, "datetime64[us]")),
         "has_label": [True] * len(rows), "image_0_uid": u0, "image_0_url": [f"https://x.invalid/{u}" for u in u0],
         "image_1_uid": u1, "image_1_url": [f"https://x.invalid/{u}" for u in u1],
-        "jpg_0": pa.array([encode(u) for u in u0], pa.binary()), "jpg_1": pa.array([encode(u) for u in u1], pa.binary()),
+        "jpg_0": pa.array([encode(u) for u in u0], pa.binary()),
+        "jpg_1": pa.array([encode(u) for u in u1], pa.binary()),
         "label_0": pa.array(l0, pa.float64()), "label_1": pa.array(l1, pa.float64()),
         "model_0": ["sd"] * len(rows), "model_1": ["sdxl"] * len(rows), "ranking_id": list(range(len(rows))),
         "user_id": [7] * len(rows), "num_example_per_prompt": [1] * len(rows),
@@ -129,7 +131,8 @@ def test_parity_with_a_python_loop(tmp_path):
         for r in t:
             if r["label_0"] == r["label_1"]:
                 continue
-            for uid, w in ((r["image_0_uid"], r["label_0"] > r["label_1"]), (r["image_1_uid"], r["label_1"] > r["label_0"])):
+            sides = ((r["image_0_uid"], r["label_0"] > r["label_1"]), (r["image_1_uid"], r["label_1"] > r["label_0"]))
+            for uid, w in sides:
                 won[uid] += w
                 lost[uid] += not w
                 seen.setdefault(uid, r["caption"])
@@ -181,7 +184,8 @@ def test_cache_reused_keyed_by_policy_and_invalidated_by_changes(folder, monkeyp
     assert len(calls) == 3
     assert set(third["uid"][third["desirable"]]) == EXPECTED["won_once"][0] | {"H"}
     assert set(third["uid"][~third["desirable"]]) == EXPECTED["won_once"][1] | {"E"}
-    assert sorted(p.name.split("-")[2] for p in (folder / ".diffusion_kto").glob("*.parquet")) == ["always_won", "won_once"]
+    cached = sorted(p.name.split("-")[2] for p in (folder / ".diffusion_kto").glob("*.parquet"))
+    assert cached == ["always_won", "won_once"]
 
 
 def test_dataset_holds_no_decoded_images(folder):
@@ -207,7 +211,8 @@ def test_corrupt_image_is_replaced_counted_and_warned(folder):
     uids = list(table["uid"])
     i = uids.index("C")
     desirable_order = [k for k in range(len(uids)) if table["desirable"].iloc[k]]
-    replacement = desirable_order[(desirable_order.index(i) + 1) % len(desirable_order)]  # next of the same class, wrapping
+    # the next image of the same class, wrapping around
+    replacement = desirable_order[(desirable_order.index(i) + 1) % len(desirable_order)]
     with pytest.warns(RuntimeWarning, match="corrupt image #1"):
         sample = dataset[i]
     assert sample["corrupt"] == 1 and bool(sample["desirable"]) and uids[replacement] == "F"
@@ -256,7 +261,8 @@ def test_folder_without_pickapic_columns(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     pq.write_table(pa.table({"image": ["a.png"], "caption": ["x"], "label": [1]}), other / "part-0.parquet")
-    with pytest.raises(DataError, match=r"not a Pick-a-Pic v2 shard: missing column\(s\) label_0, label_1, image_0_uid"):
+    missing = r"not a Pick-a-Pic v2 shard: missing column\(s\) label_0, label_1, image_0_uid"
+    with pytest.raises(DataError, match=missing):
         utils.load_feedback(other)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -291,7 +297,8 @@ def test_hub_id_reads_the_cached_shards(tmp_path, monkeypatch):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "datasets--someone--pickapic_tiny"
     make_folder(repo / "snapshots" / commit / "data")
-    write_shard(repo / "snapshots" / commit / "data" / "validation-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)])
+    write_shard(repo / "snapshots" / commit / "data" / "validation-00000-of-00001.parquet",
+                [("a cat", "A", "B", 0.0, 1.0)])
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -331,9 +338,11 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     folder.mkdir()
     make_folder(folder)
     expected = utils.load_feedback(folder, label_policy="always_won")
-    train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(folder), "--label_policy", "always_won", "--max_train_steps", "2",
+    train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(folder),
+                    "--label_policy", "always_won", "--max_train_steps", "2", "--validation_steps", "0",
                     "--output_dir", str(tmp_path / "out")])
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["label_policy"] == "always_won" and run["data"]["num_desirable"] == run["num_desirable"]
-    assert (run["num_desirable"], run["num_undesirable"]) == (int(expected.desirable.sum()), int((~expected.desirable).sum()))
+    counts = (int(expected.desirable.sum()), int((~expected.desirable).sum()))
+    assert (run["num_desirable"], run["num_undesirable"]) == counts
     assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()

@@ -22,7 +22,7 @@ import fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
-        "--max_train_steps", "3"]
+        "--max_train_steps", "3", "--validation_steps", "0"]
 KEYS = ("loss", "z", "reward_desirable", "reward_undesirable", "policy_err", "ref_err", "grad_norm")
 PHASES = {"data", "encode", "forward_backward", "clip", "optimizer"}
 
@@ -153,7 +153,8 @@ def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
         def __init__(self, params, **kw):
             made.append(kw)
             super().__init__(params, **kw)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandIn)))
+    stand_in = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandIn))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", stand_in)
     rows, _ = run(tmp_path / "standin", "--optimizer", "adamw8bit")
     assert made == [dict(lr=train_kto.TINY["learning_rate"], weight_decay=0.0)]
     assert_close(rows, plain[0], 1e-5)
