@@ -23,7 +23,6 @@ import json
 import platform
 import re
 import sys
-import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import utils
-from utils import DataError, arg
+from utils import DataError, arg, wrap
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -820,13 +819,6 @@ def write_markdown(results: dict, path: Path, cfg: Config):
     path.write_text("\n".join(lines) + "\n")
 
 
-def wrap(text: str, width: int, path: bool = False) -> str:
-    """Lines of at most `width` characters, broken at spaces (and after a "/" too when `path`)."""
-    mark = "\x1f"  # a space after each "/" lets textwrap break there; the marked spaces are removed again
-    lines = textwrap.wrap(text.replace("/", f"/{mark} ") if path else text, width, break_on_hyphens=False)
-    return "\n".join(line.replace(f"{mark} ", "").replace(mark, "") for line in lines) or text
-
-
 def draw_win_rates(results: dict, path: Path, cfg: Config):
     """Win rates (%) as bars with their 95% CIs and the 50% line; the title names both models in full."""
     from matplotlib.figure import Figure
@@ -869,10 +861,7 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
                 median = np.argsort(values, kind="stable")[(n - 1) // 2]
                 lines.append(f"{SCORERS[m].title} {values[k]:.4g}" + (" *" if cfg.compare == "median"
                                                                          and k == median else ""))
-            ax = axes[row, k]
-            ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased")
-            ax.set(xticks=[], yticks=[])
-            ax.set_xlabel("\n".join(lines), fontsize=8)
+            utils.show_image(axes[row, k], image, "\n".join(lines))
         axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28, path=True), fontsize=8)
     fig.suptitle(wrap(prompt, int(12 * fig.get_figwidth())), fontsize=10)
     notes = ["same initial noise in each column"] + (["* = the model's median image for that metric (the one "

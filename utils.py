@@ -698,3 +698,122 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
             finally:
                 torch.set_num_threads(previous)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports: curves, image grids, trackers, model cards
+
+def wrap(text: str, width: int, path: bool = False) -> str:
+    """Lines of at most `width` characters, broken at spaces (and after a "/" too when `path`)."""
+    import textwrap
+
+    mark = "\x1f"  # a space after each "/" lets textwrap break there; the marked spaces are removed again
+    lines = textwrap.wrap(text.replace("/", f"/{mark} ") if path else text, width, break_on_hyphens=False)
+    return "\n".join(line.replace(f"{mark} ", "").replace(mark, "") for line in lines) or text
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib Figure as PNG, atomically. A character the font lacks draws a box, not a warning."""
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def show_image(ax, image: Image.Image, label: str):
+    """One image on `ax`, no ticks, `label` under it; small images stay sharp (no smoothing of their pixels)."""
+    ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased")
+    ax.set(xticks=[], yticks=[])
+    ax.set_xlabel(label, fontsize=8)
+
+
+# -- training curves ---------------------------------------------------------------------------------
+
+# (metrics.jsonl keys, panel title): one panel each; the rewards of both classes share one
+CURVES = ((("loss",), "loss"), (("reward_desirable", "reward_undesirable"), "implicit reward"),
+          (("z",), "reference point z"), (("accuracy",), "implicit accuracy"), (("grad_norm",), "grad norm"),
+          (("lr",), "learning rate"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, one per step (the last one written wins), in step order. A line that is not
+    JSON (a run killed while writing it) is skipped."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file. Pass the --output_dir of a train_kto.py run (it holds metrics.jsonl).")
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows[int(row["step"])] = row
+    if not rows:
+        raise DataError(f"{path}: no metrics yet (no complete line with a step).")
+    return [rows[s] for s in sorted(rows)]
+
+
+def ema(values: np.ndarray, span: float) -> np.ndarray:
+    """Exponential moving average with weight 2 / (span + 1), debiased as TensorBoard's smoothing is (the first
+    points are not pulled towards 0). NaN/inf values (skipped steps) are left out; the average carries over them."""
+    alpha, avg, weight, out = 2.0 / (span + 1.0), 0.0, 0.0, np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            avg, weight = (1 - alpha) * avg + alpha * v, (1 - alpha) * weight + alpha
+        out[i] = avg / weight if weight > 0 else np.nan
+    return out
+
+
+def curves_figure(rows: list[dict], title: str):
+    """The figure of plot_curves: one panel per CURVES entry, raw (thin, light) and smoothed (bold) against step."""
+    from matplotlib.figure import Figure
+
+    steps = np.array([r["step"] for r in rows])
+    span = max(1.0, len(rows) / 20)  # the average covers about a twentieth of the run
+    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    for ax, (keys, name) in zip(fig.subplots(2, 3).flat, CURVES):
+        for key, color in zip(keys, ("tab:blue", "tab:red")):
+            y = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+            y[~np.isfinite(y)] = np.nan
+            ax.plot(steps, y, color=color, linewidth=0.8, alpha=0.35)
+            ax.plot(steps, ema(y, span), color=color, linewidth=2, label=key)
+        ax.set(title=name, xlabel="step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    skipped = sum(int(r.get("skipped", 0)) for r in rows)
+    note = f"; {skipped} skipped step(s)" if skipped else ""
+    fig.suptitle(f"{title}: {len(rows)} steps{note} (thin: raw; bold: EMA, span {span:.0f} steps)")
+    return fig
+
+
+def plot_curves(run_dir: Path) -> Path:
+    """<run_dir>/curves.png from <run_dir>/metrics.jsonl (see CURVES); returns its path."""
+    run_dir = Path(run_dir)
+    fig = curves_figure(read_metrics(run_dir / "metrics.jsonl"), run_dir.resolve().name)
+    return save_figure(fig, run_dir / "curves.png")
+
+
+# -- image grids -------------------------------------------------------------------------------------
+
+def save_image_grid(images: list, labels: list[str], title: str, path: Path, columns: int | None = None) -> Path:
+    """PIL `images` in rows of `columns` (default: up to 4), each with its full `label` wrapped under it, `title`
+    on top; written to `path` (PNG) atomically. Returns `path`."""
+    from matplotlib.figure import Figure
+
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"need one label per image and at least one image; got {len(images)} images, "
+                         f"{len(labels)} labels")
+    columns = max(1, min(columns or 4, len(images)))
+    rows = -(-len(images) // columns)
+    labels = [wrap(str(label), 30) for label in labels]
+    lines = max(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(max(4.0, 2.5 * columns), rows * (2.5 + 0.15 * lines) + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat[len(images):]:
+        ax.set_axis_off()
+    for ax, image, label in zip(axes.flat, images, labels):
+        show_image(ax, image, label)
+    fig.suptitle(wrap(title, int(12 * fig.get_figwidth())), fontsize=11)
+    return save_figure(fig, path)
+
