@@ -102,3 +102,98 @@ def test_image_grid_shows_every_full_label_and_the_title(tmp_path, figures):
     assert Image.open(wide).width > Image.open(path).width
     with pytest.raises(ValueError, match="one label per image"):
         utils.save_image_grid(images, labels[:4], "t", tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trackers
+
+ROW = dict(step=3, loss=0.25, lr=np.float32(1e-4), skipped=1, grad=torch.tensor(2.5), note="text", flag=True)
+
+
+def test_tensorboard_writes_every_number_and_the_image(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = utils.Tracker("tensorboard", tmp_path, {"beta": 200.0})
+    tracker.log(ROW, step=3)
+    tracker.log(dict(ROW, loss=0.125), step=4)
+    picture = tmp_path / "grid.png"
+    Image.new("RGB", (40, 30), "red").save(picture)
+    tracker.log_image("validation", picture, step=4)
+    tracker.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "lr", "skipped", "grad"}  # no text, bool or the step
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.25), (4, 0.125)]
+    assert events.Scalars("lr")[0].value == pytest.approx(1e-4) and events.Scalars("grad")[0].value == 2.5
+    image, = events.Images("validation")
+    assert (image.step, image.width, image.height) == (4, 40, 30)
+    assert "200.0" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_tracker_none_writes_nothing(tmp_path):
+    tracker = utils.Tracker("none", tmp_path, {})
+    tracker.log(ROW, 1)
+    tracker.log_image("x", tmp_path / "missing.png", 1)
+    tracker.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="none, tensorboard, wandb"):
+        utils.Tracker("mlflow", tmp_path, {})
+
+
+@pytest.mark.parametrize("kind, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_a_missing_tracker_package_says_how_to_install_it(tmp_path, monkeypatch, kind, module):
+    monkeypatch.setitem(sys.modules, module, None)  # `import` of it now raises ImportError
+    with pytest.raises(DataError, match=f"pip install {kind}"):
+        utils.Tracker(kind, tmp_path, {})
+
+
+class FakeWandb(types.ModuleType):
+    """What Tracker uses of wandb: init(...) -> run with log(dict, step=) and finish(); Image(path)."""
+
+    def __init__(self, fail=False):
+        super().__init__("wandb")
+        self.calls, self.fail = [], fail
+        self.Image = lambda path: ("Image", path)
+
+    def init(self, **kwargs):
+        if self.fail:
+            raise RuntimeError("no network")
+        self.calls.append(("init", kwargs))
+        return types.SimpleNamespace(log=lambda d, step: self.calls.append(("log", d, step)),
+                                     finish=lambda: self.calls.append(("finish",)))
+
+
+def test_wandb_calls_and_modes(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    utils.Tracker("wandb", tmp_path, {"beta": 1.0})
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = utils.Tracker("wandb", tmp_path, {"beta": 2.0})
+    tracker.log(ROW, 3)
+    tracker.log_image("curves", tmp_path / "curves.png", 3)
+    tracker.close()
+    assert fake.calls[0] == ("init", dict(project="diffusion-kto", dir=str(tmp_path), config={"beta": 1.0},
+                                          mode="online"))
+    assert fake.calls[1][1]["mode"] == "offline"
+    assert fake.calls[2:] == [("log", dict(loss=0.25, lr=pytest.approx(1e-4), skipped=1.0, grad=2.5), 3),
+                              ("log", {"curves": ("Image", str(tmp_path / "curves.png"))}, 3), ("finish",)]
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail=True))
+    with pytest.raises(DataError, match="WANDB_MODE=offline"):
+        utils.Tracker("wandb", tmp_path, {})
+
+
+def test_real_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # not a requirement: runs where it is installed
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    picture = tmp_path / "grid.png"
+    Image.new("RGB", (40, 30), "red").save(picture)
+    tracker = utils.Tracker("wandb", tmp_path, {"beta": 200.0})
+    logged, real_log = [], tracker.run.log
+    tracker.run.log = lambda d, step: logged.append((d, step)) or real_log(d, step=step)
+    tracker.log(ROW, 3)
+    tracker.log_image("validation", picture, 3)
+    tracker.close()
+    assert logged[0] == (dict(loss=0.25, lr=pytest.approx(1e-4), skipped=1.0, grad=2.5), 3)
+    run, = (tmp_path / "wandb").glob("offline-run-*")
+    assert len(list(run.glob("files/media/images/validation_3_*.png"))) == 1

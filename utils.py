@@ -817,3 +817,74 @@ def save_image_grid(images: list, labels: list[str], title: str, path: Path, col
     fig.suptitle(wrap(title, int(12 * fig.get_figwidth())), fontsize=11)
     return save_figure(fig, path)
 
+
+# -- experiment trackers -----------------------------------------------------------------------------
+
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def is_number(v) -> bool:
+    """A real number a tracker can plot: int, float, numpy scalars, one-element tensors (not bools or strings)."""
+    import numbers
+
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+class Tracker:
+    """Metrics and images to TensorBoard (<run_dir>/tensorboard) or Weights & Biases, or nowhere ("none").
+
+    The backend is imported only when asked for. W&B runs online unless WANDB_MODE says otherwise: without a
+    network, WANDB_MODE=offline keeps the run in <run_dir>/wandb for a later `wandb sync`."""
+
+    def __init__(self, kind: str, run_dir: Path, config: dict):
+        self.kind, self.writer, self.run = kind, None, None
+        if kind not in TRACKERS:
+            raise DataError(f"tracker {kind!r}: choose from {', '.join(TRACKERS)}.")
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise DataError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise DataError("Weights & Biases logging needs the wandb package: pip install wandb (then `wandb "
+                                "login`, or WANDB_MODE=offline to keep the run on disk)") from e
+            mode = os.environ.get("WANDB_MODE", "online")
+            try:
+                self.run = wandb.init(project="diffusion-kto", dir=str(run_dir), config=config, mode=mode)
+            except Exception as e:  # not logged in, no network, ...
+                raise DataError(f"wandb could not start a run in {mode} mode ({type(e).__name__}: {e}). Without a "
+                                "network or a login: WANDB_MODE=offline, then `wandb sync` later.") from e
+
+    def log(self, row: dict, step: int):
+        """Every number in `row` (except the step itself) at `step`; text and other values are skipped."""
+        numbers = {k: float(v) for k, v in row.items() if k != "step" and is_number(v)}
+        if self.writer is not None:
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.run is not None:
+            self.run.log(numbers, step=step)
+
+    def log_image(self, name: str, path: Path, step: int):
+        """An image file (a validation grid, curves.png) under `name` at `step`."""
+        if self.writer is not None:
+            with Image.open(path) as image:
+                self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))}, step=step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        elif self.run is not None:
+            self.run.finish()
+        self.writer = self.run = None
+
