@@ -9,9 +9,10 @@ Launch:
     python eval.py --ckpt runs/tiny/checkpoint-200 --tiny             # CPU, offline: the tiny world's utility
     python eval.py --ckpt runs/kto/checkpoint-10000 --num_prompts 100  # 1 GPU, vs the run's base model
     torchrun --standalone --nproc_per_node 8 eval.py --ckpt runs/kto/checkpoint-10000 --prompts pickapic_test
+    python eval.py --ckpt runs/kto/checkpoint-10000 --export runs/kto-pipeline  # a full diffusers folder; no eval
 Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
 results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png and images/index.csv. A rerun with the
-same --out skips finished images.
+same --out skips finished images. A checkpoint-<step> folder's model card (README.md) gets the results table.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import html
 import json
 import platform
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -78,6 +80,8 @@ class Config:
                                                 "embeddings): hub id or folder")
     hps_path: str = arg(DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a "
                                               "hub repo")
+    export: str = arg("", "write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its "
+                          "UNet) to this new folder, then exit: no images, no scores")
 
 
 # --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison
@@ -448,6 +452,8 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     if random_scorers(cfg):
         report["note"] = TINY_NOTE
     written = write_reports(cfg, report, tables, prompts, ids, paths, out)
+    if models["checkpoint"]["unet"]:  # a checkpoint-<step> folder of train_kto.py: its model card gets the table
+        written.append(add_to_model_card(cfg, out / "results.md", results))
     print((out / "results.md").read_text())
     if random_scorers(cfg):
         print(TINY_NOTE)
@@ -890,13 +896,52 @@ def write_reports(cfg: Config, report: dict, tables: dict, prompts: list, ids: l
     return written
 
 
+def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
+    """The results table (results.md) as a section of the checkpoint's model card, replacing an earlier evaluation
+    with the same prompts, number of prompts and baseline. A checkpoint without a card gets one from its run.json."""
+    ckpt = Path(cfg.ckpt)
+    if not (ckpt / "README.md").exists():
+        utils.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
+    n = next(iter(results.values()))["n_prompts"]
+    utils.append_to_model_card(ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n"
+                                     + results_md.read_text())
+    return ckpt / "README.md"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: a checkpoint as a complete diffusers pipeline
+
+def export(cfg: Config, rank: int, world_size: int, device) -> Path:
+    """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet, saved as one
+    diffusers folder (model card included) that StableDiffusionPipeline.from_pretrained(OUT) loads alone."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    model, out = describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
+    if model["unet"] is None:
+        raise DataError(f"--ckpt {cfg.ckpt}: already a complete pipeline; --export takes a checkpoint-<step> folder "
+                        f"of train_kto.py.")
+    if out.exists():
+        raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
+    if rank == 0:  # weights as saved (no dtype given): the exported UNet equals the checkpoint's bit for bit
+        unet = UNet2DConditionModel.from_pretrained(model["unet"])
+        pipe = StableDiffusionPipeline.from_pretrained(model["base"], unet=unet)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with utils.atomic_path(out) as tmp:
+            pipe.save_pretrained(tmp)
+            if (Path(cfg.ckpt) / "README.md").exists():
+                shutil.copyfile(Path(cfg.ckpt) / "README.md", tmp / "README.md")
+        print(f"Exported {cfg.ckpt} (base model {model['base']} + its UNet) to {out}\n"
+              f"  load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """Run the evaluation; returns the report on rank 0 (None on other ranks)."""
+    """Run the evaluation (or --export); returns the report (the exported folder) on rank 0, None on other ranks."""
     cfg = parse_config(argv)
     utils.quiet_libraries()
-    return utils.run_main(evaluate, cfg, (DataError,))
+    return utils.run_main(export if cfg.export else evaluate, cfg, (DataError,))
 
 
 if __name__ == "__main__":

@@ -197,3 +197,129 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     assert logged[0] == (dict(loss=0.25, lr=pytest.approx(1e-4), skipped=1.0, grad=2.5), 3)
     run, = (tmp_path / "wandb").glob("offline-run-*")
     assert len(list(run.glob("files/media/images/validation_3_*.png"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model cards
+
+def run_record(base: str) -> dict:
+    config = dict(pretrained_model=base, dataset="yuvalkirstain/pickapic_v2", label_policy="won_once", beta=5000.0,
+                  utility="kahneman_tversky", reference_point="kl_mismatched", objective="kto", learning_rate=1e-7,
+                  lr_warmup_steps=500, train_batch_size=2, gradient_accumulation_steps=4, max_train_steps=10000,
+                  desirable_ratio=0.8)
+    return dict(config=config, world_size=16, num_desirable=237530, num_undesirable=690115, label_policy="won_once")
+
+
+def test_model_card_metadata_recipe_data_and_loading(tmp_path):
+    from huggingface_hub import ModelCard
+
+    ckpt = tmp_path / "kto" / "checkpoint-2500"
+    ckpt.mkdir(parents=True)
+    card = ModelCard.load(utils.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5")))
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert meta["license"] == "creativeml-openrail-m" and meta["library_name"] == "diffusers"
+    assert meta["tags"] == ["diffusion-kto", "text-to-image", "stable-diffusion", "diffusers"]
+    text = card.text
+    for row in ("| `beta` | 5000.0 |", "| `utility` | kahneman_tversky |", "| `reference_point` | kl_mismatched |",
+                "| `objective` | kto |", "| `learning_rate` | 1e-07 |", "| `lr_warmup_steps` | 500 |",
+                "| `train_batch_size` | 2 |", "| `gradient_accumulation_steps` | 4 |", "| `world_size` | 16 |",
+                "| `max_train_steps` | 10000 |", "| `desirable_ratio` | 0.8 |"):
+        assert row in text, row
+    assert "`yuvalkirstain/pickapic_v2`: 237530 desirable and 690115 undesirable" in text and "`won_once`" in text
+    assert "step 2500" in text and "base model's license applies" in text
+    assert 'UNet2DConditionModel.from_pretrained("checkpoint-2500", subfolder="unet")' in text
+    assert 'StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)' in text
+    # another base: license "other"; a local folder is named in the text, not as base_model (the Hub wants an id)
+    card = ModelCard.load(utils.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))
+    assert card.data.license == "other" and card.data.base_model == "CompVis/stable-diffusion-v1-4"
+    card = ModelCard.load(utils.write_model_card(ckpt, run_record(str(tmp_path))))
+    assert card.data.base_model is None and f"`{tmp_path}` (a local folder)" in card.text
+
+
+def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path):
+    from huggingface_hub import ModelCard
+
+    with pytest.raises(DataError, match="no model card"):
+        utils.append_to_model_card(tmp_path, "## A\n")
+    utils.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    before = ModelCard.load(tmp_path / "README.md")
+    utils.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nold\n\n### detail\n\n```\n# not a heading\n```\n")
+    utils.append_to_model_card(tmp_path, "## Notes\n\nkept\n")
+    utils.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nnew\n")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.to_dict() == before.data.to_dict() and card.text.strip().startswith(before.text.strip())
+    tail = card.text.strip()[len(before.text.strip()):]
+    assert tail.split() == "## Evaluation (tiny) new ## Notes kept".split()  # in place; the old one wholly gone
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval.py: --export and the model card of an evaluated checkpoint (a real one-step train_kto.py run)
+
+@pytest.fixture(scope="module", params=["synthetic", pytest.param("trained", marks=pytest.mark.slow)])
+def checkpoint(request, tmp_path_factory):
+    """A checkpoint-1 folder with run.json above it. "trained": one step of train_kto.py (about 25 s on 2 busy
+    cores); "synthetic" (the fast layer): the tiny UNet with its weights moved, and the run.json a run would write."""
+    out = tmp_path_factory.mktemp("kto")
+    if request.param == "trained":
+        import train_kto
+
+        train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset",
+                        str(fixtures.tiny_dataset_path()), "--max_train_steps", "1", "--learning_rate", "1e-3",
+                        "--output_dir", str(out)])
+        return out / "checkpoint-1"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet")
+    with torch.no_grad():
+        for w in unet.parameters():
+            w.add_(1e-3)
+    unet.save_pretrained(out / "checkpoint-1" / "unet")
+    (out / "run.json").write_text(json.dumps(dict(run_record(str(fixtures.tiny_model_path())), world_size=1)))
+    return out / "checkpoint-1"
+
+
+def copy_run(ckpt: Path, dest: Path) -> Path:
+    """A run folder of its own: run.json and the checkpoint's unet/."""
+    shutil.copytree(ckpt / "unet", dest / ckpt.name / "unet")
+    shutil.copy(ckpt.parent / "run.json", dest / "run.json")
+    return dest / ckpt.name
+
+
+def test_export_writes_a_pipeline_that_loads_alone(checkpoint, tmp_path, monkeypatch, capsys):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    monkeypatch.setattr(ev, "evaluate", lambda *a: pytest.fail("--export generated or scored images"))
+    ckpt = copy_run(checkpoint, tmp_path / "run")
+    utils.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
+    out = tmp_path / "exported" / "sd"
+    assert ev.main(["--ckpt", str(ckpt), "--export", str(out)]) == out
+    assert str(out) in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    saved = UNet2DConditionModel.from_pretrained(ckpt / "unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
+    exported = pipe.unet.state_dict()
+    assert exported.keys() == saved.keys()
+    assert all(exported[k].dtype == saved[k].dtype and torch.equal(exported[k], saved[k]) for k in saved)
+    assert not all(torch.equal(base[k], saved[k]) for k in saved)  # the checkpoint's UNet, not the base's
+    assert (out / "README.md").read_text() == (ckpt / "README.md").read_text()
+    for bad, message in ((["--ckpt", str(ckpt), "--export", str(out)], "already exists"),
+                         (["--ckpt", str(out), "--export", str(tmp_path / "o2")], "already a complete pipeline")):
+        with pytest.raises(SystemExit):
+            ev.main(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    ckpt = copy_run(checkpoint, tmp_path / "run")  # no README.md yet: written from run.json
+    args = ["--ckpt", str(ckpt), "--tiny", "--steps", "1", "--num_prompts", "2", "--out", str(tmp_path / "e")]
+    ev.main(args)
+    ev.main(args)  # a rerun replaces its section
+    assert str(ckpt / "README.md") in capsys.readouterr().out
+    card = ModelCard.load(ckpt / "README.md")
+    heading = f"## Evaluation (tiny, 2 prompts, vs {fixtures.tiny_model_path()})"
+    table = (tmp_path / "e" / "results.md").read_text()
+    assert card.text.count(heading) == 1 and card.text.rstrip().endswith(heading + "\n\n" + table.rstrip())
+    assert "| win rate (%) |" in table and card.data.library_name == "diffusers" and "## Recipe" in card.text

@@ -888,3 +888,101 @@ class Tracker:
             self.run.finish()
         self.writer = self.run = None
 
+
+# -- model cards -------------------------------------------------------------------------------------
+
+CARD_TAGS = ["diffusion-kto", "text-to-image", "stable-diffusion", "diffusers"]
+RECIPE = ("objective", "beta", "utility", "reference_point", "learning_rate", "lr_warmup_steps", "train_batch_size",
+          "gradient_accumulation_steps", "world_size", "max_train_steps", "desirable_ratio")
+
+
+def base_license(base: str) -> str:
+    """creativeml-openrail-m for Stable Diffusion v1-5 (any owner's copy: the name is the model), else other."""
+    return "creativeml-openrail-m" if base.rstrip("/").rsplit("/", 1)[-1].lower() == "stable-diffusion-v1-5" \
+        else "other"
+
+
+def is_hub_id(spec: str) -> bool:
+    """owner/name that is not a folder here: a valid base_model on the Hub (a local path is not)."""
+    return bool(HUB_ID.fullmatch(spec)) and "/" in spec and not Path(spec).expanduser().exists()
+
+
+def write_model_card(ckpt_dir: Path, run: dict) -> Path:
+    """<ckpt_dir>/README.md for a checkpoint-<step> folder: Hub metadata (huggingface_hub's ModelCardData), the
+    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py. Returns the path."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    ckpt_dir, cfg = Path(ckpt_dir), run.get("config", {})
+    base = str(cfg.get("pretrained_model", "?"))
+    found = re.match(r"checkpoint-(\d+)", ckpt_dir.name)
+    step = int(found.group(1)) if found else run.get("step", "?")
+    license = base_license(base)
+    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=CARD_TAGS, library_name="diffusers",
+                         license=license, pipeline_tag="text-to-image")
+    recipe = dict(cfg, world_size=run.get("world_size", "?"))
+    rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
+    policy = run.get("label_policy", cfg.get("label_policy", "?"))
+    body = f"""
+# Diffusion-KTO: {ckpt_dir.parent.name}, step {step}
+
+The UNet of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
+labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
+
+License: {license}. The base model's license applies to these weights as to the base model itself.
+
+## Recipe
+
+| setting | value |
+|---|---|
+{rows}
+
+## Data
+
+`{cfg.get("dataset", "?")}`: {run.get("num_desirable", "?")} desirable and {run.get("num_undesirable", "?")} \
+undesirable images (label policy `{policy}`).
+
+## Use
+
+This folder holds the fine-tuned UNet (`unet/`); the other parts come from the base model:
+
+```python
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")
+pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)
+image = pipe("a photo of an astronaut riding a horse").images[0]
+```
+
+`python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder:
+`StableDiffusionPipeline.from_pretrained("OUT")`.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    with atomic_path(ckpt_dir / "README.md") as tmp:
+        card.save(tmp)
+    return ckpt_dir / "README.md"
+
+
+def append_to_model_card(ckpt_dir: Path, section: str) -> None:
+    """Add a markdown `section` to <ckpt_dir>/README.md; a section with the same first (heading) line is replaced,
+    up to the next heading of the same or a higher level."""
+    from huggingface_hub import ModelCard
+
+    file = Path(ckpt_dir) / "README.md"
+    if not file.is_file():
+        raise DataError(f"{file}: no model card to add to (train_kto.py writes one with each checkpoint).")
+    card = ModelCard.load(file)
+    heading, section = section.strip().splitlines()[0].strip(), section.strip()
+    level = len(heading) - len(heading.lstrip("#"))
+    out, replaced, skipping, fenced = [], False, False, False
+    for line in card.text.strip().splitlines():
+        fenced ^= line.startswith("```")
+        depth = len(line) - len(line.lstrip("#"))
+        if line.strip() == heading and not replaced:
+            out, replaced, skipping = out + [section, ""], True, True
+        elif skipping and not fenced and 0 < depth <= level and line[depth:depth + 1] == " ":
+            skipping = False
+        if not skipping:
+            out.append(line)
+    text = "\n".join(out).strip() + ("\n" if replaced else "\n\n" + section + "\n")
+    with atomic_path(file) as tmp:
+        ModelCard(f"---\n{card.data.to_yaml()}\n---\n\n{text}").save(tmp)
