@@ -483,7 +483,7 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
         for name in (ABLATIONS if s in ablation_seeds else {}):
             runs[(s, name)] = ([*model, *data, *ABLATIONS[name]], TINY_STEPS)
     commands = []
-    for (s, kind), (flags, n) in runs.items():
+    for (s, kind), (flags, n) in sorted(runs.items(), key=lambda kv: (kv[0][1] in ABLATIONS, kv[0][0])):
         folder = work / f"seed{s}" / kind.replace(" ", "_").replace("=", "-")
         if not (folder / f"checkpoint-{n}" / "unet").exists():
             commands.append((f"train seed {s} {kind}", ["train_kto.py", "--tiny", "--world_seed", str(s),
@@ -500,6 +500,8 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
         evals += [dict(seed=s, kind="KTO", steps=n, baseline="SFT", ablation=False) for n in sorted({TINY_STEPS, top})]
         evals += [dict(seed=s, kind=a, steps=TINY_STEPS, baseline="base", ablation=True)
                   for a in (ABLATIONS if s in ablation_seeds else {})]
+    # most important first, in case --deadline_s cuts the study short: the default steps on every world, then 2x
+    evals.sort(key=lambda e: (e["ablation"], e["steps"] != TINY_STEPS, e["steps"] != top, e["seed"]))
     commands = []
     for e in evals:
         e["out"] = str(work / f"seed{e['seed']}" / "eval" / f"{e['kind']}-{e['steps']}-vs-{e['baseline']}"
