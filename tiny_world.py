@@ -554,7 +554,7 @@ def study_table(rows, worlds, steps, device, jobs, minutes, py) -> str:
         lines.append(f"| {r['seed']} | {r['kind']} | {r['steps']} | {r['baseline']} | {ci(r)} | "
                      f"{r['mean_ckpt']:.3f} / {r['mean_baseline']:.3f} |")
     lines.append("")
-    for n in (TINY_STEPS, max(steps)):
+    for n in sorted({TINY_STEPS, max(steps)}):
         kto = [r for r in rows if r["kind"] == "KTO" and r["baseline"] == "base" and r["steps"] == n]
         if kto:
             lines.append(f"KTO vs base at {n} steps: mean win rate over {len(kto)} world(s) "
