@@ -26,7 +26,8 @@ UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
 HERE = Path(__file__).parent
 # --tiny with the random-weight tiny model and its small CSV dataset (fast); --tiny alone trains on the tiny
 # world (tiny_world.py), which test_world.py covers
-TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path())]
+TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
+        "--validation_steps", "0"]  # validation images: test_validation_grids_curves_tracker_and_model_cards
 
 
 def write_table(tmp_path, rows, name="data.csv"):
@@ -402,3 +403,28 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, reference_point)
     assert rows[-1]["z"] > 0
     # Adam divides by sqrt(v): parameters with gradients near 0 amplify float32 rounding, up to ~1% of a step (1e-3)
     assert max((p - q).abs().max().item() for p, q in zip(whole.parameters(), accumulated.parameters())) <= 2e-5
+
+
+@pytest.mark.slow
+def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+    plain, _ = run(tmp_path, *args, out="plain")
+    watched, rows = run(tmp_path, *args, "--validation_steps", "2", "--report_to", "tensorboard",
+                        "--validation_prompts", "a red circle on a white background|a blue square on a black bg",
+                        out="watched")
+    out = tmp_path / "watched"
+    # the validation images come from their own generators: the training run is the same with and without them
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), watched.parameters()))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [f"step-00000{k}.png" for k in (0, 2, 4)]
+    assert (out / "curves.png").stat().st_size > 10_000 and watched.training
+    for step in (2, 4):
+        card = (out / f"checkpoint-{step}" / "README.md").read_text()
+        assert "diffusion-kto" in card and str(fixtures.tiny_model_path()) in card
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
+    assert len(events.Images("validation")) == 3
+    (out / "curves.png").unlink()  # --plot redraws it from metrics.jsonl alone
+    train_kto.main(["--plot", str(out)])
+    assert (out / "curves.png").exists() and "curves.png" in capsys.readouterr().out

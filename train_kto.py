@@ -9,9 +9,12 @@ on undesirable ones, relative to a reference point z (an estimate of KL(policy |
 Launch:
     python train_kto.py --tiny                                   # CPU, offline: the tiny world of tiny_world.py
     torchrun --standalone --nproc_per_node 2 train_kto.py --tiny --train_batch_size 4   # 2 CPU processes
-    python train_kto.py --dataset likes.csv                      # 1 GPU, SD v1-5
+    python train_kto.py --dataset likes.csv                      # 1 GPU, SD v1-5, your data
     torchrun --standalone --nproc_per_node 4 train_kto.py        # the paper's recipe: 4 GPUs x 2 images
-Every flag: python train_kto.py --help. Outputs: <output_dir>/run.json, metrics.jsonl, checkpoint-<step>/unet.
+    python train_kto.py --gradient_accumulation_steps 4          # the same batch of 8 on 1 GPU (2 x 4)
+    python train_kto.py --plot runs/kto                          # redraw a run's curves.png
+Every flag: python train_kto.py --help. Outputs (README "Outputs"): <output_dir>/run.json, metrics.jsonl,
+curves.png, validation/, checkpoint-<step>/ (unet/, model card).
 File map: this file is the method and its training loop; utils.py the plumbing (data, distributed set-up,
 atomic files); fixtures.py and tiny_world.py the offline stand-ins for the hub (tests and the CPU demo).
 """
@@ -100,18 +103,32 @@ class Config:
     cache_dir: str = arg("", "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and "
                          "resumed when its settings match")
     profile: bool = arg(False, "add seconds per phase of each step (time_<phase>, CUDA-synchronised) to metrics.jsonl")
+    # watching a run (README "Outputs")
+    validation_prompts: str = arg("a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an "
+                                  "astronaut riding a horse|a bowl of ramen, studio lighting",
+                                  "prompts sampled with the same seeds at every validation: '|'-separated, or a .txt "
+                                  "file with one per line")
+    validation_steps: int = arg(500, "sample the validation prompts every this many steps and at the start, into "
+                                "<output_dir>/validation/step-<N>.png (0: never)")
+    validation_guidance: float = arg(7.5, "classifier-free guidance scale of the validation images (25 steps)")
+    report_to: str = arg("none", "also log metrics and validation grids to: none | tensorboard | wandb "
+                         "(WANDB_MODE=offline works without a network)")
+    plot: str = arg("", "only redraw <RUN_DIR>/curves.png from its metrics.jsonl (any run, resumed ones too); exit")
 
 
 TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
     resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=3e-5, lr_warmup_steps=5, beta=200.0,
-    checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny",
+    checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny", validation_steps=50,
+    validation_guidance=3.0,
 )
 CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
                reference_point=("kl_mismatched", "batch_mean", "zero"), objective=("kto", "sft"),
-               mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"))
+               mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"),
+               report_to=utils.TRACKERS)
 RESUMABLE = {  # what may differ between a run and its resumption; anything else is refused
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_bad_steps",
-    "dataloader_workers", "gradient_checkpointing", "compile", "profile", "cache_latents", "cache_dir"}
+    "dataloader_workers", "gradient_checkpointing", "compile", "profile", "cache_latents", "cache_dir",
+    "validation_prompts", "validation_steps", "validation_guidance", "report_to", "plot"}
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
 
@@ -122,7 +139,8 @@ def parse_config(argv=None) -> Config:
         import tiny_world
         world = lambda: tiny_world.world_path(given.get("world_seed", 0))  # noqa: E731
         return {**({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
-                **({} if "dataset" in given else dict(dataset=str(world() / "feedback")))}
+                **({} if "dataset" in given else dict(dataset=str(world() / "feedback"))),
+                "validation_prompts": "|".join(tiny_world.HELD_OUT)}
     cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world)
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
@@ -625,11 +643,68 @@ def load_data(cfg: Config):
     return table, dataset, desirable, counts
 
 
+class Reports:
+    """Rank 0's record of a run as it goes: metrics.jsonl, the tracker (--report_to), validation grids of the same
+    prompts and seeds (--validation_steps), curves.png and a model card per checkpoint. A no-op on other ranks."""
+
+    def __init__(self, cfg: Config, start_step: int, path: str, inputs: Inputs, device, autocast, enabled: bool):
+        self.cfg, self.path, self.inputs, self.device, self.autocast = cfg, path, inputs, device, autocast
+        self.enabled, self.out, self.pipe = enabled, Path(cfg.output_dir), None
+        if enabled:
+            self.metrics = open_metrics(self.out, start_step)
+            self.tracker = utils.Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
+            text = cfg.validation_prompts
+            self.prompts = (Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|"))
+            self.prompts = [p.strip() for p in self.prompts if p.strip()]
+
+    def log(self, row: dict):
+        if self.enabled:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+            self.tracker.log(row, row["step"])
+
+    def validate(self, policy, step: int):
+        """The validation prompts, one image each, seeded by (seed, prompt index) on the CPU: the training streams
+        are untouched. The policy runs in eval mode (and goes back to train mode)."""
+        if not (self.enabled and self.cfg.validation_steps and step % self.cfg.validation_steps == 0):
+            return
+        from diffusers import StableDiffusionPipeline
+        if self.pipe is None:  # the encoders of the training inputs when they are loaded (no --cache_latents)
+            shared = {k: getattr(self.inputs, k) for k in ("vae", "text_encoder", "tokenizer")
+                      if hasattr(self.inputs, k)}
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                self.path, unet=policy, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                dtype=self.inputs.dtype, **shared).to(self.device)
+            self.pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(utils.derive_seed(self.cfg.seed, i)) for i in range(len(self.prompts))]
+        policy.eval()
+        with torch.no_grad(), self.autocast:
+            images = self.pipe(self.prompts, num_inference_steps=25, guidance_scale=self.cfg.validation_guidance,
+                               generator=gens).images
+        policy.train()
+        (self.out / "validation").mkdir(exist_ok=True)
+        grid = utils.save_image_grid(images, self.prompts, f"validation, step {step}",
+                                     self.out / "validation" / f"step-{step:06d}.png")
+        self.tracker.log_image("validation", grid, step)
+
+    def checkpoint(self, step: int):
+        if self.enabled:
+            utils.write_model_card(self.out / f"checkpoint-{step}", json.loads((self.out / "run.json").read_text()))
+            utils.plot_curves(self.out)
+
+    def close(self):
+        if self.enabled:
+            self.metrics.close()
+            self.tracker.close()
+
+
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
     cfg = parse_config(argv)
+    if cfg.plot:
+        return print(f"wrote {utils.plot_curves(Path(cfg.plot))}")
     utils.quiet_libraries()
     return utils.run_main(train, cfg, (DataError, TrainingError))
 
@@ -637,9 +712,9 @@ def main(argv=None):
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     master = rank == 0
     out_dir = Path(cfg.output_dir)
-    batch = cfg.train_batch_size * cfg.gradient_accumulation_steps  # per rank and optimizer step
+    per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps  # images per rank and optimizer step
     if cfg.reference_point == "kl_mismatched":
-        mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)  # fails early for a batch of 1
+        mismatched_indices(per_rank)  # fails early, with a clear message, for a batch of 1
     if cfg.optimizer == "adamw8bit":  # the released code's optimizer; imported only when asked for
         try:
             import bitsandbytes
@@ -665,7 +740,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 gradients underflow
     warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))  # noqa: E731  linear, then constant
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))  # noise, t, flips, dropout: per rank
+    gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))  # noise, t, flips, dropout
     bad_steps, n_corrupt, n_seen = 0, 0, 0
     if resume_from:  # weights, optimizer, schedule, loss scale, step and every rank's generator
         from diffusers import UNet2DConditionModel
@@ -687,21 +762,22 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_run_record(cfg, out_dir, start_step, world_size, device, counts)
-        metrics_file = open_metrics(out_dir, start_step)
         print(f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
               f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
-              f"batch {world_size * batch}; device {device}"
+              f"batch {world_size * per_rank}; device {device}"
               + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""))
 
     # -- data: the desirable-ratio sampler resumes its exact stream; inputs from images or the latent cache ----
     captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
     inputs = Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank, world_size)
     sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
-                                    start=start_step * batch)
+                                    start=start_step * per_rank)
     batches = iter(torch.utils.data.DataLoader(
-        inputs.dataset, batch_size=batch, sampler=sampler, num_workers=cfg.dataloader_workers,
+        inputs.dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
     phases = Phases(cfg.profile, device)
+    reports = Reports(cfg, start_step, path, inputs, device, autocast, enabled=master)
+    reports.validate(policy, start_step)  # the baseline grid, before any update
     bar = utils.Progress(cfg.max_train_steps, cfg.objective, initial=start_step, enabled=master)
 
     for step in range(start_step + 1, cfg.max_train_steps + 1):
@@ -734,22 +810,21 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together
 
-        if master:
-            row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, time.perf_counter() - t0)
-            metrics_file.write(json.dumps({**row, **phases.report()}) + "\n")
-            metrics_file.flush()
-        bar.update(**({} if not master else dict(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}",
-                                                  acc=f"{row['accuracy']:.2f}")))
+        row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, time.perf_counter() - t0)
+        reports.log({**row, **phases.report()})
+        bar.update(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
                                 "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
                                 "--beta, check the data for broken images, or raise --max_bad_steps.")
+        reports.validate(policy, step)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size)
+            reports.checkpoint(step)
     bar.close()
+    reports.close()
     if master:
-        metrics_file.close()
-        print(f"done: {out_dir / f'checkpoint-{cfg.max_train_steps}'}")
+        print(f"done: {out_dir / f'checkpoint-{cfg.max_train_steps}'}; curves: {out_dir / 'curves.png'}")
     return policy
 
 
