@@ -939,8 +939,8 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
 
 def main(argv=None):
     """Run the evaluation (or --export); returns the report (the exported folder) on rank 0, None on other ranks."""
+    utils.quiet_libraries()  # first: --tiny may build the tiny scorers while parsing
     cfg = parse_config(argv)
-    utils.quiet_libraries()
     return utils.run_main(export if cfg.export else evaluate, cfg, (DataError,))
 
 

@@ -428,3 +428,14 @@ def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys):
     (out / "curves.png").unlink()  # --plot redraws it from metrics.jsonl alone
     train_kto.main(["--plot", str(out)])
     assert (out / "curves.png").exists() and "curves.png" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_log_file_gets_plain_progress_lines_and_no_warnings(tmp_path):
+    """stderr redirected to a file: no carriage-return progress bars, no notices a user cannot act on."""
+    proc = subprocess.run([sys.executable, str(HERE / "train_kto.py"), *TINY, "--max_train_steps", "2",
+                           "--validation_steps", "2", "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr and "torchvision" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert "kto: 2/2 steps" in proc.stderr

@@ -702,10 +702,10 @@ class Reports:
 
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
+    utils.quiet_libraries()  # first: --tiny may build the tiny world while parsing
     cfg = parse_config(argv)
     if cfg.plot:
         return print(f"wrote {utils.plot_curves(Path(cfg.plot))}")
-    utils.quiet_libraries()
     return utils.run_main(train, cfg, (DataError, TrainingError))
 
 
