@@ -406,18 +406,24 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, reference_point)
 
 
 @pytest.mark.slow
-def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys):
+def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
+    from diffusers import StableDiffusionPipeline
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
     plain, _ = run(tmp_path, *args, out="plain")
+    calls, sample = [], StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__",
+                        lambda self, *a, **k: calls.append(k) or sample(self, *a, **k))
     watched, rows = run(tmp_path, *args, "--validation_steps", "2", "--report_to", "tensorboard",
+                        "--validation_guidance", "2.5",
                         "--validation_prompts", "a red circle on a white background|a blue square on a black bg",
                         out="watched")
     out = tmp_path / "watched"
     # the validation images come from their own generators: the training run is the same with and without them
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), watched.parameters()))
     assert sorted(p.name for p in (out / "validation").iterdir()) == [f"step-00000{k}.png" for k in (0, 2, 4)]
+    assert [(k["guidance_scale"], k["num_inference_steps"]) for k in calls] == [(2.5, 25)] * 3
     assert (out / "curves.png").stat().st_size > 10_000 and watched.training
     for step in (2, 4):
         card = (out / f"checkpoint-{step}" / "README.md").read_text()
