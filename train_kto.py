@@ -389,8 +389,8 @@ class Inputs:
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
         for m in (self.text_encoder, self.vae):
             m.to(self.device).requires_grad_(False).eval()
 
@@ -421,13 +421,14 @@ class Inputs:
         rolled = mismatched_indices(b) if cfg.reference_point == "kl_mismatched" else torch.zeros(0, dtype=torch.long)
         if self.cache:
             flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = (batch[k].to(device)[torch.arange(b, device=device), flip.long()] for k in ("mean", "std"))
-            emb = batch["emb"].to(device)
+            mean, std = (batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()]
+                         for k in ("mean", "std"))
+            emb = batch["emb"].to(device, non_blocking=True)
             both = torch.cat([torch.where(drop[:, None, None], self.empty_emb, emb), emb[rolled.to(device)]])
         else:
             captions = list(batch["caption"])
-            pixels, captions_in = augment(batch["pixel_values"].to(device), captions, gen, cfg.random_flip,
-                                          cfg.caption_dropout)
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
             mean, std = self.posterior(pixels)
             both = self.encode_captions(captions_in + [captions[j] for j in rolled.tolist()])  # one call for both
         x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)  # as diffusers
