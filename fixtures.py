@@ -136,10 +136,11 @@ def draw_shape(shape: str, color: str, background: str, size: float, center, res
     return image.resize((resolution, resolution), Image.LANCZOS)
 
 
-def sample_world(rng: np.random.Generator, resolution: int):
-    """One (image, caption, utility) from the world. Utility in [0, 1]: right colour and large size."""
+def sample_world(rng: np.random.Generator, resolution: int, p_asked: float = 0.5):
+    """One (image, caption, utility) from the world: the shape has the caption's colour with probability p_asked.
+    Utility in [0, 1]: right colour and large size."""
     shape, asked, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
-    color = asked if rng.random() < 0.5 else rng.choice([c for c in COLORS if c != asked])
+    color = asked if rng.random() < p_asked else rng.choice([c for c in COLORS if c != asked])
     size = float(rng.uniform(0.12, 0.45))
     center = rng.uniform(0.5 - (0.5 - size) * 0.8, 0.5 + (0.5 - size) * 0.8, size=2)
     image = draw_shape(shape, color, background, size, center, resolution)

@@ -2,10 +2,11 @@
 
 Why a separate file: it is the repository's demo and end-to-end test fixture, not part of the method. It
 builds, once per world seed, everything the Hugging Face hub would otherwise provide:
-  1. a procedural image-caption world: coloured shapes on a plain background, captioned "a red circle on a
-     white background"; in half of the images the shape's colour is not the one the caption asks for;
+  1. a procedural image-caption world: coloured shapes of random size on a plain background, captioned "a red
+     circle on a white background";
   2. a hidden "human utility" read off the pixels: 0.5 if the shape has the caption's colour, plus up to 0.5
-     for a large shape. People like big shapes in the colour they asked for;
+     for a large shape. People like big shapes in the colour they asked for; the base draws the asked colour,
+     so its likes and dislikes are about size, and a model that stops following captions loses half;
   3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline whose VAE, UNet and text
      encoder are trained here on the world's images (liked and disliked alike), saved in diffusers layout and
      loaded by train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
@@ -42,15 +43,18 @@ import fixtures
 import utils
 from fixtures import BACKGROUNDS, COLORS
 
-WORLD_VERSION = "v2"  # bump when anything below changes, so cached worlds are rebuilt
+WORLD_VERSION = "v3"  # bump when anything below changes, so cached worlds are rebuilt
 RESOLUTION = 32
 # Captions that never get feedback (the base model still learns them): each colour on both backgrounds.
 HELD_OUT = ("a yellow triangle on a black background", "a green square on a white background",
             "a red circle on a black background", "a blue triangle on a white background",
             "a red square on a white background", "a green circle on a black background",
             "a blue square on a black background", "a yellow circle on a white background")
-# The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly)
-SIZES = dict(n_images=4096, vae_steps=300, unet_steps=2000, unet_batch=64, pairs_per_prompt=30, sample_steps=20)
+BUILD_THREADS = 2  # torch threads of every build (floats depend on it): the same world whatever the launcher
+# The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly). asked_pct:
+# how many of the base's training images have the caption's colour (v2 had 50: docs/tiny_world.md says why not)
+SIZES = dict(n_images=4096, vae_steps=600, unet_steps=1500, unet_batch=64, pairs_per_prompt=30, sample_steps=20,
+             asked_pct=100)
 
 
 def world_utility(image: Image.Image, caption: str) -> float:
@@ -83,9 +87,9 @@ def eval_prompts(repeats: int = 32) -> list[str]:
 # the world. Every random draw comes from generators seeded by the world seed (CPU generators, also when the
 # models run on CUDA), so a world is a function of its seed.
 
-def world_images(n: int, seed: int):
+def world_images(n: int, seed: int, asked_pct: int = 50):
     rng = np.random.default_rng(seed)
-    images, captions = zip(*[fixtures.sample_world(rng, RESOLUTION)[:2] for _ in range(n)])
+    images, captions = zip(*[fixtures.sample_world(rng, RESOLUTION, asked_pct / 100)[:2] for _ in range(n)])
     pixels = torch.stack([utils.image_to_tensor(im, RESOLUTION) for im in images])
     return pixels, list(captions)
 
@@ -96,17 +100,18 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps: int, unet_batch: int = 64,
-               device="cpu", log=print) -> dict:
+               asked_pct: int = 50, device="cpu", log=print) -> dict:
     """Train the tiny pipeline's VAE, then its UNet and text encoder together, on n_images world images."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     fixtures.build_tiny_model(path, seed=seed)
-    pixels, captions = world_images(n_images, seed)
+    pixels, captions = world_images(n_images, seed, asked_pct)
     gen = torch.Generator().manual_seed(seed)
 
     # VAE: reconstruction + a small KL term, as in latent diffusion
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(vae_steps, 2), pct_start=0.1)
     t0 = time.time()
     for _ in range(vae_steps):
         x = pixels[torch.randint(0, len(pixels), (32,), generator=gen)].to(device)
@@ -116,6 +121,7 @@ def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     log(f"vae: {vae_steps} steps, reconstruction mse {loss.item():.4f}, {time.time() - t0:.0f}s")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -306,7 +312,7 @@ def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **siz
     record = dict(version=WORLD_VERSION, seed=seed, sizes=sizes, device=str(device), threads=torch.get_num_threads(),
                   torch=torch.__version__, held_out=list(HELD_OUT))
     record.update(train_base(path / "model", seed, sizes["n_images"], sizes["vae_steps"], sizes["unet_steps"],
-                             sizes["unet_batch"], device, log))
+                             sizes["unet_batch"], sizes["asked_pct"], device, log))
     scheduler = DDIMScheduler(**fixtures.sd15_scheduler_config(), set_alpha_to_one=False)
     scheduler.save_pretrained(path / "model" / "scheduler")
     pipe = StableDiffusionPipeline.from_pretrained(path / "model")
@@ -329,7 +335,7 @@ def world_path(seed: int = 0, device: str = "cpu", **sizes) -> Path:
     Non-default sizes (tests) get their own folder. The device is not in the name: build where you run."""
     extra = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()) if v != SIZES[k])
     path = utils.cache_dir() / f"tiny-world-{WORLD_VERSION}-seed{seed}{extra}"
-    return utils.build_once(path, functools.partial(build_world, seed=seed, device=device, **sizes))
+    return utils.build_once(path, functools.partial(build_world, seed=seed, device=device, **sizes), BUILD_THREADS)
 
 
 def world_hash(path: Path) -> str:
@@ -465,10 +471,11 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
     log(f"study: seeds {list(seeds)}, device {device}, {jobs} job(s) x {threads} thread(s), fractions "
         f"{list(fractions)}, ablations on {list(ablation_seeds)}, extra train flags {list(extra)}, world sizes "
         f"{ {**SIZES, **sizes} }")
-    py = sys.executable
-    # 1. worlds (each in its own process; build_once makes this a no-op when cached)
+    # 1. worlds (each in its own process; build_once makes this a no-op when cached). A CPU build always uses
+    # BUILD_THREADS threads, so no more builds run at once than the cores hold (oversubscribed: 5x slower each)
+    builders = jobs if device != "cpu" else max(1, min(jobs, (os.cpu_count() or 2) // BUILD_THREADS))
     run_jobs([(f"world {s}", ["tiny_world.py", "--seed", str(s), "--device", device, "--sizes", *size_flags],
-               work / "logs" / f"world{s}.log") for s in seeds], jobs, threads, log, deadline)
+               work / "logs" / f"world{s}.log") for s in seeds], builders, threads, log, deadline)
     world = {s: world_path(s, device, **sizes) for s in seeds}
     # 2. training runs: one per (seed, kind) to the longest step count, checkpoints at every fraction
     steps = sorted({round(f * TINY_STEPS) for f in fractions})
@@ -523,7 +530,7 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
         rows.append({**e, **{k: u[k] for k in ("win_rate", "ci95", "n_prompts", "mean_ckpt", "mean_baseline")}})
     worlds = {s: json.loads((world[s] / "world.json").read_text()) for s in seeds}
     minutes = (time.time() - t_start) / 60
-    table = study_table(rows, worlds, steps, device, jobs, minutes, py)
+    table = study_table(rows, worlds, steps, device, jobs, minutes)
     (out / "tiny_world_table.md").write_text(table)
     (out / "tiny_world_results.json").write_text(json.dumps(rows, indent=2))
     (out / "tiny_world_worlds.json").write_text(json.dumps(worlds, indent=2))
@@ -536,23 +543,36 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
     return rows
 
 
-def study_table(rows, worlds, steps, device, jobs, minutes, py) -> str:
-    ci = lambda r: f"{r['win_rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"  # noqa: E731
+def study_table(rows, worlds, steps, device, jobs, minutes) -> str:
+    """The README's tables: the worlds; KTO, shuffled labels and SFT against the base and KTO against SFT at the
+    default and the longest step count; the ablations; KTO against the base by steps; a summary line per count."""
+    by = {(r["seed"], r["kind"], r["steps"], r["baseline"]): r for r in rows}
+    cell = lambda *key: (f"{by[key]['win_rate']:.3f} [{by[key]['ci95'][0]:.3f}, {by[key]['ci95'][1]:.3f}]"  # noqa
+                         if key in by else "not run")
+    seeds = sorted(worlds)
     lines = [f"Tiny world study ({device}, {jobs} job(s), {minutes:.1f} min). Win rate on the hidden utility over "
-             f"the baseline, {rows[0]['n_prompts']} paired held-out comparisons, bootstrap 95% CI.", "",
-             "| world seed | base error, matched / mismatched caption | raters agree | base mean utility |",
+             f"the baseline, {rows[0]['n_prompts'] if rows else 0} paired held-out comparisons, bootstrap 95% CI.",
+             "", "| world | base error, own / another caption | raters agree | base: asked colour, mean utility |",
              "|---|---|---|---|"]
-    for s, w in worlds.items():
-        cd = w["caption_dependence"]
+    for s in seeds:
+        cd, w = worlds[s]["caption_dependence"], worlds[s]
         lines.append(f"| {s} | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) | "
-                     f"{w['feedback']['rater_agreement']:.0%} | {w['base_images']['mean_utility']:.3f} |")
-    lines += ["", "| world seed | model | steps | vs | win rate [95% CI] | mean utility model / baseline |",
+                     f"{w['feedback']['rater_agreement']:.0%} | {w['base_images']['color_match']:.1%}, "
+                     f"{w['base_images']['mean_utility']:.3f} |")
+    lines += ["", "| world | steps | KTO vs base | shuffled labels vs base | SFT vs base | KTO vs SFT |",
               "|---|---|---|---|---|---|"]
-    order = {"KTO": 0, "shuffled labels": 1, "SFT": 2}
-    for r in sorted(rows, key=lambda r: (r["ablation"], r["seed"], r["baseline"] != "base", order.get(r["kind"], 9),
-                                         r["kind"], r["steps"])):
-        lines.append(f"| {r['seed']} | {r['kind']} | {r['steps']} | {r['baseline']} | {ci(r)} | "
-                     f"{r['mean_ckpt']:.3f} / {r['mean_baseline']:.3f} |")
+    for s in seeds:
+        for n in sorted({TINY_STEPS, max(steps)}):
+            lines.append(f"| {s} | {n} | {cell(s, 'KTO', n, 'base')} | {cell(s, 'shuffled labels', n, 'base')} | "
+                         f"{cell(s, 'SFT', n, 'base')} | {cell(s, 'KTO', n, 'SFT')} |")
+    ablations = sorted({(r["seed"], r["kind"]) for r in rows if r["ablation"]}, key=lambda k: (k[0], list(
+        ABLATIONS).index(k[1]) if k[1] in ABLATIONS else 99))
+    if ablations:
+        lines += ["", f"| world | {TINY_STEPS} steps, one change from the defaults | vs base |", "|---|---|---|"]
+        lines += [f"| {s} | `{' '.join(ABLATIONS.get(a, [a]))}` | {cell(s, a, TINY_STEPS, 'base')} |"
+                  for s, a in ablations]
+    lines += ["", "| world | " + " | ".join(f"KTO, {n} steps" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(cell(s, "KTO", n, "base") for n in steps) + " |" for s in seeds]
     lines.append("")
     for n in sorted({TINY_STEPS, max(steps)}):
         kto = [r for r in rows if r["kind"] == "KTO" and r["baseline"] == "base" and r["steps"] == n]
