@@ -141,12 +141,17 @@ def sample_world(rng: np.random.Generator, resolution: int, p_asked: float = 0.5
     Utility in [0, 1]: right colour and large size."""
     shape, asked, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
     color = asked if rng.random() < p_asked else rng.choice([c for c in COLORS if c != asked])
+    caption = f"a {asked} {shape} on a {background} background"
+    image, size = draw_caption(rng, f"a {color} {shape} on a {background} background", resolution)
+    return image, caption, 0.5 * (color == asked) + 0.5 * (size - 0.12) / 0.33
+
+
+def draw_caption(rng: np.random.Generator, caption: str, resolution: int) -> tuple[Image.Image, float]:
+    """An image of the caption ("a red circle on a white background") at a random size and position: (image, size)."""
+    _, color, shape, _, _, background, _ = caption.split()
     size = float(rng.uniform(0.12, 0.45))
     center = rng.uniform(0.5 - (0.5 - size) * 0.8, 0.5 + (0.5 - size) * 0.8, size=2)
-    image = draw_shape(shape, color, background, size, center, resolution)
-    caption = f"a {asked} {shape} on a {background} background"
-    utility = 0.5 * (color == asked) + 0.5 * (size - 0.12) / 0.33
-    return image, caption, utility
+    return draw_shape(shape, color, background, size, center, resolution), size
 
 
 def tiny_prompts() -> list[str]:

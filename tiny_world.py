@@ -288,9 +288,12 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
 
     prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
     t0 = time.time()
+    # Without guidance: the base's own distribution, so denoising training on these images alone moves nothing
+    # (the shuffled-label control stays at the base). Images sampled with guidance 3, the evaluation's, make any
+    # training on them drift toward what guidance draws (docs/tiny_world.md).
     images = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
-                           device=device)
-    log(f"feedback: {len(images)} base-model images in {time.time() - t0:.0f}s")
+                           guidance=1.0, device=device)
+    log(f"feedback: {len(images)} base-model images (no guidance) in {time.time() - t0:.0f}s")
     table, u = feedback_table(images, prompts, seed)
     stats = {}
     for name, t in (("feedback", table), ("feedback-shuffled", shuffle_labels(table, seed))):
