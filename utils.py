@@ -115,6 +115,11 @@ def run_main(work, cfg, errors: tuple):
 HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # owner/name, or a legacy name such as bert-base-uncased
 
 
+def is_hub_id(spec: str) -> bool:
+    """owner/name that is not a file or folder here: a hub repo (a model card's base_model, a dataset id)."""
+    return bool(HUB_ID.fullmatch(spec)) and "/" in spec and not Path(spec).expanduser().exists()
+
+
 def from_hub(spec: str, filename: str, what: str) -> Path:
     """`filename` of the hub repo `spec`, from the hub cache or downloaded now. A spec that can only be a local
     path (not owner/name, or its folder exists here as in runs/checkpoint-20) is reported missing instead."""
@@ -244,7 +249,7 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
     if label_policy not in LABEL_POLICIES:
         raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
     path = Path(path)
-    if path.is_dir() or (not path.exists() and _is_hub_id(str(path))) or (
+    if path.is_dir() or (not path.exists() and _is_hub_dataset(str(path))) or (
             path.is_file() and path.suffix.lower() == ".parquet" and _is_pickapic_parquet(path)):
         return load_pickapic(path, label_policy)
     if not path.exists():
@@ -405,9 +410,9 @@ LABEL_POLICY_HELP = (
 PICKAPIC_LABELS_VERSION = 1  # bump when the conversion changes: cached label tables are then rebuilt
 
 
-def _is_hub_id(spec: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and Path(spec).suffix.lower() not in (
-        ".csv", ".jsonl", ".json", ".parquet")
+def _is_hub_dataset(spec: str) -> bool:
+    """A hub dataset id, not a missing table file such as likes.csv (so that one is reported as missing)."""
+    return is_hub_id(spec) and Path(spec).suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet")
 
 
 def _is_pickapic_parquet(path: Path) -> bool:
@@ -435,7 +440,7 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
         root, files = path.parent, [path]
     else:
         if not path.exists():
-            if not _is_hub_id(str(spec)):
+            if not _is_hub_dataset(str(spec)):
                 raise DataError(f"--dataset {spec}: no such file or folder, and not a hub dataset id (owner/name).")
             path = _hub_snapshot(str(spec), split)
         root = path
@@ -900,11 +905,6 @@ def base_license(base: str) -> str:
     """creativeml-openrail-m for Stable Diffusion v1-5 (any owner's copy: the name is the model), else other."""
     return "creativeml-openrail-m" if base.rstrip("/").rsplit("/", 1)[-1].lower() == "stable-diffusion-v1-5" \
         else "other"
-
-
-def is_hub_id(spec: str) -> bool:
-    """owner/name that is not a folder here: a valid base_model on the Hub (a local path is not)."""
-    return bool(HUB_ID.fullmatch(spec)) and "/" in spec and not Path(spec).expanduser().exists()
 
 
 def write_model_card(ckpt_dir: Path, run: dict) -> Path:
