@@ -319,6 +319,13 @@ def test_csv_path_unchanged(tmp_path):
         utils.load_feedback(tmp_path / "nope.csv")
 
 
+def test_a_missing_relative_table_is_missing_not_a_hub_dataset(tmp_path, monkeypatch):
+    """data/likes.csv has the shape of owner/name; a table suffix says it is a file that is not there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="no such file. Pass a .csv"):
+        utils.load_feedback("data/likes.csv")
+
+
 def test_first_caption_wins_and_conflicts_are_counted():
     comparisons = pa.table({
         "caption": ["first", "second", "other"], "label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5],
