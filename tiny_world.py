@@ -393,8 +393,9 @@ def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
     return tiles
 
 
-def steps_figure(rows: list[dict], png: Path) -> None:
-    """Win rate over the base (95% CI) against training steps: KTO per world seed, and the controls."""
+def steps_figure(rows: list[dict], png: Path, first_train_seed: int = 0) -> None:
+    """Win rate over the base (95% CI) against training steps: KTO per world seed, and the controls; the runs of
+    other training seeds (default steps only) as hollow markers without CI."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -404,13 +405,20 @@ def steps_figure(rows: list[dict], png: Path) -> None:
     seeds = sorted({r["seed"] for r in rows})
     for kind, (marker, alpha) in styles.items():
         for i, seed in enumerate(seeds):
-            pts = sorted((r["steps"], r["win_rate"], *r["ci95"]) for r in rows
-                         if r["seed"] == seed and r["kind"] == kind and r["baseline"] == "base" and not r["ablation"])
+            mine = [r for r in rows if r["seed"] == seed and r["kind"] == kind and r["baseline"] == "base"
+                    and not r["ablation"]]
+            pts = sorted((r["steps"], r["win_rate"], *r["ci95"]) for r in mine
+                         if r.get("train_seed", first_train_seed) == first_train_seed)
             if not pts:
                 continue
             s, w, lo, hi = map(np.array, zip(*pts))
             ax.errorbar(s + 4 * (i - 1), w, yerr=[w - lo, hi - w], fmt=marker, color=f"C{i}", alpha=alpha or 1,
                         capsize=2, label=f"{kind}, world {seed}")
+            others = [(r["steps"], r["win_rate"]) for r in mine if r.get("train_seed", first_train_seed)
+                      != first_train_seed]
+            if others:
+                s, w = map(np.array, zip(*others))
+                ax.plot(s + 4 * (i - 1), w, marker[0], mfc="none", color=f"C{i}", alpha=alpha or 1)
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set_xlabel("training steps (--tiny default: 200)")
     ax.set_ylabel("win rate over the base, hidden utility")
@@ -456,12 +464,14 @@ def run_jobs(commands: list[tuple[str, list[str], Path]], jobs: int, threads: in
 
 def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path("runs/study"), device: str = "cpu",
           jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=(0,), extra: list[str] = (),
-          sizes: dict | None = None, deadline_s: float = 0) -> list:
+          sizes: dict | None = None, deadline_s: float = 0, train_seeds=(0,)) -> list:
     """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
     the base (and KTO against SFT) on the held-out captions. Writes into `out` (<= 8 files): tiny_world_table.md,
     tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
     Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes.
     `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run.
+    train_seeds: train_kto.py --seed of the runs; the first gets every row, the others KTO, shuffled labels and SFT
+    at the default steps (one checkpoint's win rate varies more between training seeds than its CI says).
     deadline_s > 0: start no run or evaluation after that many seconds, and write the table of what finished."""
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)
@@ -477,7 +487,8 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
     size_flags = [f"{k}={v}" for k, v in sizes.items()]
     threads = max(1, (os.cpu_count() or 2) // max(1, jobs))
     log(f"study: seeds {list(seeds)}, device {device}, {jobs} job(s) x {threads} thread(s), fractions "
-        f"{list(fractions)}, ablations on {list(ablation_seeds)}, extra train flags {list(extra)}, world sizes "
+        f"{list(fractions)}, training seeds {list(train_seeds)}, ablations on {list(ablation_seeds)}, extra train "
+        f"flags {list(extra)}, world sizes "
         f"{ {**SIZES, **sizes} }")
     # 1. worlds (each in its own process; build_once makes this a no-op when cached). A CPU build always uses
     # BUILD_THREADS threads, so no more builds run at once than the cores hold (oversubscribed: 5x slower each)
@@ -489,44 +500,53 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
     steps = sorted({round(f * TINY_STEPS) for f in fractions})
     top = max(steps)
     every = functools.reduce(np.gcd, steps)
-    runs = {}
+    first, runs = train_seeds[0], {}
     for s in seeds:
         model, data = ["--pretrained_model", str(world[s] / "model")], ["--dataset", str(world[s] / "feedback")]
         for kind, flags in (("KTO", data), ("shuffled labels", ["--dataset", str(world[s] / "feedback-shuffled")]),
                             ("SFT", [*data, "--objective", "sft"])):
-            runs[(s, kind)] = ([*model, *flags], top)
+            for t in train_seeds:
+                runs[(s, kind, t)] = ([*model, *flags], top if t == first else TINY_STEPS)
         for name in (ABLATIONS if s in ablation_seeds else {}):
-            runs[(s, name)] = ([*model, *data, *ABLATIONS[name]], TINY_STEPS)
+            runs[(s, name, first)] = ([*model, *data, *ABLATIONS[name]], TINY_STEPS)
+    # a run's folder: seed<world>/<kind>[-t<training seed>] (the first training seed's name has no suffix)
+    name = lambda s, kind, t: (work / f"seed{s}" / (kind.replace(" ", "_").replace("=", "-")  # noqa: E731
+                                                    + ("" if t == first else f"-t{t}")))
     commands = []
-    for (s, kind), (flags, n) in sorted(runs.items(), key=lambda kv: (kv[0][1] in ABLATIONS, kv[0][0])):
-        folder = work / f"seed{s}" / kind.replace(" ", "_").replace("=", "-")
+    for (s, kind, t), (flags, n) in sorted(runs.items(), key=lambda kv: (kv[0][1] in ABLATIONS, kv[0][2] != first,
+                                                                         kv[0][0])):
+        folder = name(s, kind, t)
         if not (folder / f"checkpoint-{n}" / "unet").exists():
-            commands.append((f"train seed {s} {kind}", ["train_kto.py", "--tiny", "--world_seed", str(s),
-                             "--max_train_steps", str(n), "--checkpointing_steps", str(int(every)),
-                             "--output_dir", str(folder), *extra, *flags], folder.with_suffix(".log")))
+            commands.append((f"train seed {s} {kind} t{t}", ["train_kto.py", "--tiny", "--world_seed", str(s),
+                             "--seed", str(t), "--max_train_steps", str(n), "--checkpointing_steps",
+                             str(int(every) if n == top else n), "--output_dir", str(folder), *extra, *flags],
+                             folder.with_suffix(".log")))
     run_jobs(commands, jobs, threads, log, deadline)
     # 3. evaluations: 256 paired (held-out caption, seed) comparisons each
-    ckpt = lambda s, kind, n: work / f"seed{s}" / kind.replace(" ", "_").replace("=", "-") / f"checkpoint-{n}"  # noqa
     evals = []
     for s in seeds:
-        evals += [dict(seed=s, kind="KTO", steps=n, baseline="base", ablation=False) for n in steps]
-        evals += [dict(seed=s, kind=k, steps=n, baseline="base", ablation=False) for k in ("shuffled labels", "SFT")
-                  for n in sorted({TINY_STEPS, top})]
-        evals += [dict(seed=s, kind="KTO", steps=n, baseline="SFT", ablation=False) for n in sorted({TINY_STEPS, top})]
-        evals += [dict(seed=s, kind=a, steps=TINY_STEPS, baseline="base", ablation=True)
-                  for a in (ABLATIONS if s in ablation_seeds else {})]
+        e = dict(seed=s, train_seed=first, baseline="base", ablation=False)
+        evals += [dict(e, kind="KTO", steps=n) for n in steps]
+        evals += [dict(e, kind=k, steps=n) for k in ("shuffled labels", "SFT") for n in sorted({TINY_STEPS, top})]
+        evals += [dict(e, kind="KTO", steps=n, baseline="SFT") for n in sorted({TINY_STEPS, top})]
+        evals += [dict(e, kind=a, steps=TINY_STEPS, ablation=True) for a in (ABLATIONS if s in ablation_seeds else {})]
+        for t in train_seeds[1:]:
+            e = dict(seed=s, train_seed=t, steps=TINY_STEPS, ablation=False)
+            evals += [dict(e, kind=k, baseline="base") for k in ("KTO", "shuffled labels", "SFT")]
+            evals.append(dict(e, kind="KTO", baseline="SFT"))
     # most important first, in case --deadline_s cuts the study short: the default steps on every world, then 2x
-    evals.sort(key=lambda e: (e["ablation"], e["steps"] != TINY_STEPS, e["steps"] != top, e["seed"]))
+    evals.sort(key=lambda e: (e["ablation"], e["steps"] != TINY_STEPS, e["steps"] != top, e["train_seed"] != first,
+                              e["seed"]))
     commands = []
     for e in evals:
-        e["out"] = str(work / f"seed{e['seed']}" / "eval" / f"{e['kind']}-{e['steps']}-vs-{e['baseline']}"
-                       .replace(" ", "_").replace("=", "-"))
-        argv = ["eval.py", "--ckpt", str(ckpt(e["seed"], e["kind"], e["steps"])), "--tiny", "--out", e["out"]]
+        run = name(e["seed"], e["kind"], e["train_seed"])
+        e["out"] = str(run.parent / "eval" / f"{run.name}-{e['steps']}-vs-{e['baseline']}")
+        argv = ["eval.py", "--ckpt", str(run / f"checkpoint-{e['steps']}"), "--tiny", "--out", e["out"]]
         if e["baseline"] != "base":
-            argv += ["--baseline", str(ckpt(e["seed"], e["baseline"], e["steps"]))]
+            argv += ["--baseline", str(name(e["seed"], e["baseline"], e["train_seed"]) / f"checkpoint-{e['steps']}")]
         if not (Path(e["out"]) / "results.json").exists():
-            commands.append((f"eval seed {e['seed']} {e['kind']}@{e['steps']} vs {e['baseline']}", argv,
-                             Path(e["out"] + ".log")))
+            commands.append((f"eval seed {e['seed']} {e['kind']}@{e['steps']} t{e['train_seed']} vs {e['baseline']}",
+                             argv, Path(e["out"] + ".log")))
     run_jobs(commands, jobs, threads, log, deadline)
     # 4. table, figures, world records
     rows = []
@@ -538,23 +558,70 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
         rows.append({**e, **{k: u[k] for k in ("win_rate", "ci95", "n_prompts", "mean_ckpt", "mean_baseline")}})
     worlds = {s: json.loads((world[s] / "world.json").read_text()) for s in seeds}
     minutes = (time.time() - t_start) / 60
-    table = study_table(rows, worlds, steps, device, jobs, minutes)
+    table = study_table(rows, worlds, steps, device, jobs, minutes, train_seeds)
     (out / "tiny_world_table.md").write_text(table)
     (out / "tiny_world_results.json").write_text(json.dumps(rows, indent=2))
     (out / "tiny_world_worlds.json").write_text(json.dumps(worlds, indent=2))
-    steps_figure(rows, out / "tiny_world_steps.png")
-    first = [r for r in rows if r["kind"] == "KTO" and r["steps"] == TINY_STEPS and r["baseline"] == "base"]
-    if first:
-        make_figure(Path(first[0]["out"]), out / "tiny_world.png")
+    steps_figure(rows, out / "tiny_world_steps.png", first)
+    shown = [r for r in rows if r["kind"] == "KTO" and r["steps"] == TINY_STEPS and r["baseline"] == "base"]
+    if shown:
+        make_figure(Path(shown[0]["out"]), out / "tiny_world.png")
     print(table)
     log(f"study done in {minutes:.1f} min; wrote {sorted(p.name for p in out.iterdir())} to {out}")
     return rows
 
 
-def study_table(rows, worlds, steps, device, jobs, minutes) -> str:
+# 97.5% quantiles of Student's t with 1..30 degrees of freedom (scipy.stats.t.ppf), for intervals over a few runs
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.16, 2.145, 2.131,
+        2.12, 2.11, 2.101, 2.093, 2.086, 2.08, 2.074, 2.069, 2.064, 2.06, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean of independent runs' values (2 to 31 of them)."""
+    v = np.asarray(values, dtype=float)
+    half = T975[len(v) - 2] * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def over_runs(rows, train_seeds) -> list[str]:
+    """The default-step cells over training seeds: a table of each run's win rate, then per comparison the mean over
+    every (world, training seed) run with its t-interval: a claim that holds across runs, not only over prompts."""
+    key = lambda r: (r["kind"], r["baseline"])  # noqa: E731
+    kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
+    runs = {(r["seed"], r.get("train_seed", 0), *key(r)): r["win_rate"] for r in rows
+            if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds}
+    worlds = sorted({k[0] for k in runs})
+    lines = ["", f"| world | {TINY_STEPS} steps, training seeds {', '.join(map(str, train_seeds))} | KTO vs base | "
+             "shuffled labels vs base | SFT vs base | KTO vs SFT |", "|---|---|---|---|---|---|"]
+    for s in worlds:
+        cells = [" / ".join(f"{runs[(s, t, *k)]:.3f}" if (s, t, *k) in runs else "not run" for t in train_seeds)
+                 for k in kinds]
+        lines.append(f"| {s} | | " + " | ".join(cells) + " |")
+    lines.append("")
+    for k in kinds:
+        v = [runs[(s, t, *k)] for s in worlds for t in train_seeds if (s, t, *k) in runs]
+        if len(v) >= 2:
+            m, lo, hi = t_interval(v)
+            lines.append(f"{k[0]} vs {k[1]} at {TINY_STEPS} steps over {len(v)} runs (worlds x training seeds): mean "
+                         f"{m:.3f}, 95% t-interval [{lo:.3f}, {hi:.3f}], {sum(x > 0.5 for x in v)} of {len(v)} above "
+                         "0.5.")
+    pairs = [(s, t) for s in worlds for t in train_seeds
+             if (s, t, "KTO", "base") in runs and (s, t, "shuffled labels", "base") in runs]
+    if len(pairs) >= 2:
+        d = [runs[(*p, "KTO", "base")] - runs[(*p, "shuffled labels", "base")] for p in pairs]
+        m, lo, hi = t_interval(d)
+        lines.append(f"KTO minus shuffled labels, paired by run: {m:+.3f} [{lo:+.3f}, {hi:+.3f}], positive in "
+                     f"{sum(x > 0 for x in d)} of {len(d)}.")
+    return lines
+
+
+def study_table(rows, worlds, steps, device, jobs, minutes, train_seeds=(0,)) -> str:
     """The README's tables: the worlds; KTO, shuffled labels and SFT against the base and KTO against SFT at the
-    default and the longest step count; the ablations; KTO against the base by steps; a summary line per count."""
-    by = {(r["seed"], r["kind"], r["steps"], r["baseline"]): r for r in rows}
+    default and the longest step count; the ablations; KTO against the base by steps; a summary line per count;
+    with several training seeds, the default-step cells over them (over_runs). The other tables show the first
+    training seed's runs."""
+    by = {(r["seed"], r["kind"], r["steps"], r["baseline"]): r for r in rows
+          if r.get("train_seed", train_seeds[0]) == train_seeds[0]}
     cell = lambda *key: (f"{by[key]['win_rate']:.3f} [{by[key]['ci95'][0]:.3f}, {by[key]['ci95'][1]:.3f}]"  # noqa
                          if key in by else "not run")
     seeds = sorted(worlds)
@@ -583,11 +650,13 @@ def study_table(rows, worlds, steps, device, jobs, minutes) -> str:
     lines += [f"| {s} | " + " | ".join(cell(s, "KTO", n, "base") for n in steps) + " |" for s in seeds]
     lines.append("")
     for n in sorted({TINY_STEPS, max(steps)}):
-        kto = [r for r in rows if r["kind"] == "KTO" and r["baseline"] == "base" and r["steps"] == n]
+        kto = [r for r in by.values() if r["kind"] == "KTO" and r["baseline"] == "base" and r["steps"] == n]
         if kto:
             lines.append(f"KTO vs base at {n} steps: mean win rate over {len(kto)} world(s) "
                          f"{np.mean([r['win_rate'] for r in kto]):.3f}, lowest CI lower bound "
                          f"{min(r['ci95'][0] for r in kto):.3f}.")
+    if len(train_seeds) > 1:
+        lines += over_runs(rows, train_seeds)
     return "\n".join(lines) + "\n"
 
 
@@ -601,6 +670,8 @@ if __name__ == "__main__":
                         help="draw base vs KTO images from an eval.py --tiny output folder")
     parser.add_argument("--study", action="store_true", help="run the whole study (docs/tiny_world.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--study: world seeds")
+    parser.add_argument("--train_seeds", type=int, nargs="+", default=[0],
+                        help="--study: training seeds (the first: every row; the others: the default-step cells)")
     parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0], help="--study: seeds with ablations")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0],
                         help="--study: KTO steps as fractions of the --tiny default (200)")
@@ -616,7 +687,7 @@ if __name__ == "__main__":
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
     if args.study:
         study(args.seeds, Path(args.out), Path(args.work), args.device, args.jobs, args.fractions,
-              args.ablation_seeds, args.train_flags.split(), sizes, args.deadline_s)
+              args.ablation_seeds, args.train_flags.split(), sizes, args.deadline_s, args.train_seeds)
     else:
         print(world_path(args.seed, args.device, **sizes))
     if args.figure:
