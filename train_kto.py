@@ -706,7 +706,8 @@ def main(argv=None):
     utils.quiet_libraries()  # first: --tiny may build the tiny world while parsing
     cfg = parse_config(argv)
     if cfg.plot:
-        return print(f"wrote {utils.plot_curves(Path(cfg.plot))}")
+        print(f"wrote {utils.plot_curves(Path(cfg.plot))}")
+        return None
     return utils.run_main(train, cfg, (DataError, TrainingError))
 
 

@@ -916,9 +916,9 @@ def write_model_card(ckpt_dir: Path, run: dict) -> Path:
     base = str(cfg.get("pretrained_model", "?"))
     found = re.match(r"checkpoint-(\d+)", ckpt_dir.name)
     step = int(found.group(1)) if found else run.get("step", "?")
-    license = base_license(base)
+    terms = base_license(base)
     data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=CARD_TAGS, library_name="diffusers",
-                         license=license, pipeline_tag="text-to-image")
+                         license=terms, pipeline_tag="text-to-image")
     recipe = dict(cfg, world_size=run.get("world_size", "?"))
     rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
     policy = run.get("label_policy", cfg.get("label_policy", "?"))
@@ -928,7 +928,7 @@ def write_model_card(ckpt_dir: Path, run: dict) -> Path:
 The UNet of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
 labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
 
-License: {license}. The base model's license applies to these weights as to the base model itself.
+License: {terms}. The base model's license applies to these weights as to the base model itself.
 
 ## Recipe
 
