@@ -294,8 +294,10 @@ def test_study_table_gives_each_training_seeds_run_and_intervals_over_runs():
            if r["steps"] == 200 and not r["ablation"]}
     kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
     for s in (0, 1, 2):
-        line = next(x for x in table.splitlines() if x.startswith(f"| {s} | |"))
-        assert line.split("|")[3:-1] == [" " + " / ".join(f"{win[(s, t, *k)]:.3f}" for t in (0, 5, 7)) + " "
+        lines = table.splitlines()
+        header = next(i for i, x in enumerate(lines) if x.startswith("| world (200 steps; training seeds 0 / 5 / 7) |"))
+        line = next(x for x in lines[header:] if x.startswith(f"| {s} | "))
+        assert line.split("|")[2:-1] == [" " + " / ".join(f"{win[(s, t, *k)]:.3f}" for t in (0, 5, 7)) + " "
                                          for k in kinds]
     kto = [win[(s, t, "KTO", "base")] for s in (0, 1, 2) for t in (0, 5, 7)]
     half = 2.306 * np.std(kto, ddof=1) / 3                                # t quantile, 8 degrees of freedom
@@ -311,3 +313,5 @@ def test_t_interval_covers_the_mean_95_percent_of_the_time():
     for n in (3, 9):
         hits = [lo <= 0.6 <= hi for lo, hi in (tiny_world.t_interval(rng.normal(0.6, 0.1, n))[1:] for _ in range(4000))]
         assert 0.935 < np.mean(hits) < 0.965, (n, np.mean(hits))       # a normal quantile (1.96) gives ~0.83 at n=3
+    with pytest.raises(ValueError, match="covers 2 to 31 runs"):
+        tiny_world.t_interval(np.ones(32))

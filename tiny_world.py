@@ -579,6 +579,9 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def t_interval(values) -> tuple[float, float, float]:
     """(mean, low, high): the 95% t-interval of the mean of independent runs' values (2 to 31 of them)."""
     v = np.asarray(values, dtype=float)
+    if not 2 <= len(v) <= len(T975) + 1:
+        raise ValueError(f"t_interval: {len(v)} values; the table T975 covers 2 to {len(T975) + 1} runs (add quantiles "
+                         "of Student's t to T975 for more)")
     half = T975[len(v) - 2] * v.std(ddof=1) / np.sqrt(len(v))
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
@@ -591,12 +594,12 @@ def over_runs(rows, train_seeds) -> list[str]:
     runs = {(r["seed"], r.get("train_seed", 0), *key(r)): r["win_rate"] for r in rows
             if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds}
     worlds = sorted({k[0] for k in runs})
-    lines = ["", f"| world | {TINY_STEPS} steps, training seeds {', '.join(map(str, train_seeds))} | KTO vs base | "
-             "shuffled labels vs base | SFT vs base | KTO vs SFT |", "|---|---|---|---|---|---|"]
+    lines = ["", f"| world ({TINY_STEPS} steps; training seeds {' / '.join(map(str, train_seeds))}) | KTO vs base | "
+             "shuffled labels vs base | SFT vs base | KTO vs SFT |", "|---|---|---|---|---|"]
     for s in worlds:
         cells = [" / ".join(f"{runs[(s, t, *k)]:.3f}" if (s, t, *k) in runs else "not run" for t in train_seeds)
                  for k in kinds]
-        lines.append(f"| {s} | | " + " | ".join(cells) + " |")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
     for k in kinds:
         v = [runs[(s, t, *k)] for s in worlds for t in train_seeds if (s, t, *k) in runs]
