@@ -234,7 +234,8 @@ def made_up_study():
     def row(seed, kind, steps, baseline="base", ablation=False, train_seed=0):
         w = float(rng.uniform(0.3, 0.9))
         rows.append(dict(seed=seed, kind=kind, steps=steps, baseline=baseline, ablation=ablation, win_rate=w,
-                         ci95=[w - 0.06, w + 0.05], n_prompts=256, mean_ckpt=0.5, mean_baseline=0.4,
+                         ci95=[w - 0.06, w + 0.05], n_prompts=256, mean_ckpt=float(rng.uniform(0.7, 0.9)),
+                         mean_baseline=0.8,
                          train_seed=train_seed))
     for s in (0, 1, 2):
         for n in (50, 100, 200, 300, 400):
@@ -304,6 +305,11 @@ def test_study_table_gives_each_training_seeds_run_and_intervals_over_runs():
     assert (f"KTO vs base at 200 steps over 9 runs (worlds x training seeds): mean {np.mean(kto):.3f}, 95% "
             f"t-interval [{np.mean(kto) - half:.3f}, {np.mean(kto) + half:.3f}], {sum(x > 0.5 for x in kto)} of 9"
             in table)
+    gain = [r["mean_ckpt"] - 0.8 for s in (0, 1, 2) for t in (0, 5, 7) for r in rows if r["steps"] == 200 and
+            (r["seed"], r["train_seed"], r["kind"], r["baseline"]) == (s, t, "KTO", "base")]
+    half = 2.306 * np.std(gain, ddof=1) / 3
+    assert (f"above 0.5; mean utility change {np.mean(gain):+.4f} [{np.mean(gain) - half:+.4f}, "
+            f"{np.mean(gain) + half:+.4f}].\nshuffled labels vs base" in table)
     d = [win[(s, t, "KTO", "base")] - win[(s, t, "shuffled labels", "base")] for s in (0, 1, 2) for t in (0, 5, 7)]
     assert f"KTO minus shuffled labels, paired by run: {np.mean(d):+.3f}" in table
 

@@ -588,11 +588,14 @@ def t_interval(values) -> tuple[float, float, float]:
 
 def over_runs(rows, train_seeds) -> list[str]:
     """The default-step cells over training seeds: a table of each run's win rate, then per comparison the mean over
-    every (world, training seed) run with its t-interval: a claim that holds across runs, not only over prompts."""
+    every (world, training seed) run with its t-interval: a claim that holds across runs, not only over prompts.
+    Also the mean over runs of the change in mean hidden utility (checkpoint - baseline): a same-seed win rate
+    counts the sign of every small change, so a run that shifts all shapes by a pixel scores near 0 or 1."""
     key = lambda r: (r["kind"], r["baseline"])  # noqa: E731
     kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
-    runs = {(r["seed"], r.get("train_seed", 0), *key(r)): r["win_rate"] for r in rows
-            if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds}
+    picked = [r for r in rows if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds]
+    runs = {(r["seed"], r.get("train_seed", 0), *key(r)): r["win_rate"] for r in picked}
+    gain = {(r["seed"], r.get("train_seed", 0), *key(r)): r["mean_ckpt"] - r["mean_baseline"] for r in picked}
     worlds = sorted({k[0] for k in runs})
     lines = ["", f"| world ({TINY_STEPS} steps; training seeds {' / '.join(map(str, train_seeds))}) | KTO vs base | "
              "shuffled labels vs base | SFT vs base | KTO vs SFT |", "|---|---|---|---|---|"]
@@ -605,9 +608,10 @@ def over_runs(rows, train_seeds) -> list[str]:
         v = [runs[(s, t, *k)] for s in worlds for t in train_seeds if (s, t, *k) in runs]
         if len(v) >= 2:
             m, lo, hi = t_interval(v)
+            g = t_interval([gain[(s, t, *k)] for s in worlds for t in train_seeds if (s, t, *k) in runs])
             lines.append(f"{k[0]} vs {k[1]} at {TINY_STEPS} steps over {len(v)} runs (worlds x training seeds): mean "
                          f"{m:.3f}, 95% t-interval [{lo:.3f}, {hi:.3f}], {sum(x > 0.5 for x in v)} of {len(v)} above "
-                         "0.5.")
+                         f"0.5; mean utility change {g[0]:+.4f} [{g[1]:+.4f}, {g[2]:+.4f}].")
     pairs = [(s, t) for s in worlds for t in train_seeds
              if (s, t, "KTO", "base") in runs and (s, t, "shuffled labels", "base") in runs]
     if len(pairs) >= 2:
