@@ -293,9 +293,9 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
 
     prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
     t0 = time.time()
-    # Without guidance: the base's own distribution, on which denoising training alone is a fixed point in
-    # expectation. Images sampled with guidance 3 (the evaluation's) made label-free training drift toward what
-    # guidance draws; the shuffled-label control still drifts from run to run (docs/tiny_world.md).
+    # Without guidance: the base's own distribution (denoising training on it would be a fixed point for a perfect
+    # model; here label-free fine-tuning on these images still lowers the utility, docs/tiny_world.md). Images
+    # sampled with guidance 3 (the evaluation's) made label-free training drift toward what guidance draws.
     images = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
                            guidance=1.0, device=device)
     log(f"feedback: {len(images)} base-model images (no guidance) in {time.time() - t0:.0f}s")
@@ -422,10 +422,11 @@ def steps_figure(rows: list[dict], png: Path, first_train_seed: int = 0) -> None
     ax.axhline(0.5, color="gray", lw=0.8)
     ax.set_xlabel("training steps (--tiny default: 200)")
     ax.set_ylabel("win rate over the base, hidden utility")
-    ax.set_title("Tiny world: win rate vs steps (256 held-out comparisons, 95% CI)", fontsize=9)
-    ax.legend(fontsize=6, ncol=3, loc="lower left")
+    ax.set_title("Tiny world: win rate vs steps (256 held-out comparisons, 95% CI; hollow: other training seeds)",
+                 fontsize=8)
+    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: hides no point
     fig.tight_layout()
-    fig.savefig(png)
+    fig.savefig(png, bbox_inches="tight")
     plt.close(fig)
 
 
