@@ -18,7 +18,7 @@ seed<seed> by one process (utils.build_once: file lock, fixed thread count), wha
 
     python tiny_world.py [--seed 1]                        # build (or find) a world and print its folder
     python tiny_world.py --figure runs/eval-tiny fig.png   # draw base vs KTO from an eval.py --tiny output
-    python tiny_world.py --study --seeds 0 1 2 --out runs/study-out   # docs/tiny_world.md's table and plot
+    python tiny_world.py --study --jobs 2 --out runs/study-out   # docs/tiny_world.md's tables and plots (times there)
 """
 
 from __future__ import annotations
@@ -678,7 +678,7 @@ if __name__ == "__main__":
                         help="draw base vs KTO images from an eval.py --tiny output folder")
     parser.add_argument("--study", action="store_true", help="run the whole study (docs/tiny_world.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--study: world seeds")
-    parser.add_argument("--train_seeds", type=int, nargs="+", default=[0],
+    parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="--study: training seeds (the first: every row; the others: the default-step cells)")
     parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0], help="--study: seeds with ablations")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0],
