@@ -294,9 +294,9 @@ def test_study_table_gives_each_training_seeds_run_and_intervals_over_runs():
     win = {(r["seed"], r["train_seed"], r["kind"], r["baseline"]): r["win_rate"] for r in rows
            if r["steps"] == 200 and not r["ablation"]}
     kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
+    lines = table.splitlines()
+    header = next(i for i, x in enumerate(lines) if x.startswith("| world (200 steps; training seeds 0 / 5 / 7) |"))
     for s in (0, 1, 2):
-        lines = table.splitlines()
-        header = next(i for i, x in enumerate(lines) if x.startswith("| world (200 steps; training seeds 0 / 5 / 7) |"))
         line = next(x for x in lines[header:] if x.startswith(f"| {s} | "))
         assert line.split("|")[2:-1] == [" " + " / ".join(f"{win[(s, t, *k)]:.3f}" for t in (0, 5, 7)) + " "
                                          for k in kinds]
