@@ -465,7 +465,7 @@ def run_jobs(commands: list[tuple[str, list[str], Path]], jobs: int, threads: in
 
 def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path("runs/study"), device: str = "cpu",
           jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=(0,), extra: list[str] = (),
-          sizes: dict | None = None, deadline_s: float = 0, train_seeds=(0,)) -> list:
+          sizes: dict | None = None, deadline_s: float = 0, train_seeds=(0, 1, 2, 3, 4)) -> list:
     """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
     the base (and KTO against SFT) on the held-out captions. Writes into `out` (<= 8 files): tiny_world_table.md,
     tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
@@ -594,9 +594,9 @@ def over_runs(rows, train_seeds) -> list[str]:
     counts the sign of every small change, so a run that shifts all shapes by a pixel scores near 0 or 1."""
     key = lambda r: (r["kind"], r["baseline"])  # noqa: E731
     kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
-    picked = [r for r in rows if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds]
-    runs = {(r["seed"], r.get("train_seed", 0), *key(r)): r["win_rate"] for r in picked}
-    gain = {(r["seed"], r.get("train_seed", 0), *key(r)): r["mean_ckpt"] - r["mean_baseline"] for r in picked}
+    picked = {(r["seed"], r.get("train_seed", 0), *key(r)): r for r in rows
+              if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds}
+    runs = {k: r["win_rate"] for k, r in picked.items()}
     worlds = sorted({k[0] for k in runs})
     lines = ["", f"| world ({TINY_STEPS} steps; training seeds {' / '.join(map(str, train_seeds))}) | KTO vs base | "
              "shuffled labels vs base | SFT vs base | KTO vs SFT |", "|---|---|---|---|---|"]
@@ -606,10 +606,11 @@ def over_runs(rows, train_seeds) -> list[str]:
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
     for k in kinds:
-        v = [runs[(s, t, *k)] for s in worlds for t in train_seeds if (s, t, *k) in runs]
+        done = [(s, t, *k) for s in worlds for t in train_seeds if (s, t, *k) in runs]
+        v = [runs[r] for r in done]
         if len(v) >= 2:
             m, lo, hi = t_interval(v)
-            g = t_interval([gain[(s, t, *k)] for s in worlds for t in train_seeds if (s, t, *k) in runs])
+            g = t_interval([picked[r]["mean_ckpt"] - picked[r]["mean_baseline"] for r in done])
             lines.append(f"{k[0]} vs {k[1]} at {TINY_STEPS} steps over {len(v)} runs (worlds x training seeds): mean "
                          f"{m:.3f}, 95% t-interval [{lo:.3f}, {hi:.3f}], {sum(x > 0.5 for x in v)} of {len(v)} above "
                          f"0.5; mean utility change {g[0]:+.4f} [{g[1]:+.4f}, {g[2]:+.4f}].")
