@@ -10,9 +10,10 @@ builds, once per world seed, everything the Hugging Face hub would otherwise pro
   3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline whose VAE, UNet and text
      encoder are trained here on the world's images (liked and disliked alike), saved in diffusers layout and
      loaded by train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
-  4. feedback in the Pick-a-Pic v2 schema: pairs of base-model images for the same caption, the preferred
-     one chosen by the hidden utility with label noise (feedback/), and the same pairs with the labels
-     permuted (feedback-shuffled/, a control: same images and captions, no information in the labels).
+  4. feedback in the Pick-a-Pic v2 schema: pairs of fresh drawings of the world for the same caption (not
+     the base's samples, as Pick-a-Pic's images come from other models than SD v1-5), the preferred one chosen
+     by the hidden utility with label noise (feedback/), and the same pairs with the labels permuted
+     (feedback-shuffled/, a control: same images and captions, no information in the labels).
 A world is a pure function of its seed (and sizes): built once into $DIFFUSION_KTO_CACHE/tiny-world-<VERSION>-
 seed<seed> by one process (utils.build_once: file lock, fixed thread count), whatever the launcher.
 
@@ -43,7 +44,7 @@ import fixtures
 import utils
 from fixtures import BACKGROUNDS, COLORS
 
-WORLD_VERSION = "v4"  # bump when anything below changes, so cached worlds are rebuilt
+WORLD_VERSION = "v5"  # bump when anything below changes, so cached worlds are rebuilt
 RESOLUTION = 32
 # Captions that never get feedback (the base model still learns them): each colour on both backgrounds.
 HELD_OUT = ("a yellow triangle on a black background", "a green square on a white background",
@@ -204,7 +205,7 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
 
 
 # ----------------------------------------------------------------------------------------------------
-# Feedback: pairs of base-model images per caption, the preferred one chosen by the noisy hidden utility
+# Feedback: pairs of drawings per caption, the preferred one chosen by the noisy hidden utility
 
 def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                   batch: int = 128, device="cpu"):
@@ -248,7 +249,7 @@ def feedback_table(images: list, prompts: list[str], seed: int, temperature: flo
         "image_0_uid": [uid[i] for i in first], "image_1_uid": [uid[i + 1] for i in first],
         "best_image_uid": best_uids(label_0, [uid[i] for i in first], [uid[i + 1] for i in first]),
         "are_different": np.ones(n, bool), "has_label": np.ones(n, bool),
-        "model_0": ["tiny-world-base"] * n, "model_1": ["tiny-world-base"] * n,
+        "model_0": ["tiny-world-drawing"] * n, "model_1": ["tiny-world-drawing"] * n,
         "ranking_id": np.arange(n), "user_id": np.zeros(n, np.int64), "num_example_per_prompt": np.ones(n, np.int64),
     })
     return table, u
@@ -292,21 +293,26 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
     import pyarrow.parquet as pq
 
     prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
-    t0 = time.time()
-    # Without guidance: the base's own distribution (denoising training on it would be a fixed point for a perfect
-    # model; here label-free fine-tuning on these images still lowers the utility, docs/tiny_world.md). Images
-    # sampled with guidance 3 (the evaluation's) made label-free training drift toward what guidance draws.
-    images = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
-                           guidance=1.0, device=device)
-    log(f"feedback: {len(images)} base-model images (no guidance) in {time.time() - t0:.0f}s")
+    # The rated images are fresh drawings of the world, not the base's samples: Pick-a-Pic's images come from other
+    # models than the one fine-tuned (SD 2.1, SDXL variants), and fine-tuning the v4 base on its own samples lowered
+    # the utility with labels that say nothing (docs/tiny_world.md, "Why v5").
+    rng = np.random.default_rng([seed, 2])
+    images = [fixtures.draw_caption(rng, p, RESOLUTION)[0] for p in prompts]
     table, u = feedback_table(images, prompts, seed)
     stats = {}
     for name, t in (("feedback", table), ("feedback-shuffled", shuffle_labels(table, seed))):
         (path / name).mkdir(parents=True, exist_ok=True)
         pq.write_table(t, path / name / "train-00000-of-00001.parquet")
         stats[name] = label_stats(t, u[0::2], u[1::2])
-    stats["base_images"] = dict(mean_utility=float(u.mean()), color_match=float(np.mean(u >= 0.5)))
-    log(f"feedback: {len(u) // 2} pairs, base mean utility {u.mean():.3f}, raters agree with the utility on "
+    stats["feedback_images"] = dict(mean_utility=float(u.mean()), color_match=float(np.mean(u >= 0.5)))
+    # The base's own samples for the same captions (no guidance), for the record: does it draw the asked colour?
+    t0 = time.time()
+    samples = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
+                            guidance=1.0, device=device)
+    ub = np.array([world_utility(im, p) for im, p in zip(samples, prompts)])
+    stats["base_images"] = dict(mean_utility=float(ub.mean()), color_match=float(np.mean(ub >= 0.5)))
+    log(f"feedback: {len(u) // 2} pairs of drawings, mean utility {u.mean():.3f} (base samples {ub.mean():.3f}, "
+        f"asked colour {np.mean(ub >= 0.5):.1%}, {time.time() - t0:.0f}s), raters agree with the utility on "
         f"{stats['feedback']['rater_agreement']:.0%} (shuffled: {stats['feedback-shuffled']['rater_agreement']:.0%})")
     return stats, images, prompts
 
