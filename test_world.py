@@ -5,6 +5,7 @@ The slow tests build the default world of seed 0 once (minutes on 2 CPU cores, t
 $DIFFUSION_KTO_CACHE); the determinism test builds three very small worlds in a temporary cache.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -88,6 +89,24 @@ def test_world_images_have_the_asked_colour_as_often_as_asked():
         assert lo <= right.mean() <= hi, (p_asked, right.mean())
         measured = np.array([tiny_world.world_utility(im, c) >= 0.5 for im, c, _ in drawn])
         assert (measured == right).mean() > 0.97                  # the hidden utility sees the colour on pixels
+
+
+def test_rated_images_are_drawings_of_the_world_not_the_base_samples(tmp_path, monkeypatch):
+    """v5: people rate fresh drawings (another "model" than the one fine-tuned, as in Pick-a-Pic); label-free
+    fine-tuning on the base's own samples lowered the utility in v4. A barely trained base (SMALL) samples noise,
+    drawings have a plain background."""
+    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path))
+    world = tiny_world.world_path(0, **SMALL)
+    table = pd.read_parquet(next((world / "feedback").glob("*.parquet")))
+    captions = [*table.caption, *table.caption]
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in [*table.jpg_0, *table.jpg_1]]
+    for im, c in zip(images, captions):
+        background = np.array(fixtures.BACKGROUNDS[c.split()[5]], np.float32)
+        plain = np.linalg.norm(np.asarray(im, np.float32) - background, axis=-1) < 40
+        assert plain.mean() > 0.2, (c, plain.mean())                         # a drawing, not a noisy sample
+    u = [tiny_world.world_utility(im, c) for im, c in zip(images, captions)]
+    record = json.loads((world / "world.json").read_text())
+    assert record["feedback_images"]["mean_utility"] == pytest.approx(np.mean(u), abs=0.01)
 
 
 def test_eval_prompts_are_the_held_out_captions():
