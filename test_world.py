@@ -272,7 +272,8 @@ def made_up_study():
             row(s, "KTO", 200, baseline="SFT", train_seed=t)
     rows = [r for r in rows if not (r["seed"] == 2 and r["kind"] == "SFT" and r["steps"] == 400)]  # one failed
     worlds = {s: dict(caption_dependence=dict(matched=0.04, mismatched=0.14, ratio=3.5),
-                      feedback=dict(rater_agreement=0.64), base_images=dict(color_match=0.999, mean_utility=0.8))
+                      feedback=dict(rater_agreement=0.64), base_images=dict(color_match=0.999, mean_utility=0.8),
+                      feedback_images=dict(mean_utility=0.7))
               for s in (0, 1, 2)}
     return rows, worlds
 
@@ -290,6 +291,7 @@ def test_study_table_has_every_row_and_says_what_did_not_run(tmp_path):
         column = 3 if r["baseline"] == "SFT" else ["KTO", "shuffled labels", "SFT"].index(r["kind"])
         assert cells[f"{r['seed']}/{r['steps']}"][column] == fmt(r), r
     assert cells["2/400"][2] == "not run"                                   # the failed run is named, not hidden
+    assert "| 1 | 0.0400 / 0.1400 (x3.50) | 64% | 99.9%, 0.800 | 0.700 |" in table.splitlines()   # the worlds
     for a, flags in tiny_world.ABLATIONS.items():
         r = next(r for r in rows if r["kind"] == a)
         assert f"| 0 | `{' '.join(flags)}` | {fmt(r)} |" in table

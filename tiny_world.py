@@ -642,13 +642,13 @@ def study_table(rows, worlds, steps, device, jobs, minutes, train_seeds=(0,)) ->
     seeds = sorted(worlds)
     lines = [f"Tiny world study ({device}, {jobs} job(s), {minutes:.1f} min). Win rate on the hidden utility over "
              f"the baseline, {rows[0]['n_prompts'] if rows else 0} paired held-out comparisons, bootstrap 95% CI.",
-             "", "| world | base error, own / another caption | raters agree | base: asked colour, mean utility |",
-             "|---|---|---|---|"]
+             "", "| world | base error, own / another caption | raters agree | base samples: asked colour, mean utility "
+             "| rated drawings: mean utility |", "|---|---|---|---|---|"]
     for s in seeds:
         cd, w = worlds[s]["caption_dependence"], worlds[s]
         lines.append(f"| {s} | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) | "
                      f"{w['feedback']['rater_agreement']:.0%} | {w['base_images']['color_match']:.1%}, "
-                     f"{w['base_images']['mean_utility']:.3f} |")
+                     f"{w['base_images']['mean_utility']:.3f} | {w['feedback_images']['mean_utility']:.3f} |")
     lines += ["", "| world | steps | KTO vs base | shuffled labels vs base | SFT vs base | KTO vs SFT |",
               "|---|---|---|---|---|---|"]
     for s in seeds:
