@@ -642,8 +642,8 @@ def study_table(rows, worlds, steps, device, jobs, minutes, train_seeds=(0,)) ->
     seeds = sorted(worlds)
     lines = [f"Tiny world study ({device}, {jobs} job(s), {minutes:.1f} min). Win rate on the hidden utility over "
              f"the baseline, {rows[0]['n_prompts'] if rows else 0} paired held-out comparisons, bootstrap 95% CI.",
-             "", "| world | base error, own / another caption | raters agree | base samples: asked colour, mean utility "
-             "| rated drawings: mean utility |", "|---|---|---|---|---|"]
+             "", "| world | base error, own / another caption | raters agree | base samples: asked colour, mean "
+             "utility | rated drawings: mean utility |", "|---|---|---|---|---|"]
     for s in seeds:
         cd, w = worlds[s]["caption_dependence"], worlds[s]
         lines.append(f"| {s} | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) | "
