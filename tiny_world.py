@@ -294,7 +294,7 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
 
     prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
     # The rated images are fresh drawings of the world, not the base's samples: Pick-a-Pic's images come from other
-    # models than the one fine-tuned (SD 2.1, SDXL variants), and fine-tuning the v4 base on its own samples lowered
+    # models than the one fine-tuned (SDXL variants among them), and fine-tuning the v4 base on its own samples lowered
     # the utility with labels that say nothing (docs/tiny_world.md, "Why v5").
     rng = np.random.default_rng([seed, 2])
     images = [fixtures.draw_caption(rng, p, RESOLUTION)[0] for p in prompts]
