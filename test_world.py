@@ -235,9 +235,9 @@ def test_fine_tuning_sees_the_latents_the_base_was_trained_on(quick_start):
 
 @pytest.mark.slow
 def test_kto_beats_the_base_model(quick_start):
-    """World 0, training seed 0: 0.688 [0.629, 0.742] in the study (1 thread; floats depend on the thread count).
-    Failed on the v3 world (0.529 [0.467, 0.590]). Other training seeds differ more than this CI says (world 1,
-    seed 1: 0.350); the claim over runs is in docs/tiny_world.md."""
+    """World 0, training seed 0: 0.848 [0.803, 0.889] in the v5 study (1 thread) and here (2 threads); v4 0.688, v3
+    0.529 [0.467, 0.590] (failed). Other worlds and training seeds differ more than this CI says (v5 world 2, seed 0:
+    0.420); the claim over runs is in docs/tiny_world.md."""
     _, utility = quick_start
     assert utility["ci95"][0] > 0.5, utility                             # better than the base, not by chance
     assert utility["mean_ckpt"] > utility["mean_baseline"]
