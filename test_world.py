@@ -333,6 +333,10 @@ def test_study_table_gives_each_training_seeds_run_and_intervals_over_runs():
             f"{np.mean(gain) + half:+.4f}].\nshuffled labels vs base" in table)
     d = [win[(s, t, "KTO", "base")] - win[(s, t, "shuffled labels", "base")] for s in (0, 1, 2) for t in (0, 5, 7)]
     assert f"KTO minus shuffled labels, paired by run: {np.mean(d):+.3f}" in table
+    w1 = [win[(1, t, "shuffled labels", "base")] for t in (0, 5, 7)]
+    half = 4.303 * np.std(w1, ddof=1) / np.sqrt(3)                        # 2 degrees of freedom
+    assert ("shuffled labels vs base per world, mean over its training seeds [95% t-interval]: world 0 "
+            in table and f"; world 1 {np.mean(w1):.3f} [{np.mean(w1) - half:.3f}, {np.mean(w1) + half:.3f}]; " in table)
 
 
 def test_t_interval_covers_the_mean_95_percent_of_the_time():

@@ -627,6 +627,13 @@ def over_runs(rows, train_seeds) -> list[str]:
         m, lo, hi = t_interval(d)
         lines.append(f"KTO minus shuffled labels, paired by run: {m:+.3f} [{lo:+.3f}, {hi:+.3f}], positive in "
                      f"{sum(x > 0 for x in d)} of {len(d)}.")
+    for k in kinds[:2]:  # world by world over its training seeds: what a CI over one run's prompts cannot show
+        cells = [(s, [runs[(s, t, *k)] for t in train_seeds if (s, t, *k) in runs]) for s in worlds]
+        cells = [f"world {s} {m:.3f} [{lo:.3f}, {hi:.3f}]" for s, v in cells if len(v) >= 2
+                 for m, lo, hi in [t_interval(v)]]
+        if cells:
+            lines.append(f"{k[0]} vs {k[1]} per world, mean over its training seeds [95% t-interval]: "
+                         + "; ".join(cells) + ".")
     return lines
 
 
