@@ -304,7 +304,7 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
         (path / name).mkdir(parents=True, exist_ok=True)
         pq.write_table(t, path / name / "train-00000-of-00001.parquet")
         stats[name] = label_stats(t, u[0::2], u[1::2])
-    stats["feedback_images"] = dict(mean_utility=float(u.mean()), color_match=float(np.mean(u >= 0.5)))
+    stats["feedback_images"] = dict(mean_utility=float(u.mean()))  # every drawing has the asked colour
     # The base's own samples for the same captions (no guidance), for the record: does it draw the asked colour?
     t0 = time.time()
     samples = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
@@ -473,7 +473,7 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
           jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=(0,), extra: list[str] = (),
           sizes: dict | None = None, deadline_s: float = 0, train_seeds=(0, 1, 2, 3, 4)) -> list:
     """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
-    the base (and KTO against SFT) on the held-out captions. Writes into `out` (<= 8 files): tiny_world_table.md,
+    the base (and KTO against SFT) on the held-out captions. Writes 6 files into `out`: tiny_world_table.md,
     tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
     Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes.
     `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run.
@@ -597,7 +597,8 @@ def over_runs(rows, train_seeds) -> list[str]:
     """The default-step cells over training seeds: a table of each run's win rate, then per comparison the mean over
     every (world, training seed) run with its t-interval: a claim that holds across runs, not only over prompts.
     Also the mean over runs of the change in mean hidden utility (checkpoint - baseline): a same-seed win rate
-    counts the sign of every small change, so a run that shifts all shapes by a pixel scores near 0 or 1."""
+    counts the sign of every small change, so a run that shifts all shapes by a pixel scores near 0 or 1. Last, KTO
+    and the control world by world over its training seeds."""
     key = lambda r: (r["kind"], r["baseline"])  # noqa: E731
     kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
     picked = {(r["seed"], r.get("train_seed", 0), *key(r)): r for r in rows
@@ -628,9 +629,12 @@ def over_runs(rows, train_seeds) -> list[str]:
         lines.append(f"KTO minus shuffled labels, paired by run: {m:+.3f} [{lo:+.3f}, {hi:+.3f}], positive in "
                      f"{sum(x > 0 for x in d)} of {len(d)}.")
     for k in kinds[:2]:  # world by world over its training seeds: what a CI over one run's prompts cannot show
-        cells = [(s, [runs[(s, t, *k)] for t in train_seeds if (s, t, *k) in runs]) for s in worlds]
-        cells = [f"world {s} {m:.3f} [{lo:.3f}, {hi:.3f}]" for s, v in cells if len(v) >= 2
-                 for m, lo, hi in [t_interval(v)]]
+        cells = []
+        for s in worlds:
+            v = [runs[(s, t, *k)] for t in train_seeds if (s, t, *k) in runs]
+            if len(v) >= 2:
+                m, lo, hi = t_interval(v)
+                cells.append(f"world {s} {m:.3f} [{lo:.3f}, {hi:.3f}]")
         if cells:
             lines.append(f"{k[0]} vs {k[1]} per world, mean over its training seeds [95% t-interval]: "
                          + "; ".join(cells) + ".")
@@ -698,7 +702,7 @@ if __name__ == "__main__":
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0],
                         help="--study: KTO steps as fractions of the --tiny default (200)")
     parser.add_argument("--jobs", type=int, default=1, help="--study: runs at a time (threads split between them)")
-    parser.add_argument("--out", default="runs/study-out", help="--study: folder of the table and plots (<= 8 files)")
+    parser.add_argument("--out", default="runs/study-out", help="--study: folder of the tables and plots (6 files)")
     parser.add_argument("--work", default="runs/study", help="--study: folder of the runs and evaluations")
     parser.add_argument("--sizes", nargs="*", default=[], metavar="KEY=N",
                         help=f"world build sizes other than the defaults {SIZES} (own cache folder)")
