@@ -117,7 +117,7 @@ class Config:
 
 
 TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
-    resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=3e-5, lr_warmup_steps=5, beta=200.0,
+    resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=1e-5, lr_warmup_steps=5, beta=200.0,
     checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny", validation_steps=50,
     validation_guidance=3.0,
 )
