@@ -339,6 +339,26 @@ def test_study_table_gives_each_training_seeds_run_and_intervals_over_runs():
             in table and f"; world 1 {np.mean(w1):.3f} [{np.mean(w1) - half:.3f}, {np.mean(w1) + half:.3f}]; " in table)
 
 
+def test_study_puts_the_ablations_on_a_world_it_studies(tmp_path, monkeypatch):
+    """The ablation rows go on the first studied world unless told otherwise; a world outside --seeds is refused
+    before anything runs (it used to drop the ablations from the table without a word). No run starts here: the
+    jobs are recorded, the worlds are empty folders."""
+    started = []
+    monkeypatch.setattr(tiny_world, "run_jobs", lambda commands, *a, **k: started.extend(c[0] for c in commands))
+    monkeypatch.setattr(tiny_world, "world_path", lambda seed, *a, **k: tmp_path / f"world{seed}")
+    monkeypatch.setattr(tiny_world, "study_table", lambda *a, **k: "")
+    monkeypatch.setattr(tiny_world, "steps_figure", lambda *a, **k: None)
+    for seed in (3, 4):
+        (tmp_path / f"world{seed}").mkdir()
+        (tmp_path / f"world{seed}" / "world.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"ablation world\(s\) \[0\] are not among the worlds \[3, 4\]"):
+        tiny_world.study(seeds=(3, 4), ablation_seeds=(0,), out=tmp_path / "out", work=tmp_path / "work")
+    assert started == [] and not (tmp_path / "out").exists()
+    tiny_world.study(seeds=(3, 4), out=tmp_path / "out", work=tmp_path / "work", train_seeds=(0,))
+    ablations = sorted(n for n in started if any(f" {a} " in n for a in tiny_world.ABLATIONS))
+    assert ablations == sorted(f"train seed 3 {a} t0" for a in tiny_world.ABLATIONS), started
+
+
 def test_t_interval_covers_the_mean_95_percent_of_the_time():
     rng = np.random.default_rng(0)
     for n in (3, 9):

@@ -440,6 +440,7 @@ def steps_figure(rows: list[dict], png: Path, first_train_seed: int = 0) -> None
 # The study: docs/tiny_world.md's table and plot, every run a subprocess (runs in parallel with --jobs)
 
 TINY_STEPS = 200  # train_kto.py's --tiny max_train_steps
+STUDY_WORLDS = (3, 4, 5)  # the README's worlds; 0-2 were used to choose the --tiny learning rate (docs/tiny_world.md)
 ABLATIONS = {"loss_averse": ["--utility", "loss_averse"], "risk_seeking": ["--utility", "risk_seeking"],
              "z=batch_mean": ["--reference_point", "batch_mean"], "z=zero": ["--reference_point", "zero"],
              "gamma=0.5": ["--desirable_ratio", "0.5"], "gamma=1.0": ["--desirable_ratio", "1.0"]}
@@ -469,8 +470,8 @@ def run_jobs(commands: list[tuple[str, list[str], Path]], jobs: int, threads: in
         log(f"FAILED: {failed}")
 
 
-def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path("runs/study"), device: str = "cpu",
-          jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=(0,), extra: list[str] = (),
+def study(seeds=STUDY_WORLDS, out: Path = Path("runs/study-out"), work: Path = Path("runs/study"), device: str = "cpu",
+          jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=None, extra: list[str] = (),
           sizes: dict | None = None, deadline_s: float = 0, train_seeds=(0, 1, 2, 3, 4)) -> list:
     """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
     the base (and KTO against SFT) on the held-out captions. Writes 6 files into `out`: tiny_world_table.md,
@@ -479,7 +480,12 @@ def study(seeds=(0, 1, 2), out: Path = Path("runs/study-out"), work: Path = Path
     `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run.
     train_seeds: train_kto.py --seed of the runs; the first gets every row, the others KTO, shuffled labels and SFT
     at the default steps (one checkpoint's win rate varies more between training seeds than its CI says).
+    ablation_seeds: worlds with the ablation rows (None: the first world; each must be one of `seeds`).
     deadline_s > 0: start no run or evaluation after that many seconds, and write the table of what finished."""
+    ablation_seeds = seeds[:1] if ablation_seeds is None else ablation_seeds
+    if not set(ablation_seeds) <= set(seeds):
+        raise ValueError(f"study: ablation world(s) {sorted(set(ablation_seeds) - set(seeds))} are not among the "
+                         f"worlds {list(seeds)}; pass --ablation_seeds from --seeds (or none)")
     out, work = Path(out), Path(work)
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "tiny_world_study.log", "a")
@@ -695,10 +701,12 @@ if __name__ == "__main__":
     parser.add_argument("--figure", nargs=2, metavar=("EVAL_OUT", "PNG"),
                         help="draw base vs KTO images from an eval.py --tiny output folder")
     parser.add_argument("--study", action="store_true", help="run the whole study (docs/tiny_world.md)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--study: world seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(STUDY_WORLDS),
+                        help="--study: world seeds (worlds 0-2 chose the --tiny defaults; docs/tiny_world.md)")
     parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="--study: training seeds (the first: every row; the others: the default-step cells)")
-    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=[0], help="--study: seeds with ablations")
+    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=None,
+                        help="--study: worlds with the ablation rows, from --seeds (default: the first)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0],
                         help="--study: KTO steps as fractions of the --tiny default (200)")
     parser.add_argument("--jobs", type=int, default=1, help="--study: runs at a time (threads split between them)")
