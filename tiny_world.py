@@ -702,7 +702,8 @@ if __name__ == "__main__":
                         help="draw base vs KTO images from an eval.py --tiny output folder")
     parser.add_argument("--study", action="store_true", help="run the whole study (docs/tiny_world.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(STUDY_WORLDS),
-                        help="--study: world seeds (worlds 0-2 chose the --tiny defaults; docs/tiny_world.md)")
+                        help="--study: world seeds (default 3 4 5; worlds 0-2 chose the --tiny learning rate, "
+                        "docs/tiny_world.md)")
     parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="--study: training seeds (the first: every row; the others: the default-step cells)")
     parser.add_argument("--ablation_seeds", type=int, nargs="*", default=None,
