@@ -235,9 +235,9 @@ def test_fine_tuning_sees_the_latents_the_base_was_trained_on(quick_start):
 
 @pytest.mark.slow
 def test_kto_beats_the_base_model(quick_start):
-    """World 0, training seed 0: 0.848 [0.803, 0.889] in the v5 study (1 thread) and here (2 threads); v4 0.688, v3
-    0.529 [0.467, 0.590] (failed). Other worlds and training seeds differ more than this CI says (v5 world 2, seed 0:
-    0.420); the claim over runs is in docs/tiny_world.md."""
+    """World 0, training seed 0, lr 1e-5: 0.854 [0.811, 0.895] with 1 thread and with 2 (at lr 3e-5: 0.848; v4 0.688,
+    v3 0.529 [0.467, 0.590], failed). Training runs differ more than this CI says (at 3e-5, world 2 seed 0: 0.420);
+    the claims over worlds and runs are in docs/tiny_world.md."""
     _, utility = quick_start
     assert utility["ci95"][0] > 0.5, utility                             # better than the base, not by chance
     assert utility["mean_ckpt"] > utility["mean_baseline"]
