@@ -142,6 +142,50 @@ def test_profile_logs_every_phase(tmp_path):
     assert {k[5:] for k in rows[0] if k.startswith("time_")} == PHASES
 
 
+def count_flops_by_hand(unet, counts: list):
+    """Hooks that add each call's FLOPs to `counts`, from the layers' shapes: 2 per multiply-add of a convolution
+    or linear layer, 4 * B * Lq * Lk * inner_dim for attention (two matrix products). A call with gradients adds
+    its backward: 2x for a layer whose input needs a gradient (input and weight gradients), 1x otherwise (the
+    weight gradient only), 2.5x for attention (flash attention's backward recomputes the scores: 5 products)."""
+    from diffusers.models.attention_processor import Attention
+
+    def hook(m, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        if isinstance(m, torch.nn.Conv2d):
+            flops = 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, torch.nn.Linear):
+            flops = 2 * out.numel() * m.in_features
+        else:
+            context = kwargs.get("encoder_hidden_states")
+            flops = 4 * x.shape[0] * x.shape[1] * (x if context is None else context).shape[1] * m.inner_dim
+        backward = 0 if not torch.is_grad_enabled() else 2.5 if isinstance(m, Attention) else 1 + x.requires_grad
+        counts.append(flops * (1 + backward))
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, Attention)):
+            m.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean"])
+def test_profile_counts_the_steps_flops_and_utilisation(tmp_path, monkeypatch, reference_point):
+    counts, load = [], train_kto.load_models
+
+    def load_counted(*args, **kwargs):
+        policy, ref, *rest = load(*args, **kwargs)
+        count_flops_by_hand(policy, counts)
+        count_flops_by_hand(ref, counts)
+        return policy, ref, *rest
+    monkeypatch.setattr(train_kto, "load_models", load_counted)
+    # the cache: no VAE or text encoder in the step, so the UNets' calls are all its FLOPs
+    rows, _ = run(tmp_path / "out", "--profile", "--cache_latents", "--max_train_steps", "2", "--peak_tflops", "0.5",
+                  "--reference_point", reference_point)
+    # torch's counter on step 1 against the hand count of both steps (the same shapes, so the same FLOPs)
+    assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"] == sum(counts) / 2
+    for r in rows:
+        seconds = train_kto.TINY["train_batch_size"] / r["images_per_sec"]
+        assert r["tflops_per_sec"] == pytest.approx(r["flops_per_step"] / seconds / 1e12, rel=1e-9)
+        assert r["utilization"] == pytest.approx(r["tflops_per_sec"] / 0.5, rel=1e-12)
+
+
 def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as when it is not installed
     with pytest.raises(SystemExit) as e:
@@ -188,7 +232,7 @@ def test_sd15_random_is_built_once_and_warned_about(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
-    """Dynamo traces the UNets (backend "eager": inductor's C++ build of a UNet takes minutes on a small CPU)."""
+    """Dynamo traces the UNets' repeated blocks (backend "eager": inductor's C++ build takes minutes on a CPU)."""
     compiled, real = [], torch.nn.Module.compile
 
     def eager(self, **kw):
@@ -196,7 +240,10 @@ def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
         real(self, backend="eager")
     monkeypatch.setattr(torch.nn.Module, "compile", eager)
     rows, weights = run(tmp_path / "out", "--compile")
-    assert compiled == ["UNet2DConditionModel", "UNet2DConditionModel"]  # policy and ref
+    blocks = [type(m).__name__ for m in train_kto.load_models(train_kto.parse_config(TINY), str(
+        fixtures.tiny_model_path()), torch.device("cpu"))[0].modules() if type(m).__name__ == "BasicTransformerBlock"]
+    # regional compilation: every transformer block of the policy and of the reference, nothing else
+    assert len(blocks) > 0 and compiled == blocks * 2
     assert_close(rows, plain[0], 1e-5)
     assert set(weights) == set(plain[1])  # in place: the saved state_dict keys are unchanged
 

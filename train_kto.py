@@ -97,12 +97,16 @@ class Config:
                                        "about a third more compute")
     optimizer: str = arg("adamw", "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; "
                          "2 instead of 8 bytes of state per parameter)")
-    compile: bool = arg(False, "torch.compile the policy and reference UNets (the first steps are slow)")
+    compile: bool = arg(False, "torch.compile the repeated blocks of the policy and reference UNets (the first steps "
+                        "are slow)")
     cache_latents: bool = arg(False, "encode every image (both flips) and caption once, to disk; training then never "
                               "loads the VAE and text encoder")
     cache_dir: str = arg("", "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and "
                          "resumed when its settings match")
-    profile: bool = arg(False, "add seconds per phase of each step (time_<phase>, CUDA-synchronised) to metrics.jsonl")
+    profile: bool = arg(False, "add seconds per phase of each step (time_<phase>, CUDA-synchronised), the step's FLOPs "
+                        "(counted once), TFLOP/s and GPU utilisation to metrics.jsonl")
+    peak_tflops: float = arg(0.0, "with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation "
+                             "(0: looked up by GPU name in PEAK_TFLOPS; none for unknown GPUs and CPUs)")
     # watching a run (README "Outputs")
     validation_prompts: str = arg("a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an "
                                   "astronaut riding a horse|a bowl of ramen, studio lighting",
@@ -127,7 +131,7 @@ CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "
                report_to=utils.TRACKERS)
 RESUMABLE = {  # what may differ between a run and its resumption; anything else is refused
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_bad_steps",
-    "dataloader_workers", "gradient_checkpointing", "compile", "profile", "cache_latents", "cache_dir",
+    "dataloader_workers", "gradient_checkpointing", "compile", "profile", "peak_tflops", "cache_latents", "cache_dir",
     "validation_prompts", "validation_steps", "validation_guidance", "report_to", "plot"}
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
@@ -349,9 +353,13 @@ def load_models(cfg: Config, path: str, device: torch.device):
     ref = frozen_reference(policy, amp_dtype or torch.float32)  # two modules: never swap weights in and out of one
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    if cfg.compile:  # in place: state_dict keys, saving and DDP are unchanged
-        policy.compile()
-        ref.compile()
+    if cfg.compile:
+        # Regional compilation: the UNet's repeated blocks (diffusers' `_repeated_blocks`), compiled in place, so
+        # state_dict keys, saving and DDP are unchanged; blocks of one shape share one compiled graph. Allow a
+        # graph per block shape, weight dtype (policy float32, ref bf16) and grad mode
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        policy.compile_repeated_blocks()
+        ref.compile_repeated_blocks()
     return policy, ref, scheduler, amp_dtype
 
 
@@ -435,12 +443,31 @@ class Inputs:
         return (x0 * self.scaling_factor).float(), both[:b], both[b:] if len(rolled) else None
 
 
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
+
+
+def attention_flops_cpu():
+    """FLOP formulas for the CPU's fused attention kernels, which torch's counter does not know (it knows the GPU's):
+    those of the GPU's flash attention, which does the same matrix products."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
+
+
 class Phases:
     """--profile: `with phases("name"):` adds the block's seconds to time_<name> (CUDA-synchronised, since GPU work
-    is asynchronous); a no-op otherwise. report() returns the step's times (and peak GPU memory), then resets."""
+    is asynchronous); a no-op otherwise. The first step runs under torch's FLOP counter (matrix products,
+    convolutions and attention, forward and backward; the shapes are the same at every step). report() returns
+    the step's times, FLOPs, TFLOP/s, utilisation of the GPU's peak (and peak GPU memory), then resets."""
 
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.cuda, self.times = enabled, device.type == "cuda", {}
+    def __init__(self, enabled: bool, device: torch.device, peak_tflops: float = 0.0):
+        self.enabled, self.cuda, self.times, self.flops = enabled, device.type == "cuda", {}, None
+        if self.cuda and not peak_tflops:
+            name = torch.cuda.get_device_name(device)
+            peak_tflops = next((tflops for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
+        self.peak_tflops = peak_tflops
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -453,10 +480,25 @@ class Phases:
                 torch.cuda.synchronize()
             self.times[f"time_{name}"] = self.times.get(f"time_{name}", 0.0) + time.perf_counter() - t0
 
-    def report(self) -> dict:
-        memory = {"max_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if self.enabled and self.cuda else {}
-        times, self.times = self.times, {}
-        return {**times, **memory}
+    @contextlib.contextmanager
+    def count_flops(self):
+        if not self.enabled or self.flops is not None:
+            yield
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False, custom_mapping=attention_flops_cpu()) as counter:
+            yield
+        self.flops = counter.get_total_flops()
+
+    def report(self, seconds: float) -> dict:
+        row, self.times = self.times, {}
+        if self.enabled and self.flops:
+            row.update(flops_per_step=self.flops, tflops_per_sec=self.flops / seconds / 1e12)
+            if self.peak_tflops:
+                row["utilization"] = row["tflops_per_sec"] / self.peak_tflops
+        if self.enabled and self.cuda:
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
 
 
 CACHE_CHUNK = 256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
@@ -777,7 +819,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     batches = iter(torch.utils.data.DataLoader(
         inputs.dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
-    phases = Phases(cfg.profile, device)
+    phases = Phases(cfg.profile, device, cfg.peak_tflops)
     reports = Reports(cfg, start_step, path, inputs, device, autocast, enabled=master)
     reports.validate(policy, start_step)  # the baseline grid, before any update
     bar = utils.Progress(cfg.max_train_steps, cfg.objective, initial=start_step, enabled=master)
@@ -787,12 +829,13 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         with phases("data"):
             batch = next(batches)
             is_desirable = batch["desirable"].to(device)
-        with phases("encode"), torch.no_grad(), autocast:
-            x0, emb, emb_mismatched = inputs(batch, gen)
-        with phases("forward_backward"), autocast:
-            optimizer.zero_grad(set_to_none=True)
-            loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, cfg,
-                                   backward=lambda loss_k: scaler.scale(loss_k).backward())
+        with phases.count_flops():
+            with phases("encode"), torch.no_grad(), autocast:
+                x0, emb, emb_mismatched = inputs(batch, gen)
+            with phases("forward_backward"), autocast:
+                optimizer.zero_grad(set_to_none=True)
+                loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, cfg,
+                                       backward=lambda loss_k: scaler.scale(loss_k).backward())
         with phases("clip"):
             scaler.unscale_(optimizer)                         # fp16: true gradients, so clipping sees their norm
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -812,8 +855,9 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together
 
-        row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, time.perf_counter() - t0)
-        reports.log({**row, **phases.report()})
+        seconds = time.perf_counter() - t0
+        row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds)
+        reports.log({**row, **phases.report(seconds)})
         bar.update(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
