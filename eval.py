@@ -38,8 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import reports
 import utils
-from utils import DataError, arg, wrap
+from reports import wrap
+from utils import DataError, arg
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -274,7 +276,7 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     folder.mkdir(parents=True, exist_ok=True)
     c = pipe.unet.config.in_channels
     h = w = pipe.unet.config.sample_size  # latent side; image side = this x the VAE's scale factor
-    bar = utils.Progress(len(todo), f"{desc} rank {rank}", unit="images")  # plain lines in a log file
+    bar = reports.Progress(len(todo), f"{desc} rank {rank}", unit="images")  # plain lines in a log file
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
@@ -318,7 +320,7 @@ def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: i
     mine = sorted(first)[rank::world_size]
     unique = {m: {} for m in metrics}
     for m in metrics:
-        score, bar = SCORERS[m].load(cfg, device), utils.Progress(len(mine), f"{m} rank {rank}", unit="images")
+        score, bar = SCORERS[m].load(cfg, device), reports.Progress(len(mine), f"{m} rank {rank}", unit="images")
         for i in range(0, len(mine), cfg.batch_size):
             batch = mine[i:i + cfg.batch_size]
             images = [Image.open(first[u]).convert("RGB") for u in batch]
@@ -867,7 +869,7 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
                 median = np.argsort(values, kind="stable")[(n - 1) // 2]
                 lines.append(f"{SCORERS[m].title} {values[k]:.4g}" + (" *" if cfg.compare == "median"
                                                                          and k == median else ""))
-            utils.show_image(axes[row, k], image, "\n".join(lines))
+            reports.show_image(axes[row, k], image, "\n".join(lines))
         axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28, path=True), fontsize=8)
     fig.suptitle(wrap(prompt, int(12 * fig.get_figwidth())), fontsize=10)
     notes = ["same initial noise in each column"] + (["* = the model's median image for that metric (the one "
@@ -901,9 +903,9 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
     with the same prompts, number of prompts and baseline. A checkpoint without a card gets one from its run.json."""
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "README.md").exists():
-        utils.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
+        reports.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
     n = next(iter(results.values()))["n_prompts"]
-    utils.append_to_model_card(ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n"
+    reports.append_to_model_card(ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n"
                                      + results_md.read_text())
     return ckpt / "README.md"
 

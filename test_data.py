@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import fixtures
+import data
 import utils
 from utils import DataError
 
@@ -91,7 +92,7 @@ def by_uid(table):
 
 @pytest.mark.parametrize("policy", list(EXPECTED))
 def test_counts_per_policy_match_hand_derived(folder, policy):
-    table = utils.load_feedback(folder, label_policy=policy)
+    table = data.load_feedback(folder, label_policy=policy)
     desirable, undesirable = EXPECTED[policy]
     assert set(table["uid"][table["desirable"]]) == desirable
     assert set(table["uid"][~table["desirable"]]) == undesirable
@@ -104,14 +105,14 @@ def test_counts_per_policy_match_hand_derived(folder, policy):
 
 
 def test_caption_and_location_carried_over(folder):
-    table = utils.load_feedback(folder)
+    table = data.load_feedback(folder)
     rows = by_uid(table)
     for uid, (shard, row, column) in LOCATION.items():
         assert rows[uid].caption == CAPTION[uid]
         assert Path(rows[uid].shard).name == f"train-{shard:05d}-of-00002.parquet"
         assert (rows[uid].row, rows[uid].column) == (row, column)
     # the bytes at that location are the image's: decode through the dataset and compare colours
-    dataset = utils.FeedbackDataset(table, folder, 32)
+    dataset = data.FeedbackDataset(table, folder, 32)
     for i, uid in enumerate(table["uid"]):
         if uid in CORRUPT:
             continue
@@ -127,7 +128,7 @@ def test_parity_with_a_python_loop(tmp_path):
     fixtures.write_synthetic_pickapic(root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3)
     won, lost, seen = defaultdict(int), defaultdict(int), {}
     for f in sorted(root.glob("*.parquet")):
-        t = pq.read_table(f, columns=list(utils.PICKAPIC_LABEL_COLUMNS)).to_pylist()
+        t = pq.read_table(f, columns=list(data.PICKAPIC_LABEL_COLUMNS)).to_pylist()
         for r in t:
             if r["label_0"] == r["label_1"]:
                 continue
@@ -141,7 +142,7 @@ def test_parity_with_a_python_loop(tmp_path):
         "always_won": {u: won[u] > 0 for u in seen if not (won[u] and lost[u])},
     }
     for policy, expected in reference.items():
-        table = utils.load_feedback(root, label_policy=policy)
+        table = data.load_feedback(root, label_policy=policy)
         assert dict(zip(table["uid"], table["desirable"])) == expected
         assert dict(zip(table["uid"], table["caption"])) == {u: seen[u] for u in expected}
         assert {u: (w, l) for u, w, l in zip(table["uid"], table["n_won"], table["n_lost"])} == {
@@ -156,31 +157,31 @@ def test_labels_never_read_the_image_columns(folder):
         for g in range(meta.num_row_groups):
             for c in range(meta.num_columns):
                 col = meta.row_group(g).column(c)
-                if col.path_in_schema in utils.PICKAPIC_IMAGE_COLUMNS:
+                if col.path_in_schema in data.PICKAPIC_IMAGE_COLUMNS:
                     start = col.dictionary_page_offset or col.data_page_offset
                     data[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
         f.write_bytes(bytes(data))
         with pytest.raises(Exception):
             pq.read_table(f, columns=["jpg_0"])
-    table = utils.load_feedback(folder)
+    table = data.load_feedback(folder)
     assert set(table["uid"][table["desirable"]]) == EXPECTED["won_once"][0]
 
 
 def test_cache_reused_keyed_by_policy_and_invalidated_by_changes(folder, monkeypatch):
     calls = []
-    real = utils._read_label_columns
-    monkeypatch.setattr(utils, "_read_label_columns", lambda files: calls.append(1) or real(files))
-    first = utils.load_feedback(folder)
+    real = data._read_label_columns
+    monkeypatch.setattr(data, "_read_label_columns", lambda files: calls.append(1) or real(files))
+    first = data.load_feedback(folder)
     assert len(calls) == 1 and Path(first.attrs["stats"]["label_cache"]).exists()
-    second = utils.load_feedback(folder)
+    second = data.load_feedback(folder)
     assert len(calls) == 1  # served from the cache
     assert second[["uid", "desirable", "caption", "row"]].equals(first[["uid", "desirable", "caption", "row"]])
     assert second.attrs["stats"]["num_desirable"] == first.attrs["stats"]["num_desirable"]
-    other = utils.load_feedback(folder, label_policy="always_won")
+    other = data.load_feedback(folder, label_policy="always_won")
     assert len(calls) == 2 and set(other["uid"][other["desirable"]]) == EXPECTED["always_won"][0]
     # change the data: H now beats E in a new comparison, so both get labels
     write_shard(folder / "train-00001-of-00002.parquet", SHARDS[1] + [("the sky", "H", "E", 1.0, 0.0)])
-    third = utils.load_feedback(folder)
+    third = data.load_feedback(folder)
     assert len(calls) == 3
     assert set(third["uid"][third["desirable"]]) == EXPECTED["won_once"][0] | {"H"}
     assert set(third["uid"][~third["desirable"]]) == EXPECTED["won_once"][1] | {"E"}
@@ -189,8 +190,8 @@ def test_cache_reused_keyed_by_policy_and_invalidated_by_changes(folder, monkeyp
 
 
 def test_dataset_holds_no_decoded_images(folder):
-    table = utils.load_feedback(folder)
-    dataset = utils.FeedbackDataset(table, folder, 32)
+    table = data.load_feedback(folder)
+    dataset = data.FeedbackDataset(table, folder, 32)
     image_bytes = sum(len(encode(u)) for rows in SHARDS for r in rows for u in r[1:3])
 
     def held():  # everything the dataset object would carry into a worker
@@ -206,8 +207,8 @@ def test_dataset_holds_no_decoded_images(folder):
 
 
 def test_corrupt_image_is_replaced_counted_and_warned(folder):
-    table = utils.load_feedback(folder)
-    dataset = utils.FeedbackDataset(table, folder, 32)
+    table = data.load_feedback(folder)
+    dataset = data.FeedbackDataset(table, folder, 32)
     uids = list(table["uid"])
     i = uids.index("C")
     desirable_order = [k for k in range(len(uids)) if table["desirable"].iloc[k]]
@@ -233,9 +234,9 @@ def test_all_corrupt_class_raises(tmp_path):
     CORRUPT.add("F")
     try:
         folder = make_folder(tmp_path / "bad")
-        table = utils.load_feedback(folder, label_policy="always_won")  # desirable: C, F, I
+        table = data.load_feedback(folder, label_policy="always_won")  # desirable: C, F, I
         table = table[table["uid"].isin(["C", "F", "B"])]
-        dataset = utils.FeedbackDataset(table, folder, 32)
+        dataset = data.FeedbackDataset(table, folder, 32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with pytest.raises(DataError, match="corrupt images in a row"):
@@ -245,16 +246,16 @@ def test_all_corrupt_class_raises(tmp_path):
 
 
 def test_check_corrupt():
-    utils.check_corrupt(0, 0)
-    utils.check_corrupt(1, 100)  # exactly 1% is allowed
-    utils.check_corrupt(5, 99, min_seen=100)  # too few images read to judge yet
+    data.check_corrupt(0, 0)
+    data.check_corrupt(1, 100)  # exactly 1% is allowed
+    data.check_corrupt(5, 99, min_seen=100)  # too few images read to judge yet
     with pytest.raises(utils.DataError):
-        utils.check_corrupt(5, 100, min_seen=100)
-    utils.check_corrupt(5, 100, limit=0.05)
+        data.check_corrupt(5, 100, min_seen=100)
+    data.check_corrupt(5, 100, limit=0.05)
     with pytest.raises(DataError, match="2 of the 100 images"):
-        utils.check_corrupt(2, 100)
+        data.check_corrupt(2, 100)
     with pytest.raises(DataError, match="more than the 1%"):
-        utils.check_corrupt(1, 50)
+        data.check_corrupt(1, 50)
 
 
 def test_folder_without_pickapic_columns(tmp_path):
@@ -263,19 +264,19 @@ def test_folder_without_pickapic_columns(tmp_path):
     pq.write_table(pa.table({"image": ["a.png"], "caption": ["x"], "label": [1]}), other / "part-0.parquet")
     missing = r"not a Pick-a-Pic v2 shard: missing column\(s\) label_0, label_1, image_0_uid"
     with pytest.raises(DataError, match=missing):
-        utils.load_feedback(other)
+        data.load_feedback(other)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="holds no .parquet files"):
-        utils.load_feedback(empty)
+        data.load_feedback(empty)
     with pytest.raises(DataError, match="--label_policy"):
-        utils.load_feedback(tmp_path, label_policy="majority")
+        data.load_feedback(tmp_path, label_policy="majority")
 
 
 def test_split_filter_and_single_shard(folder):
     write_shard(folder / "test-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)])  # must be ignored for train
-    assert set(utils.load_feedback(folder)["uid"]) == EXPECTED["won_once"][0] | EXPECTED["won_once"][1]
-    single = utils.load_feedback(folder / "train-00000-of-00002.parquet")  # one shard, recognised by its columns
+    assert set(data.load_feedback(folder)["uid"]) == EXPECTED["won_once"][0] | EXPECTED["won_once"][1]
+    single = data.load_feedback(folder / "train-00000-of-00002.parquet")  # one shard, recognised by its columns
     assert dict(zip(single["uid"], single["desirable"])) == {"A": True, "B": False, "C": True}
 
 
@@ -283,10 +284,10 @@ def test_labels_only_copy_cannot_train(tmp_path):
     root = make_folder(tmp_path / "noimg")
     for f in root.glob("*.parquet"):
         pq.write_table(pq.read_table(f).drop_columns(["jpg_0", "jpg_1"]), f)
-    table = utils.load_feedback(root)
+    table = data.load_feedback(root)
     assert table.attrs["stats"]["num_desirable"] == len(EXPECTED["won_once"][0])
     with pytest.raises(DataError, match="labels but no images"):
-        utils.FeedbackDataset(table, root, 32)
+        data.FeedbackDataset(table, root, 32)
 
 
 def test_hub_id_reads_the_cached_shards(tmp_path, monkeypatch):
@@ -303,27 +304,27 @@ def test_hub_id_reads_the_cached_shards(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    table = utils.load_feedback("someone/pickapic_tiny")
+    table = data.load_feedback("someone/pickapic_tiny")
     assert set(table["uid"][table["desirable"]]) == EXPECTED["won_once"][0]
     assert set(table["uid"][~table["desirable"]]) == EXPECTED["won_once"][1]
     assert Path(table.attrs["stats"]["label_cache"]).exists()
     with pytest.raises(DataError, match="hf download someone/not_cached"):
-        utils.load_feedback("someone/not_cached")
+        data.load_feedback("someone/not_cached")
 
 
 def test_csv_path_unchanged(tmp_path):
     (tmp_path / "likes.csv").write_text("image,caption,label\nmissing.png,x,1\n")
     with pytest.raises(DataError, match="does not exist"):
-        utils.load_feedback(tmp_path / "likes.csv")
+        data.load_feedback(tmp_path / "likes.csv")
     with pytest.raises(DataError, match="no such file. Pass a .csv"):
-        utils.load_feedback(tmp_path / "nope.csv")
+        data.load_feedback(tmp_path / "nope.csv")
 
 
 def test_a_missing_relative_table_is_missing_not_a_hub_dataset(tmp_path, monkeypatch):
     """data/likes.csv has the shape of owner/name; a table suffix says it is a file that is not there."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="no such file. Pass a .csv"):
-        utils.load_feedback("data/likes.csv")
+        data.load_feedback("data/likes.csv")
 
 
 def test_first_caption_wins_and_conflicts_are_counted():
@@ -331,7 +332,7 @@ def test_first_caption_wins_and_conflicts_are_counted():
         "caption": ["first", "second", "other"], "label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5],
         "image_0_uid": ["A", "A", "B"], "image_1_uid": ["B", "C", "C"],
         "shard": np.zeros(3, np.int32), "row": np.arange(3, dtype=np.int64)})
-    table, stats = utils.pickapic_labels(comparisons, "won_once")
+    table, stats = data.pickapic_labels(comparisons, "won_once")
     assert table.column("uid").to_pylist() == ["A", "B", "C"]
     assert table.column("caption").to_pylist() == ["first", "first", "second"]
     assert stats["images_with_several_captions"] == 1  # A: "first" and "second"; the tie's caption is not counted
@@ -344,7 +345,7 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     folder = tmp_path / "pickapic"
     folder.mkdir()
     make_folder(folder)
-    expected = utils.load_feedback(folder, label_policy="always_won")
+    expected = data.load_feedback(folder, label_policy="always_won")
     train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(folder),
                     "--label_policy", "always_won", "--max_train_steps", "2", "--validation_steps", "0",
                     "--output_dir", str(tmp_path / "out")])

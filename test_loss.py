@@ -4,6 +4,7 @@ tiny UNets against an independent computation, the frozen reference's precision,
 Run: python -m pytest -q test_loss.py   (offline, under a minute)
 """
 
+import functools
 import math
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 import fixtures
 import train_kto
 import utils
-from train_kto import DesirableRatioSampler, augment, kto_loss, mismatched_indices, reference_point
+from data import augment
+from train_kto import DesirableRatioSampler, kto_loss, mismatched_indices, reference_point
 
 UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
 
@@ -136,16 +138,22 @@ def step_inputs(b=4):
     return x0, emb, emb[mismatched_indices(b)], torch.tensor([True, False, True, False][:b])
 
 
-def config(**kw):
-    return train_kto.Config(**{"beta": 1e4, "lambda_d": 2.0, "lambda_u": 0.5, **kw})
+BETA = 1e4
+
+
+def step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point="kl_mismatched", micro_batches=1, objective="kto"):
+    """kto_step with lambda_D = 2, lambda_U = 0.5, the sigmoid utility (or the SFT loss) and fixed draws."""
+    loss_fn = (train_kto.sft_loss if objective == "sft" else
+               functools.partial(kto_loss, beta=BETA, utility="kahneman_tversky", lambda_d=2.0, lambda_u=0.5))
+    return train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2), loss_fn,
+                              reference_point, micro_batches)
 
 
 @pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean", "zero"])
 def test_kto_step_policy_equal_to_ref(reference_point):
     policy, ref, scheduler = tiny_unets()
     x0, emb, emb_m, d = step_inputs()
-    loss, stats = train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2),
-                                     config(reference_point=reference_point))
+    loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point)
     assert torch.equal(stats["r"], torch.zeros(4)) and stats["z"].item() == 0.0
     assert loss.item() == pytest.approx((2.0 + 0.5 + 2.0 + 0.5) / 4 / 2)   # lambda_y / 2 for the sigmoid utility
 
@@ -159,8 +167,7 @@ def test_kto_step_matches_an_independent_computation(prediction_type):
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x0, emb, emb_m, d = step_inputs()
-    cfg = config()
-    loss, stats = train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2), cfg)
+    loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d)
 
     g = torch.Generator().manual_seed(2)  # the same draws, in the same order: noise, then timesteps
     eps = torch.randn(x0.shape, generator=g)
@@ -174,7 +181,7 @@ def test_kto_step_matches_an_independent_computation(prediction_type):
         z = max(0.0, (err(ref, emb_m) - err(policy, emb_m)).mean().item())
     assert stats["z"].item() == pytest.approx(z, rel=1e-4, abs=1e-9) and z > 0
     torch.testing.assert_close(stats["r"], r, rtol=1e-4, atol=1e-9)
-    want = by_hand(err(policy, emb).tolist(), err(ref, emb).tolist(), d.tolist(), cfg.beta, z, cfg.utility, 2.0, 0.5)
+    want = by_hand(err(policy, emb).tolist(), err(ref, emb).tolist(), d.tolist(), BETA, z, "kahneman_tversky", 2.0, 0.5)
     assert loss.item() == pytest.approx(np.mean(want), rel=1e-4)
 
     # kto_step ran the backward pass: the gradient reaches the policy only
@@ -191,8 +198,7 @@ def test_kto_step_in_micro_batches_gives_the_same_loss_z_and_gradients(reference
     out = []
     for k in (1, 2, 4):
         policy.zero_grad()
-        loss, stats = train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2),
-                                         config(reference_point=reference_point, gradient_accumulation_steps=k))
+        loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point, micro_batches=k)
         out.append((loss, stats, [p.grad.clone() for p in policy.parameters()]))
     for loss, stats, grads in out[1:]:
         assert loss.item() == pytest.approx(out[0][0].item(), rel=1e-5)
@@ -206,8 +212,7 @@ def test_kto_step_in_micro_batches_gives_the_same_loss_z_and_gradients(reference
 def test_kto_step_sft_is_the_denoising_loss():
     policy, ref, scheduler = tiny_unets()
     x0, emb, emb_m, d = step_inputs()
-    loss, stats = train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2),
-                                     config(objective="sft"))
+    loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d, objective="sft")
     assert loss.item() == pytest.approx(stats["policy_err"].mean().item(), rel=1e-6)
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 import eval as ev
 import fixtures
-import utils
+import reports
 from utils import DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def figures(monkeypatch):
     """The matplotlib figures the report functions save, in order (each is still written to disk)."""
-    saved, real = [], utils.save_figure
-    monkeypatch.setattr(utils, "save_figure", lambda fig, path: saved.append(fig) or real(fig, path))
+    saved, real = [], reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path: saved.append(fig) or real(fig, path))
     return saved
 
 
@@ -53,7 +53,7 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
     resumed = [metrics_row(s, 0.5, skipped=int(s == 45)) for s in range(31, 61)]  # resumed at 30: 31..40 again
     lines = [json.dumps(r) for r in first + resumed] + ['{"step": 61, "loss": 0.']  # a line cut by a kill
     (run / "metrics.jsonl").write_text("\n".join(lines))
-    path = utils.plot_curves(run)
+    path = reports.plot_curves(run)
     assert path == run / "curves.png" and Image.open(path).size == (1200, 800)
     fig, = figures
     assert "kto-run-7" in fig._suptitle.get_text() and "1 skipped step" in fig._suptitle.get_text()
@@ -70,17 +70,17 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
 
 
 def test_ema_is_debiased_and_steps_over_skipped_values():
-    assert utils.ema(np.array([3.0, 3.0, 3.0]), span=10) == pytest.approx([3.0, 3.0, 3.0])  # no pull towards 0
-    y = utils.ema(np.array([1.0, np.nan, np.inf, 3.0]), span=1)  # span 1: no smoothing at all
+    assert reports.ema(np.array([3.0, 3.0, 3.0]), span=10) == pytest.approx([3.0, 3.0, 3.0])  # no pull towards 0
+    y = reports.ema(np.array([1.0, np.nan, np.inf, 3.0]), span=1)  # span 1: no smoothing at all
     assert y == pytest.approx([1.0, 1.0, 1.0, 3.0])
 
 
 def test_curves_of_a_folder_without_metrics_say_so(tmp_path):
     with pytest.raises(DataError, match="metrics.jsonl"):
-        utils.plot_curves(tmp_path)
+        reports.plot_curves(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(DataError, match="no metrics yet"):
-        utils.plot_curves(tmp_path)
+        reports.plot_curves(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,18 +90,18 @@ def test_image_grid_shows_every_full_label_and_the_title(tmp_path, figures):
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue", "white", "black")]
     labels = [f"prompt {i}: a very long caption of a yellow triangle on a black background, golden hour"
               for i in range(5)]
-    path = utils.save_image_grid(images, labels, "validation, step 50", tmp_path / "grid.png", columns=2)
+    path = reports.save_image_grid(images, labels, "validation, step 50", tmp_path / "grid.png", columns=2)
     assert path == tmp_path / "grid.png" and path.exists()
     text = figure_text(figures[0])
     assert "validation, step 50" in text and all(label in text for label in labels)  # wrapped, never cut
     shown = [ax for ax in figures[0].axes if ax.get_images()]
     assert len(shown) == 5 and len(figures[0].axes) == 6  # 3 rows of 2, the last cell empty
     assert shown[2].get_images()[0].get_array()[0, 0].tolist() == [0, 0, 255]  # in order
-    wide = utils.save_image_grid(images, labels, "t", tmp_path / "wide.png")  # default: 4 per row
+    wide = reports.save_image_grid(images, labels, "t", tmp_path / "wide.png")  # default: 4 per row
     assert len(figures[1].axes) == 8
     assert Image.open(wide).width > Image.open(path).width
     with pytest.raises(ValueError, match="one label per image"):
-        utils.save_image_grid(images, labels[:4], "t", tmp_path / "x.png")
+        reports.save_image_grid(images, labels[:4], "t", tmp_path / "x.png")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ ROW = dict(step=3, loss=0.25, lr=np.float32(1e-4), skipped=1, grad=torch.tensor(
 def test_tensorboard_writes_every_number_and_the_image(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tracker = utils.Tracker("tensorboard", tmp_path, {"beta": 200.0})
+    tracker = reports.Tracker("tensorboard", tmp_path, {"beta": 200.0})
     tracker.log(ROW, step=3)
     tracker.log(dict(ROW, loss=0.125), step=4)
     picture = tmp_path / "grid.png"
@@ -130,20 +130,20 @@ def test_tensorboard_writes_every_number_and_the_image(tmp_path):
 
 
 def test_tracker_none_writes_nothing(tmp_path):
-    tracker = utils.Tracker("none", tmp_path, {})
+    tracker = reports.Tracker("none", tmp_path, {})
     tracker.log(ROW, 1)
     tracker.log_image("x", tmp_path / "missing.png", 1)
     tracker.close()
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DataError, match="none, tensorboard, wandb"):
-        utils.Tracker("mlflow", tmp_path, {})
+        reports.Tracker("mlflow", tmp_path, {})
 
 
 @pytest.mark.parametrize("kind, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
 def test_a_missing_tracker_package_says_how_to_install_it(tmp_path, monkeypatch, kind, module):
     monkeypatch.setitem(sys.modules, module, None)  # `import` of it now raises ImportError
     with pytest.raises(DataError, match=f"pip install {kind}"):
-        utils.Tracker(kind, tmp_path, {})
+        reports.Tracker(kind, tmp_path, {})
 
 
 class FakeWandb(types.ModuleType):
@@ -166,9 +166,9 @@ def test_wandb_calls_and_modes(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    utils.Tracker("wandb", tmp_path, {"beta": 1.0})
+    reports.Tracker("wandb", tmp_path, {"beta": 1.0})
     monkeypatch.setenv("WANDB_MODE", "offline")
-    tracker = utils.Tracker("wandb", tmp_path, {"beta": 2.0})
+    tracker = reports.Tracker("wandb", tmp_path, {"beta": 2.0})
     tracker.log(ROW, 3)
     tracker.log_image("curves", tmp_path / "curves.png", 3)
     tracker.close()
@@ -179,7 +179,7 @@ def test_wandb_calls_and_modes(tmp_path, monkeypatch):
                               ("log", {"curves": ("Image", str(tmp_path / "curves.png"))}, 3), ("finish",)]
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail=True))
     with pytest.raises(DataError, match="WANDB_MODE=offline"):
-        utils.Tracker("wandb", tmp_path, {})
+        reports.Tracker("wandb", tmp_path, {})
 
 
 def test_real_wandb_offline(tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     picture = tmp_path / "grid.png"
     Image.new("RGB", (40, 30), "red").save(picture)
-    tracker = utils.Tracker("wandb", tmp_path, {"beta": 200.0})
+    tracker = reports.Tracker("wandb", tmp_path, {"beta": 200.0})
     logged, real_log = [], tracker.run.log
     tracker.run.log = lambda d, step: logged.append((d, step)) or real_log(d, step=step)
     tracker.log(ROW, 3)
@@ -215,7 +215,7 @@ def test_model_card_metadata_recipe_data_and_loading(tmp_path):
 
     ckpt = tmp_path / "kto" / "checkpoint-2500"
     ckpt.mkdir(parents=True)
-    card = ModelCard.load(utils.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5")))
+    card = ModelCard.load(reports.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5")))
     meta = card.data.to_dict()
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert meta["license"] == "creativeml-openrail-m" and meta["library_name"] == "diffusers"
@@ -231,9 +231,9 @@ def test_model_card_metadata_recipe_data_and_loading(tmp_path):
     assert 'UNet2DConditionModel.from_pretrained("checkpoint-2500", subfolder="unet")' in text
     assert 'StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)' in text
     # another base: license "other"; a local folder is named in the text, not as base_model (the Hub wants an id)
-    card = ModelCard.load(utils.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))
+    card = ModelCard.load(reports.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))
     assert card.data.license == "other" and card.data.base_model == "CompVis/stable-diffusion-v1-4"
-    card = ModelCard.load(utils.write_model_card(ckpt, run_record(str(tmp_path))))
+    card = ModelCard.load(reports.write_model_card(ckpt, run_record(str(tmp_path))))
     assert card.data.base_model is None and f"`{tmp_path}` (a local folder)" in card.text
 
 
@@ -241,12 +241,12 @@ def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path)
     from huggingface_hub import ModelCard
 
     with pytest.raises(DataError, match="no model card"):
-        utils.append_to_model_card(tmp_path, "## A\n")
-    utils.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+        reports.append_to_model_card(tmp_path, "## A\n")
+    reports.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
     before = ModelCard.load(tmp_path / "README.md")
-    utils.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nold\n\n### detail\n\n```\n# not a heading\n```\n")
-    utils.append_to_model_card(tmp_path, "## Notes\n\nkept\n")
-    utils.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nnew\n")
+    reports.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nold\n\n### detail\n\n```\n# not a heading\n```\n")
+    reports.append_to_model_card(tmp_path, "## Notes\n\nkept\n")
+    reports.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nnew\n")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.to_dict() == before.data.to_dict() and card.text.strip().startswith(before.text.strip())
     tail = card.text.strip()[len(before.text.strip()):]
@@ -291,7 +291,7 @@ def test_export_writes_a_pipeline_that_loads_alone(checkpoint, tmp_path, monkeyp
 
     monkeypatch.setattr(ev, "evaluate", lambda *a: pytest.fail("--export generated or scored images"))
     ckpt = copy_run(checkpoint, tmp_path / "run")
-    utils.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
+    reports.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
     out = tmp_path / "exported" / "sd"
     assert ev.main(["--ckpt", str(ckpt), "--export", str(out)]) == out
     assert str(out) in capsys.readouterr().out

@@ -19,7 +19,7 @@ import torch
 
 import fixtures
 import train_kto
-import utils
+import data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
@@ -39,14 +39,14 @@ def write_table(tmp_path, rows, name="data.csv"):
 def test_feedback_dataset_shapes_and_bytes(tmp_path):
     from PIL import Image
     Image.new("RGB", (40, 24), (255, 0, 0)).save(tmp_path / "a.png")
-    table = utils.load_feedback(write_table(tmp_path, [{"image": "a.png", "caption": "red", "label": "desirable"}]))
-    item = utils.FeedbackDataset(table, tmp_path, 16)[0]
+    table = data.load_feedback(write_table(tmp_path, [{"image": "a.png", "caption": "red", "label": "desirable"}]))
+    item = data.FeedbackDataset(table, tmp_path, 16)[0]
     assert item["pixel_values"].shape == (3, 16, 16) and item["desirable"]
     assert item["pixel_values"][0].min() == 1.0 and item["pixel_values"][1].max() == -1.0
     buf = (tmp_path / "a.png").read_bytes()
     pd.DataFrame([{"image": buf, "caption": "red", "label": 0}]).to_parquet(tmp_path / "b.parquet")
-    table = utils.load_feedback(tmp_path / "b.parquet")
-    assert utils.FeedbackDataset(table, tmp_path, 8)[0]["pixel_values"].shape == (3, 8, 8)
+    table = data.load_feedback(tmp_path / "b.parquet")
+    assert data.FeedbackDataset(table, tmp_path, 8)[0]["pixel_values"].shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("rows, message", [

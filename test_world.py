@@ -21,7 +21,7 @@ import eval as ev
 import fixtures
 import tiny_world
 import train_kto
-import utils
+import data
 
 HERE = Path(__file__).parent
 SMALL = dict(n_images=64, vae_steps=2, unet_steps=4, unet_batch=8, pairs_per_prompt=1, sample_steps=2)
@@ -67,14 +67,14 @@ def test_shuffled_labels_keep_the_pairs_and_carry_no_signal(tmp_path):
     se = np.std(np.abs(u0 - u1)) / np.sqrt(len(u0))
     assert abs(np.mean(gaps)) < 3 * se / np.sqrt(len(gaps)) + 0.005, (np.mean(gaps), se)
     assert max(abs(g) for g in gaps) < 4 * se, (gaps, se)
-    # and utils.load_feedback reads the control with the same desirable / undesirable counts as the real labels
+    # and data.load_feedback reads the control with the same desirable / undesirable counts as the real labels
     import pyarrow.parquet as pq
     counts = []
     for name, t in (("real", table), ("shuffled", tiny_world.shuffle_labels(table, 0))):
         folder = tmp_path / name
         folder.mkdir()
         pq.write_table(t, folder / "train-00000-of-00001.parquet")
-        labels = utils.load_feedback(folder)
+        labels = data.load_feedback(folder)
         counts.append((int(labels.desirable.sum()), int((~labels.desirable).sum())))
     assert counts[0] == counts[1]
 
@@ -167,7 +167,7 @@ def test_feedback_is_pickapic_shaped_and_follows_the_utility():
     assert stats["base_images"]["color_match"] > 0.9                      # the base draws the asked colour
     assert stats["feedback"]["utility_gap"] > 0.02                        # liked images are bigger
     assert stats["caption_dependence"]["ratio"] > 2                       # a wrong caption: clearly larger error
-    labels = utils.load_feedback(world / "feedback")
+    labels = data.load_feedback(world / "feedback")
     assert labels.desirable.any() and (~labels.desirable).any()
 
 

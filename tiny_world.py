@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 import fixtures
+import data
 import utils
 from fixtures import BACKGROUNDS, COLORS
 
@@ -91,7 +92,7 @@ def eval_prompts(repeats: int = 32) -> list[str]:
 def world_images(n: int, seed: int, asked_pct: int):
     rng = np.random.default_rng(seed)
     images, captions = zip(*[fixtures.sample_world(rng, RESOLUTION, asked_pct / 100)[:2] for _ in range(n)])
-    pixels = torch.stack([utils.image_to_tensor(im, RESOLUTION) for im in images])
+    pixels = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images])
     return pixels, list(captions)
 
 
@@ -185,7 +186,7 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
     steps = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x = torch.stack([utils.image_to_tensor(im, RESOLUTION) for im in images[i:i + 256]]).to(device)
+            x = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images[i:i + 256]]).to(device)
             q = vae.encode(x).latent_dist
             x0 = (q.mean.cpu() + q.std.cpu() * torch.randn(q.mean.shape, generator=gen)) * vae.config.scaling_factor
             eps = torch.randn(x0.shape, generator=gen)

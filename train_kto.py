@@ -24,13 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
-import math
-import os
-import platform
-import re
-import shutil
-import sys
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
+import reports
 import utils
 from utils import DataError, arg
 
@@ -51,7 +47,7 @@ class Config:
                                 "base model: hub id or local diffusers folder; policy and ref both start from its UNet")
     dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet "
                        "shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
-    label_policy: str = arg("won_once", utils.LABEL_POLICY_HELP)
+    label_policy: str = arg("won_once", data.LABEL_POLICY_HELP)
     output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
     tiny: bool = arg(False, "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized "
                      "defaults; explicit flags still win")
@@ -125,16 +121,14 @@ TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedba
     checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny", validation_steps=50,
     validation_guidance=3.0,
 )
-CHOICES = dict(label_policy=utils.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
+CHOICES = dict(label_policy=data.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
                reference_point=("kl_mismatched", "batch_mean", "zero"), objective=("kto", "sft"),
                mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"),
-               report_to=utils.TRACKERS)
+               report_to=reports.TRACKERS)
 RESUMABLE = {  # what may differ between a run and its resumption; anything else is refused
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_bad_steps",
     "dataloader_workers", "gradient_checkpointing", "compile", "profile", "peak_tflops", "cache_latents", "cache_dir",
     "validation_prompts", "validation_steps", "validation_guidance", "report_to", "plot"}
-MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
-MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
 
 
 def parse_config(argv=None) -> Config:
@@ -215,56 +209,62 @@ def frozen_reference(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     return ref
 
 
-def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, cfg: Config,
-             backward=torch.Tensor.backward):
-    """One step of the Diffusion-KTO objective (paper Eq. 8) on a batch: the loss and its gradients.
+def sft_loss(policy_err, ref_err, desirable, z):
+    """The paper's SFT baseline: the plain denoising loss of the policy (the sampler then draws desirable images
+    only). Same arguments as kto_loss, so that the training step does not branch on the objective."""
+    return policy_err
+
+
+def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, loss_fn, z_from="kl_mismatched",
+             micro_batches=1, backward=torch.Tensor.backward):
+    """One step of the objective (paper Eq. 8) on a batch: the loss, its gradients and the step's statistics.
 
         L = E_{x0, t} [ lambda_y * (1 - U(w(x0) * beta * (r - z))) ]
         r = ||eps - eps_ref(x_t, t, c)||^2 - ||eps - eps_policy(x_t, t, c)||^2     (means over latent elements)
 
-    x0: latents [B, 4, h, w]; emb / emb_mismatched: caption embeddings of each image's own caption / of another
-    sample's caption (None unless --reference_point kl_mismatched); desirable: bool [B]; gen: this rank's generator.
-    `policy` may be DDP-wrapped; `ref` is frozen. With --objective sft the loss is the plain denoising loss of the
-    policy instead (the paper's SFT baseline). The policy's forward and backward run in
-    cfg.gradient_accumulation_steps micro-batches, each ending in backward(loss_k) (the caller may scale it for
-    fp16); the micro-losses sum to the batch mean. z is a statistic of the whole batch, so it comes first.
-    Returns the loss (detached) and stats: per-sample r, policy_err, ref_err and the scalar z.
+    x0: latents [B, 4, h, w]; emb / emb_mismatched: embeddings of each image's own caption / of the caption of the
+    sample it is mismatched with (kl_mismatched only); desirable: bool [B]; gen: this rank's generator.
+    loss_fn(policy_err, ref_err, desirable, z=z): per-sample losses (kto_loss with its settings bound, or sft_loss).
+    z_from: where the reference point z comes from (kl_mismatched | batch_mean | zero; --reference_point).
+    `policy` may be DDP-wrapped; `ref` is frozen. The policy's forward and backward run in `micro_batches` chunks,
+    each ending in backward(loss_k) (the caller may scale it for fp16); the micro-losses sum to the batch mean.
+    Returns the loss (detached) and the per-sample r, policy_err, ref_err and the scalar z.
     """
-    micro = torch.arange(len(x0), device=x0.device).chunk(cfg.gradient_accumulation_steps)
-    # Sample noise and a timestep per image; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the same for both UNets
+    micro = torch.arange(len(x0), device=x0.device).chunk(micro_batches)
+    # Sample noise and a timestep per image; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the same for both UNets
     eps = torch.randn(x0.shape, generator=gen, device=x0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen, device=x0.device)
     x_t = scheduler.add_noise(x0, eps, t)
+    # What the UNet predicts: the noise, or the velocity for v-prediction models (SD 2.1)
     target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
 
     def err(unet, c, i):  # denoising error of samples i under captions c
         return denoising_error(unet(x_t[i], t[i], c[i]).sample, target[i])
 
-    raw_policy, z = getattr(policy, "module", policy), None
+    def errors(unet, c):  # ... of the whole batch, one micro-batch at a time (the batch shapes of the policy)
+        return torch.cat([err(unet, c, i) for i in micro])
+
+    raw_policy = getattr(policy, "module", policy)  # forwards without gradient skip DDP
     with torch.no_grad():
         # Reference model's denoising error
-        ref_err = torch.cat([err(ref, emb, i) for i in micro])
-        if cfg.reference_point == "kl_mismatched":
-            # z = max(0, E[r]) on (image, another sample's caption), no gradient: KTO's KL(policy || ref) estimate
-            z = reference_point(torch.cat([err(ref, emb_mismatched, i) - err(raw_policy, emb_mismatched, i)
-                                           for i in micro]))
-        elif cfg.reference_point == "batch_mean" and len(micro) > 1:  # every micro-batch's r is needed first
-            z = reference_point(ref_err - torch.cat([err(raw_policy, emb, i) for i in micro]))
-        elif cfg.reference_point == "zero":
+        ref_err = errors(ref, emb)
+        # Reference point z = max(0, mean r over all ranks), detached, before any loss: on mismatched (image,
+        # caption) pairs, KTO's estimate of KL(policy || ref); or on the batch itself (the released code's); or 0
+        if z_from == "kl_mismatched":
+            z = reference_point(errors(ref, emb_mismatched) - errors(raw_policy, emb_mismatched))
+        elif z_from == "batch_mean":
+            z = reference_point(ref_err - errors(raw_policy, emb))
+        else:
             z = torch.zeros((), device=x0.device)
     policy_err, loss = [], torch.zeros((), device=x0.device)
-    for k, i in enumerate(micro):  # DDP averages the gradients over ranks in the last micro-batch's backward
-        with policy.no_sync() if k < len(micro) - 1 and hasattr(policy, "no_sync") else contextlib.nullcontext():
-            # Policy's denoising error (the only forward with gradients)
+    for k, i in enumerate(micro):
+        # DDP averages the gradients over ranks in the last micro-batch's backward only
+        last = k == len(micro) - 1
+        with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
+            # Policy's denoising error: the only forward with gradients
             policy_err.append(err(policy, emb, i))
-            if z is None:  # batch_mean (released code): max(0, mean r over all GPUs) of this very forward
-                z = reference_point(ref_err - policy_err[-1].detach())
-            # Final loss: lambda_y * (1 - U(w * beta * (r - z))), r = ref_err - policy_err, mean over the batch
-            if cfg.objective == "sft":
-                loss_k = policy_err[-1].sum() / len(x0)
-            else:
-                loss_k = kto_loss(policy_err[-1], ref_err[i], desirable[i], cfg.beta, z, cfg.utility, cfg.lambda_d,
-                                  cfg.lambda_u).sum() / len(x0)
+            # Loss: lambda_y * (1 - U(w * beta * (r - z))), its share of the batch mean
+            loss_k = loss_fn(policy_err[-1], ref_err[i], desirable[i], z=z).sum() / len(x0)
             backward(loss_k)
         loss = loss + loss_k.detach()
     policy_err = torch.cat(policy_err).detach()
@@ -317,20 +317,6 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
             k, offset = k + 1, 0
 
 
-def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropout: float):
-    """Bool masks [b]: flip horizontally (p = 0.5, or never) and drop the caption (p = caption_dropout)."""
-    flip = (torch.rand(b, generator=gen, device=gen.device) < 0.5 if random_flip
-            else torch.zeros(b, dtype=torch.bool, device=gen.device))
-    return flip, torch.rand(b, generator=gen, device=gen.device) < caption_dropout
-
-
-def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float):
-    """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout)."""
-    flip, drop = augment_draws(pixels.shape[0], gen, random_flip, caption_dropout)
-    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-    return pixels, ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Plumbing: models, inputs (images or the latent cache), timing, checkpoints, the run record
 
@@ -363,384 +349,6 @@ def load_models(cfg: Config, path: str, device: torch.device):
     return policy, ref, scheduler, amp_dtype
 
 
-class Inputs:
-    """Turns a loader batch into the objective's inputs: x0 ~ q(x0 | image) after a random flip (scaled latents),
-    the caption embeddings after caption dropout and, for kl_mismatched, those of the rolled batch's own captions.
-    From images through the VAE and text encoder, or from the --cache_latents files (built here on first use);
-    both paths draw the same random numbers, so they give the same run."""
-
-    def __init__(self, cfg: Config, path: str, dataset, captions: list[str], dtype, autocast, device, rank, world_size):
-        from diffusers import AutoencoderKL
-        self.cfg, self.device, self.dtype, self.autocast = cfg, device, dtype, autocast
-        self.scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)
-        self.cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
-        if not (self.cache and all((self.cache / f).exists() for f in cache_files(len(dataset), len(captions)))):
-            self.load_encoders(path)  # the VAE and text encoder are loaded only to encode images and captions
-            if rank == 0:
-                self.warn_truncation(captions)
-        if self.cache:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            check_cache_settings(self.cache, dict(
-                pretrained_model=path, dataset=cfg.dataset, label_policy=cfg.label_policy, resolution=cfg.resolution,
-                random_flip=cfg.random_flip, images=len(dataset), captions=len(captions), dtype=str(dtype)), rank)
-            if hasattr(self, "vae"):
-                build_latent_cache(self.cache, dataset, captions, self, cfg, rank, world_size)
-                del self.vae, self.text_encoder, self.tokenizer
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            self.dataset = CachedLatents(self.cache, dataset.desirable)
-            self.empty_emb = self.dataset.empty_emb.to(device)
-        else:
-            self.dataset = dataset
-
-    def load_encoders(self, path: str):
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
-        for m in (self.text_encoder, self.vae):
-            m.to(self.device).requires_grad_(False).eval()
-
-    def warn_truncation(self, captions: list[str], sample: int = 20_000):
-        """Captions longer than the text encoder's context are cut (as in SD's own training): say how many, once
-        (counted on at most `sample` distinct captions, evenly spaced)."""
-        step = max(1, len(captions) // sample)
-        lengths = [len(ids) for ids in self.tokenizer(captions[::step], verbose=False).input_ids]
-        n, limit = sum(n > self.tokenizer.model_max_length for n in lengths), self.tokenizer.model_max_length
-        if n:
-            of = f"{n} of {len(lengths)}" + (f" sampled (of {len(captions)})" if step > 1 else "")
-            print(f"warning: {of} distinct captions are longer than the text encoder's {limit} tokens and are "
-                  "truncated", file=sys.stderr)
-
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
-
-    def posterior(self, pixels: torch.Tensor):
-        """The VAE's q(x0 | image) as (mean, std); pixels [B, 3, H, W] in [-1, 1]."""
-        latent_dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return latent_dist.mean, latent_dist.std
-
-    def __call__(self, batch: dict, gen: torch.Generator):
-        """(x0 [B, 4, h, w] float32, emb [B, L, D], emb_mismatched [B, L, D] or None)."""
-        cfg, device, b = self.cfg, self.device, len(batch["desirable"])
-        rolled = mismatched_indices(b) if cfg.reference_point == "kl_mismatched" else torch.zeros(0, dtype=torch.long)
-        if self.cache:
-            flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = (batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()]
-                         for k in ("mean", "std"))
-            emb = batch["emb"].to(device, non_blocking=True)
-            both = torch.cat([torch.where(drop[:, None, None], self.empty_emb, emb), emb[rolled.to(device)]])
-        else:
-            captions = list(batch["caption"])
-            pixels = batch["pixel_values"].to(device, non_blocking=True)
-            pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = self.posterior(pixels)
-            both = self.encode_captions(captions_in + [captions[j] for j in rolled.tolist()])  # one call for both
-        x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)  # as diffusers
-        return (x0 * self.scaling_factor).float(), both[:b], both[b:] if len(rolled) else None
-
-
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
-
-
-def attention_flops_cpu():
-    """FLOP formulas for the CPU's fused attention kernels, which torch's counter does not know (it knows the GPU's):
-    those of the GPU's flash attention, which does the same matrix products."""
-    from torch.utils import flop_counter as fc
-    aten = torch.ops.aten
-    return {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),
-            aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
-
-
-class Phases:
-    """--profile: `with phases("name"):` adds the block's seconds to time_<name> (CUDA-synchronised, since GPU work
-    is asynchronous); a no-op otherwise. The first step runs under torch's FLOP counter (matrix products,
-    convolutions and attention, forward and backward; the shapes are the same at every step). report() returns
-    the step's times, FLOPs, TFLOP/s, utilisation of the GPU's peak (and peak GPU memory), then resets."""
-
-    def __init__(self, enabled: bool, device: torch.device, peak_tflops: float = 0.0):
-        self.enabled, self.cuda, self.times, self.flops = enabled, device.type == "cuda", {}, None
-        if self.cuda and not peak_tflops:
-            name = torch.cuda.get_device_name(device)
-            peak_tflops = next((tflops for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
-        self.peak_tflops = peak_tflops
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.enabled and self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.enabled:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.times[f"time_{name}"] = self.times.get(f"time_{name}", 0.0) + time.perf_counter() - t0
-
-    @contextlib.contextmanager
-    def count_flops(self):
-        if not self.enabled or self.flops is not None:
-            yield
-            return
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False, custom_mapping=attention_flops_cpu()) as counter:
-            yield
-        self.flops = counter.get_total_flops()
-
-    def report(self, seconds: float) -> dict:
-        row, self.times = self.times, {}
-        if self.enabled and self.flops:
-            row.update(flops_per_step=self.flops, tflops_per_sec=self.flops / seconds / 1e12)
-            if self.peak_tflops:
-                row["utilization"] = row["tflops_per_sec"] / self.peak_tflops
-        if self.enabled and self.cuda:
-            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return row
-
-
-CACHE_CHUNK = 256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
-
-
-def cache_files(n_images: int, n_captions: int) -> list[str]:
-    return ([f"text-{k:06d}.pt" for k in range(math.ceil(n_captions / CACHE_CHUNK))]
-            + [f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))])
-
-
-def check_cache_settings(folder: Path, settings: dict, rank: int):
-    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
-    file = folder / "settings.json"
-    if file.exists() and json.loads(file.read_text()) != settings:
-        raise DataError(f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
-                        f"delete it or choose another --cache_dir. Wanted: {settings}")
-    if rank == 0 and not file.exists():
-        file.write_text(json.dumps(settings, indent=2))
-
-
-class CachedLatents(torch.utils.data.Dataset):
-    """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image)
-    and its caption's text embedding, memory-mapped from <cache>/latents-*.pt and text-*.pt."""
-
-    def __init__(self, folder: Path, desirable: torch.Tensor):
-        self.desirable = desirable
-        self.latents = [torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))]
-        self.text = [torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))]
-        self.empty_emb = self.text[0][0]  # caption 0 is "" (caption dropout)
-
-    def __len__(self):
-        return len(self.desirable)
-
-    def __getitem__(self, i: int) -> dict:
-        part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
-        c = int(part["caption_id"][j])
-        return dict(mean=part["mean"][j], std=part["std"][j], emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
-                    desirable=self.desirable[i], corrupt=int(part["corrupt"][j]))
-
-
-def build_latent_cache(folder: Path, dataset, captions: list[str], inputs: Inputs, cfg: Config, rank, world_size):
-    """Encode the chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size, each
-    written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)."""
-    caption_id = {c: i for i, c in enumerate(captions)}
-    for name in cache_files(len(dataset), len(captions))[rank::world_size]:
-        file, k = folder / name, int(name[-9:-3])
-        if file.exists():
-            continue
-        rows = range(k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset)))
-        with torch.no_grad(), inputs.autocast:
-            if name.startswith("text"):
-                part = dict(emb=torch.cat([inputs.encode_captions([captions[i] for i in rows[n:n + 64]])
-                                           for n in range(0, len(rows), 64)]))
-            else:
-                part = dict(mean=[], std=[], caption_id=[], corrupt=[])
-                for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows),
-                                                         batch_size=cfg.train_batch_size,
-                                                         num_workers=cfg.dataloader_workers):
-                    pixels = batch["pixel_values"]
-                    views = [inputs.posterior(p) for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])]
-                    part["mean"].append(torch.stack([m for m, _ in views], 1))
-                    part["std"].append(torch.stack([s for _, s in views], 1))
-                    part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
-                    part["corrupt"].append(batch["corrupt"])
-                part = {key: torch.cat(v) for key, v in part.items()}
-        with utils.atomic_path(file) as tmp:
-            torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
-    if world_size > 1:
-        dist.barrier()
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp and is ignored."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def fsync_tree(path: Path):
-    """Flush a folder's files to disk: the rename that follows is atomic, but durable only for data on disk."""
-    for p in [*path.rglob("*"), path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(cfg: Config, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int,
-                    world_size: int):
-    """checkpoint-<step>/: unet/ (diffusers layout), optimizer.pt (newest checkpoint only), training_state.pt,
-    rng_state.pt (every rank's generator) and config.json. Rank 0 writes it to a temporary folder, flushes it to
-    disk, then renames it. All ranks call this."""
-    rng_states = [gen.get_state()]
-    if world_size > 1:
-        rng_states = [None] * world_size
-        dist.all_gather_object(rng_states, gen.get_state())
-    if rank == 0:
-        with utils.atomic_path(Path(cfg.output_dir) / f"checkpoint-{step}") as tmp:
-            policy.save_pretrained(tmp / "unet")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(dict(lr_schedule=lr_schedule.state_dict(), step=step, bad_steps=bad_steps,
-                            scaler=scaler.state_dict()), tmp / "training_state.pt")
-            torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
-            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-            fsync_tree(tmp)
-        *older, _ = list_checkpoints(cfg.output_dir)
-        for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
-            (old / "optimizer.pt").unlink(missing_ok=True)
-        if cfg.checkpoints_total_limit > 0:
-            for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
-                shutil.rmtree(old)
-    if world_size > 1:
-        dist.barrier()
-
-
-def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume, and
-    to resume a checkpoint whose data, model or objective differ from this launch's (RESUMABLE may differ)."""
-    out = Path(cfg.output_dir)
-    if not cfg.resume:
-        if list_checkpoints(out):
-            raise DataError(f"--output_dir {out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...) "
-                            "of another run. Pass --resume latest to continue it, or choose another --output_dir.")
-        return None
-    path = (list_checkpoints(out) or [None])[-1] if cfg.resume == "latest" else Path(cfg.resume)
-    if path is None:
-        return None
-    if not (path / "training_state.pt").exists():
-        raise DataError(f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
-                        f"Pass a checkpoint-<step> folder or 'latest'.")
-    if not (path / "optimizer.pt").exists():
-        raise DataError(f"--resume {path}: this checkpoint keeps the weights but not the optimizer state, which only "
-                        "the newest checkpoint of a run keeps. Resume from the newest one (--resume latest).")
-    saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    now = dataclasses.asdict(cfg)
-    differ = [k for k in saved if k not in RESUMABLE and k in now and saved[k] != now[k]]
-    if differ:
-        raise DataError(f"--resume {path}: this launch differs from the checkpoint's run in "
-                        + ", ".join(f"--{k} ({saved[k]!r} there, {now[k]!r} here)" for k in differ)
-                        + ". Resuming would mix two runs in one record: pass the checkpoint's values, or start a new "
-                        "run with another --output_dir (and --pretrained_model pointing at the checkpoint's unet).")
-    return path
-
-
-def write_run_record(cfg: Config, out_dir: Path, start_step: int, world_size: int, device, data: dict):
-    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks)."""
-    file = out_dir / "run.json"
-    launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
-    versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
-    launches.append(dict(argv=sys.argv, start_step=start_step, world_size=world_size, device=str(device),
-                         time=time.strftime("%Y-%m-%d %H:%M:%S"), versions=dict(python=platform.python_version(),
-                                                                                **versions)))
-    run = dict(config=dataclasses.asdict(cfg), world_size=world_size, device=str(device), **data, launches=launches)
-    with utils.atomic_path(file) as tmp:
-        tmp.write_text(json.dumps(run, indent=2))
-
-
-def open_metrics(out_dir: Path, start_step: int):
-    """metrics.jsonl for appending; on resume the lines after the checkpoint's step are dropped first."""
-    file = out_dir / "metrics.jsonl"
-    old = file.read_text().splitlines() if start_step and file.exists() else []
-    with utils.atomic_path(file) as tmp:
-        tmp.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start_step))
-    return open(file, "a")
-
-
-def load_data(cfg: Config):
-    """The feedback table and its dataset, checked before any model is loaded."""
-    table = utils.load_feedback(cfg.dataset, label_policy=cfg.label_policy)
-    dataset = utils.FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
-    desirable = table["desirable"].to_numpy()
-    n_d, n_u = int(desirable.sum()), int((~desirable).sum())
-    if min(n_d, n_u) == 0 and not cfg.allow_one_class and cfg.objective == "kto":
-        raise DataError(f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
-                        "from one kind alone, but this is often a labelling mistake: check the label column, or "
-                        "pass --allow_one_class to train anyway.")
-    if cfg.objective == "sft" and n_d == 0:
-        raise DataError(f"--dataset {cfg.dataset}: --objective sft trains on desirable samples, and there are none.")
-    empty = float((table["caption"].str.strip() == "").mean())
-    if empty > MAX_EMPTY_CAPTIONS:
-        raise DataError(f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
-                        f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
-                        "Fill in the caption column or drop those rows.")
-    counts = dict(num_desirable=n_d, num_undesirable=n_u, label_policy=cfg.label_policy, data=table.attrs.get("stats"))
-    return table, dataset, desirable, counts
-
-
-class Reports:
-    """Rank 0's record of a run as it goes: metrics.jsonl, the tracker (--report_to), validation grids of the same
-    prompts and seeds (--validation_steps), curves.png and a model card per checkpoint. A no-op on other ranks."""
-
-    def __init__(self, cfg: Config, start_step: int, path: str, inputs: Inputs, device, autocast, enabled: bool):
-        self.cfg, self.path, self.inputs, self.device, self.autocast = cfg, path, inputs, device, autocast
-        self.enabled, self.out, self.pipe = enabled, Path(cfg.output_dir), None
-        if enabled:
-            self.metrics = open_metrics(self.out, start_step)
-            self.tracker = utils.Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
-            text = cfg.validation_prompts
-            self.prompts = (Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|"))
-            self.prompts = [p.strip() for p in self.prompts if p.strip()]
-
-    def log(self, row: dict):
-        if self.enabled:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
-            self.tracker.log(row, row["step"])
-
-    def validate(self, policy, step: int):
-        """The validation prompts, one image each, seeded by (seed, prompt index) on the CPU: the training streams
-        are untouched. The policy runs in eval mode (and goes back to train mode)."""
-        if not (self.enabled and self.cfg.validation_steps and step % self.cfg.validation_steps == 0):
-            return
-        from diffusers import StableDiffusionPipeline
-        if self.pipe is None:  # the encoders of the training inputs when they are loaded (no --cache_latents)
-            shared = {k: getattr(self.inputs, k) for k in ("vae", "text_encoder", "tokenizer")
-                      if hasattr(self.inputs, k)}
-            self.pipe = StableDiffusionPipeline.from_pretrained(
-                self.path, unet=policy, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                dtype=self.inputs.dtype, **shared).to(self.device)
-            self.pipe.set_progress_bar_config(disable=True)
-        gens = [torch.Generator().manual_seed(utils.derive_seed(self.cfg.seed, i)) for i in range(len(self.prompts))]
-        policy.eval()
-        with torch.no_grad(), self.autocast:
-            images = self.pipe(self.prompts, num_inference_steps=25, guidance_scale=self.cfg.validation_guidance,
-                               generator=gens).images
-        policy.train()
-        (self.out / "validation").mkdir(exist_ok=True)
-        grid = utils.save_image_grid(images, self.prompts, f"validation, step {step}",
-                                     self.out / "validation" / f"step-{step:06d}.png")
-        self.tracker.log_image("validation", grid, step)
-
-    def checkpoint(self, step: int):
-        if self.enabled:
-            utils.write_model_card(self.out / f"checkpoint-{step}", json.loads((self.out / "run.json").read_text()))
-            utils.plot_curves(self.out)
-
-    def close(self):
-        if self.enabled:
-            self.metrics.close()
-            self.tracker.close()
-
-
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -748,81 +356,60 @@ def main(argv=None):
     utils.quiet_libraries()  # first: --tiny may build the tiny world while parsing
     cfg = parse_config(argv)
     if cfg.plot:
-        print(f"wrote {utils.plot_curves(Path(cfg.plot))}")
+        print(f"wrote {reports.plot_curves(Path(cfg.plot))}")
         return None
     return utils.run_main(train, cfg, (DataError, TrainingError))
 
 
+def optimizer_class(name: str):
+    """torch's AdamW as one fused kernel, or bitsandbytes' AdamW8bit (the released code's; 2 instead of 8 bytes of
+    state per parameter), imported here, before any model loads, so that a missing package fails at once."""
+    if name == "adamw":
+        return functools.partial(torch.optim.AdamW, fused=True)
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise DataError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
+                        "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw.") from e
+    return bitsandbytes.optim.AdamW8bit
+
+
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
-    master = rank == 0
-    out_dir = Path(cfg.output_dir)
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps  # images per rank and optimizer step
-    if cfg.reference_point == "kl_mismatched":
-        mismatched_indices(per_rank)  # fails early, with a clear message, for a batch of 1
-    if cfg.optimizer == "adamw8bit":  # the released code's optimizer; imported only when asked for
-        try:
-            import bitsandbytes
-        except ImportError as e:
-            raise DataError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
-                            "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw.") from e
-    table, dataset, desirable, counts = load_data(cfg)
-    resume_from = find_resume(cfg)
-    start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+    mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
+    if mismatched:
+        mismatched(per_rank)  # a batch of one image has no other caption: fail now, with a clear message
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    table, dataset, desirable, counts = data.load_data(cfg)
+    resume_from = utils.find_resume(cfg, RESUMABLE)
 
-    # -- models: a trainable policy and a separate frozen reference, both from the base UNet ----------
-    path = cfg.pretrained_model
-    if path == "sd15-random":  # SD v1-5's architecture with random weights (benchmarks), built once
-        path = str(__import__("fixtures").sd15_random_path())
-    path = utils.check_pretrained(path, "--pretrained_model")
+    # The trainable policy and a separate frozen reference, both from the base model's UNet
+    path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
     policy, ref, scheduler, amp_dtype = load_models(cfg, path, device)
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy  # ref is never wrapped
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy  # ref: never wrapped
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    if cfg.optimizer == "adamw8bit":
-        optimizer = bitsandbytes.optim.AdamW8bit(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    else:  # fused: one kernel for all parameters
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 gradients underflow
-    warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))  # noqa: E731  linear, then constant
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    # Adam (weight decay 0) with a linear warm-up, then constant; fp16 gradients need a loss scale
+    optimizer = optimizer_cls(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))  # noise, t, flips, dropout
-    bad_steps, n_corrupt, n_seen = 0, 0, 0
-    if resume_from:  # weights, optimizer, schedule, loss scale, step and every rank's generator
-        from diffusers import UNet2DConditionModel
-        policy.load_state_dict(UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet").state_dict())
-        state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        bad_steps = state["bad_steps"]
-        rng_states = torch.load(resume_from / "rng_state.pt", weights_only=True)
-        if len(rng_states) == world_size:
-            gen.set_state(rng_states[rank])
-        else:  # a different number of ranks: same weights and optimizer, new per-rank streams
-            gen.manual_seed(utils.derive_seed(cfg.seed + start_step, rank))
-            if master:
-                print(f"warning: {resume_from} was saved by {len(rng_states)} ranks, resuming on {world_size}: "
-                      "random streams restart, so the run will not match an uninterrupted one exactly")
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_record(cfg, out_dir, start_step, world_size, device, counts)
-        print(f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
-              f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
-              f"batch {world_size * per_rank}; device {device}"
-              + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""))
+    start_step, bad_steps = (utils.load_checkpoint(resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed,
+                                                   rank, world_size, device) if resume_from else (0, 0))
+    record = reports.Reports(cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0)
 
-    # -- data: the desirable-ratio sampler resumes its exact stream; inputs from images or the latent cache ----
+    # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
     captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
-    inputs = Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank, world_size)
-    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank],
-                                    start=start_step * per_rank)
+    inputs = data.Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank,
+                         world_size, mismatched)
+    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank)
     batches = iter(torch.utils.data.DataLoader(
         inputs.dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
-    phases = Phases(cfg.profile, device, cfg.peak_tflops)
-    reports = Reports(cfg, start_step, path, inputs, device, autocast, enabled=master)
-    reports.validate(policy, start_step)  # the baseline grid, before any update
-    bar = utils.Progress(cfg.max_train_steps, cfg.objective, initial=start_step, enabled=master)
+    # The objective, chosen once: Diffusion-KTO's utility of the implicit reward, or the SFT baseline
+    loss_fn = (functools.partial(kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d,
+                                 lambda_u=cfg.lambda_u) if cfg.objective == "kto" else sft_loss)
+    phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
+    record.validate(policy, start_step, inputs)  # the baseline grid, before any update
 
     for step in range(start_step + 1, cfg.max_train_steps + 1):
         t0 = time.perf_counter()
@@ -834,44 +421,45 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 x0, emb, emb_mismatched = inputs(batch, gen)
             with phases("forward_backward"), autocast:
                 optimizer.zero_grad(set_to_none=True)
-                loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, cfg,
+                loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, loss_fn,
+                                       cfg.reference_point, cfg.gradient_accumulation_steps,
                                        backward=lambda loss_k: scaler.scale(loss_k).backward())
         with phases("clip"):
-            scaler.unscale_(optimizer)                         # fp16: true gradients, so clipping sees their norm
+            scaler.unscale_(optimizer)  # fp16: the true gradients, so that clipping sees their norm
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         with phases("optimizer"):
-            # fp16 overflows are the scaler's business (it skips the step); any other NaN/inf: no rank steps
+            # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
             sums = step_sums(loss, stats, is_desirable, torch.isfinite(grad_norm) | scaler.is_enabled(),
                              batch["corrupt"])
-            skipped = sums["not_finite"].item() > 0            # the same decision on every rank
+            skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
             bad_steps = bad_steps + 1 if skipped else 0
-            lr = lr_schedule.get_last_lr()[0]
-            scale = scaler.get_scale()
-            if not skipped:
-                scaler.step(optimizer)
-            scaler.update()                                    # fp16: halve the loss scale after an overflow
-            if not skipped and scaler.get_scale() >= scale:    # a step skipped (by us or the fp16 scaler) does
-                lr_schedule.step()                             # not advance the learning-rate schedule
+            update(optimizer, lr_schedule, scaler, skipped)
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
-        utils.check_corrupt(n_corrupt, n_seen, min_seen=MIN_IMAGES_TO_JUDGE)  # every rank stops together
+        data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)  # every rank stops together
 
         seconds = time.perf_counter() - t0
-        row = log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds)
-        reports.log({**row, **phases.report(seconds)})
-        bar.update(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
+        record.log({**log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds), **phases.report(seconds)})
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
                                 "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
                                 "--beta, check the data for broken images, or raise --max_bad_steps.")
-        reports.validate(policy, step)
+        record.validate(policy, step, inputs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size)
-            reports.checkpoint(step)
-    bar.close()
-    reports.close()
-    if master:
-        print(f"done: {out_dir / f'checkpoint-{cfg.max_train_steps}'}; curves: {out_dir / 'curves.png'}")
+            utils.save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size)
+            record.checkpoint(step)
+    record.close()
     return policy
+
+
+def update(optimizer, lr_schedule, scaler, skipped: bool):
+    """The optimizer step, unless skipped; with fp16 the scaler also skips a step whose gradients overflowed (and
+    halves its scale). The learning-rate schedule advances only when a step was taken."""
+    scale = scaler.get_scale()
+    if not skipped:
+        scaler.step(optimizer)
+    scaler.update()
+    if not skipped and scaler.get_scale() >= scale:
+        lr_schedule.step()
 
 
 if __name__ == "__main__":

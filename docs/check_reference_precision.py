@@ -3,6 +3,7 @@ perturbed away from 1 and 0) under bf16 and fp16 autocast. "old .to(dtype)" is t
 rounded); "frozen_reference" is train_kto's. Run from the repository root: python docs/check_reference_precision.py
 (DEV=cpu N=1 S=8 for a quick CPU run); writes $OUT/bf16_check.json (OUT defaults to the current folder)."""
 import copy
+import functools
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", 
 for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
     for how, ref in (("frozen_reference", train_kto.frozen_reference(unet, dtype)),
                      ("old .to(dtype)", copy.deepcopy(unet).requires_grad_(False).eval().to(dtype))):
-        cfg = train_kto.Config(beta=5000.0)
+        loss_fn = functools.partial(train_kto.kto_loss, beta=5000.0)
         rs, zs, t0 = [], [], time.time()
         gen = torch.Generator(dev).manual_seed(1)
         for i in range(N):
@@ -33,7 +34,7 @@ for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             emb = torch.randn(2, 77, 768, generator=gen, device=dev).to(dtype)
             with torch.autocast(dev.type, dtype=dtype):
                 desirable = torch.tensor([True, False], device=dev)
-                loss, st = train_kto.kto_step(unet, ref, sched, x0, emb, emb.flip(0), desirable, gen, cfg)
+                loss, st = train_kto.kto_step(unet, ref, sched, x0, emb, emb.flip(0), desirable, gen, loss_fn)
             rs.append(st["r"]); zs.append(st["z"].item())
         r = torch.cat(rs)
         row = dict(max_abs_r=r.abs().max().item(), std_r=r.std().item(), beta_std_r=5000 * r.std().item(),

@@ -1,0 +1,673 @@
+"""The like/dislike data: tables of (image, caption, label), Pick-a-Pic v2's pairs turned into per-image labels,
+and the dataset that decodes the images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL + torch, no
+torchvision). Everything is checked before any model loads: a bad file or column stops with a message that says
+what and how to fix (utils.DataError)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from utils import DataError, atomic_path, cache_dir, is_hub_id
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+
+def load_image(source, base_dir: Path | None = None) -> Image.Image:
+    """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...)."""
+    if isinstance(source, dict) and "bytes" in source:  # datasets' Image feature stored in parquet
+        source = source["bytes"]
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(source))).convert("RGB")
+    path = Path(source)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return Image.open(path).convert("RGB")
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, center-crop a square, scale to [-1, 1]; returns [3, H, W]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return x.float().div(127.5).sub(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Like/dislike datasets: a table with columns image, caption, label
+
+LABEL_VALUES = {
+    "1": True, "1.0": True, "true": True, "desirable": True,
+    "0": False, "0.0": False, "false": False, "undesirable": False,
+}
+
+
+REQUIRED_COLUMNS = ("image", "caption", "label")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return pd.read_csv(path, keep_default_na=False, dtype={"caption": str, "label": str})
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    raise DataError(
+        f"--dataset {path}: unsupported file type '{suffix}'. Expected a .csv, .jsonl or .parquet file "
+        f"with columns {', '.join(REQUIRED_COLUMNS)}."
+    )
+
+
+def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFrame:
+    """Read and check a like/dislike table. Returns columns caption, desirable (bool) and where the image is.
+
+    A .csv/.jsonl/.parquet file with columns image, caption, label: `image` is a path relative to the
+    table's folder (or absolute), or the image's encoded bytes; `label` is 1/0, true/false or
+    desirable/undesirable. Raises DataError naming the file, the column or row, and what was expected.
+    A folder (or a single shard) with Pick-a-Pic v2 columns, or a hub dataset id: pairwise preferences turned
+    into per-image labels by `label_policy`, see load_pickapic. attrs["stats"] holds the counts.
+    """
+    if label_policy not in LABEL_POLICIES:
+        raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and _is_hub_dataset(str(path))) or (
+            path.is_file() and path.suffix.lower() == ".parquet" and _is_pickapic_parquet(path)):
+        return load_pickapic(path, label_policy)
+    if not path.exists():
+        raise DataError(f"--dataset {path}: no such file. Pass a .csv, .jsonl or .parquet file.")
+    table = read_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"--dataset {path}: missing column(s) {', '.join(missing)}. Found columns: "
+            f"{', '.join(map(str, table.columns))}. Expected image (a path relative to the file, or image "
+            f"bytes), caption (text) and label (1/0, true/false or desirable/undesirable)."
+        )
+    if len(table) == 0:
+        raise DataError(f"--dataset {path}: the table has no rows.")
+    labels = table["label"].map(lambda v: LABEL_VALUES.get(str(v).strip().lower()))
+    bad = labels.isna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"--dataset {path}: column 'label', row {row} (0-based, {int(bad.sum())} bad rows in all) has "
+            f"value {table['label'].iloc[row]!r}. Expected 1/0, true/false or desirable/undesirable."
+        )
+    images = table["image"]
+    is_path = images.map(lambda v: isinstance(v, str))
+    if is_path.any():
+        base = path.parent
+        exists = images[is_path].map(lambda p: Path(p).is_absolute() and Path(p).exists() or (base / p).exists())
+        if not exists.all():
+            row = int(exists.index[~exists.to_numpy()][0])
+            raise DataError(
+                f"--dataset {path}: column 'image', row {row}: image file {images.iloc[row]!r} does not exist "
+                f"(paths are relative to {base}). {int((~exists).sum())} image path(s) are missing in all."
+            )
+    captions = table["caption"].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    out = pd.DataFrame({"image": images, "caption": captions, "desirable": labels.astype(bool)})
+    out.attrs["stats"] = dict(source=str(path), num_desirable=int(out["desirable"].sum()),
+                              num_undesirable=int((~out["desirable"]).sum()))
+    return out
+
+
+class FeedbackDataset(torch.utils.data.Dataset):
+    """Decodes one image at a time (in DataLoader workers); nothing is held decoded in memory.
+
+    A Pick-a-Pic table (columns shard, row, column) holds no image bytes, only where they are: each worker
+    process keeps its own few open parquet files and reads one row group of one jpg column per image.
+    A corrupt image never raises: the next image of the same class (table order, wrapping around) replaces
+    it, and the sample's "corrupt" field counts the images skipped (0 almost always) so the training loop
+    can sum them and call check_corrupt.
+    """
+
+    max_open_files = 64      # parquet files kept open per worker process
+    max_corrupt_in_a_row = 100  # then the data are hopeless: raise DataError
+
+    def __init__(self, table: pd.DataFrame, base_dir: Path, resolution: int):
+        desirable = np.array(table["desirable"].to_numpy(dtype=bool))  # a writable copy
+        self.desirable = torch.as_tensor(desirable, dtype=torch.bool)
+        self.base_dir, self.resolution = Path(base_dir), resolution
+        self.by_class = (np.flatnonzero(~desirable), np.flatnonzero(desirable))  # for corrupt-image replacement
+        if "shard" in table.columns:  # Pick-a-Pic: numpy/arrow arrays, so forked workers copy no Python objects
+            self.images = None
+            self.shards = [str(s) for s in table["shard"].cat.categories]
+            self.shard = table["shard"].cat.codes.to_numpy(np.int32)
+            self.row = table["row"].to_numpy(np.int64)
+            self.image_column = [str(c) for c in table["column"].cat.categories]
+            self.column = table["column"].cat.codes.to_numpy(np.int8)
+            self.captions = pa.array(table["caption"])
+            for s in np.unique(self.shard):
+                names = pq.read_schema(self.shards[s]).names
+                missing = [c for c in self.image_column if c not in names]
+                if missing:
+                    raise DataError(
+                        f"{self.shards[s]}: no image column(s) {', '.join(missing)}. This copy of Pick-a-Pic has "
+                        f"labels but no images (e.g. pickapic_v2_no_images); train on the full copy.")
+        else:
+            self.images = table["image"].tolist()
+            self.captions = table["caption"].tolist()
+        self._files, self._pid, self.n_corrupt = OrderedDict(), None, 0
+
+    def __getstate__(self):  # open parquet files stay in the process that opened them
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _parquet(self, s: int):
+        """(ParquetFile, first row of each row group + total) of shard s, opened once per process (LRU)."""
+        if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s]
+        pf = pq.ParquetFile(self.shards[s], pre_buffer=False)
+        starts = np.cumsum([0] + [pf.metadata.row_group(k).num_rows for k in range(pf.num_row_groups)])
+        self._files[s] = (pf, starts)
+        if len(self._files) > self.max_open_files:
+            self._files.popitem(last=False)[1][0].close()
+        return pf, starts
+
+    def _source(self, i: int):
+        """Image i as stored: a path or bytes (CSV/JSONL/parquet tables), or bytes read from a Pick-a-Pic shard."""
+        if self.images is not None:
+            return self.images[i]
+        pf, starts = self._parquet(int(self.shard[i]))
+        row = int(self.row[i])
+        g = int(np.searchsorted(starts, row, side="right")) - 1
+        column = pf.read_row_group(g, columns=[self.image_column[self.column[i]]]).column(0)
+        return column[row - int(starts[g])].as_py()
+
+    def _where(self, i: int) -> str:
+        if self.images is not None:
+            return f"row {i} ({self.images[i] if isinstance(self.images[i], str) else 'bytes'})"
+        return f"{self.shards[self.shard[i]]} row {self.row[i]} {self.image_column[self.column[i]]}"
+
+    def __getitem__(self, i: int) -> dict:
+        corrupt = 0
+        while True:
+            source = self._source(i)  # a missing shard or unreadable parquet raises: that is not a corrupt image
+            try:
+                if source is None:
+                    raise ValueError("no image bytes (null)")
+                pixels = image_to_tensor(load_image(source, self.base_dir), self.resolution)
+                break
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                corrupt += 1
+                self.n_corrupt += 1
+                same = self.by_class[int(self.desirable[i])]
+                nxt = int(same[(np.searchsorted(same, i, side="right")) % len(same)])
+                if self.n_corrupt <= 20 or self.n_corrupt % 100 == 0:
+                    warnings.warn(f"corrupt image #{self.n_corrupt} in this process skipped: {self._where(i)}: "
+                                  f"{type(e).__name__}: {e}; replaced by item {nxt} of the same class", RuntimeWarning)
+                if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
+                    raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are "
+                                    "damaged.") from e
+                i = nxt
+        caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
+        return {"pixel_values": pixels, "caption": caption, "desirable": self.desirable[i], "corrupt": corrupt}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pick-a-Pic v2: pairwise preferences -> per-image like/dislike labels
+#
+# A Pick-a-Pic v2 row is one comparison: a caption, two generated images (jpg_0, jpg_1: encoded bytes) with
+# their uids, and label_0/label_1 = 1/0 or 0/1 for the preferred image, 0.5/0.5 for a tie. Diffusion-KTO
+# needs one label per image. A hub id and a local folder take the same road: the hub id is resolved to
+# its parquet shards in the local Hugging Face cache, then both are read with pyarrow, label/uid/caption
+# columns only (the image columns are never read here). The per-image table is cached next to the shards
+# and says where each image's bytes are (shard, row, jpg_0/jpg_1); FeedbackDataset reads them lazily.
+
+PICKAPIC_LABEL_COLUMNS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid")
+
+
+PICKAPIC_IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+
+
+PICKAPIC_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+
+
+LABEL_POLICIES = ("won_once", "always_won")
+
+
+LABEL_POLICY_HELP = (
+    "how Pick-a-Pic pairs become per-image labels (ties dropped, each image uid counted once): won_once = "
+    "preferred in at least one comparison is desirable, never preferred is undesirable (paper); always_won = "
+    "desirable only if never the loser, images that both won and lost are dropped")
+
+
+PICKAPIC_LABELS_VERSION = 1  # bump when the conversion changes: cached label tables are then rebuilt
+
+
+def _is_hub_dataset(spec: str) -> bool:
+    """A hub dataset id, not a missing table file such as likes.csv (so that one is reported as missing)."""
+    return is_hub_id(spec) and Path(spec).suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet")
+
+
+def _is_pickapic_parquet(path: Path) -> bool:
+    names = pq.read_schema(path).names
+    return "label" not in names and all(c in names for c in PICKAPIC_LABEL_COLUMNS)
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The Pick-a-Pic split a shard belongs to by its name (train-00000-of-00645-....parquet, or a train/ folder)."""
+    m = re.match(r"(" + "|".join(sorted(PICKAPIC_SPLITS, key=len, reverse=True)) + r")-", path.name)
+    if m:
+        return m.group(1)
+    return next((p for p in path.relative_to(root).parts[:-1] if p in PICKAPIC_SPLITS), None)
+
+
+def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[Path]]:
+    """(root folder, sorted parquet shards) of one split of a Pick-a-Pic v2 copy: a local folder, a single
+    shard, or a hub id resolved to its files in the local Hugging Face cache (downloaded when online).
+
+    In a folder, shards named by a split (the hub's layout: data/train-*.parquet) are filtered to `split`;
+    a folder whose shards carry no split name is used whole. Hidden folders (our label cache) are skipped.
+    Raises DataError when there is nothing to read or a shard lacks the label columns."""
+    path = Path(spec)
+    if path.is_file():
+        root, files = path.parent, [path]
+    else:
+        if not path.exists():
+            if not _is_hub_dataset(str(spec)):
+                raise DataError(f"--dataset {spec}: no such file or folder, and not a hub dataset id (owner/name).")
+            path = _hub_snapshot(str(spec), split)
+        root = path
+        files = sorted(p for p in root.rglob("*.parquet")
+                       if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not files:
+            raise DataError(f"--dataset {spec}: the folder {root} holds no .parquet files. Expected Pick-a-Pic v2 "
+                            f"parquet shards (columns {', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}).")
+        splits = [_split_of(p, root) for p in files]
+        if any(s is not None for s in splits):
+            files = [p for p, s in zip(files, splits) if s == split]
+            if not files:
+                found = sorted({s for s in splits if s})
+                raise DataError(f"--dataset {spec}: the folder {root} has shards of split(s) {', '.join(found)} "
+                                f"but none of split '{split}' (named {split}-*.parquet or under {split}/).")
+    for f in files:
+        names = pq.read_schema(f).names
+        missing = [c for c in PICKAPIC_LABEL_COLUMNS if c not in names]
+        if missing:
+            raise DataError(
+                f"--dataset {spec}: {f} is not a Pick-a-Pic v2 shard: missing column(s) {', '.join(missing)}. "
+                f"Found columns: {', '.join(names)}. A folder or hub id must hold parquet shards with columns "
+                f"{', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}; a like/dislike table must be a "
+                f".csv, .jsonl or .parquet file with columns {', '.join(REQUIRED_COLUMNS)}.")
+    return root, files
+
+
+def _hub_snapshot(repo_id: str, split: str) -> Path:
+    """The local folder of a hub dataset's parquet shards of `split` (from the cache; downloaded when online)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{split}-*.parquet", f"*/{split}-*.parquet", f"{split}/*.parquet", f"*/{split}/*.parquet"]
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns))
+    except Exception as e:  # offline and not cached, unknown repo, no network, ...
+        raise DataError(
+            f"--dataset {repo_id}: could not get the '{split}' parquet shards of this hub dataset "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download them first, e.g. "
+            f"`hf download {repo_id} --repo-type dataset --include 'data/{split}-*'` (older clients: "
+            f"huggingface-cli download), or pass a local folder of Pick-a-Pic v2 parquet shards.") from None
+
+
+def _pickapic_cache_path(root: Path, files: list[Path], split: str, label_policy: str) -> Path:
+    """labels-<split>-<policy>-<fingerprint>.parquet in <root>/.diffusion_kto (or the user cache if read-only).
+
+    The fingerprint covers the conversion version, split, policy and every shard's path, size and mtime."""
+    which = hashlib.sha1("|".join(str(f.relative_to(root)) for f in files).encode())  # the set of shards
+    state = hashlib.sha1(f"v{PICKAPIC_LABELS_VERSION}|{split}|{label_policy}".encode())  # and their content
+    for f in files:
+        st = f.stat()
+        state.update(f"|{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    name = f"labels-{split}-{label_policy}-{which.hexdigest()[:8]}-{state.hexdigest()[:16]}.parquet"
+    folder = root / ".diffusion_kto"
+    if not os.access(root, os.W_OK) and not os.access(folder, os.W_OK):
+        folder = cache_dir() / "pickapic-labels" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return folder / name
+
+
+def _read_label_columns(files: list[Path]) -> pa.Table:
+    """All comparisons, label/uid/caption columns only (parquet projection), plus shard index and row."""
+    types = dict(caption=pa.large_string(), label_0=pa.float64(), label_1=pa.float64(),
+                 image_0_uid=pa.large_string(), image_1_uid=pa.large_string())
+
+    def read(k):
+        t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
+        n = t.num_rows
+        cols = {c: t.column(c).cast(types[c]) for c in PICKAPIC_LABEL_COLUMNS}
+        return pa.table({**cols, "shard": np.full(n, k, np.int32), "row": np.arange(n, dtype=np.int64)})
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return pa.concat_tables(pool.map(read, range(len(files))))
+
+
+def pickapic_labels(comparisons: pa.Table, label_policy: str) -> tuple[pa.Table, dict]:
+    """Per-image labels from a table of comparisons (columns of PICKAPIC_LABEL_COLUMNS, shard, row).
+
+    Rules: a comparison with label_0 == label_1 (a tie, 0.5/0.5) or a missing label/uid carries no
+    preference and is dropped; an image (uid) only in such comparisons gets no label. Each image is counted
+    once: n_won / n_lost = comparisons it won / lost. won_once: desirable iff n_won > 0. always_won:
+    desirable iff n_won > 0 and n_lost == 0, undesirable iff n_won == 0, the rest dropped. Caption and
+    location (shard, row, side 0 = jpg_0 / 1 = jpg_1) are those of the image's first comparison in shard
+    order. Returns (table in first-appearance order, stats); vectorised, no Python loop over rows."""
+    if label_policy not in LABEL_POLICIES:
+        raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
+    n = comparisons.num_rows
+    l0 = comparisons.column("label_0").to_numpy().astype(np.float64)  # nulls become nan
+    l1 = comparisons.column("label_1").to_numpy().astype(np.float64)
+    u0, u1 = comparisons.column("image_0_uid"), comparisons.column("image_1_uid")
+    valid = ~np.isnan(l0) & ~np.isnan(l1) & pc.is_valid(u0).to_numpy(zero_copy_only=False) \
+        & pc.is_valid(u1).to_numpy(zero_copy_only=False)
+    decisive = valid & (l0 != l1)
+    idx = np.flatnonzero(decisive)
+    win0 = l0[idx] > l1[idx]
+    # one entry per (decisive comparison, side): the image's uid code, whether it won, and pos = 2 * comparison
+    # + side, which orders entries as they appear in the data
+    uids = pc.dictionary_encode(pa.chunked_array(u0.take(idx).chunks + u1.take(idx).chunks, type=u0.type))
+    uid_names = uids.chunk(0).dictionary if uids.num_chunks else pa.array([], u0.type)
+    code = np.concatenate([c.indices.to_numpy() for c in uids.chunks]) if uids.num_chunks else np.zeros(0, np.int32)
+    won_slot = np.concatenate([win0, ~win0])
+    pos = np.concatenate([2 * idx, 2 * idx + 1])
+    k = len(uid_names)
+    n_won = np.bincount(code, weights=won_slot, minlength=k).astype(np.int64)
+    n_lost = np.bincount(code, minlength=k) - n_won
+    first = np.full(k, np.iinfo(np.int64).max)
+    np.minimum.at(first, code, pos)  # each image's first appearance
+    caption_code = pc.dictionary_encode(comparisons.column("caption").fill_null("")).combine_chunks().indices
+    cap = caption_code.to_numpy()[pos // 2].astype(np.int64)
+    pairs = np.sort(code.astype(np.int64) * (int(cap.max(initial=0)) + 1) + cap)
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs  # distinct (image, caption)
+    several_captions = int((np.bincount(pairs // (int(cap.max(initial=0)) + 1), minlength=k) > 1).sum())
+    order = np.argsort(first, kind="stable")  # images in order of first appearance
+    uid_names, first, n_won, n_lost = uid_names.take(order), first[order], n_won[order], n_lost[order]
+    won, lost = n_won > 0, n_lost > 0
+    keep = np.ones(len(first), bool) if label_policy == "won_once" else ~(won & lost)
+    i = first // 2
+    table = pa.table({
+        "uid": uid_names,
+        "caption": comparisons.column("caption").fill_null("").take(i),
+        "desirable": won,  # always_won: the images that also lost are filtered out below
+        "shard": comparisons.column("shard").take(i),
+        "row": comparisons.column("row").take(i),
+        "side": (first % 2).astype(np.int8),
+        "n_won": n_won.astype(np.int32), "n_lost": n_lost.astype(np.int32),
+    }).filter(keep)
+    tie_uids = pc.unique(pa.chunked_array(u0.filter(valid & ~decisive).chunks + u1.filter(valid & ~decisive).chunks,
+                                          type=u0.type))
+    desirable = table.column("desirable").to_numpy()
+    stats = dict(
+        label_policy=label_policy, comparisons=n, ties=int((valid & ~decisive).sum()), invalid=int((~valid).sum()),
+        images=len(first), images_only_in_ties=len(tie_uids) - int(pc.sum(pc.is_in(tie_uids, uid_names)).as_py() or 0),
+        images_won_and_lost=int((won & lost).sum()), images_dropped=int((~keep).sum()),
+        images_with_several_captions=several_captions,
+        num_desirable=int(desirable.sum()), num_undesirable=int((~desirable).sum()),
+    )
+    return table, stats
+
+
+def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str = "train") -> pd.DataFrame:
+    """Per-image like/dislike table of a Pick-a-Pic v2 copy (folder, shard or hub id), computed once and cached.
+
+    Columns: uid, caption, desirable, shard (categorical: path of the parquet file), row (in that file),
+    column (categorical: jpg_0 or jpg_1), n_won, n_lost. attrs["stats"]: counts (see pickapic_labels) and the
+    cache file. The cache is keyed by the policy and invalidated when any shard's size or mtime changes."""
+    if label_policy not in LABEL_POLICIES:
+        raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
+    root, files = pickapic_shards(spec, split)
+    cache = _pickapic_cache_path(root, files, split, label_policy)
+    if cache.exists():
+        table = pq.read_table(cache)
+        meta = json.loads(table.schema.metadata[b"diffusion_kto"])
+    else:
+        table, stats = pickapic_labels(_read_label_columns(files), label_policy)
+        meta = dict(shards=[str(f.relative_to(root)) for f in files], stats=dict(stats, split=split))
+        table = table.replace_schema_metadata({"diffusion_kto": json.dumps(meta)})
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.parquet"):  # same shards, older data
+            if stale != cache:
+                stale.unlink(missing_ok=True)
+        with atomic_path(cache) as tmp:  # concurrent ranks write the same content
+            pq.write_table(table, tmp)
+    df = pd.DataFrame({
+        "uid": table.column("uid").to_pandas(), "caption": table.column("caption").to_pandas(),
+        "desirable": table.column("desirable").to_numpy(),
+        "shard": pd.Categorical.from_codes(table.column("shard").to_numpy(),
+                                           categories=[str(root / s) for s in meta["shards"]]),
+        "row": table.column("row").to_numpy(),
+        "column": pd.Categorical.from_codes(table.column("side").to_numpy(), categories=list(PICKAPIC_IMAGE_COLUMNS)),
+        "n_won": table.column("n_won").to_numpy(), "n_lost": table.column("n_lost").to_numpy(),
+    })
+    df.attrs["stats"] = dict(meta["stats"], source=str(spec), label_cache=str(cache))
+    return df
+
+
+def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: int = 0) -> None:
+    """Raise DataError when more than `limit` of the images seen were corrupt (judged once min_seen were read).
+
+    n_corrupt: sum of the "corrupt" field of the samples drawn; n_seen: images read, corrupt ones included
+    (samples drawn + n_corrupt)."""
+    if n_seen >= min_seen and n_corrupt > limit * n_seen:
+        raise DataError(
+            f"{n_corrupt} of the {n_seen} images read so far ({n_corrupt / max(n_seen, 1):.2%}) could not be "
+            f"decoded, more than the {limit:.0%} allowed: the data are damaged. The warnings above name the shards "
+            f"and rows; re-download those shards (or remove them from --dataset) and restart.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training inputs: desirable and undesirable samples checked, augmented, encoded (or read from the latent cache)
+
+MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
+
+
+MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
+
+
+def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropout: float):
+    """Bool masks [b]: flip horizontally (p = 0.5, or never) and drop the caption (p = caption_dropout)."""
+    flip = (torch.rand(b, generator=gen, device=gen.device) < 0.5 if random_flip
+            else torch.zeros(b, dtype=torch.bool, device=gen.device))
+    return flip, torch.rand(b, generator=gen, device=gen.device) < caption_dropout
+
+
+def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float):
+    """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout)."""
+    flip, drop = augment_draws(pixels.shape[0], gen, random_flip, caption_dropout)
+    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    return pixels, ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+class Inputs:
+    """Turns a loader batch into the objective's inputs: x0 ~ q(x0 | image) after a random flip (scaled latents),
+    the caption embeddings after caption dropout and, given `mismatched` (batch size -> indices), the embeddings of
+    the captions of the samples it pairs each image with. From images through the VAE and text encoder, or from the
+    --cache_latents files (built here on first use); both paths draw the same random numbers: the same run."""
+
+    def __init__(self, cfg, path: str, dataset, captions: list[str], dtype, autocast, device, rank, world_size,
+                 mismatched=None):
+        from diffusers import AutoencoderKL
+        self.cfg, self.device, self.dtype, self.autocast, self.mismatched = cfg, device, dtype, autocast, mismatched
+        self.scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)
+        self.cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
+        if not (self.cache and all((self.cache / f).exists() for f in cache_files(len(dataset), len(captions)))):
+            self.load_encoders(path)  # the VAE and text encoder are loaded only to encode images and captions
+            if rank == 0:
+                self.warn_truncation(captions)
+        if self.cache:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            check_cache_settings(self.cache, dict(
+                pretrained_model=path, dataset=cfg.dataset, label_policy=cfg.label_policy, resolution=cfg.resolution,
+                random_flip=cfg.random_flip, images=len(dataset), captions=len(captions), dtype=str(dtype)), rank)
+            if hasattr(self, "vae"):
+                build_latent_cache(self.cache, dataset, captions, self, cfg, rank, world_size)
+                del self.vae, self.text_encoder, self.tokenizer
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            self.dataset = CachedLatents(self.cache, dataset.desirable)
+            self.empty_emb = self.dataset.empty_emb.to(device)
+        else:
+            self.dataset = dataset
+
+    def load_encoders(self, path: str):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
+        for m in (self.text_encoder, self.vae):
+            m.to(self.device).requires_grad_(False).eval()
+
+    def warn_truncation(self, captions: list[str], sample: int = 20_000):
+        """Captions longer than the text encoder's context are cut (as in SD's own training): say how many, once
+        (counted on at most `sample` distinct captions, evenly spaced)."""
+        step = max(1, len(captions) // sample)
+        lengths = [len(ids) for ids in self.tokenizer(captions[::step], verbose=False).input_ids]
+        n, limit = sum(n > self.tokenizer.model_max_length for n in lengths), self.tokenizer.model_max_length
+        if n:
+            of = f"{n} of {len(lengths)}" + (f" sampled (of {len(captions)})" if step > 1 else "")
+            print(f"warning: {of} distinct captions are longer than the text encoder's {limit} tokens and are "
+                  "truncated", file=sys.stderr)
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def posterior(self, pixels: torch.Tensor):
+        """The VAE's q(x0 | image) as (mean, std); pixels [B, 3, H, W] in [-1, 1]."""
+        latent_dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return latent_dist.mean, latent_dist.std
+
+    def __call__(self, batch: dict, gen: torch.Generator):
+        """(x0 [B, 4, h, w] float32, emb [B, L, D], emb_mismatched [B, L, D] or None)."""
+        cfg, device, b = self.cfg, self.device, len(batch["desirable"])
+        rolled = self.mismatched(b) if self.mismatched else torch.zeros(0, dtype=torch.long)
+        if self.cache:
+            flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
+            mean, std = (batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()]
+                         for k in ("mean", "std"))
+            emb = batch["emb"].to(device, non_blocking=True)
+            both = torch.cat([torch.where(drop[:, None, None], self.empty_emb, emb), emb[rolled.to(device)]])
+        else:
+            captions = list(batch["caption"])
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
+            mean, std = self.posterior(pixels)
+            both = self.encode_captions(captions_in + [captions[j] for j in rolled.tolist()])  # one call for both
+        x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)  # as diffusers
+        return (x0 * self.scaling_factor).float(), both[:b], both[b:] if len(rolled) else None
+
+
+CACHE_CHUNK = 256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
+
+
+def cache_files(n_images: int, n_captions: int) -> list[str]:
+    return ([f"text-{k:06d}.pt" for k in range(math.ceil(n_captions / CACHE_CHUNK))]
+            + [f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))])
+
+
+def check_cache_settings(folder: Path, settings: dict, rank: int):
+    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
+    file = folder / "settings.json"
+    if file.exists() and json.loads(file.read_text()) != settings:
+        raise DataError(f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
+                        f"delete it or choose another --cache_dir. Wanted: {settings}")
+    if rank == 0 and not file.exists():
+        file.write_text(json.dumps(settings, indent=2))
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image)
+    and its caption's text embedding, memory-mapped from <cache>/latents-*.pt and text-*.pt."""
+
+    def __init__(self, folder: Path, desirable: torch.Tensor):
+        self.desirable = desirable
+        self.latents = [torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))]
+        self.text = [torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))]
+        self.empty_emb = self.text[0][0]  # caption 0 is "" (caption dropout)
+
+    def __len__(self):
+        return len(self.desirable)
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
+        c = int(part["caption_id"][j])
+        return dict(mean=part["mean"][j], std=part["std"][j], emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
+                    desirable=self.desirable[i], corrupt=int(part["corrupt"][j]))
+
+
+def build_latent_cache(folder: Path, dataset, captions: list[str], inputs: Inputs, cfg, rank, world_size):
+    """Encode the chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size, each
+    written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)."""
+    caption_id = {c: i for i, c in enumerate(captions)}
+    for name in cache_files(len(dataset), len(captions))[rank::world_size]:
+        file, k = folder / name, int(name[-9:-3])
+        if file.exists():
+            continue
+        rows = range(k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset)))
+        with torch.no_grad(), inputs.autocast:
+            if name.startswith("text"):
+                part = dict(emb=torch.cat([inputs.encode_captions([captions[i] for i in rows[n:n + 64]])
+                                           for n in range(0, len(rows), 64)]))
+            else:
+                part = dict(mean=[], std=[], caption_id=[], corrupt=[])
+                for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows),
+                                                         batch_size=cfg.train_batch_size,
+                                                         num_workers=cfg.dataloader_workers):
+                    pixels = batch["pixel_values"]
+                    views = [inputs.posterior(p) for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])]
+                    part["mean"].append(torch.stack([m for m, _ in views], 1))
+                    part["std"].append(torch.stack([s for _, s in views], 1))
+                    part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
+                    part["corrupt"].append(batch["corrupt"])
+                part = {key: torch.cat(v) for key, v in part.items()}
+        with atomic_path(file) as tmp:
+            torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
+    if world_size > 1:
+        dist.barrier()
+
+
+def load_data(cfg):
+    """The feedback table and its dataset, checked before any model is loaded."""
+    table = load_feedback(cfg.dataset, label_policy=cfg.label_policy)
+    dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
+    desirable = table["desirable"].to_numpy()
+    n_d, n_u = int(desirable.sum()), int((~desirable).sum())
+    if min(n_d, n_u) == 0 and not cfg.allow_one_class and cfg.objective == "kto":
+        raise DataError(f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
+                        "from one kind alone, but this is often a labelling mistake: check the label column, or "
+                        "pass --allow_one_class to train anyway.")
+    if cfg.objective == "sft" and n_d == 0:
+        raise DataError(f"--dataset {cfg.dataset}: --objective sft trains on desirable samples, and there are none.")
+    empty = float((table["caption"].str.strip() == "").mean())
+    if empty > MAX_EMPTY_CAPTIONS:
+        raise DataError(f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
+                        f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
+                        "Fill in the caption column or drop those rows.")
+    counts = dict(num_desirable=n_d, num_undesirable=n_u, label_policy=cfg.label_policy, data=table.attrs.get("stats"))
+    return table, dataset, desirable, counts

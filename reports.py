@@ -1,0 +1,488 @@
+"""What a run shows a person: progress lines, training curves, image grids, experiment trackers and model cards."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils import DataError, atomic_path, derive_seed, is_hub_id
+
+# ----------------------------------------------------------------------------------------------------
+# Progress of long work
+
+class Progress:
+    """Progress of long work: a tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every
+    `every` seconds and at the end, instead of a bar redrawn with carriage returns into one endless line."""
+
+    def __init__(self, total: int, desc: str, unit: str = "steps", initial: int = 0, every: float = 60.0,
+                 enabled: bool = True):
+        self.total, self.desc, self.unit, self.every, self.done = total, desc, unit, every, initial
+        self.start, self.shown, self.first, self.info = time.monotonic(), time.monotonic(), initial, ""
+        self.enabled, self.bar = enabled, None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit.rstrip("s"), dynamic_ncols=True)
+
+    def update(self, n: int = 1, **info):
+        self.done += n
+        self.info = " ".join(f"{k}={v}" for k, v in info.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.info, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.shown >= self.every or self.done >= self.total):
+            self.shown, each = now, (now - self.start) / max(self.done - self.first, 1)
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {each:.3g} s each, "
+                  f"{each * (self.total - self.done):.0f} s left {self.info}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures: training curves and image grids
+
+def wrap(text: str, width: int, path: bool = False) -> str:
+    """Lines of at most `width` characters, broken at spaces (and after a "/" too when `path`)."""
+    import textwrap
+
+    mark = "\x1f"  # a space after each "/" lets textwrap break there; the marked spaces are removed again
+    lines = textwrap.wrap(text.replace("/", f"/{mark} ") if path else text, width, break_on_hyphens=False)
+    return "\n".join(line.replace(f"{mark} ", "").replace(mark, "") for line in lines) or text
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib Figure as PNG, atomically. A character the font lacks draws a box, not a warning."""
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def show_image(ax, image: Image.Image, label: str):
+    """One image on `ax`, no ticks, `label` under it; small images stay sharp (no smoothing of their pixels)."""
+    ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased")
+    ax.set(xticks=[], yticks=[])
+    ax.set_xlabel(label, fontsize=8)
+
+
+# (metrics.jsonl keys, panel title): one panel each; the rewards of both classes share one
+CURVES = ((("loss",), "loss"), (("reward_desirable", "reward_undesirable"), "implicit reward"),
+          (("z",), "reference point z"), (("accuracy",), "implicit accuracy"), (("grad_norm",), "grad norm"),
+          (("lr",), "learning rate"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, one per step (the last one written wins), in step order. A line that is not
+    JSON (a run killed while writing it) is skipped."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file. Pass the --output_dir of a train_kto.py run (it holds metrics.jsonl).")
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows[int(row["step"])] = row
+    if not rows:
+        raise DataError(f"{path}: no metrics yet (no complete line with a step).")
+    return [rows[s] for s in sorted(rows)]
+
+
+def ema(values: np.ndarray, span: float) -> np.ndarray:
+    """Exponential moving average with weight 2 / (span + 1), debiased as TensorBoard's smoothing is (the first
+    points are not pulled towards 0). NaN/inf values (skipped steps) are left out; the average carries over them."""
+    alpha, avg, weight, out = 2.0 / (span + 1.0), 0.0, 0.0, np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            avg, weight = (1 - alpha) * avg + alpha * v, (1 - alpha) * weight + alpha
+        out[i] = avg / weight if weight > 0 else np.nan
+    return out
+
+
+def curves_figure(rows: list[dict], title: str):
+    """The figure of plot_curves: one panel per CURVES entry, raw (thin, light) and smoothed (bold) against step."""
+    from matplotlib.figure import Figure
+
+    steps = np.array([r["step"] for r in rows])
+    span = max(1.0, len(rows) / 20)  # the average covers about a twentieth of the run
+    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    for ax, (keys, name) in zip(fig.subplots(2, 3).flat, CURVES):
+        for key, color in zip(keys, ("tab:blue", "tab:red")):
+            y = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
+            y[~np.isfinite(y)] = np.nan
+            ax.plot(steps, y, color=color, linewidth=0.8, alpha=0.35)
+            ax.plot(steps, ema(y, span), color=color, linewidth=2, label=key)
+        ax.set(title=name, xlabel="step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    skipped = sum(int(r.get("skipped", 0)) for r in rows)
+    note = f"; {skipped} skipped step(s)" if skipped else ""
+    fig.suptitle(f"{title}: {len(rows)} steps{note} (thin: raw; bold: EMA, span {span:.0f} steps)")
+    return fig
+
+
+def plot_curves(run_dir: Path) -> Path:
+    """<run_dir>/curves.png from <run_dir>/metrics.jsonl (see CURVES); returns its path."""
+    run_dir = Path(run_dir)
+    fig = curves_figure(read_metrics(run_dir / "metrics.jsonl"), run_dir.resolve().name)
+    return save_figure(fig, run_dir / "curves.png")
+
+
+def save_image_grid(images: list, labels: list[str], title: str, path: Path, columns: int | None = None) -> Path:
+    """PIL `images` in rows of `columns` (default: up to 4), each with its full `label` wrapped under it, `title`
+    on top; written to `path` (PNG) atomically. Returns `path`."""
+    from matplotlib.figure import Figure
+
+    if len(images) != len(labels) or not images:
+        raise ValueError(f"need one label per image and at least one image; got {len(images)} images, "
+                         f"{len(labels)} labels")
+    columns = max(1, min(columns or 4, len(images)))
+    rows = -(-len(images) // columns)
+    labels = [wrap(str(label), 30) for label in labels]
+    lines = max(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(max(4.0, 2.5 * columns), rows * (2.5 + 0.15 * lines) + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat[len(images):]:
+        ax.set_axis_off()
+    for ax, image, label in zip(axes.flat, images, labels):
+        show_image(ax, image, label)
+    fig.suptitle(wrap(title, int(12 * fig.get_figwidth())), fontsize=11)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experiment trackers
+
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def is_number(v) -> bool:
+    """A real number a tracker can plot: int, float, numpy scalars, one-element tensors (not bools or strings)."""
+    import numbers
+
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+class Tracker:
+    """Metrics and images to TensorBoard (<run_dir>/tensorboard) or Weights & Biases, or nowhere ("none").
+
+    The backend is imported only when asked for. W&B runs online unless WANDB_MODE says otherwise: without a
+    network, WANDB_MODE=offline keeps the run in <run_dir>/wandb for a later `wandb sync`."""
+
+    def __init__(self, kind: str, run_dir: Path, config: dict):
+        self.kind, self.writer, self.run = kind, None, None
+        if kind not in TRACKERS:
+            raise DataError(f"tracker {kind!r}: choose from {', '.join(TRACKERS)}.")
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise DataError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise DataError("Weights & Biases logging needs the wandb package: pip install wandb (then `wandb "
+                                "login`, or WANDB_MODE=offline to keep the run on disk)") from e
+            mode = os.environ.get("WANDB_MODE", "online")
+            try:
+                self.run = wandb.init(project="diffusion-kto", dir=str(run_dir), config=config, mode=mode)
+            except Exception as e:  # not logged in, no network, ...
+                raise DataError(f"wandb could not start a run in {mode} mode ({type(e).__name__}: {e}). Without a "
+                                "network or a login: WANDB_MODE=offline, then `wandb sync` later.") from e
+
+    def log(self, row: dict, step: int):
+        """Every number in `row` (except the step itself) at `step`; text and other values are skipped."""
+        numbers = {k: float(v) for k, v in row.items() if k != "step" and is_number(v)}
+        if self.writer is not None:
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.run is not None:
+            self.run.log(numbers, step=step)
+
+    def log_image(self, name: str, path: Path, step: int):
+        """An image file (a validation grid, curves.png) under `name` at `step`."""
+        if self.writer is not None:
+            with Image.open(path) as image:
+                self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        elif self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))}, step=step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        elif self.run is not None:
+            self.run.finish()
+        self.writer = self.run = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model cards
+
+CARD_TAGS = ["diffusion-kto", "text-to-image", "stable-diffusion", "diffusers"]
+
+
+RECIPE = ("objective", "beta", "utility", "reference_point", "learning_rate", "lr_warmup_steps", "train_batch_size",
+          "gradient_accumulation_steps", "world_size", "max_train_steps", "desirable_ratio")
+
+
+def base_license(base: str) -> str:
+    """creativeml-openrail-m for Stable Diffusion v1-5 (any owner's copy: the name is the model), else other."""
+    return "creativeml-openrail-m" if base.rstrip("/").rsplit("/", 1)[-1].lower() == "stable-diffusion-v1-5" \
+        else "other"
+
+
+def write_model_card(ckpt_dir: Path, run: dict) -> Path:
+    """<ckpt_dir>/README.md for a checkpoint-<step> folder: Hub metadata (huggingface_hub's ModelCardData), the
+    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py. Returns the path."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    ckpt_dir, cfg = Path(ckpt_dir), run.get("config", {})
+    base = str(cfg.get("pretrained_model", "?"))
+    found = re.match(r"checkpoint-(\d+)", ckpt_dir.name)
+    step = int(found.group(1)) if found else run.get("step", "?")
+    terms = base_license(base)
+    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=CARD_TAGS, library_name="diffusers",
+                         license=terms, pipeline_tag="text-to-image")
+    recipe = dict(cfg, world_size=run.get("world_size", "?"))
+    rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
+    policy = run.get("label_policy", cfg.get("label_policy", "?"))
+    body = f"""
+# Diffusion-KTO: {ckpt_dir.parent.name}, step {step}
+
+The UNet of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
+labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
+
+License: {terms}. The base model's license applies to these weights as to the base model itself.
+
+## Recipe
+
+| setting | value |
+|---|---|
+{rows}
+
+## Data
+
+`{cfg.get("dataset", "?")}`: {run.get("num_desirable", "?")} desirable and {run.get("num_undesirable", "?")} \
+undesirable images (label policy `{policy}`).
+
+## Use
+
+This folder holds the fine-tuned UNet (`unet/`); the other parts come from the base model:
+
+```python
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")
+pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)
+image = pipe("a photo of an astronaut riding a horse").images[0]
+```
+
+`python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder:
+`StableDiffusionPipeline.from_pretrained("OUT")`.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    with atomic_path(ckpt_dir / "README.md") as tmp:
+        card.save(tmp)
+    return ckpt_dir / "README.md"
+
+
+def append_to_model_card(ckpt_dir: Path, section: str) -> None:
+    """Add a markdown `section` to <ckpt_dir>/README.md; a section with the same first (heading) line is replaced,
+    up to the next heading of the same or a higher level."""
+    from huggingface_hub import ModelCard
+
+    file = Path(ckpt_dir) / "README.md"
+    if not file.is_file():
+        raise DataError(f"{file}: no model card to add to (train_kto.py writes one with each checkpoint).")
+    card = ModelCard.load(file)
+    heading, section = section.strip().splitlines()[0].strip(), section.strip()
+    level = len(heading) - len(heading.lstrip("#"))
+    out, replaced, skipping, fenced = [], False, False, False
+    for line in card.text.strip().splitlines():
+        fenced ^= line.startswith("```")
+        depth = len(line) - len(line.lstrip("#"))
+        if line.strip() == heading and not replaced:
+            out, replaced, skipping = out + [section, ""], True, True
+        elif skipping and not fenced and 0 < depth <= level and line[depth:depth + 1] == " ":
+            skipping = False
+        if not skipping:
+            out.append(line)
+    text = "\n".join(out).strip() + ("\n" if replaced else "\n\n" + section + "\n")
+    with atomic_path(file) as tmp:
+        ModelCard(f"---\n{card.data.to_yaml()}\n---\n\n{text}").save(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training run's record: run.json, metrics.jsonl, validation grids, model cards; --profile's timings
+
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
+
+
+def attention_flops_cpu():
+    """FLOP formulas for the CPU's fused attention kernels, which torch's counter does not know (it knows the GPU's):
+    those of the GPU's flash attention, which does the same matrix products."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
+
+
+class Phases:
+    """--profile: `with phases("name"):` adds the block's seconds to time_<name> (CUDA-synchronised, since GPU work
+    is asynchronous); a no-op otherwise. The first step runs under torch's FLOP counter (matrix products,
+    convolutions and attention, forward and backward; the shapes are the same at every step). report() returns
+    the step's times, FLOPs, TFLOP/s, utilisation of the GPU's peak (and peak GPU memory), then resets."""
+
+    def __init__(self, enabled: bool, device: torch.device, peak_tflops: float = 0.0):
+        self.enabled, self.cuda, self.times, self.flops = enabled, device.type == "cuda", {}, None
+        if self.cuda and not peak_tflops:
+            name = torch.cuda.get_device_name(device)
+            peak_tflops = next((tflops for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
+        self.peak_tflops = peak_tflops
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.enabled and self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.enabled:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times[f"time_{name}"] = self.times.get(f"time_{name}", 0.0) + time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def count_flops(self):
+        if not self.enabled or self.flops is not None:
+            yield
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False, custom_mapping=attention_flops_cpu()) as counter:
+            yield
+        self.flops = counter.get_total_flops()
+
+    def report(self, seconds: float) -> dict:
+        row, self.times = self.times, {}
+        if self.enabled and self.flops:
+            row.update(flops_per_step=self.flops, tflops_per_sec=self.flops / seconds / 1e12)
+            if self.peak_tflops:
+                row["utilization"] = row["tflops_per_sec"] / self.peak_tflops
+        if self.enabled and self.cuda:
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
+
+
+def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict):
+    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks)."""
+    file = out_dir / "run.json"
+    launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
+    versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
+    launches.append(dict(argv=sys.argv, start_step=start_step, world_size=world_size, device=str(device),
+                         time=time.strftime("%Y-%m-%d %H:%M:%S"), versions=dict(python=platform.python_version(),
+                                                                                **versions)))
+    run = dict(config=dataclasses.asdict(cfg), world_size=world_size, device=str(device), **data, launches=launches)
+    with atomic_path(file) as tmp:
+        tmp.write_text(json.dumps(run, indent=2))
+
+
+def open_metrics(out_dir: Path, start_step: int):
+    """metrics.jsonl for appending; on resume the lines after the checkpoint's step are dropped first."""
+    file = out_dir / "metrics.jsonl"
+    old = file.read_text().splitlines() if start_step and file.exists() else []
+    with atomic_path(file) as tmp:
+        tmp.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start_step))
+    return open(file, "a")
+
+
+class Reports:
+    """Rank 0's record of a run as it goes: run.json (written at the start), metrics.jsonl, the progress line, the
+    tracker (--report_to), validation grids of the same prompts and seeds (--validation_steps), curves.png and a
+    model card per checkpoint. A no-op on other ranks."""
+
+    def __init__(self, cfg, start_step: int, path: str, device, autocast, world_size: int, counts: dict,
+                 resume_from, enabled: bool):
+        self.cfg, self.path, self.device, self.autocast = cfg, path, device, autocast
+        self.enabled, self.out, self.pipe = enabled, Path(cfg.output_dir), None
+        if not enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_run_record(cfg, self.out, start_step, world_size, device, counts)
+        per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        print(f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
+              f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
+              f"batch {world_size * per_rank}; device {device}"
+              + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""))
+        self.metrics = open_metrics(self.out, start_step)
+        self.tracker = Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
+        self.bar = Progress(cfg.max_train_steps, cfg.objective, initial=start_step)
+        text = cfg.validation_prompts
+        self.prompts = (Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|"))
+        self.prompts = [p.strip() for p in self.prompts if p.strip()]
+
+    def log(self, row: dict):
+        if self.enabled:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+            self.tracker.log(row, row["step"])
+            self.bar.update(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")
+
+    def validate(self, policy, step: int, inputs):
+        """The validation prompts, one image each, seeded by (seed, prompt index) on the CPU: the training streams
+        are untouched. The policy runs in eval mode (and goes back to train mode). The VAE and text encoder are
+        those of the training inputs where they are loaded (no --cache_latents)."""
+        if not (self.enabled and self.cfg.validation_steps and step % self.cfg.validation_steps == 0):
+            return
+        from diffusers import StableDiffusionPipeline
+        if self.pipe is None:
+            shared = {k: getattr(inputs, k) for k in ("vae", "text_encoder", "tokenizer") if hasattr(inputs, k)}
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                self.path, unet=policy, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                dtype=inputs.dtype, **shared).to(self.device)
+            self.pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(derive_seed(self.cfg.seed, i)) for i in range(len(self.prompts))]
+        policy.eval()
+        with torch.no_grad(), self.autocast:
+            images = self.pipe(self.prompts, num_inference_steps=25, guidance_scale=self.cfg.validation_guidance,
+                               generator=gens).images
+        policy.train()
+        (self.out / "validation").mkdir(exist_ok=True)
+        grid = save_image_grid(images, self.prompts, f"validation, step {step}",
+                                     self.out / "validation" / f"step-{step:06d}.png")
+        self.tracker.log_image("validation", grid, step)
+
+    def checkpoint(self, step: int):
+        if self.enabled:
+            write_model_card(self.out / f"checkpoint-{step}", json.loads((self.out / "run.json").read_text()))
+            plot_curves(self.out)
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.metrics.close()
+            self.tracker.close()
+            print(f"done: {self.out / f'checkpoint-{self.cfg.max_train_steps}'}; curves: {self.out / 'curves.png'}")
