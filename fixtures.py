@@ -4,7 +4,7 @@ Nothing here is part of the method or is needed to train on real data. It stands
 - coloured shapes with captions that name them (drawn here; tiny_world.py builds its world from them);
 - a random-weight, Stable-Diffusion-shaped tiny pipeline and a small labelled CSV dataset (the fast tests);
 - an offline CLIP tokenizer; synthetic Pick-a-Pic v2 shards; SD v1-5's architecture with random weights
-  (`--pretrained_model sd15-random`, benchmarks only).
+  (`python fixtures.py sd15-random FOLDER`, for benchmarks only).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from utils import build_once, cache_dir
+from utils import atomic_path, build_once, cache_dir
 
 def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 1500, seed: int = 0,
                              tie_fraction: float = 0.1, images_per_prompt: int = 4) -> list[Path]:
@@ -281,10 +280,28 @@ def build_sd15_random(path: Path, seed: int = 0) -> None:
 
 
 def sd15_random_path() -> Path:
-    """--pretrained_model sd15-random: built once into the cache (about 4.3 GB). MEANINGLESS weights."""
-    warnings.warn("--pretrained_model sd15-random: Stable Diffusion v1-5's architecture with RANDOM weights; "
-                  "the trained model is meaningless (benchmarks and memory checks only)", UserWarning)
+    """SD v1-5's architecture with RANDOM weights, built once into the cache (about 4.3 GB): benchmarks only."""
     return build_once(cache_dir() / "sd15-random-v1", build_sd15_random)
+
+
+def main(argv=None):
+    """python fixtures.py sd15-random FOLDER: the folder to pass as --pretrained_model in benchmarks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build Stable Diffusion v1-5's architecture (configs/sd15) with "
+                                     "RANDOM weights into a folder, for speed and memory benchmarks: "
+                                     "python train_kto.py --pretrained_model FOLDER ...")
+    parser.add_argument("what", choices=["sd15-random"], help="the model to build")
+    parser.add_argument("folder", type=Path, help="where to write it (diffusers layout, about 4.3 GB)")
+    args = parser.parse_args(argv)
+    if args.folder.exists():
+        parser.error(f"{args.folder} exists; choose a new folder")
+    args.folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.folder) as tmp:
+        tmp.mkdir()
+        build_sd15_random(tmp)
+    print(f"wrote {args.folder}: SD v1-5's architecture with RANDOM weights; a model trained from it is "
+          "meaningless (benchmarks and memory checks only)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,3 +419,7 @@ def tiny_scorer_paths() -> dict:
 
     root = build_once(cache_dir() / f"tiny-scorers-{TINY_SCORERS_VERSION}", build_tiny_scorers)
     return {m: root / m for m in METRICS}
+
+
+if __name__ == "__main__":
+    main()

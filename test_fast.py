@@ -216,18 +216,15 @@ def test_sd15_configs_are_stable_diffusion_v1_5():
     assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
 
 
-def test_sd15_random_is_built_once_and_warned_about(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
-    built = []
-
-    def small_stand_in(path):  # the real build writes 4 GB; the flag's plumbing is what is tested here
-        built.append(path)
+def test_sd15_random_is_a_folder_built_by_a_command(tmp_path, monkeypatch, capsys):
+    def small_stand_in(path):  # the real build writes 4 GB; the command's plumbing is what is tested here
         shutil.copytree(fixtures.tiny_model_path(), path, dirs_exist_ok=True)
     monkeypatch.setattr(fixtures, "build_sd15_random", small_stand_in)
-    for out in ("a", "b"):
-        with pytest.warns(UserWarning, match="RANDOM weights"):
-            run(tmp_path / out, "--pretrained_model", "sd15-random", "--max_train_steps", "1")
-    assert len(built) == 1 and (tmp_path / "cache" / "sd15-random-v1" / "unet").is_dir()
+    fixtures.main(["sd15-random", str(tmp_path / "sd15-random")])
+    assert "RANDOM weights" in capsys.readouterr().out
+    run(tmp_path / "out", "--pretrained_model", str(tmp_path / "sd15-random"), "--max_train_steps", "1")
+    with pytest.raises(SystemExit):  # never over an existing folder
+        fixtures.main(["sd15-random", str(tmp_path / "sd15-random")])
 
 
 @pytest.mark.slow
