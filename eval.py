@@ -13,16 +13,18 @@ Launch:
 Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
 results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png and images/index.csv. A rerun with the
 same --out skips finished images. A checkpoint-<step> folder's model card (README.md) gets the results table.
+
+This file is the protocol: the flags, evaluate() (check, generate, score, compare, report), the win rate, the
+scoring interface (SCORERS), generation with shared noise, the prompt sets, the report and --export. The five
+scorers' weights, models and upstream preprocessing are in scorers.py; the tiny world's utility in tiny_world.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import html
 import json
 import platform
-import re
 import shutil
 import sys
 import warnings
@@ -30,28 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import ftfy
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 
 import reports
+import scorers
+import tiny_world
 import utils
 from reports import wrap
+from scorers import DEFAULT_PATHS, METRICS
 from utils import DataError, arg
 
 # ----------------------------------------------------------------------------------------------------
 # Config
-
-METRICS = ("aesthetic", "pickscore", "imagereward", "clip", "hps")  # the paper's column order
-AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                 "sac+logos+ava1-l14-linearMSE.pth")
-DEFAULT_PATHS = dict(aesthetic=AESTHETIC_URL, pickscore="yuvalkirstain/PickScore_v1", imagereward="THUDM/ImageReward",
-                     clip="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", hps="xswu/HPSv2")
-
 
 @dataclass
 class Config:
@@ -96,7 +92,8 @@ TINY_NOTE = ("--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with 
 
 
 def tiny_paths(given: dict) -> dict:
-    """--tiny: the five paper metrics' weights are the tiny random-weight scorers (fixtures.py, built once)."""
+    """--tiny: the five paper metrics' weights are the tiny random-weight scorers (fixtures.py, built once). The one
+    place eval.py imports the test fixtures, and only under --tiny."""
     import fixtures
 
     return {f"{m}_path": str(p) for m, p in fixtures.tiny_scorer_paths().items()}
@@ -116,117 +113,190 @@ def random_scorers(cfg: Config) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Prompts and seeds
+# The evaluation: check everything, generate, score, compare per prompt, report
 
-NAMED_PROMPTS = ("pickapic_test", "hps", "parti")
-PROMPT_COLUMNS = ("prompt", "Prompt", "caption")
-PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
-HPS_FILES = ("anime.json", "concept-art.json", "paintings.json", "photo.json")  # 800 prompts each
+def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
+    """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
+    cfg, metrics, models, prompts, ids = check_inputs(cfg)
+    items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
+    out = Path(cfg.out)
+    generation = dict(ckpt=models["checkpoint"], baseline=models["baseline"], prompts=cfg.prompts, steps=cfg.steps,
+                      guidance=cfg.guidance, seed=cfg.seed)
+    settings_file = out / "images" / "generation.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
+        raise DataError(f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
+                        f"or delete {out / 'images'} to regenerate.")
+    if rank == 0:
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(generation, indent=2))
 
+    # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------------
+    folders = {tag: out / "images" / tag for tag in models}
+    for tag, model in models.items():
+        generate(cfg, model, items[rank::world_size], folders[tag], tag, rank, device)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=utils.derive_seed(cfg.seed, p, k),
+                           path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
+                     ).to_csv(out / "images" / "index.csv", index=False)
 
-def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        return [line.strip() for line in lines if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    elif suffix == ".jsonl":
-        table = pd.read_json(path, lines=True, dtype=False)
-    elif suffix == ".parquet":
-        table = pd.read_parquet(path)
-    else:
-        raise DataError(f"--prompts {path}: unsupported file type '{suffix}'. Use .txt (one prompt per line) or a "
-                        f".csv/.tsv/.jsonl/.parquet table with a column named {', '.join(PROMPT_COLUMNS)}.")
-    column = next((c for c in PROMPT_COLUMNS if c in table.columns), None)
-    if column is None:
-        raise DataError(f"--prompts {path}: no column named {', '.join(PROMPT_COLUMNS)}. Found columns: "
-                        f"{', '.join(map(str, table.columns))}.")
-    texts = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip() for v in table[column]]
-    return [t for t in texts if t]
+    # -- score every image, then compare the models prompt by prompt (rank 0) -----------------------------------
+    paths = {(tag, p, k): folders[tag] / image_name(p, k) for tag in folders for p, k, _ in items}
+    scores = score_images(cfg, metrics, paths, prompts, rank, world_size, device)
+    if rank != 0:
+        return None
+    # [n_prompts, images_per_prompt] per model
+    tables = {m: {tag: np.array([[scores[m][(tag, p, k)] for k in range(cfg.images_per_prompt)] for p in ids])
+                  for tag in folders} for m in metrics}
+    results = {m: win_rate(tables[m]["checkpoint"], tables[m]["baseline"], cfg.compare) for m in metrics}
 
-
-def download_named_prompts(name: str) -> list[str]:
-    """The paper's prompt sets; they need the network once (then the usual hub / datasets caches)."""
-    how = "No network? Fetch the set once elsewhere and pass it as a local file: --prompts prompts.txt"
-    try:
-        if name == "pickapic_test":
-            import datasets
-            ds = datasets.load_dataset("yuvalkirstain/pickapic_v2", split="test_unique",
-                                       data_files={"test_unique": "data/test_unique-*"})
-            return list(dict.fromkeys(str(c).strip() for c in ds["caption"]))  # unique, in order
-        if name == "parti":
-            dest = utils.cache_dir() / "prompts" / "PartiPrompts.tsv"
-            if not dest.exists():
-                download(PARTI_URL, dest)
-            return read_prompt_file(dest)
-        from huggingface_hub import hf_hub_download
-        prompts = []
-        for f in HPS_FILES:  # HPS v2 benchmark: the same files the hpsv2 package downloads
-            path = hf_hub_download("zhwang/HPDv2", f"benchmark/{f}", repo_type="dataset")
-            prompts += json.loads(Path(path).read_text())
-        return prompts
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). "
-                        f"{how}") from e
+    # -- report ----------------------------------------------------------------------------------------------
+    versions = {mod: __import__(mod).__version__ for mod in ("torch", "diffusers", "transformers", "numpy")}
+    report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=models["checkpoint"],
+                  baseline_model=models["baseline"], n_images_per_model=len(items), world_size=world_size,
+                  device=str(device), versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
+    if random_scorers(cfg):
+        report["note"] = TINY_NOTE
+    written = write_reports(cfg, report, tables, prompts, ids, paths, out)
+    # a checkpoint-<step> folder of train_kto.py: its model card gets the table
+    if models["checkpoint"]["unet"]:
+        written.append(add_to_model_card(cfg, out / "results.md", results))
+    print((out / "results.md").read_text())
+    if random_scorers(cfg):
+        print(TINY_NOTE)
+    print("Wrote:\n" + "\n".join(f"  {p}" for p in [*written, out / "images" / "index.csv"]))
+    return report
 
 
-def load_prompts(spec: str) -> list[str]:
-    if spec == "tiny":
-        import tiny_world
-        return tiny_world.eval_prompts()
-    if spec in NAMED_PROMPTS:
-        prompts = download_named_prompts(spec)
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"--prompts {spec}: not a named set ({', '.join(NAMED_PROMPTS)}) and no such file. "
-                            f"Pass a named set or a .txt/.csv/.tsv/.jsonl/.parquet file.")
-        prompts = read_prompt_file(path)
-    if not prompts:
-        raise DataError(f"--prompts {spec}: no (non-empty) prompts found.")
-    return prompts
+def check_inputs(cfg: Config):
+    """Everything bad input can break, checked before any image is generated: the flags, both models, the prompts
+    and every scorer's files (resolved to local copies, or fetched now: a failure costs no generation time).
+    Returns (cfg with --baseline filled in, metrics, {'checkpoint': model, 'baseline': model}, prompts, prompt ids)."""
+    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in SCORERS]
+    if unknown or not metrics:
+        raise DataError(f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(SCORERS)}.")
+    for name in ("images_per_prompt", "steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
+    ckpt = describe_model(cfg.ckpt, "--ckpt")
+    if not cfg.baseline:
+        if ckpt["unet"] is None:
+            raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
+        cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
+    models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
+    prompts = load_prompts(cfg.prompts)
+    # prompt ids are indices in the full set: seeds follow them
+    ids = subset_indices(len(prompts), cfg.num_prompts)
+    if "utility" in metrics:
+        import fixtures
 
-
-def subset_indices(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n) (all of them when k is 0 or >= n): deterministic, covers every style."""
-    if k <= 0 or k >= n:
-        return list(range(n))
-    return [(i * n) // k for i in range(k)]
-
-
-def download(url: str, dest: Path) -> Path:
-    import urllib.request
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=60) as r, utils.atomic_path(dest) as tmp:
-        tmp.write_bytes(r.read())
-    return dest
+        captions = fixtures.tiny_prompts()
+        others = [prompts[p] for p in ids if prompts[p] not in set(captions)]
+        if others:
+            raise DataError(f"--metrics utility: the tiny world's utility is defined only for its own captions (such "
+                            f"as '{captions[0]}'), but --prompts {cfg.prompts} has {len(others)} "
+                            f"other prompt(s), e.g. {others[0]!r}. Use --prompts tiny (the --tiny default) or a file "
+                            f"of world captions, or score these prompts with other --metrics.")
+    for m in metrics:
+        SCORERS[m].locate(cfg)
+    return cfg, metrics, models, prompts, ids
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models and weights: local paths, URLs and hub repos, each resolved before any image is generated
+# Win rates: a pure function of two score arrays (tests import it)
 
-def resolve_file(spec: str, filename: str, what: str) -> Path:
-    """A weights file given as the file, a folder holding it, a URL (downloaded once into the cache) or a hub repo."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / filename).is_file():
-            return path / filename
-        raise DataError(f"{what}: the folder has no {filename}.")
-    if spec.startswith(("http://", "https://")):
-        dest = utils.cache_dir() / "scorers" / filename
-        try:
-            return dest if dest.exists() else download(spec, dest)
-        except Exception as e:
-            raise DataError(f"{what}: could not download {filename} ({type(e).__name__}). Offline? Download it once "
-                            f"and pass the file (or its folder).") from e
-    return utils.from_hub(spec, filename, what)
+def lower_median(x: np.ndarray) -> np.ndarray:
+    """Median over the last axis that is always one of the values (the lower middle one for even counts)."""
+    return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
+
+
+def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000,
+             seed: int = 0) -> dict:
+    """Win rate of the checkpoint over the baseline. ckpt, baseline: scores [n_prompts, images_per_prompt].
+
+    Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
+    the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
+    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
+    ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
+        raise ValueError(f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, "
+                         f"{baseline.shape}")
+    if not (np.isfinite(ckpt).all() and np.isfinite(baseline).all()):
+        raise ValueError("scores contain NaN or inf")
+    if compare == "median":
+        a, b = lower_median(ckpt), lower_median(baseline)
+        outcome = (a > b) + 0.5 * (a == b)
+    elif compare == "all":
+        a, b = ckpt[:, :, None], baseline[:, None, :]
+        outcome = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
+    else:
+        raise ValueError(f"compare must be 'median' or 'all'; got {compare!r}")
+    rng, n = np.random.default_rng(seed), len(outcome)
+    boot = np.concatenate([outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1)
+                           for i in range(0, n_boot, 1000)])
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return dict(win_rate=float(outcome.mean()), ci95=[float(lo), float(hi)], mean_ckpt=float(ckpt.mean()),
+                mean_baseline=float(baseline.mean()), n_prompts=int(n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring: a metric is a Scorer; the five paper metrics' files, preprocessing and models are in scorers.py
+
+class Scorer(NamedTuple):
+    """A metric, as SCORERS names it: how to find its files and load it."""
+
+    # in tables and charts
+    title: str
+    # locate(cfg) -> every file the scorer reads, resolved (downloaded now if need be) or DataError
+    locate: Callable
+    # load(cfg, device) -> score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N]
+    load: Callable
+
+
+def load_utility(cfg: Config, device):
+    """The tiny world's hidden utility, read off the pixels (tiny_world.world_utility); needs no weights."""
+    return lambda images, prompts: torch.tensor([tiny_world.world_utility(im, p) for im, p in zip(images, prompts)])
+
+
+SCORERS = dict(aesthetic=Scorer("Aesthetic", scorers.locate_aesthetic, scorers.load_aesthetic),
+               pickscore=Scorer("PickScore", scorers.locate_pickscore, scorers.load_pickscore),
+               imagereward=Scorer("ImageReward", scorers.locate_imagereward, scorers.load_imagereward),
+               clip=Scorer("CLIP", scorers.locate_clip_score, scorers.load_clip_score),
+               hps=Scorer("HPS v2", scorers.locate_hps, scorers.load_hps),
+               utility=Scorer("Utility (tiny world)", lambda cfg: {}, load_utility))
+
+
+def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device) -> dict:
+    """{metric: {key: score}} for every image file in paths = {key: path}, key = (model, prompt id, k).
+
+    Identical images (same file bytes) with the same prompt are scored once, so identical models tie exactly.
+    The ranks split the unique images and then share their scores."""
+    digest = {key: hashlib.sha1(path.read_bytes()).hexdigest() for key, path in paths.items()}
+    first = {}
+    for key, path in paths.items():
+        # (image hash, prompt id) -> one of its files
+        first.setdefault((digest[key], key[1]), path)
+    mine = sorted(first)[rank::world_size]
+    unique = {m: {} for m in metrics}
+    for m in metrics:
+        score, bar = SCORERS[m].load(cfg, device), reports.Progress(len(mine), f"{m} rank {rank}", unit="images")
+        for i in range(0, len(mine), cfg.batch_size):
+            batch = mine[i:i + cfg.batch_size]
+            images = [Image.open(first[u]).convert("RGB") for u in batch]
+            with torch.no_grad():
+                values = score(images, [prompts[p] for _, p in batch]).float().cpu().tolist()
+            unique[m].update(zip(batch, values))
+            bar.update(len(batch))
+        bar.close()
+        del score
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, unique)
+        unique = {m: {u: v for part in gathered for u, v in part[m].items()} for m in metrics}
+    return {m: {key: unique[m][(digest[key], key[1])] for key in paths} for m in metrics}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,8 +345,10 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     pipe = load_pipeline(model, device)
     folder.mkdir(parents=True, exist_ok=True)
     c = pipe.unet.config.in_channels
-    h = w = pipe.unet.config.sample_size  # latent side; image side = this x the VAE's scale factor
-    bar = reports.Progress(len(todo), f"{desc} rank {rank}", unit="images")  # plain lines in a log file
+    # latent side; image side = this x the VAE's scale factor
+    h = w = pipe.unet.config.sample_size
+    # plain lines in a log file
+    bar = reports.Progress(len(todo), f"{desc} rank {rank}", unit="images")
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i:i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
@@ -286,7 +358,8 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
             images = pipe([t for _, _, t in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                           latents=latents.to(pipe.device, pipe.unet.dtype), generator=gens).images
         for (p, k, _), image in zip(batch, images):
-            with utils.atomic_path(folder / image_name(p, k)) as tmp:  # a killed run never leaves half an image
+            # a killed run never leaves half an image
+            with utils.atomic_path(folder / image_name(p, k)) as tmp:
                 image.save(tmp, format="PNG")
         bar.update(len(batch))
     bar.close()
@@ -300,513 +373,86 @@ def image_name(p: int, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scoring interface. SCORERS (below the evaluation) maps a metric name to a Scorer.
+# Prompts and seeds
 
-class Scorer(NamedTuple):
-    title: str  # in tables and charts
-    locate: Callable  # locate(cfg) -> every file the scorer reads, resolved (downloaded now if need be) or DataError
-    load: Callable  # load(cfg, device) -> score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N]
-
-
-def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device) -> dict:
-    """{metric: {key: score}} for every image file in paths = {key: path}, key = (model, prompt id, k).
-
-    Identical images (same file bytes) with the same prompt are scored once, so identical models tie exactly.
-    The ranks split the unique images and then share their scores."""
-    digest = {key: hashlib.sha1(path.read_bytes()).hexdigest() for key, path in paths.items()}
-    first = {}
-    for key, path in paths.items():
-        first.setdefault((digest[key], key[1]), path)  # (image hash, prompt id) -> one of its files
-    mine = sorted(first)[rank::world_size]
-    unique = {m: {} for m in metrics}
-    for m in metrics:
-        score, bar = SCORERS[m].load(cfg, device), reports.Progress(len(mine), f"{m} rank {rank}", unit="images")
-        for i in range(0, len(mine), cfg.batch_size):
-            batch = mine[i:i + cfg.batch_size]
-            images = [Image.open(first[u]).convert("RGB") for u in batch]
-            with torch.no_grad():
-                values = score(images, [prompts[p] for _, p in batch]).float().cpu().tolist()
-            unique[m].update(zip(batch, values))
-            bar.update(len(batch))
-        bar.close()
-        del score
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, unique)
-        unique = {m: {u: v for part in gathered for u, v in part[m].items()} for m in metrics}
-    return {m: {key: unique[m][(digest[key], key[1])] for key in paths} for m in metrics}
+NAMED_PROMPTS = ("pickapic_test", "hps", "parti")
+PROMPT_COLUMNS = ("prompt", "Prompt", "caption")
+PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
+HPS_FILES = ("anime.json", "concept-art.json", "paintings.json", "photo.json")  # 800 prompts each
 
 
-# ----------------------------------------------------------------------------------------------------
-# Win rates: a pure function of two score arrays (tests import it)
-
-def lower_median(x: np.ndarray) -> np.ndarray:
-    """Median over the last axis that is always one of the values (the lower middle one for even counts)."""
-    return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
-
-
-def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000,
-             seed: int = 0) -> dict:
-    """Win rate of the checkpoint over the baseline. ckpt, baseline: scores [n_prompts, images_per_prompt].
-
-    Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
-    the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
-    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
-    ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
-        raise ValueError(f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, "
-                         f"{baseline.shape}")
-    if not (np.isfinite(ckpt).all() and np.isfinite(baseline).all()):
-        raise ValueError("scores contain NaN or inf")
-    if compare == "median":
-        a, b = lower_median(ckpt), lower_median(baseline)
-        outcome = (a > b) + 0.5 * (a == b)
-    elif compare == "all":
-        a, b = ckpt[:, :, None], baseline[:, None, :]
-        outcome = ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2))
+def read_prompt_file(path: Path) -> list[str]:
+    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    if suffix in (".csv", ".tsv"):
+        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    elif suffix == ".jsonl":
+        table = pd.read_json(path, lines=True, dtype=False)
+    elif suffix == ".parquet":
+        table = pd.read_parquet(path)
     else:
-        raise ValueError(f"compare must be 'median' or 'all'; got {compare!r}")
-    rng, n = np.random.default_rng(seed), len(outcome)
-    boot = np.concatenate([outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1)
-                           for i in range(0, n_boot, 1000)])
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return dict(win_rate=float(outcome.mean()), ci95=[float(lo), float(hi)], mean_ckpt=float(ckpt.mean()),
-                mean_baseline=float(baseline.mean()), n_prompts=int(n))
-
-# ----------------------------------------------------------------------------------------------------
-# The evaluation: check everything, generate, score, compare per prompt, report
-
-def check_inputs(cfg: Config):
-    """Everything bad input can break, checked before any image is generated: the flags, both models, the prompts
-    and every scorer's files (resolved to local copies, or fetched now: a failure costs no generation time).
-    Returns (cfg with --baseline filled in, metrics, {'checkpoint': model, 'baseline': model}, prompts, prompt ids)."""
-    metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in SCORERS]
-    if unknown or not metrics:
-        raise DataError(f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                        f"{', '.join(SCORERS)}.")
-    for name in ("images_per_prompt", "steps", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
-    ckpt = describe_model(cfg.ckpt, "--ckpt")
-    if not cfg.baseline:
-        if ckpt["unet"] is None:
-            raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
-        cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
-    models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
-    prompts = load_prompts(cfg.prompts)
-    ids = subset_indices(len(prompts), cfg.num_prompts)  # prompt ids are indices in the full set: seeds follow them
-    if "utility" in metrics:
-        import fixtures
-
-        captions = set(fixtures.tiny_prompts())
-        others = [prompts[p] for p in ids if prompts[p] not in captions]
-        if others:
-            raise DataError(f"--metrics utility: the tiny world's utility is defined only for its own captions (such "
-                            f"as '{fixtures.tiny_prompts()[0]}'), but --prompts {cfg.prompts} has {len(others)} "
-                            f"other prompt(s), e.g. {others[0]!r}. Use --prompts tiny (the --tiny default) or a file "
-                            f"of world captions, or score these prompts with other --metrics.")
-    for m in metrics:
-        SCORERS[m].locate(cfg)
-    return cfg, metrics, models, prompts, ids
+        raise DataError(f"--prompts {path}: unsupported file type '{suffix}'. Use .txt (one prompt per line) or a "
+                        f".csv/.tsv/.jsonl/.parquet table with a column named {', '.join(PROMPT_COLUMNS)}.")
+    column = next((c for c in PROMPT_COLUMNS if c in table.columns), None)
+    if column is None:
+        raise DataError(f"--prompts {path}: no column named {', '.join(PROMPT_COLUMNS)}. Found columns: "
+                        f"{', '.join(map(str, table.columns))}.")
+    texts = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip() for v in table[column]]
+    return [t for t in texts if t]
 
 
-def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
-    """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
-    cfg, metrics, models, prompts, ids = check_inputs(cfg)
-    items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
-    out = Path(cfg.out)
-    generation = dict(ckpt=models["checkpoint"], baseline=models["baseline"], prompts=cfg.prompts, steps=cfg.steps,
-                      guidance=cfg.guidance, seed=cfg.seed)
-    settings_file = out / "images" / "generation.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
-        raise DataError(f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
-                        f"or delete {out / 'images'} to regenerate.")
-    if rank == 0:
-        settings_file.parent.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(generation, indent=2))
-
-    # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------------
-    folders = {tag: out / "images" / tag for tag in models}
-    for tag, model in models.items():
-        generate(cfg, model, items[rank::world_size], folders[tag], tag, rank, device)
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=utils.derive_seed(cfg.seed, p, k),
-                           path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
-                     ).to_csv(out / "images" / "index.csv", index=False)
-
-    # -- score every image, then compare the models prompt by prompt (rank 0) -----------------------------------
-    paths = {(tag, p, k): folders[tag] / image_name(p, k) for tag in folders for p, k, _ in items}
-    scores = score_images(cfg, metrics, paths, prompts, rank, world_size, device)
-    if rank != 0:
-        return None
-    tables = {m: {tag: np.array([[scores[m][(tag, p, k)] for k in range(cfg.images_per_prompt)] for p in ids])
-                  for tag in folders} for m in metrics}  # [n_prompts, images_per_prompt] per model
-    results = {m: win_rate(tables[m]["checkpoint"], tables[m]["baseline"], cfg.compare) for m in metrics}
-
-    # -- report ----------------------------------------------------------------------------------------------
-    versions = {mod: __import__(mod).__version__ for mod in ("torch", "diffusers", "transformers", "numpy")}
-    report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=models["checkpoint"],
-                  baseline_model=models["baseline"], n_images_per_model=len(items), world_size=world_size,
-                  device=str(device), versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
-    if random_scorers(cfg):
-        report["note"] = TINY_NOTE
-    written = write_reports(cfg, report, tables, prompts, ids, paths, out)
-    if models["checkpoint"]["unet"]:  # a checkpoint-<step> folder of train_kto.py: its model card gets the table
-        written.append(add_to_model_card(cfg, out / "results.md", results))
-    print((out / "results.md").read_text())
-    if random_scorers(cfg):
-        print(TINY_NOTE)
-    print("Wrote:\n" + "\n".join(f"  {p}" for p in [*written, out / "images" / "index.csv"]))
-    return report
-
-
-# ----------------------------------------------------------------------------------------------------
-# Scorers: loaders and key maps. Each loader returns score(images, prompts) -> FloatTensor [N].
-# Add one: write a loader, add it to SCORERS (and a default path to DEFAULT_PATHS).
-
-# -- images and prompts, prepared as each scorer's authors prepare them (docs/evaluation.md lists the sources) --
-
-OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])  # every scorer here normalises with these
-OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """torchvision's ToTensor: uint8 RGB [H, W, 3] -> float32 [3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def normalize(pixels: list) -> torch.Tensor:
-    return (torch.stack(pixels) - OPENAI_MEAN[:, None, None]) / OPENAI_STD[:, None, None]
-
-
-def preprocess_hps(images, size: int) -> torch.Tensor:
-    """HPS v2 (hpsv2 package: preprocess_val = ToTensor, ResizeMaxSize(size, fill=0), Normalize) and the CLIP score
-    of Diffusion-DPO (utils/clip_utils.py builds the same transform from the same open_clip copy).
-
-    The image becomes a float tensor in [0, 1] FIRST, and the float tensor is resized so that its long side is
-    `size` (new side = round(side * size / long side)), bicubic with antialiasing as torchvision resizes tensors
-    (torchvision >= 0.17; F.interpolate reproduces it): no rounding to uint8, no clamping, so overshoot at edges
-    stays. Then zeros pad it to a square (left/top get the smaller half) and it is normalised. Upstream skips the
-    resize and the padding when the long side is already `size`; a non-square image would then not fit the model,
-    so here it is padded anyway."""
-    out = []
-    for image in images:
-        x = to_tensor(image)
-        h, w = x.shape[1:]
-        s = size / max(h, w)
-        new_h, new_w = round(h * s), round(w * s)
-        if (new_h, new_w) != (h, w):
-            x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
-        pad_h, pad_w = size - new_h, size - new_w
-        out.append(F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
-    return normalize(out)
-
-
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """torchvision's Resize(size) on a PIL image, and transformers' resize to {"shortest_edge": size}: the short
-    side becomes `size`, the long side int(size * long / short) (truncated); PIL bicubic."""
-    w, h = image.size
-    new_long = int(size * max(w, h) / min(w, h))
-    return image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
-
-
-def center_crop(image: Image.Image, size: int, offset) -> Image.Image:
-    """The size x size square at (offset(width - size), offset(height - size))."""
-    left, top = offset(image.width - size), offset(image.height - size)
-    return image.crop((left, top, left + size, top + size))
-
-
-def preprocess_openai_clip(images, size: int) -> torch.Tensor:
-    """Aesthetic (improved-aesthetic-predictor feeds OpenAI CLIP's `preprocess`) and ImageReward (its `_transform`,
-    the same): Resize(size, BICUBIC) on the PIL image (resize_short_side), CenterCrop(size) with torchvision's
-    offset int(round(excess / 2)) (Python round: half to even), RGB, ToTensor, Normalize."""
-    return normalize([to_tensor(center_crop(resize_short_side(image, size), size, lambda d: int(round(d / 2))))
-                      for image in images])
-
-
-def preprocess_pickscore(images, size: int) -> torch.Tensor:
-    """PickScore (transformers' CLIPImageProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, its PIL path): RGB,
-    shortest edge to `size` (resize_short_side), centre crop at offset floor(excess / 2), rescale to [0, 1],
-    Normalize. The crop offset differs from torchvision's by a pixel when the excess is 3 mod 4 (1216 x 832)."""
-    return normalize([to_tensor(center_crop(resize_short_side(image.convert("RGB"), size), size, lambda d: d // 2))
-                      for image in images])
-
-
-def clean_openclip_text(text: str) -> str:
-    """open_clip's tokenizer cleans text before BPE: ftfy.fix_text (curly quotes become straight ones, ...), HTML
-    entities unescaped twice (&amp;amp; -> &), whitespace runs collapsed, stripped, lower-cased. transformers'
-    CLIPTokenizer does only the last three, so HPS v2 and the CLIP score clean prompts here first."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def embedding(output) -> torch.Tensor:
-    """transformers 5 returns an output object from get_*_features (embedding in .pooler_output); 4.x a tensor."""
-    return output if torch.is_tensor(output) else output.pooler_output
-
-
-def beside(weights: Path, default: str, what: str) -> str:
-    """Where the architecture config and tokenizer come from: the weights' folder if it has a config.json
-    (the tiny test scorers, local mirrors), else the canonical hub id."""
-    return str(weights.parent) if (weights.parent / "config.json").exists() else utils.resolve_model(default, what)
-
-
-def from_pretrained(cls, source: str, what: str):
+def download_named_prompts(name: str) -> list[str]:
+    """The paper's prompt sets; they need the network once (then the usual hub / datasets caches)."""
+    how = "No network? Fetch the set once elsewhere and pass it as a local file: --prompts prompts.txt"
     try:
-        return cls.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{what}: could not load a {cls.__name__} from {source} ({e}).") from e
+        if name == "pickapic_test":
+            import datasets
+            ds = datasets.load_dataset("yuvalkirstain/pickapic_v2", split="test_unique",
+                                       data_files={"test_unique": "data/test_unique-*"})
+            return list(dict.fromkeys(str(c).strip() for c in ds["caption"]))  # unique, in order
+        if name == "parti":
+            dest = utils.cache_dir() / "prompts" / "PartiPrompts.tsv"
+            if not dest.exists():
+                scorers.download(PARTI_URL, dest)
+            return read_prompt_file(dest)
+        from huggingface_hub import hf_hub_download
+        prompts = []
+        # HPS v2 benchmark: the same files the hpsv2 package downloads
+        for f in HPS_FILES:
+            path = hf_hub_download("zhwang/HPDv2", f"benchmark/{f}", repo_type="dataset")
+            prompts += json.loads(Path(path).read_text())
+        return prompts
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). "
+                        f"{how}") from e
 
 
-def load_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+def load_prompts(spec: str) -> list[str]:
+    if spec == "tiny":
+        return tiny_world.eval_prompts()
+    if spec in NAMED_PROMPTS:
+        prompts = download_named_prompts(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"--prompts {spec}: not a named set ({', '.join(NAMED_PROMPTS)}) and no such file. "
+                            f"Pass a named set or a .txt/.csv/.tsv/.jsonl/.parquet file.")
+        prompts = read_prompt_file(path)
+    if not prompts:
+        raise DataError(f"--prompts {spec}: no (non-empty) prompts found.")
+    return prompts
 
 
-def locate_clip(spec: str, flag: str) -> dict:
-    """A CLIPModel folder or hub id, and its tokenizer's (PickScore's repo has none: ViT-H-14's, as its authors)."""
-    what = f"{flag} {spec}"
-    model = utils.resolve_model(spec, what)
-    local = (Path(spec) / "tokenizer_config.json").exists()
-    tokenizer = spec if local else utils.resolve_model(DEFAULT_PATHS["clip"], what)
-    return dict(model=model, tokenizer=tokenizer)
-
-
-def load_clip(where: dict, what: str, device):
-    from transformers import CLIPModel, CLIPTokenizer
-
-    model = from_pretrained(CLIPModel, where["model"], what).to(device).eval()
-    return model, from_pretrained(CLIPTokenizer, where["tokenizer"], what)
-
-
-def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts) -> torch.Tensor:
-    """cos(text embedding, image embedding) per (image, prompt) pair, with the CLIP tokenizer's 77-token cut."""
-    device = model.device
-    tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
-                       max_length=model.config.text_config.max_position_embeddings).to(device)
-    img = embedding(model.get_image_features(pixel_values=pixels.to(device))).float()
-    txt = embedding(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
-    return F.cosine_similarity(img, txt, dim=-1)
-
-
-def locate_pickscore(cfg: Config) -> dict:
-    return locate_clip(cfg.pickscore_path, "--pickscore_path")
-
-
-def load_pickscore(cfg: Config, device):
-    model, tokenizer = load_clip(locate_pickscore(cfg), f"--pickscore_path {cfg.pickscore_path}", device)
-    size = model.config.vision_config.image_size
-
-    def score(images, prompts):  # exp(logit_scale) * cos(text, image): the logit of a CLIP tuned on Pick-a-Pic, ~21
-        return model.logit_scale.exp().float() * clip_cosine(model, tokenizer, preprocess_pickscore(images, size),
-                                                             prompts)
-    return score
-
-
-def locate_clip_score(cfg: Config) -> dict:
-    return locate_clip(cfg.clip_path, "--clip_path")
-
-
-def load_clip_score(cfg: Config, device):
-    """Diffusion-DPO's CLIP score: OpenCLIP ViT-H-14's raw cosine, images and text prepared as for HPS v2."""
-    model, tokenizer = load_clip(locate_clip_score(cfg), f"--clip_path {cfg.clip_path}", device)
-    size = model.config.vision_config.image_size
-    return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),
-                                               [clean_openclip_text(p) for p in prompts])
-
-
-def openclip_to_hf(sd: dict) -> dict:
-    """Rename an OpenCLIP (ViT) state dict to transformers' CLIPModel keys. OpenCLIP fuses q, k, v into in_proj and
-    stores projections as [width, embed] (x @ proj); transformers uses separate Linear layers ([embed, width])."""
-    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-             "attn.out_proj": "self_attn.out_proj"}
-    top = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-           "positional_embedding": "text_model.embeddings.position_embedding.weight",
-           "ln_final": "text_model.final_layer_norm", "logit_scale": "logit_scale",
-           "visual.class_embedding": "vision_model.embeddings.class_embedding",
-           "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-           "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-           "visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm"}
-    out = {}
-    for key, v in sd.items():
-        key = key.removeprefix("module.")
-        if key.endswith("attn_mask"):
-            continue
-        if key in ("text_projection", "visual.proj"):
-            out["text_projection.weight" if key == "text_projection" else "visual_projection.weight"] = v.t()
-            continue
-        if ".resblocks." in key:
-            tower, rest = key.split(".resblocks.")
-            i, name = rest.split(".", 1)
-            prefix = f"{'vision_model' if tower.startswith('visual') else 'text_model'}.encoder.layers.{i}."
-            if name.startswith("attn.in_proj_"):
-                kind = "weight" if name.endswith("weight") else "bias"
-                for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{proj}.{kind}"] = part
-                continue
-            stem, kind = name.rsplit(".", 1)
-            out[prefix + block[stem] + "." + kind] = v
-            continue
-        stem, dot, kind = key.rpartition(".")
-        if key in top:
-            out[top[key]] = v
-        elif stem in top:
-            out[top[stem] + "." + kind] = v
-        else:
-            raise KeyError(f"unexpected OpenCLIP key {key}")
-    return out
-
-
-def locate_hps(cfg: Config) -> dict:
-    what = f"--hps_path {cfg.hps_path}"
-    weights = resolve_file(cfg.hps_path, "HPS_v2_compressed.pt", what)
-    return dict(weights=weights, arch=beside(weights, DEFAULT_PATHS["clip"], what))  # a fine-tuned OpenCLIP ViT-H-14
-
-
-def load_hps(cfg: Config, device):
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    where, what = locate_hps(cfg), f"--hps_path {cfg.hps_path}"
-    model = CLIPModel(from_pretrained(CLIPConfig, where["arch"], what))
-    tokenizer = from_pretrained(CLIPTokenizer, where["arch"], what)
-    sd = load_state_dict(where["weights"])
-    model.load_state_dict(openclip_to_hf(sd.get("state_dict", sd)), strict=True)
-    model = model.float().to(device).eval()
-    size = model.config.vision_config.image_size
-    return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),  # HPS: raw cosine
-                                               [clean_openclip_text(p) for p in prompts])
-
-
-def mlp_head(in_dim: int) -> torch.nn.Module:
-    """The linear MLP of improved-aesthetic-predictor and ImageReward (no activations; dropout is a no-op in eval)."""
-    head = torch.nn.Module()
-    head.layers = torch.nn.Sequential(
-        torch.nn.Linear(in_dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
-    head.forward = head.layers.forward
-    return head
-
-
-def locate_aesthetic(cfg: Config) -> dict:
-    what = f"--aesthetic_path {cfg.aesthetic_path}"
-    weights = resolve_file(cfg.aesthetic_path, "sac+logos+ava1-l14-linearMSE.pth", what)
-    return dict(weights=weights, clip=beside(weights, "openai/clip-vit-large-patch14", what))
-
-
-def load_aesthetic(cfg: Config, device):
-    from transformers import CLIPModel
-
-    where = locate_aesthetic(cfg)
-    model = from_pretrained(CLIPModel, where["clip"], f"--aesthetic_path {cfg.aesthetic_path}").to(device).eval()
-    head = mlp_head(model.config.projection_dim)
-    head.load_state_dict(load_state_dict(where["weights"]), strict=True)
-    head = head.to(device).eval()
-
-    def score(images, prompts):  # the prompt is not used: aesthetic = MLP(image embedding / ||image embedding||)
-        pixels = preprocess_openai_clip(images, model.config.vision_config.image_size).to(device)
-        img = embedding(model.get_image_features(pixel_values=pixels)).float()
-        return head(F.normalize(img, dim=-1)).squeeze(-1)
-    return score
-
-
-def blip_to_hf(sd: dict) -> tuple[dict, dict, dict]:
-    """Split an ImageReward state dict into transformers' BlipVisionModel, BlipTextModel and MLP-head keys.
-    The BLIP ViT is timm-named (blocks.i.attn.qkv ...); the BLIP text encoder already uses BERT names."""
-    vision_names = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-                    "patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}
-    block = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-             "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    vision, text, head = {}, {}, {}
-    for key, v in sd.items():
-        if key.startswith("blip.visual_encoder."):
-            key = key.removeprefix("blip.visual_encoder.")
-            if key.startswith("blocks."):
-                _, i, name = key.split(".", 2)
-                stem, kind = name.rsplit(".", 1)
-                vision[f"encoder.layers.{i}.{block[stem]}.{kind}"] = v
-            else:
-                stem, _, kind = key.rpartition(".") if key not in vision_names else (key, "", "")
-                vision[vision_names[stem] + (f".{kind}" if kind else "")] = v
-        elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
-            text[key.removeprefix("blip.text_encoder.")] = v
-        elif key.startswith("mlp."):
-            head[key.removeprefix("mlp.")] = v
-    return vision, text, head  # other keys (ITC projections, ...) are not used by the score
-
-
-def locate_imagereward(cfg: Config) -> dict:
-    what = f"--imagereward_path {cfg.imagereward_path}"
-    weights = resolve_file(cfg.imagereward_path, "ImageReward.pt", what)
-    med = weights.parent / "med_config.json"  # beside the weights (a local copy), else from the same repo
-    local_tokenizer = (weights.parent / "tokenizer_config.json").exists()  # the tiny scorer's; the real repo has none
-    return dict(weights=weights, med_config=med if med.exists() else resolve_file(cfg.imagereward_path,
-                                                                                   "med_config.json", what),
-                tokenizer=str(weights.parent) if local_tokenizer else utils.resolve_model("bert-base-uncased", what))
-
-
-def load_imagereward(cfg: Config, device):
-    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
-    from transformers.models.blip.modeling_blip import BlipVisionModel
-    from transformers.models.blip.modeling_blip_text import BlipTextModel
-
-    where = locate_imagereward(cfg)
-    med_config = json.loads(where["med_config"].read_text())
-    vision_sd, text_sd, head_sd = blip_to_hf(load_state_dict(where["weights"]))
-    # BLIP ViT-L/16 (create_vit('large')): sizes read off the weights; heads = width / 64 (1024 -> 16)
-    width = vision_sd["embeddings.class_embedding"].shape[-1]
-    patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
-    n_pos = vision_sd["embeddings.position_embedding"].shape[1]
-    vision = BlipVisionModel(BlipVisionConfig(
-        hidden_size=width, intermediate_size=vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers.")),
-        num_attention_heads=max(1, width // 64), patch_size=patch, image_size=patch * round((n_pos - 1) ** 0.5),
-        layer_norm_eps=1e-6, hidden_act="gelu"))
-    # the BERT-base text encoder with cross-attention; BLIP_Pretrain sets encoder_width to the ViT width
-    text = BlipTextModel(BlipTextConfig(
-        vocab_size=med_config["vocab_size"], hidden_size=med_config["hidden_size"],
-        intermediate_size=med_config["intermediate_size"], num_hidden_layers=med_config["num_hidden_layers"],
-        num_attention_heads=med_config["num_attention_heads"],
-        max_position_embeddings=med_config["max_position_embeddings"],
-        layer_norm_eps=med_config.get("layer_norm_eps", 1e-12), encoder_hidden_size=width, is_decoder=True,
-        pad_token_id=med_config.get("pad_token_id", 0), bos_token_id=med_config.get("bos_token_id", 30522),
-        sep_token_id=med_config.get("sep_token_id", 102)),
-        add_pooling_layer=False)
-    head = mlp_head(med_config["hidden_size"])
-    for module, sd in ((vision, vision_sd), (text, text_sd), (head, head_sd)):
-        module.load_state_dict(sd, strict=True)
-    tokenizer = from_pretrained(BertTokenizer, where["tokenizer"], f"--imagereward_path {cfg.imagereward_path}")
-    vision, text, head = (m.float().to(device).eval() for m in (vision, text, head))
-
-    def score(images, prompts):
-        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                           return_tensors="pt").to(device)
-        pixels = preprocess_openai_clip(images, vision.config.image_size).to(device)
-        image_embeds = vision(pixel_values=pixels).last_hidden_state
-        out = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds,
-                   encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device))
-        reward = head(out.last_hidden_state[:, 0].float()).squeeze(-1)   # MLP on the [CLS] token
-        return (reward - 0.16717362830052426) / 1.0333394966054072      # ImageReward's normalisation
-    return score
-
-
-def load_utility(cfg: Config, device):
-    """The tiny world's hidden utility, read off the pixels (tiny_world.world_utility); needs no weights."""
-    import tiny_world
-
-    return lambda images, prompts: torch.tensor([tiny_world.world_utility(im, p) for im, p in zip(images, prompts)])
-
-
-SCORERS = dict(aesthetic=Scorer("Aesthetic", locate_aesthetic, load_aesthetic),
-               pickscore=Scorer("PickScore", locate_pickscore, load_pickscore),
-               imagereward=Scorer("ImageReward", locate_imagereward, load_imagereward),
-               clip=Scorer("CLIP", locate_clip_score, load_clip_score),
-               hps=Scorer("HPS v2", locate_hps, load_hps),
-               utility=Scorer("Utility (tiny world)", lambda cfg: {}, load_utility))
+def subset_indices(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n) (all of them when k is 0 or >= n): deterministic, covers every style."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return [(i * n) // k for i in range(k)]
 
 # ----------------------------------------------------------------------------------------------------
 # Reports
@@ -876,7 +522,8 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
                                                       "compared)"] if cfg.compare == "median" else [])
     fig.supxlabel(wrap("; ".join(notes) + (f". {TINY_NOTE}" if random_scorers(cfg) else ""),
                        int(14 * fig.get_figwidth())), fontsize=7, color="dimgray")
-    with warnings.catch_warnings():  # a prompt in a script the font lacks draws boxes; index.csv has its text
+    # a prompt in a script the font lacks draws boxes; index.csv has its text
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.savefig(path, bbox_inches="tight")
     return fig
@@ -924,7 +571,8 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
                         f"of train_kto.py.")
     if out.exists():
         raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
-    if rank == 0:  # weights as saved (no dtype given): the exported UNet equals the checkpoint's bit for bit
+    # weights as saved (no dtype given): the exported UNet equals the checkpoint's bit for bit
+    if rank == 0:
         unet = UNet2DConditionModel.from_pretrained(model["unet"])
         pipe = StableDiffusionPipeline.from_pretrained(model["base"], unet=unet)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -941,7 +589,8 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
 
 def main(argv=None):
     """Run the evaluation (or --export); returns the report (the exported folder) on rank 0, None on other ranks."""
-    utils.quiet_libraries()  # first: --tiny may build the tiny scorers while parsing
+    # first: --tiny may build the tiny scorers while parsing
+    utils.quiet_libraries()
     cfg = parse_config(argv)
     return utils.run_main(export if cfg.export else evaluate, cfg, (DataError,))
 

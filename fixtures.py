@@ -327,7 +327,7 @@ def tiny_clip(tokenizer, seed: int, image_size: int = 32):
 
 
 def hf_to_openclip(sd: dict) -> dict:
-    """Inverse of eval.openclip_to_hf (only to write the tiny HPS file in OpenCLIP's format)."""
+    """Inverse of scorers.openclip_to_hf (only to write the tiny HPS file in OpenCLIP's format)."""
     inverse = {}
     for k, v in sd.items():
         if k in ("text_projection.weight", "visual_projection.weight"):
@@ -365,7 +365,7 @@ def build_tiny_scorers(path: Path) -> None:
     from transformers.models.blip.modeling_blip import BlipVisionModel
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-    from eval import mlp_head  # the real heads' architecture
+    from scorers import mlp_head  # the real heads' architecture
 
     words = [*WORDS, "dog", "cat"]
     for seed, name in enumerate(("pickscore", "clip")):      # CLIPModel folders, like the hub repos
@@ -415,7 +415,7 @@ def build_tiny_scorers(path: Path) -> None:
 
 def tiny_scorer_paths() -> dict:
     """{metric: folder} of the five tiny scorers, built once into the cache."""
-    from eval import METRICS
+    from scorers import METRICS
 
     root = build_once(cache_dir() / f"tiny-scorers-{TINY_SCORERS_VERSION}", build_tiny_scorers)
     return {m: root / m for m in METRICS}

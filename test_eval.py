@@ -1,4 +1,4 @@
-"""Tests of eval.py: offline, on CPU, with the tiny model and tiny random-weight scorers.
+"""Tests of eval.py and scorers.py: offline, on CPU, with the tiny model and tiny random-weight scorers.
 
     HF_HUB_OFFLINE=1 python -m pytest -q -m "not slow" test_eval.py   # win rates, prompts, scorers, checks, pictures
     HF_HUB_OFFLINE=1 python -m pytest -q test_eval.py                 # + end to end: generation, resume, torchrun
@@ -21,12 +21,14 @@ from PIL import Image
 
 import eval as ev
 import fixtures
+import scorers
+import tiny_world
 import utils
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).parent
 REAL_LOAD_PIPELINE = ev.load_pipeline
-FAST = ["--tiny", "--steps", "2", "--images_per_prompt", "2", "--num_prompts", "3", "--metrics", ",".join(ev.METRICS)]
+FAST = ["--tiny", "--steps", "2", "--images_per_prompt", "2", "--num_prompts", "3", "--metrics", ",".join(scorers.METRICS)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def edge_image(w, h, seed=0):
 
 
 def unnormalize(pixels):
-    return pixels * ev.OPENAI_STD[:, None, None] + ev.OPENAI_MEAN[:, None, None]
+    return pixels * scorers.OPENAI_STD[:, None, None] + scorers.OPENAI_MEAN[:, None, None]
 
 
 def test_hps_resizes_the_float_tensor_then_pads_with_zeros():
@@ -136,13 +138,13 @@ def test_hps_resizes_the_float_tensor_then_pads_with_zeros():
     image = edge_image(360, 320)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     resized = F.interpolate(x, size=(199, 224), mode="bicubic", antialias=True, align_corners=False)[0]
-    got = unnormalize(ev.preprocess_hps([image], 224)[0])
+    got = unnormalize(scorers.preprocess_hps([image], 224)[0])
     assert got.shape == (3, 224, 224)
     torch.testing.assert_close(got[:, 12:211], resized, atol=1e-5, rtol=0)
     assert (got[:, :12].abs() < 1e-6).all() and (got[:, 211:].abs() < 1e-6).all()  # padding: zeros before Normalize
     assert got.min() < -0.005 and got.max() > 1.005  # the overshoot a uint8 image cannot hold
     noise = Image.fromarray(np.random.default_rng(1).integers(1, 256, (360, 320, 3), dtype=np.uint8))
-    tall = unnormalize(ev.preprocess_hps([noise], 224)[0])  # padding split: left 12, right 13
+    tall = unnormalize(scorers.preprocess_hps([noise], 224)[0])  # padding split: left 12, right 13
     assert (tall[:, :, :12].abs() < 1e-6).all() and (tall[:, :, 211:].abs() < 1e-6).all()
     assert (tall[:, :, 12].abs() > 1e-3).any() and (tall[:, :, 210].abs() > 1e-3).any()
 
@@ -156,7 +158,7 @@ def test_pickscore_pixels_equal_transformers_clip_image_processor():
     for w, h in ((1216, 832), (832, 1216), (360, 320), (512, 512)):
         image = edge_image(w, h)
         expected = processor(images=image, return_tensors="pt").pixel_values
-        torch.testing.assert_close(ev.preprocess_pickscore([image], 224), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(scorers.preprocess_pickscore([image], 224), expected, atol=1e-5, rtol=0)
 
 
 def test_openai_clip_and_blip_resize_the_short_side_then_crop_with_torchvision_offsets():
@@ -167,14 +169,14 @@ def test_openai_clip_and_blip_resize_the_short_side_then_crop_with_torchvision_o
         image = edge_image(w, h)
         crop = image.resize(size, Image.BICUBIC).crop((left, top, left + 224, top + 224))
         expected = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
-        torch.testing.assert_close(unnormalize(ev.preprocess_openai_clip([image], 224)[0]), expected,
+        torch.testing.assert_close(unnormalize(scorers.preprocess_openai_clip([image], 224)[0]), expected,
                                    atol=1e-5, rtol=0)
 
 
 def test_openclip_text_cleaning():
     messy = "A  \u201cRed\u201d circle &amp;amp; a\tblue square\u2019s EDGE "
-    assert ev.clean_openclip_text(messy) == "a \"red\" circle & a blue square's edge"
-    assert ev.clean_openclip_text(PROMPTS[0]) == PROMPTS[0]
+    assert scorers.clean_openclip_text(messy) == "a \"red\" circle & a blue square's edge"
+    assert scorers.clean_openclip_text(PROMPTS[0]) == PROMPTS[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_every_scorer_loads_from_its_format_and_scores(scorer_cfg):
     assert (paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth").exists()
     assert (paths["pickscore"] / "config.json").exists() and (paths["clip"] / "config.json").exists()
     images, prompts = sample_images(), [PROMPTS[0], PROMPTS[1], LONG]
-    for m in ev.METRICS:
+    for m in scorers.METRICS:
         s = ev.SCORERS[m].load(cfg, torch.device("cpu"))(images, prompts)
         assert s.shape == (3,) and torch.isfinite(s).all(), m
         assert len(set(s.tolist())) == 3, m  # the images differ, so do their scores
@@ -225,7 +227,7 @@ def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
         return x
 
     images, prompts = sample_images(), [PROMPTS[0], "a blue square", LONG]
-    px = ev.preprocess_hps(images, 32)
+    px = scorers.preprocess_hps(images, 32)
     x = F.conv2d(px, sd["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
     x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
     x = F.layer_norm(x, x.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
@@ -239,7 +241,7 @@ def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
     t = F.layer_norm(t, t.shape[-1:], sd["ln_final.weight"], sd["ln_final.bias"])
     txt = t[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
     expected = F.cosine_similarity(img, txt, dim=-1)
-    got = ev.load_hps(cfg, torch.device("cpu"))(images, prompts)
+    got = scorers.load_hps(cfg, torch.device("cpu"))(images, prompts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -250,7 +252,7 @@ def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
     for m in ("pickscore", "clip"):
         model, tok = CLIPModel.from_pretrained(paths[m]).eval(), CLIPTokenizer.from_pretrained(paths[m])
         inputs = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        pixels = (ev.preprocess_pickscore if m == "pickscore" else ev.preprocess_hps)(images, 32)
+        pixels = (scorers.preprocess_pickscore if m == "pickscore" else scorers.preprocess_hps)(images, 32)
         with torch.no_grad():
             logits = model(input_ids=inputs.input_ids, pixel_values=pixels).logits_per_image.diagonal()
             got = ev.SCORERS[m].load(cfg, torch.device("cpu"))(images, prompts)
@@ -259,12 +261,12 @@ def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
     model = CLIPModel.from_pretrained(paths["aesthetic"]).eval()
     head = torch.load(paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
     with torch.no_grad():
-        pixels = ev.preprocess_openai_clip(images, 32)
+        pixels = scorers.preprocess_openai_clip(images, 32)
         e = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
         x = e / e.norm(dim=-1, keepdim=True)
         for i in (0, 2, 4, 6, 7):
             x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
-        got = ev.load_aesthetic(cfg, torch.device("cpu"))(images, ["ignored"] * 3)
+        got = scorers.load_aesthetic(cfg, torch.device("cpu"))(images, ["ignored"] * 3)
     torch.testing.assert_close(got, x.squeeze(-1), atol=1e-5, rtol=1e-4)
 
 
@@ -272,15 +274,15 @@ PREPROCESS = dict(aesthetic="preprocess_openai_clip", imagereward="preprocess_op
                   pickscore="preprocess_pickscore", clip="preprocess_hps", hps="preprocess_hps")
 
 
-@pytest.mark.parametrize("metric", ev.METRICS)
+@pytest.mark.parametrize("metric", scorers.METRICS)
 def test_each_scorer_prepares_images_and_prompts_as_its_authors(scorer_cfg, monkeypatch, metric):
     """Each scorer calls its own preprocessing (and no other); HPS v2 and CLIP (OpenCLIP) clean the prompt first,
     so HTML entities and curly quotes give the tokens of the clean text."""
     cfg, _ = scorer_cfg
     calls = []
     for name in set(PREPROCESS.values()):
-        real = getattr(ev, name)
-        monkeypatch.setattr(ev, name, lambda images, size, real=real, name=name:
+        real = getattr(scorers, name)
+        monkeypatch.setattr(scorers, name, lambda images, size, real=real, name=name:
                             calls.append(name) or real(images, size))
     score = ev.SCORERS[metric].load(cfg, torch.device("cpu"))
     images = sample_images(2)
@@ -293,14 +295,14 @@ def test_each_scorer_prepares_images_and_prompts_as_its_authors(scorer_cfg, monk
 def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
     cfg, paths = scorer_cfg
     sd = torch.load(paths["imagereward"] / "ImageReward.pt", weights_only=True)
-    vision, text, head = ev.blip_to_hf(sd)
+    vision, text, head = scorers.blip_to_hf(sd)
     assert torch.equal(vision["embeddings.class_embedding"], sd["blip.visual_encoder.cls_token"])
     assert torch.equal(vision["encoder.layers.1.self_attn.qkv.weight"],
                        sd["blip.visual_encoder.blocks.1.attn.qkv.weight"])
     assert torch.equal(text["encoder.layer.0.crossattention.self.key.weight"],
                        sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"])
     assert set(head) == {f"layers.{i}.{k}" for i in (0, 2, 4, 6, 7) for k in ("weight", "bias")}
-    score = ev.load_imagereward(cfg, torch.device("cpu"))  # loads with strict=True: every weight is mapped
+    score = scorers.load_imagereward(cfg, torch.device("cpu"))  # loads with strict=True: every weight is mapped
     images = sample_images(2)
     a, b = score(images, ["a red circle", "a red circle"]), score(images, ["a blue square", "a blue square"])
     assert not torch.allclose(a, b)  # the text (35-token BERT) cross-attends to the image
@@ -359,7 +361,7 @@ def test_missing_models_are_named_before_anything_runs(fake_ckpt, tmp_path, caps
 def test_every_scorer_is_found_before_any_image_is_generated(fake_ckpt, tmp_path, capsys, no_generation):
     (tmp_path / "p.txt").write_text("a red circle on a white background\n")
     common = ["--ckpt", str(fake_ckpt), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
-    for m in ev.METRICS:  # a local path that is not there
+    for m in scorers.METRICS:  # a local path that is not there
         flag = f"--{m}_path"
         fails_before_generating([*common, "--tiny", "--metrics", m, flag, str(tmp_path / "nowhere")], capsys,
                                 f"{flag} {tmp_path / 'nowhere'}: no such file or folder")
@@ -367,8 +369,8 @@ def test_every_scorer_is_found_before_any_image_is_generated(fake_ckpt, tmp_path
         folder.mkdir()
         fails_before_generating([*common, "--tiny", "--metrics", m, flag, str(folder)], capsys, f"{flag} {folder}")
     # offline without --tiny: the canonical weights (hub repos, a GitHub URL) are neither cached nor reachable
-    for m in ev.METRICS:
-        fails_before_generating([*common, "--metrics", m], capsys, f"--{m}_path {ev.DEFAULT_PATHS[m]}",
+    for m in scorers.METRICS:
+        fails_before_generating([*common, "--metrics", m], capsys, f"--{m}_path {scorers.DEFAULT_PATHS[m]}",
                                 "Download it once" if m == "aesthetic" else "hf download")
     fails_before_generating(common, capsys, "--aesthetic_path")  # all five: the first missing one is named
     assert not (tmp_path / "o").exists()
@@ -395,6 +397,10 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
                             capsys, "is a full model", "pass --baseline")  # no recorded base
     out = subprocess.run([sys.executable, "-c", "import eval"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+    # no import cycle: neither the scorers nor the fixtures load eval.py (which --tiny would then load twice)
+    out = subprocess.run([sys.executable, "-c", "import sys, scorers, fixtures; print('eval' in sys.modules)"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
     out = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
     for f in ev.Config.__dataclass_fields__:
@@ -489,7 +495,7 @@ def test_tiny_run_writes_every_output(ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "e"
     report = ev.main(["--ckpt", str(ckpt), *FAST, "--guidance", "5.0", "--batch_size", "4", "--out", str(out)])
     r = json.loads((out / "results.json").read_text())
-    assert set(r["metrics"]) == set(ev.METRICS) and r == json.loads(json.dumps(report))
+    assert set(r["metrics"]) == set(scorers.METRICS) and r == json.loads(json.dumps(report))
     for m in r["metrics"].values():
         assert set(m) == {"win_rate", "ci95", "mean_ckpt", "mean_baseline", "n_prompts"} and m["n_prompts"] == 3
     assert "RANDOM-WEIGHT" in r["note"] and "RANDOM-WEIGHT" in (out / "results.md").read_text()
@@ -524,7 +530,7 @@ def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path)
     b = ev.main(["--ckpt", str(fixtures.tiny_model_path()), "--baseline", str(ckpt), *FAST, "--compare", "all",
                  "--out", str(tmp_path / "b")])
     assert a["settings"]["compare"] == "all"
-    for m in ev.METRICS:
+    for m in scorers.METRICS:
         assert b["metrics"][m]["win_rate"] == pytest.approx(1 - a["metrics"][m]["win_rate"])
         assert b["metrics"][m]["mean_ckpt"] == pytest.approx(a["metrics"][m]["mean_baseline"])
     assert any(m["win_rate"] != 0.5 for m in a["metrics"].values())  # the checkpoint differs from its base
@@ -642,7 +648,6 @@ def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
 
 def test_utility_metric_reads_the_world_off_the_pixels(tmp_path):
     """The tiny world's metric: the asked colour earns 0.5, size earns up to 0.5; no weights involved."""
-    import tiny_world
     score = ev.SCORERS["utility"].load(None, "cpu")
     big_red = fixtures.draw_shape("circle", "red", "white", 0.45, (0.5, 0.5), 32)
     small_red = fixtures.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
