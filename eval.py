@@ -191,9 +191,7 @@ def check_inputs(cfg: Config):
     # prompt ids are indices in the full set: seeds follow them
     ids = subset_indices(len(prompts), cfg.num_prompts)
     if "utility" in metrics:
-        import fixtures
-
-        captions = fixtures.tiny_prompts()
+        captions = tiny_world.all_captions()
         others = [prompts[p] for p in ids if prompts[p] not in set(captions)]
         if others:
             raise DataError(f"--metrics utility: the tiny world's utility is defined only for its own captions (such "

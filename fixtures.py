@@ -1,10 +1,12 @@
-"""Test and demo fixtures: everything synthetic that the repository builds itself, offline.
+"""Test and demo fixtures: stand-ins for the Hugging Face hub, built by the repository itself, offline.
 
-Nothing here is part of the method or is needed to train on real data. It stands in for the Hugging Face hub:
-- coloured shapes with captions that name them (drawn here; tiny_world.py builds its world from them);
-- a random-weight, Stable-Diffusion-shaped tiny pipeline and a small labelled CSV dataset (the fast tests);
-- an offline CLIP tokenizer; synthetic Pick-a-Pic v2 shards; SD v1-5's architecture with random weights
-  (`python fixtures.py sd15-random FOLDER`, for benchmarks only).
+Nothing here is part of the method or is needed to train on real data:
+- the tiny model: tiny_world.build_tiny_model's random-weight, Stable-Diffusion-shaped pipeline, built once into
+  the cache; and a small labelled CSV dataset of tiny-world drawings (the fast tests);
+- the tiny scorers: the five paper scorers (scorers.py) with tiny random weights, each saved in the format of its
+  real weights (eval.py --tiny);
+- synthetic Pick-a-Pic v2 shards and the label conversion's benchmark;
+- SD v1-5's architecture with random weights (`python fixtures.py sd15-random FOLDER`, for benchmarks only).
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from scorers import METRICS, mlp_head
+from tiny_world import WORDS, build_clip_tokenizer, build_tiny_model, sample_world
 from utils import atomic_path, build_once, cache_dir
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic Pick-a-Pic v2: its columns and types, tiny images (the benchmark and data tests)
 
 def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 1500, seed: int = 0,
                              tie_fraction: float = 0.1, images_per_prompt: int = 4) -> list[Path]:
@@ -40,7 +47,8 @@ def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 15
         tiny.append(buf.getvalue())
     prompt_of_first = rng.integers(0, n_images // images_per_prompt, n_rows)
     a = prompt_of_first * images_per_prompt + rng.integers(0, images_per_prompt, n_rows)
-    other = (a % images_per_prompt + rng.integers(1, images_per_prompt, n_rows)) % images_per_prompt  # never a itself
+    # another image of the same prompt, never a itself
+    other = (a % images_per_prompt + rng.integers(1, images_per_prompt, n_rows)) % images_per_prompt
     b = prompt_of_first * images_per_prompt + other
     win0 = rng.random(n_rows) < 0.5
     tie = rng.random(n_rows) < tie_fraction
@@ -77,7 +85,7 @@ def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 15
 def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None = None) -> dict:
     """Time the label conversion of n_rows synthetic comparisons (real schema, 1,500 rows per shard as on the
     hub) in a fresh process; prints and returns seconds, peak RSS and the counts. Command:
-        python -c "import utils; utils.benchmark_pickapic_labels(1_000_000)"
+        python -c "import fixtures; fixtures.benchmark_pickapic_labels(1_000_000)"
     """
     import subprocess
     import sys
@@ -109,128 +117,20 @@ def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Coloured shapes and captions that name them (drawn here, used by tiny_world.py), and the small CSV dataset
-# of the fast tests, labelled from the drawing parameters (tiny_world.world_utility measures the same
-# preference on pixels, which is what generated images need).
+# The tiny model and the small CSV dataset of the fast tests: world drawings labelled from their drawing parameters
+# (tiny_world.world_utility measures the same preference on pixels, which is what generated images need)
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20)}
-WORDS = ["a", "on", "background", *COLORS, *SHAPES, *BACKGROUNDS]
+# bump when the tiny model (tiny_world.build_tiny_model) or dataset change, so stale caches are rebuilt
+TINY_VERSION = "v2"
 
 
-def draw_shape(shape: str, color: str, background: str, size: float, center, resolution: int) -> Image.Image:
-    """Draw one shape (size = half-width as a fraction of the image) at 4x and downsample (anti-aliasing)."""
-    s = 4 * resolution
-    image = Image.new("RGB", (s, s), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    cx, cy, r = center[0] * s, center[1] * s, size * s
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLORS[color])
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
-    return image.resize((resolution, resolution), Image.LANCZOS)
+def tiny_model_path() -> Path:
+    return build_once(cache_dir() / f"tiny-model-{TINY_VERSION}", build_tiny_model)
 
 
-def sample_world(rng: np.random.Generator, resolution: int, p_asked: float = 0.5):
-    """One (image, caption, utility) from the world: the shape has the caption's colour with probability p_asked.
-    Utility in [0, 1]: right colour and large size."""
-    shape, asked, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
-    color = asked if rng.random() < p_asked else rng.choice([c for c in COLORS if c != asked])
-    caption = f"a {asked} {shape} on a {background} background"
-    image, size = draw_caption(rng, f"a {color} {shape} on a {background} background", resolution)
-    return image, caption, 0.5 * (color == asked) + 0.5 * (size - 0.12) / 0.33
+def tiny_dataset_path() -> Path:
+    return build_once(cache_dir() / f"tiny-data-{TINY_VERSION}", build_tiny_dataset) / "data.csv"
 
-
-def draw_caption(rng: np.random.Generator, caption: str, resolution: int) -> tuple[Image.Image, float]:
-    """An image of the caption ("a red circle on a white background") at a random size and position: (image, size)."""
-    _, color, shape, _, _, background, _ = caption.split()
-    size = float(rng.uniform(0.12, 0.45))
-    center = rng.uniform(0.5 - (0.5 - size) * 0.8, 0.5 + (0.5 - size) * 0.8, size=2)
-    return draw_shape(shape, color, background, size, center, resolution), size
-
-
-def tiny_prompts() -> list[str]:
-    """Every caption the tiny world can produce (colour x shape x background), in a fixed order."""
-    return [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in BACKGROUNDS]
-
-
-def build_clip_tokenizer(words, path: Path):
-    """A CLIP BPE tokenizer made offline: byte-level characters plus one merge chain per known word."""
-    from transformers import CLIPTokenizer
-
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges = []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-        tokenizer = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"))
-    tokenizer.model_max_length = 16  # the tiny world's captions are <= 10 tokens; SD's CLIP uses 77
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-def sd15_scheduler_config() -> dict:
-    """Stable Diffusion v1-5's DDPM training noise schedule (scheduler/scheduler_config.json)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", clip_sample=False, steps_offset=1)
-
-
-def build_tiny_model(path: Path, seed: int = 0) -> None:
-    """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=8,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**sd15_scheduler_config()), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-
-
-def perturb_norms(module: torch.nn.Module, seed: int = 0) -> None:
-    """Move every GroupNorm/LayerNorm weight and bias away from 1 and 0 (in place): random models hold exactly 1
-    and 0 there, which bf16 and fp16 store exactly, so they hide any rounding of norm parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
 
 
 def build_tiny_dataset(path: Path, n: int = 256, resolution: int = 32, seed: int = 0) -> None:
@@ -245,20 +145,22 @@ def build_tiny_dataset(path: Path, n: int = 256, resolution: int = 32, seed: int
     pd.DataFrame(rows).to_csv(path / "data.csv", index=False)
 
 
-TINY_VERSION = "v2"  # bump when the tiny model or data change, so stale caches are rebuilt
+def perturb_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Move every GroupNorm/LayerNorm weight and bias away from 1 and 0 (in place): random models hold exactly 1
+    and 0 there, which bf16 and fp16 store exactly, so they hide any rounding of norm parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
 
 
+# ----------------------------------------------------------------------------------------------------
+# SD v1-5's architecture with RANDOM weights (benchmarks only): python fixtures.py sd15-random FOLDER
 
-
-def tiny_model_path() -> Path:
-    return build_once(cache_dir() / f"tiny-model-{TINY_VERSION}", build_tiny_model)
-
-
-def tiny_dataset_path() -> Path:
-    return build_once(cache_dir() / f"tiny-data-{TINY_VERSION}", build_tiny_dataset) / "data.csv"
-
-
-SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"  # SD v1-5's published configs, no weights
+# SD v1-5's published configs, no weights
+SD15_CONFIGS = Path(__file__).parent / "configs" / "sd15"
 
 
 def build_sd15_random(path: Path, seed: int = 0) -> None:
@@ -267,8 +169,10 @@ def build_sd15_random(path: Path, seed: int = 0) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")  # offline tiny vocabulary (ids < 49408)
-    tokenizer.model_max_length = 77  # SD's CLIP context
+    # offline tiny vocabulary (ids < 49408)
+    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")
+    # SD's CLIP context
+    tokenizer.model_max_length = 77
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae")),
         text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(SD15_CONFIGS / "text_encoder" / "config.json")),
@@ -279,37 +183,13 @@ def build_sd15_random(path: Path, seed: int = 0) -> None:
     pipe.save_pretrained(path)
 
 
-def sd15_random_path() -> Path:
-    """SD v1-5's architecture with RANDOM weights, built once into the cache (about 4.3 GB): benchmarks only."""
-    return build_once(cache_dir() / "sd15-random-v1", build_sd15_random)
-
-
-def main(argv=None):
-    """python fixtures.py sd15-random FOLDER: the folder to pass as --pretrained_model in benchmarks."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Build Stable Diffusion v1-5's architecture (configs/sd15) with "
-                                     "RANDOM weights into a folder, for speed and memory benchmarks: "
-                                     "python train_kto.py --pretrained_model FOLDER ...")
-    parser.add_argument("what", choices=["sd15-random"], help="the model to build")
-    parser.add_argument("folder", type=Path, help="where to write it (diffusers layout, about 4.3 GB)")
-    args = parser.parse_args(argv)
-    if args.folder.exists():
-        parser.error(f"{args.folder} exists; choose a new folder")
-    args.folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.folder) as tmp:
-        tmp.mkdir()
-        build_sd15_random(tmp)
-    print(f"wrote {args.folder}: SD v1-5's architecture with RANDOM weights; a model trained from it is "
-          "meaningless (benchmarks and memory checks only)")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Tiny scorers (eval.py --tiny)
-# The five paper scorers with tiny RANDOM weights, each saved in the format of its real weights, so that eval.py's
-# real loading code runs offline. Their scores test the plumbing only and say nothing about image quality.
+# The five paper scorers with tiny RANDOM weights, each saved in the format of its real weights, so that the real
+# loading code of scorers.py runs offline. Their scores test the plumbing only and say nothing about image quality.
 
-TINY_SCORERS_VERSION = "v2"  # bump when the tiny scorers change, so stale caches are rebuilt
+# bump when the tiny scorers change, so stale caches are rebuilt
+TINY_SCORERS_VERSION = "v2"
 
 
 def tiny_clip(tokenizer, seed: int, image_size: int = 32):
@@ -365,18 +245,19 @@ def build_tiny_scorers(path: Path) -> None:
     from transformers.models.blip.modeling_blip import BlipVisionModel
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-    from scorers import mlp_head  # the real heads' architecture
-
     words = [*WORDS, "dog", "cat"]
-    for seed, name in enumerate(("pickscore", "clip")):      # CLIPModel folders, like the hub repos
+    # PickScore and CLIP: CLIPModel folders, like the hub repos
+    for seed, name in enumerate(("pickscore", "clip")):
         tokenizer = build_clip_tokenizer(words, path / name)
         tiny_clip(tokenizer, seed).save_pretrained(path / name)
-    tokenizer = build_clip_tokenizer(words, path / "hps")  # HPS: OpenCLIP keys under "state_dict"
+    # HPS: a CLIP config and tokenizer, and the weights with OpenCLIP's keys under "state_dict"
+    tokenizer = build_clip_tokenizer(words, path / "hps")
     model = tiny_clip(tokenizer, 2)
     model.config.save_pretrained(path / "hps")
     sd = hf_to_openclip(model.state_dict())
     torch.save({"epoch": 1, "state_dict": sd}, path / "hps" / "HPS_v2_compressed.pt")
-    tokenizer = build_clip_tokenizer(words, path / "aesthetic")  # a CLIP folder + the .pth head
+    # aesthetic: a CLIP folder and the .pth head beside it
+    tokenizer = build_clip_tokenizer(words, path / "aesthetic")
     tiny_clip(tokenizer, 3).save_pretrained(path / "aesthetic")
     torch.manual_seed(4)
     torch.save(mlp_head(16).state_dict(), path / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth")
@@ -409,16 +290,37 @@ def build_tiny_scorers(path: Path) -> None:
         sd["blip.visual_encoder." + k] = v
     sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
     sd.update({"mlp." + k: v for k, v in mlp_head(32).state_dict().items()})
-    sd["blip.vision_proj.weight"] = torch.randn(8, 64)  # present in the real file, unused by the score
+    # present in the real file, unused by the score
+    sd["blip.vision_proj.weight"] = torch.randn(8, 64)
     torch.save(sd, path / "imagereward" / "ImageReward.pt")
 
 
 def tiny_scorer_paths() -> dict:
     """{metric: folder} of the five tiny scorers, built once into the cache."""
-    from scorers import METRICS
-
     root = build_once(cache_dir() / f"tiny-scorers-{TINY_SCORERS_VERSION}", build_tiny_scorers)
     return {m: root / m for m in METRICS}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """python fixtures.py sd15-random FOLDER: the folder to pass as --pretrained_model in benchmarks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build Stable Diffusion v1-5's architecture (configs/sd15) with "
+                                     "RANDOM weights into a folder, for speed and memory benchmarks: "
+                                     "python train_kto.py --pretrained_model FOLDER ...")
+    parser.add_argument("what", choices=["sd15-random"], help="the model to build")
+    parser.add_argument("folder", type=Path, help="where to write it (diffusers layout, about 4.3 GB)")
+    args = parser.parse_args(argv)
+    if args.folder.exists():
+        parser.error(f"{args.folder} exists; choose a new folder")
+    args.folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.folder) as tmp:
+        tmp.mkdir()
+        build_sd15_random(tmp)
+    print(f"wrote {args.folder}: SD v1-5's architecture with RANDOM weights; a model trained from it is "
+          "meaningless (benchmarks and memory checks only)")
 
 
 if __name__ == "__main__":

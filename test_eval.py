@@ -649,9 +649,9 @@ def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
 def test_utility_metric_reads_the_world_off_the_pixels(tmp_path):
     """The tiny world's metric: the asked colour earns 0.5, size earns up to 0.5; no weights involved."""
     score = ev.SCORERS["utility"].load(None, "cpu")
-    big_red = fixtures.draw_shape("circle", "red", "white", 0.45, (0.5, 0.5), 32)
-    small_red = fixtures.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
-    big_blue = fixtures.draw_shape("circle", "blue", "white", 0.45, (0.5, 0.5), 32)
+    big_red = tiny_world.draw_shape("circle", "red", "white", 0.45, (0.5, 0.5), 32)
+    small_red = tiny_world.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
+    big_blue = tiny_world.draw_shape("circle", "blue", "white", 0.45, (0.5, 0.5), 32)
     s = score([big_red, small_red, big_blue], ["a red circle on a white background"] * 3).tolist()
     assert s[0] > s[1] >= 0.5 > s[2] and s[0] - s[2] == pytest.approx(0.5)
     assert tiny_world.world_utility(big_red, "a red circle on a white background") == pytest.approx(s[0])

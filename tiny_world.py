@@ -1,25 +1,25 @@
 """A tiny offline world in which Diffusion-KTO's effect is visible and measured on a CPU in minutes.
 
 Why a separate file: it is the repository's demo and end-to-end test fixture, not part of the method. It
-builds, once per world seed, everything the Hugging Face hub would otherwise provide:
+defines the world and builds, once per world seed, everything the Hugging Face hub would otherwise provide:
   1. a procedural image-caption world: coloured shapes of random size on a plain background, captioned "a red
-     circle on a white background";
-  2. a hidden "human utility" read off the pixels: 0.5 if the shape has the caption's colour, plus up to 0.5
-     for a large shape. People like big shapes in the colour they asked for; the base draws the asked colour,
-     so its likes and dislikes are about size, and a model that stops following captions loses half;
-  3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline whose VAE, UNet and text
-     encoder are trained here on the world's images (liked and disliked alike), saved in diffusers layout and
-     loaded by train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
+     circle on a white background" (COLORS, SHAPES, BACKGROUNDS; draw_caption, sample_world);
+  2. a hidden "human utility" read off the pixels (world_utility): 0.5 if the shape has the caption's colour, plus
+     up to 0.5 for a large shape. People like big shapes in the colour they asked for; the base draws the asked
+     colour, so its likes and dislikes are about size, and a model that stops following captions loses half;
+  3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline (build_tiny_model) whose VAE,
+     UNet and text encoder are trained here on the world's images (liked and disliked alike), saved in diffusers
+     layout and loaded by train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
   4. feedback in the Pick-a-Pic v2 schema: pairs of fresh drawings of the world for the same caption (not
      the base's samples, as Pick-a-Pic's images come from other models than SD v1-5), the preferred one chosen
      by the hidden utility with label noise (feedback/), and the same pairs with the labels permuted
      (feedback-shuffled/, a control: same images and captions, no information in the labels).
 A world is a pure function of its seed (and sizes): built once into $DIFFUSION_KTO_CACHE/tiny-world-<VERSION>-
-seed<seed> by one process (utils.build_once: file lock, fixed thread count), whatever the launcher.
+seed<seed> by one process (utils.build_once: file lock, fixed thread count), whatever the launcher. The study of
+many worlds and training runs is study.py; fixtures.py draws the fast tests' dataset from this world.
 
     python tiny_world.py [--seed 1]                        # build (or find) a world and print its folder
     python tiny_world.py --figure runs/eval-tiny fig.png   # draw base vs KTO from an eval.py --tiny output
-    python tiny_world.py --study --jobs 2 --out runs/study-out   # docs/tiny_world.md's tables and plots (times there)
 """
 
 from __future__ import annotations
@@ -28,35 +28,92 @@ import functools
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-import fixtures
 import data
 import utils
-from fixtures import BACKGROUNDS, COLORS
 
-WORLD_VERSION = "v5"  # bump when anything below changes, so cached worlds are rebuilt
+# bump when anything below changes, so cached worlds are rebuilt
+WORLD_VERSION = "v5"
 RESOLUTION = 32
+# torch threads of every build (floats depend on it): the same world whatever the launcher
+BUILD_THREADS = 2
+# The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly). asked_pct:
+# how many of the base's training images have the caption's colour (v2 had 50: docs/tiny_world.md says why not)
+SIZES = dict(n_images=4096, vae_steps=600, unet_steps=1500, unet_batch=64, pairs_per_prompt=30, sample_steps=20,
+             asked_pct=100)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The world: coloured shapes, captions that name them, and the hidden utility
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20)}
+# every word of every caption: the vocabulary of the tiny tokenizers
+WORDS = ["a", "on", "background", *COLORS, *SHAPES, *BACKGROUNDS]
 # Captions that never get feedback (the base model still learns them): each colour on both backgrounds.
 HELD_OUT = ("a yellow triangle on a black background", "a green square on a white background",
             "a red circle on a black background", "a blue triangle on a white background",
             "a red square on a white background", "a green circle on a black background",
             "a blue square on a black background", "a yellow circle on a white background")
-BUILD_THREADS = 2  # torch threads of every build (floats depend on it): the same world whatever the launcher
-# The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly). asked_pct:
-# how many of the base's training images have the caption's colour (v2 had 50: docs/tiny_world.md says why not)
-SIZES = dict(n_images=4096, vae_steps=600, unet_steps=1500, unet_batch=64, pairs_per_prompt=30, sample_steps=20,
-             asked_pct=100)
+
+
+def draw_shape(shape: str, color: str, background: str, size: float, center, resolution: int) -> Image.Image:
+    """Draw one shape (size = half-width as a fraction of the image) at 4x and downsample (anti-aliasing)."""
+    s = 4 * resolution
+    image = Image.new("RGB", (s, s), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    cx, cy, r = center[0] * s, center[1] * s, size * s
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+    return image.resize((resolution, resolution), Image.LANCZOS)
+
+
+def draw_caption(rng: np.random.Generator, caption: str, resolution: int) -> tuple[Image.Image, float]:
+    """An image of the caption ("a red circle on a white background") at a random size and position: (image, size)."""
+    _, color, shape, _, _, background, _ = caption.split()
+    size = float(rng.uniform(0.12, 0.45))
+    center = rng.uniform(0.5 - (0.5 - size) * 0.8, 0.5 + (0.5 - size) * 0.8, size=2)
+    return draw_shape(shape, color, background, size, center, resolution), size
+
+
+def sample_world(rng: np.random.Generator, resolution: int, p_asked: float = 0.5):
+    """One (image, caption, utility) from the world: the shape has the caption's colour with probability p_asked.
+    Utility in [0, 1]: right colour and large size."""
+    shape, asked, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
+    color = asked if rng.random() < p_asked else rng.choice([c for c in COLORS if c != asked])
+    caption = f"a {asked} {shape} on a {background} background"
+    image, size = draw_caption(rng, f"a {color} {shape} on a {background} background", resolution)
+    return image, caption, 0.5 * (color == asked) + 0.5 * (size - 0.12) / 0.33
+
+
+def all_captions() -> list[str]:
+    """Every caption the tiny world can produce (colour x shape x background), in a fixed order."""
+    return [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in BACKGROUNDS]
+
+
+def train_prompts() -> list[str]:
+    """The captions that get feedback: all but the held-out ones."""
+    return [p for p in all_captions() if p not in HELD_OUT]
+
+
+def eval_prompts(repeats: int = 32) -> list[str]:
+    """The held-out captions, each repeated: every entry gets its own seed in eval.py, so 8 x 32 = 256
+    paired (prompt, seed) comparisons between checkpoint and base."""
+    return list(HELD_OUT) * repeats
 
 
 def world_utility(image: Image.Image, caption: str) -> float:
@@ -74,24 +131,79 @@ def world_utility(image: Image.Image, caption: str) -> float:
     return 0.5 * (nearest == asked) + 0.5 * size
 
 
-def train_prompts() -> list[str]:
-    return [p for p in fixtures.tiny_prompts() if p not in HELD_OUT]
-
-
-def eval_prompts(repeats: int = 32) -> list[str]:
-    """The held-out captions, each repeated: every entry gets its own seed in eval.py, so 8 x 32 = 256
-    paired (prompt, seed) comparisons between checkpoint and base."""
-    return list(HELD_OUT) * repeats
-
-
 # ----------------------------------------------------------------------------------------------------
-# The base model: the tiny pipeline of fixtures.build_tiny_model, its VAE, UNet and text encoder trained on
-# the world. Every random draw comes from generators seeded by the world seed (CPU generators, also when the
-# models run on CUDA), so a world is a function of its seed.
+# The base model: a tiny Stable-Diffusion-shaped pipeline (build_tiny_model, random weights), its VAE, UNet and
+# text encoder then trained on the world. Every random draw comes from generators seeded by the world seed (CPU
+# generators, also when the models run on CUDA), so a world is a function of its seed.
+
+def build_clip_tokenizer(words, path: Path):
+    """A CLIP BPE tokenizer made offline: byte-level characters plus one merge chain per known word."""
+    from transformers import CLIPTokenizer
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+        tokenizer = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"))
+    # the tiny world's captions are <= 10 tokens; SD's CLIP uses 77
+    tokenizer.model_max_length = 16
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def sd15_scheduler_config() -> dict:
+    """Stable Diffusion v1-5's DDPM training noise schedule (scheduler/scheduler_config.json)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> None:
+    """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDPMScheduler(**sd15_scheduler_config()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+
 
 def world_images(n: int, seed: int, asked_pct: int):
     rng = np.random.default_rng(seed)
-    images, captions = zip(*[fixtures.sample_world(rng, RESOLUTION, asked_pct / 100)[:2] for _ in range(n)])
+    images, captions = zip(*[sample_world(rng, RESOLUTION, asked_pct / 100)[:2] for _ in range(n)])
     pixels = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images])
     return pixels, list(captions)
 
@@ -106,7 +218,7 @@ def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps:
     """Train the tiny pipeline's VAE, then its UNet and text encoder together, on n_images world images."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    fixtures.build_tiny_model(path, seed=seed)
+    build_tiny_model(path, seed=seed)
     pixels, captions = world_images(n_images, seed, asked_pct)
     gen = torch.Generator().manual_seed(seed)
 
@@ -129,7 +241,8 @@ def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps:
     with torch.no_grad():
         posteriors = [vae.encode(pixels[i:i + 256].to(device)).latent_dist for i in range(0, len(pixels), 256)]
     mean, std = (torch.cat([getattr(q, k) for q in posteriors]).cpu() for k in ("mean", "std"))
-    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # unit-variance latents, as SD's 0.18215
+    # unit-variance latents, as SD's 0.18215
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     mean, std = mean * vae.config.scaling_factor, std * vae.config.scaling_factor
     vae.save_pretrained(path / "vae")
 
@@ -271,13 +384,6 @@ def shuffle_labels(table, seed: int):
     return table.set_column(names.index("best_image_uid"), "best_image_uid", [best_uids(label_0, uid_0, uid_1)])
 
 
-def image_utilities(table) -> tuple[np.ndarray, np.ndarray]:
-    """Hidden utilities of (image_0, image_1) of each row of a feedback table."""
-    caps = table.column("caption").to_pylist()
-    return tuple(np.array([world_utility(Image.open(io.BytesIO(b)), c) for b, c in
-                           zip(table.column(col).to_pylist(), caps)]) for col in ("jpg_0", "jpg_1"))
-
-
 def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
     """How labels relate to the hidden utility: agreement with it and the utility gap winner - loser."""
     label_0 = table.column("label_0").to_numpy()
@@ -298,14 +404,15 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
     # models than the one fine-tuned (SDXL variants among them), and fine-tuning the v4 base on its own samples lowered
     # the utility with labels that say nothing (docs/tiny_world.md, "Why v5").
     rng = np.random.default_rng([seed, 2])
-    images = [fixtures.draw_caption(rng, p, RESOLUTION)[0] for p in prompts]
+    images = [draw_caption(rng, p, RESOLUTION)[0] for p in prompts]
     table, u = feedback_table(images, prompts, seed)
     stats = {}
     for name, t in (("feedback", table), ("feedback-shuffled", shuffle_labels(table, seed))):
         (path / name).mkdir(parents=True, exist_ok=True)
         pq.write_table(t, path / name / "train-00000-of-00001.parquet")
         stats[name] = label_stats(t, u[0::2], u[1::2])
-    stats["feedback_images"] = dict(mean_utility=float(u.mean()))  # every drawing has the asked colour
+    # every drawing has the asked colour
+    stats["feedback_images"] = dict(mean_utility=float(u.mean()))
     # The base's own samples for the same captions (no guidance), for the record: does it draw the asked colour?
     t0 = time.time()
     samples = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
@@ -328,7 +435,7 @@ def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **siz
                   torch=torch.__version__, held_out=list(HELD_OUT))
     record.update(train_base(path / "model", seed, sizes["n_images"], sizes["vae_steps"], sizes["unet_steps"],
                              sizes["unet_batch"], sizes["asked_pct"], device, log))
-    scheduler = DDIMScheduler(**fixtures.sd15_scheduler_config(), set_alpha_to_one=False)
+    scheduler = DDIMScheduler(**sd15_scheduler_config(), set_alpha_to_one=False)
     scheduler.save_pretrained(path / "model" / "scheduler")
     pipe = StableDiffusionPipeline.from_pretrained(path / "model")
     pipe.set_progress_bar_config(disable=True)
@@ -376,8 +483,6 @@ def world_hash(path: Path) -> str:
 def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
     """Base and KTO images of each held-out prompt (two rows per prompt), same seeds column by column, from the
     images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y)} of each tile."""
-    from PIL import ImageDraw
-
     index = pd.read_csv(Path(eval_out) / "images" / "index.csv")
     size, pad, label, left = 48, 4, 14, 150
     rows = [(p, m) for p in HELD_OUT for m in ("baseline", "checkpoint")]
@@ -400,331 +505,17 @@ def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
     return tiles
 
 
-def steps_figure(rows: list[dict], png: Path, first_train_seed: int = 0) -> None:
-    """Win rate over the base (95% CI) against training steps: KTO per world seed, and the controls; the runs of
-    other training seeds (default steps only) as hollow markers without CI."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    styles = {"KTO": ("o-", None), "shuffled labels": ("s--", 0.6), "SFT": ("^:", 0.6)}
-    seeds = sorted({r["seed"] for r in rows})
-    for kind, (marker, alpha) in styles.items():
-        for i, seed in enumerate(seeds):
-            mine = [r for r in rows if r["seed"] == seed and r["kind"] == kind and r["baseline"] == "base"
-                    and not r["ablation"]]
-            pts = sorted((r["steps"], r["win_rate"], *r["ci95"]) for r in mine
-                         if r.get("train_seed", first_train_seed) == first_train_seed)
-            if not pts:
-                continue
-            s, w, lo, hi = map(np.array, zip(*pts))
-            ax.errorbar(s + 4 * (i - 1), w, yerr=[w - lo, hi - w], fmt=marker, color=f"C{i}", alpha=alpha or 1,
-                        capsize=2, label=f"{kind}, world {seed}")
-            others = [(r["steps"], r["win_rate"]) for r in mine if r.get("train_seed", first_train_seed)
-                      != first_train_seed]
-            if others:
-                s, w = map(np.array, zip(*others))
-                ax.plot(s + 4 * (i - 1), w, marker[0], mfc="none", color=f"C{i}", alpha=alpha or 1)
-    ax.axhline(0.5, color="gray", lw=0.8)
-    ax.set_xlabel("training steps (--tiny default: 200)")
-    ax.set_ylabel("win rate over the base, hidden utility")
-    ax.set_title("Tiny world: win rate vs steps (256 held-out comparisons, 95% CI; hollow: other training seeds)",
-                 fontsize=8)
-    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: hides no point
-    fig.tight_layout()
-    fig.savefig(png, bbox_inches="tight")
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The study: docs/tiny_world.md's table and plot, every run a subprocess (runs in parallel with --jobs)
-
-TINY_STEPS = 200  # train_kto.py's --tiny max_train_steps
-STUDY_WORLDS = (3, 4, 5)  # the README's worlds; 0-2 were used to choose the --tiny learning rate (docs/tiny_world.md)
-ABLATIONS = {"loss_averse": ["--utility", "loss_averse"], "risk_seeking": ["--utility", "risk_seeking"],
-             "z=batch_mean": ["--reference_point", "batch_mean"], "z=zero": ["--reference_point", "zero"],
-             "gamma=0.5": ["--desirable_ratio", "0.5"], "gamma=1.0": ["--desirable_ratio", "1.0"]}
-
-
-def run_jobs(commands: list[tuple[str, list[str], Path]], jobs: int, threads: int, log, deadline=None) -> None:
-    """Run (name, argv, log file) subprocesses, `jobs` at a time, each with `threads` torch threads; none is
-    started after time.time() passes `deadline`."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-
-    def one(cmd):
-        name, argv, logfile = cmd
-        if deadline and time.time() > deadline:
-            log(f"  {name}: skipped (past --deadline_s)")
-            return -1
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(logfile, "w") as f:
-            rc = subprocess.run([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=Path(__file__).parent).returncode
-        log(f"  {name}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {logfile})'} in {time.time() - t0:.0f}s")
-        return rc
-
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        failed = [c[0] for c, rc in zip(commands, pool.map(one, commands)) if rc != 0]
-    if failed:  # the study goes on: the table shows what finished, the log what did not
-        log(f"FAILED: {failed}")
-
-
-def study(seeds=STUDY_WORLDS, out: Path = Path("runs/study-out"), work: Path = Path("runs/study"), device: str = "cpu",
-          jobs: int = 1, fractions=(0.25, 0.5, 1.0, 1.5, 2.0), ablation_seeds=None, extra: list[str] = (),
-          sizes: dict | None = None, deadline_s: float = 0, train_seeds=(0, 1, 2, 3, 4)) -> list:
-    """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
-    the base (and KTO against SFT) on the held-out captions. Writes 6 files into `out`: tiny_world_table.md,
-    tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
-    Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes.
-    `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run.
-    train_seeds: train_kto.py --seed of the runs; the first gets every row, the others KTO, shuffled labels and SFT
-    at the default steps (one checkpoint's win rate varies more between training seeds than its CI says).
-    ablation_seeds: worlds with the ablation rows (None: the first world; each must be one of `seeds`).
-    deadline_s > 0: start no run or evaluation after that many seconds, and write the table of what finished."""
-    ablation_seeds = seeds[:1] if ablation_seeds is None else ablation_seeds
-    if not set(ablation_seeds) <= set(seeds):
-        raise ValueError(f"study: ablation world(s) {sorted(set(ablation_seeds) - set(seeds))} are not among the "
-                         f"worlds {list(seeds)}; pass --ablation_seeds from --seeds (or none)")
-    out, work = Path(out), Path(work)
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = open(out / "tiny_world_study.log", "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logfile.write(msg + "\n")
-        logfile.flush()
-
-    t_start, sizes = time.time(), sizes or {}
-    deadline = t_start + deadline_s if deadline_s > 0 else None
-    size_flags = [f"{k}={v}" for k, v in sizes.items()]
-    threads = max(1, (os.cpu_count() or 2) // max(1, jobs))
-    log(f"study: seeds {list(seeds)}, device {device}, {jobs} job(s) x {threads} thread(s), fractions "
-        f"{list(fractions)}, training seeds {list(train_seeds)}, ablations on {list(ablation_seeds)}, extra train "
-        f"flags {list(extra)}, world sizes "
-        f"{ {**SIZES, **sizes} }")
-    # 1. worlds (each in its own process; build_once makes this a no-op when cached). A CPU build always uses
-    # BUILD_THREADS threads, so no more builds run at once than the cores hold (oversubscribed: 5x slower each)
-    builders = jobs if device != "cpu" else max(1, min(jobs, (os.cpu_count() or 2) // BUILD_THREADS))
-    run_jobs([(f"world {s}", ["tiny_world.py", "--seed", str(s), "--device", device, "--sizes", *size_flags],
-               work / "logs" / f"world{s}.log") for s in seeds], builders, threads, log, deadline)
-    world = {s: world_path(s, device, **sizes) for s in seeds}
-    # 2. training runs: one per (seed, kind) to the longest step count, checkpoints at every fraction
-    steps = sorted({round(f * TINY_STEPS) for f in fractions})
-    top = max(steps)
-    every = functools.reduce(np.gcd, steps)
-    first, runs = train_seeds[0], {}
-    for s in seeds:
-        model, data = ["--pretrained_model", str(world[s] / "model")], ["--dataset", str(world[s] / "feedback")]
-        for kind, flags in (("KTO", data), ("shuffled labels", ["--dataset", str(world[s] / "feedback-shuffled")]),
-                            ("SFT", [*data, "--objective", "sft"])):
-            for t in train_seeds:
-                runs[(s, kind, t)] = ([*model, *flags], top if t == first else TINY_STEPS)
-        for name in (ABLATIONS if s in ablation_seeds else {}):
-            runs[(s, name, first)] = ([*model, *data, *ABLATIONS[name]], TINY_STEPS)
-    # a run's folder: seed<world>/<kind>[-t<training seed>] (the first training seed's name has no suffix)
-    name = lambda s, kind, t: (work / f"seed{s}" / (kind.replace(" ", "_").replace("=", "-")  # noqa: E731
-                                                    + ("" if t == first else f"-t{t}")))
-    commands = []
-    for (s, kind, t), (flags, n) in sorted(runs.items(), key=lambda kv: (kv[0][1] in ABLATIONS, kv[0][2] != first,
-                                                                         kv[0][0])):
-        folder = name(s, kind, t)
-        if not (folder / f"checkpoint-{n}" / "unet").exists():
-            commands.append((f"train seed {s} {kind} t{t}", ["train_kto.py", "--tiny", "--world_seed", str(s),
-                             "--seed", str(t), "--max_train_steps", str(n), "--checkpointing_steps",
-                             str(int(every) if n == top else n), "--output_dir", str(folder), *extra, *flags],
-                             folder.with_suffix(".log")))
-    run_jobs(commands, jobs, threads, log, deadline)
-    # 3. evaluations: 256 paired (held-out caption, seed) comparisons each
-    evals = []
-    for s in seeds:
-        e = dict(seed=s, train_seed=first, baseline="base", ablation=False)
-        evals += [dict(e, kind="KTO", steps=n) for n in steps]
-        evals += [dict(e, kind=k, steps=n) for k in ("shuffled labels", "SFT") for n in sorted({TINY_STEPS, top})]
-        evals += [dict(e, kind="KTO", steps=n, baseline="SFT") for n in sorted({TINY_STEPS, top})]
-        evals += [dict(e, kind=a, steps=TINY_STEPS, ablation=True) for a in (ABLATIONS if s in ablation_seeds else {})]
-        for t in train_seeds[1:]:
-            e = dict(seed=s, train_seed=t, steps=TINY_STEPS, ablation=False)
-            evals += [dict(e, kind=k, baseline="base") for k in ("KTO", "shuffled labels", "SFT")]
-            evals.append(dict(e, kind="KTO", baseline="SFT"))
-    # most important first, in case --deadline_s cuts the study short: the default steps on every world, then 2x
-    evals.sort(key=lambda e: (e["ablation"], e["steps"] != TINY_STEPS, e["steps"] != top, e["train_seed"] != first,
-                              e["seed"]))
-    commands = []
-    for e in evals:
-        run = name(e["seed"], e["kind"], e["train_seed"])
-        e["out"] = str(run.parent / "eval" / f"{run.name}-{e['steps']}-vs-{e['baseline']}")
-        argv = ["eval.py", "--ckpt", str(run / f"checkpoint-{e['steps']}"), "--tiny", "--out", e["out"]]
-        if e["baseline"] != "base":
-            argv += ["--baseline", str(name(e["seed"], e["baseline"], e["train_seed"]) / f"checkpoint-{e['steps']}")]
-        if not (Path(e["out"]) / "results.json").exists():
-            commands.append((f"eval seed {e['seed']} {e['kind']}@{e['steps']} t{e['train_seed']} vs {e['baseline']}",
-                             argv, Path(e["out"] + ".log")))
-    run_jobs(commands, jobs, threads, log, deadline)
-    # 4. table, figures, world records
-    rows = []
-    for e in evals:
-        if not (Path(e["out"]) / "results.json").exists():
-            log(f"missing from the table (failed above): {e['out']}")
-            continue
-        u = json.loads((Path(e["out"]) / "results.json").read_text())["metrics"]["utility"]
-        rows.append({**e, **{k: u[k] for k in ("win_rate", "ci95", "n_prompts", "mean_ckpt", "mean_baseline")}})
-    worlds = {s: json.loads((world[s] / "world.json").read_text()) for s in seeds}
-    minutes = (time.time() - t_start) / 60
-    table = study_table(rows, worlds, steps, device, jobs, minutes, train_seeds)
-    (out / "tiny_world_table.md").write_text(table)
-    (out / "tiny_world_results.json").write_text(json.dumps(rows, indent=2))
-    (out / "tiny_world_worlds.json").write_text(json.dumps(worlds, indent=2))
-    steps_figure(rows, out / "tiny_world_steps.png", first)
-    shown = [r for r in rows if r["kind"] == "KTO" and r["steps"] == TINY_STEPS and r["baseline"] == "base"]
-    if shown:
-        make_figure(Path(shown[0]["out"]), out / "tiny_world.png")
-    print(table)
-    log(f"study done in {minutes:.1f} min; wrote {sorted(p.name for p in out.iterdir())} to {out}")
-    return rows
-
-
-# 97.5% quantiles of Student's t with 1..30 degrees of freedom (scipy.stats.t.ppf), for intervals over a few runs
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.16, 2.145, 2.131,
-        2.12, 2.11, 2.101, 2.093, 2.086, 2.08, 2.074, 2.069, 2.064, 2.06, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_interval(values) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t-interval of the mean of independent runs' values (2 to 31 of them)."""
-    v = np.asarray(values, dtype=float)
-    if not 2 <= len(v) <= len(T975) + 1:
-        raise ValueError(f"t_interval: {len(v)} values; the table T975 covers 2 to {len(T975) + 1} runs (add quantiles "
-                         "of Student's t to T975 for more)")
-    half = T975[len(v) - 2] * v.std(ddof=1) / np.sqrt(len(v))
-    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
-
-
-def over_runs(rows, train_seeds) -> list[str]:
-    """The default-step cells over training seeds: a table of each run's win rate, then per comparison the mean over
-    every (world, training seed) run with its t-interval: a claim that holds across runs, not only over prompts.
-    Also the mean over runs of the change in mean hidden utility (checkpoint - baseline): a same-seed win rate
-    counts the sign of every small change, so a run that shifts all shapes by a pixel scores near 0 or 1. Last, KTO
-    and the control world by world over its training seeds."""
-    key = lambda r: (r["kind"], r["baseline"])  # noqa: E731
-    kinds = [("KTO", "base"), ("shuffled labels", "base"), ("SFT", "base"), ("KTO", "SFT")]
-    picked = {(r["seed"], r.get("train_seed", 0), *key(r)): r for r in rows
-              if r["steps"] == TINY_STEPS and not r["ablation"] and key(r) in kinds}
-    runs = {k: r["win_rate"] for k, r in picked.items()}
-    worlds = sorted({k[0] for k in runs})
-    lines = ["", f"| world ({TINY_STEPS} steps; training seeds {' / '.join(map(str, train_seeds))}) | KTO vs base | "
-             "shuffled labels vs base | SFT vs base | KTO vs SFT |", "|---|---|---|---|---|"]
-    for s in worlds:
-        cells = [" / ".join(f"{runs[(s, t, *k)]:.3f}" if (s, t, *k) in runs else "not run" for t in train_seeds)
-                 for k in kinds]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for k in kinds:
-        done = [(s, t, *k) for s in worlds for t in train_seeds if (s, t, *k) in runs]
-        v = [runs[r] for r in done]
-        if len(v) >= 2:
-            m, lo, hi = t_interval(v)
-            g = t_interval([picked[r]["mean_ckpt"] - picked[r]["mean_baseline"] for r in done])
-            lines.append(f"{k[0]} vs {k[1]} at {TINY_STEPS} steps over {len(v)} runs (worlds x training seeds): mean "
-                         f"{m:.3f}, 95% t-interval [{lo:.3f}, {hi:.3f}], {sum(x > 0.5 for x in v)} of {len(v)} above "
-                         f"0.5; mean utility change {g[0]:+.4f} [{g[1]:+.4f}, {g[2]:+.4f}].")
-    pairs = [(s, t) for s in worlds for t in train_seeds
-             if (s, t, "KTO", "base") in runs and (s, t, "shuffled labels", "base") in runs]
-    if len(pairs) >= 2:
-        d = [runs[(*p, "KTO", "base")] - runs[(*p, "shuffled labels", "base")] for p in pairs]
-        m, lo, hi = t_interval(d)
-        lines.append(f"KTO minus shuffled labels, paired by run: {m:+.3f} [{lo:+.3f}, {hi:+.3f}], positive in "
-                     f"{sum(x > 0 for x in d)} of {len(d)}.")
-    for k in kinds[:2]:  # world by world over its training seeds: what a CI over one run's prompts cannot show
-        cells = []
-        for s in worlds:
-            v = [runs[(s, t, *k)] for t in train_seeds if (s, t, *k) in runs]
-            if len(v) >= 2:
-                m, lo, hi = t_interval(v)
-                cells.append(f"world {s} {m:.3f} [{lo:.3f}, {hi:.3f}]")
-        if cells:
-            lines.append(f"{k[0]} vs {k[1]} per world, mean over its training seeds [95% t-interval]: "
-                         + "; ".join(cells) + ".")
-    return lines
-
-
-def study_table(rows, worlds, steps, device, jobs, minutes, train_seeds=(0,)) -> str:
-    """The README's tables: the worlds; KTO, shuffled labels and SFT against the base and KTO against SFT at the
-    default and the longest step count; the ablations; KTO against the base by steps; a summary line per count;
-    with several training seeds, the default-step cells over them (over_runs). The other tables show the first
-    training seed's runs."""
-    by = {(r["seed"], r["kind"], r["steps"], r["baseline"]): r for r in rows
-          if r.get("train_seed", train_seeds[0]) == train_seeds[0]}
-    cell = lambda *key: (f"{by[key]['win_rate']:.3f} [{by[key]['ci95'][0]:.3f}, {by[key]['ci95'][1]:.3f}]"  # noqa
-                         if key in by else "not run")
-    seeds = sorted(worlds)
-    lines = [f"Tiny world study ({device}, {jobs} job(s), {minutes:.1f} min). Win rate on the hidden utility over "
-             f"the baseline, {rows[0]['n_prompts'] if rows else 0} paired held-out comparisons, bootstrap 95% CI.",
-             "", "| world | base error, own / another caption | raters agree | base samples: asked colour, mean "
-             "utility | rated drawings: mean utility |", "|---|---|---|---|---|"]
-    for s in seeds:
-        cd, w = worlds[s]["caption_dependence"], worlds[s]
-        lines.append(f"| {s} | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) | "
-                     f"{w['feedback']['rater_agreement']:.0%} | {w['base_images']['color_match']:.1%}, "
-                     f"{w['base_images']['mean_utility']:.3f} | {w['feedback_images']['mean_utility']:.3f} |")
-    lines += ["", "| world | steps | KTO vs base | shuffled labels vs base | SFT vs base | KTO vs SFT |",
-              "|---|---|---|---|---|---|"]
-    for s in seeds:
-        for n in sorted({TINY_STEPS, max(steps)}):
-            lines.append(f"| {s} | {n} | {cell(s, 'KTO', n, 'base')} | {cell(s, 'shuffled labels', n, 'base')} | "
-                         f"{cell(s, 'SFT', n, 'base')} | {cell(s, 'KTO', n, 'SFT')} |")
-    ablations = sorted({(r["seed"], r["kind"]) for r in rows if r["ablation"]},
-                       key=lambda k: (k[0], list(ABLATIONS).index(k[1])))
-    if ablations:
-        lines += ["", f"| world | {TINY_STEPS} steps, one change from the defaults | vs base |", "|---|---|---|"]
-        lines += [f"| {s} | `{' '.join(ABLATIONS[a])}` | {cell(s, a, TINY_STEPS, 'base')} |"
-                  for s, a in ablations]
-    lines += ["", "| world | " + " | ".join(f"KTO, {n} steps" for n in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(cell(s, "KTO", n, "base") for n in steps) + " |" for s in seeds]
-    lines.append("")
-    for n in sorted({TINY_STEPS, max(steps)}):
-        kto = [r for r in by.values() if r["kind"] == "KTO" and r["baseline"] == "base" and r["steps"] == n]
-        if kto:
-            lines.append(f"KTO vs base at {n} steps: mean win rate over {len(kto)} world(s) "
-                         f"{np.mean([r['win_rate'] for r in kto]):.3f}, lowest CI lower bound "
-                         f"{min(r['ci95'][0] for r in kto):.3f}.")
-    if len(train_seeds) > 1:
-        lines += over_runs(rows, train_seeds)
-    return "\n".join(lines) + "\n"
-
-
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Build (or find) a tiny world; draw the figure; run the study.")
+    parser = argparse.ArgumentParser(description="Build (or find) a tiny world; draw the figure. The study: study.py.")
     parser.add_argument("--seed", type=int, default=0, help="world seed (one independent world per seed)")
-    parser.add_argument("--device", default="cpu", help="where to build worlds (cpu | cuda); training and "
-                        "evaluation pick CUDA themselves when it is there")
+    parser.add_argument("--device", default="cpu", help="where to build the world (cpu | cuda)")
     parser.add_argument("--figure", nargs=2, metavar=("EVAL_OUT", "PNG"),
                         help="draw base vs KTO images from an eval.py --tiny output folder")
-    parser.add_argument("--study", action="store_true", help="run the whole study (docs/tiny_world.md)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(STUDY_WORLDS),
-                        help="--study: world seeds (default 3 4 5; worlds 0-2 chose the --tiny learning rate, "
-                        "docs/tiny_world.md)")
-    parser.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                        help="--study: training seeds (the first: every row; the others: the default-step cells)")
-    parser.add_argument("--ablation_seeds", type=int, nargs="*", default=None,
-                        help="--study: worlds with the ablation rows, from --seeds (default: the first)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0],
-                        help="--study: KTO steps as fractions of the --tiny default (200)")
-    parser.add_argument("--jobs", type=int, default=1, help="--study: runs at a time (threads split between them)")
-    parser.add_argument("--out", default="runs/study-out", help="--study: folder of the tables and plots (6 files)")
-    parser.add_argument("--work", default="runs/study", help="--study: folder of the runs and evaluations")
     parser.add_argument("--sizes", nargs="*", default=[], metavar="KEY=N",
                         help=f"world build sizes other than the defaults {SIZES} (own cache folder)")
-    parser.add_argument("--deadline_s", type=float, default=0,
-                        help="--study: start nothing after this many seconds; the table shows what finished")
-    parser.add_argument("--train_flags", default="", help="--study: extra train_kto.py flags for every run")
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
-    if args.study:
-        study(args.seeds, Path(args.out), Path(args.work), args.device, args.jobs, args.fractions,
-              args.ablation_seeds, args.train_flags.split(), sizes, args.deadline_s, args.train_seeds)
-    else:
-        print(world_path(args.seed, args.device, **sizes))
+    print(world_path(args.seed, args.device, **sizes))
     if args.figure:
         make_figure(Path(args.figure[0]), Path(args.figure[1]))
