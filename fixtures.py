@@ -2,7 +2,8 @@
 
 Nothing here is part of the method or is needed to train on real data:
 - the tiny model: tiny_world.build_tiny_model's random-weight, Stable-Diffusion-shaped pipeline, built once into
-  the cache; and a small labelled CSV dataset of tiny-world drawings (the fast tests);
+  the cache; a small labelled CSV dataset of tiny-world drawings (the fast tests); perturb_norms, which moves a
+  random model's norm weights off 1 and 0 so that precision tests see their rounding;
 - the tiny scorers: the five paper scorers (scorers.py) with tiny random weights, each saved in the format of its
   real weights (eval.py --tiny);
 - synthetic Pick-a-Pic v2 shards and the label conversion's benchmark;
@@ -130,7 +131,6 @@ def tiny_model_path() -> Path:
 
 def tiny_dataset_path() -> Path:
     return build_once(cache_dir() / f"tiny-data-{TINY_VERSION}", build_tiny_dataset) / "data.csv"
-
 
 
 def build_tiny_dataset(path: Path, n: int = 256, resolution: int = 32, seed: int = 0) -> None:

@@ -245,6 +245,22 @@ def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
     assert set(weights) == set(plain[1])  # in place: the saved state_dict keys are unchanged
 
 
+@pytest.mark.slow
+def test_profile_with_compile_counts_eagerly_then_compiles(tmp_path, plain, monkeypatch):
+    """The FLOP count of step 1 runs eager: a step traced under the counter was never compiled afterwards (seen on
+    an H200: --compile --profile ran at the eager speed)."""
+    graphs, real = [], torch.nn.Module.compile
+
+    def counting(self, **kw):  # dynamo traces; the "compiled" graph runs as traced
+        real(self, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    monkeypatch.setattr(torch.nn.Module, "compile", counting)
+    rows, _ = run(tmp_path / "out", "--compile", "--profile")
+    assert len(graphs) > 0
+    assert_close(rows, plain[0], 1e-5)
+    eager, _ = run(tmp_path / "eager", "--profile")
+    assert rows[0]["flops_per_step"] == eager[0]["flops_per_step"] > 0
+
+
 @pytest.fixture(scope="module")
 def uneven_norms(tmp_path_factory):
     """The tiny model with GroupNorm/LayerNorm weights and biases that bf16 and fp16 cannot store exactly (the

@@ -334,7 +334,7 @@ def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path,
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
-PRE_REDESIGN = "837c127"  # the last commit before kto_step: same metrics, bit for bit, on the same machine
+PRE_REDESIGN = "4461090"  # the last commit before the modules were split: same metrics, bit for bit, on the same machine
 
 
 @pytest.mark.slow
@@ -346,18 +346,21 @@ def test_same_metrics_and_weights_as_before_the_redesign(tmp_path):
         pytest.skip(f"commit {PRE_REDESIGN} is not in this checkout's history")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     args = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--caption_dropout", "0.5"]
-    for extra in ([], ["--reference_point", "batch_mean", "--utility", "loss_averse", "--no-random_flip"]):
-        out = tmp_path / f"old-{len(extra)}"
+    variants = ([], ["--reference_point", "batch_mean", "--utility", "loss_averse", "--no-random_flip"],
+                ["--objective", "sft"], ["--train_batch_size", "4", "--gradient_accumulation_steps", "2"],
+                ["--reference_point", "batch_mean", "--gradient_accumulation_steps", "2", "--cache_latents"])
+    for n, extra in enumerate(variants):
+        out = tmp_path / f"old-{n}"
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(old)!r}); import train_kto; "
                         "train_kto.main(sys.argv[1:])", *TINY[:-2], *args, *extra, "--output_dir", str(out)],
                        check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=old)
-        _, rows = run(tmp_path, *args, *extra, out=f"new-{len(extra)}")
+        _, rows = run(tmp_path, *args, *extra, out=f"new-{n}")
         before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         for a, b in zip(rows, before, strict=True):
             for k in b:
                 if k != "images_per_sec":
                     assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
-        assert max_diff(weights(out / "checkpoint-3"), weights(tmp_path / f"new-{len(extra)}" / "checkpoint-3")) <= 1e-6
+        assert max_diff(weights(out / "checkpoint-3"), weights(tmp_path / f"new-{n}" / "checkpoint-3")) <= 1e-6
 
 
 def test_help_shows_the_tiny_defaults(capsys):
