@@ -1,4 +1,4 @@
-"""Tests of the reports (utils.py, "Reports"): training curves, image grids, trackers, model cards, and eval.py's
+"""Tests of the reports (reports.py): training curves, image grids, trackers, model cards, and eval.py's
 --export and model-card table. Offline, on CPU, with the tiny model.
 
     HF_HUB_OFFLINE=1 python -m pytest -q test_report.py

@@ -15,8 +15,9 @@ Launch:
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
 Every flag: python train_kto.py --help. Outputs (README "Outputs"): <output_dir>/run.json, metrics.jsonl,
 curves.png, validation/, checkpoint-<step>/ (unet/, model card).
-File map: this file is the method and its training loop; utils.py the plumbing (data, distributed set-up,
-atomic files); fixtures.py and tiny_world.py the offline stand-ins for the hub (tests and the CPU demo).
+File map: this file is the method and its training loop; data.py the like/dislike data and the training inputs;
+reports.py what a run writes and shows; utils.py the run time (flags, distributed set-up, checkpoints); eval.py the
+evaluation; tiny_world.py the offline world of --tiny (the README's table of files).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class Config:
     plot: str = arg("", "only redraw <RUN_DIR>/curves.png from its metrics.jsonl (any run, resumed ones too); exit")
 
 
-TINY = dict(  # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
+# --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
+TINY = dict(
     resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=1e-5, lr_warmup_steps=5, beta=200.0,
     checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny", validation_steps=50,
     validation_guidance=3.0,
@@ -125,7 +127,8 @@ CHOICES = dict(label_policy=data.LABEL_POLICIES, utility=("kahneman_tversky", "l
                reference_point=("kl_mismatched", "batch_mean", "zero"), objective=("kto", "sft"),
                mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"),
                report_to=reports.TRACKERS)
-RESUMABLE = {  # what may differ between a run and its resumption; anything else is refused
+# What may differ between a run and its resumption; anything else is refused
+RESUMABLE = {
     "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_bad_steps",
     "dataloader_workers", "gradient_checkpointing", "compile", "profile", "peak_tflops", "cache_latents", "cache_dir",
     "validation_prompts", "validation_steps", "validation_guidance", "report_to", "plot"}
@@ -133,7 +136,8 @@ RESUMABLE = {  # what may differ between a run and its resumption; anything else
 
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
-    def tiny_world(given):  # built on first use, and only if the run needs it
+    # Built on first use, and only if the run needs it
+    def tiny_world(given):
         import tiny_world
         world = lambda: tiny_world.world_path(given.get("world_seed", 0))  # noqa: E731
         return {**({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
@@ -157,15 +161,21 @@ def kto_loss(policy_err, ref_err, desirable, beta, z, utility="kahneman_tversky"
     policy_err, ref_err: [B] mean squared denoising errors; desirable: bool [B]; z: scalar reference point
     in the units of r. Written with sigmoid/softplus so that beta = 5000 cannot overflow in float32.
     """
-    r = ref_err - policy_err                                  # implicit reward: log pi_theta/pi_ref up to scale
-    w = desirable.float() * 2 - 1                             # w(x0) = +1 desirable, -1 undesirable
-    x = w * beta * (r - z)                                    # Eq. 8: w * (beta * log-ratio - Q_ref), Q_ref = beta z
+    # Implicit reward: log pi_theta/pi_ref up to scale
+    r = ref_err - policy_err
+    # w(x0) = +1 desirable, -1 undesirable
+    w = desirable.float() * 2 - 1
+    # Eq. 8: w * (beta * log-ratio - Q_ref), Q_ref = beta z
+    x = w * beta * (r - z)
     if utility == "kahneman_tversky":
-        one_minus_u = torch.sigmoid(-x)                       # U = sigmoid(x);            1 - U = sigmoid(-x)
+        # U = sigmoid(x), so 1 - U = sigmoid(-x)
+        one_minus_u = torch.sigmoid(-x)
     elif utility == "loss_averse":
-        one_minus_u = 1 + F.softplus(-x)                      # U = log sigmoid(x);        1 - U = 1 + softplus(-x)
+        # U = log sigmoid(x), so 1 - U = 1 + softplus(-x)
+        one_minus_u = 1 + F.softplus(-x)
     elif utility == "risk_seeking":
-        one_minus_u = 1 - F.softplus(x)                       # U = -log sigmoid(-x);      1 - U = 1 - softplus(x)
+        # U = -log sigmoid(-x), so 1 - U = 1 - softplus(x)
+        one_minus_u = 1 - F.softplus(x)
     else:
         raise ValueError(f"utility must be one of {', '.join(CHOICES['utility'])}; got {utility!r}")
     lambda_y = torch.where(desirable, torch.tensor(lambda_d, dtype=x.dtype), torch.tensor(lambda_u, dtype=x.dtype))
@@ -238,13 +248,16 @@ def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, lo
     # What the UNet predicts: the noise, or the velocity for v-prediction models (SD 2.1)
     target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
 
-    def err(unet, c, i):  # denoising error of samples i under captions c
+    # Denoising error of samples i under captions c
+    def err(unet, c, i):
         return denoising_error(unet(x_t[i], t[i], c[i]).sample, target[i])
 
-    def errors(unet, c):  # ... of the whole batch, one micro-batch at a time (the batch shapes of the policy)
+    # ... of the whole batch, one micro-batch at a time (the batch shapes of the policy)
+    def errors(unet, c):
         return torch.cat([err(unet, c, i) for i in micro])
 
-    raw_policy = getattr(policy, "module", policy)  # forwards without gradient skip DDP
+    # Forwards without gradient skip DDP
+    raw_policy = getattr(policy, "module", policy)
     with torch.no_grad():
         # Reference model's denoising error
         ref_err = errors(ref, emb)
@@ -274,7 +287,8 @@ def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, lo
 def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.Tensor]:
     """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
     r, z, d = stats["r"], stats["z"], desirable.float()
-    won = torch.where(desirable, r > z, r < z).float()        # w * (r - z) > 0: the utility is above its midpoint
+    # W * (r - z) > 0: the utility is above its midpoint
+    won = torch.where(desirable, r > z, r < z).float()
     return global_sums(dict(
         loss=loss.detach() * len(r), r_desirable=(r * d).sum(), n_desirable=d.sum(), r_undesirable=(r * (1 - d)).sum(),
         n=torch.tensor(float(len(r)), device=r.device), won=won.sum(), policy_err=stats["policy_err"].sum(),
@@ -336,7 +350,8 @@ def load_models(cfg: Config, path: str, device: torch.device):
     amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).train()
-    ref = frozen_reference(policy, amp_dtype or torch.float32)  # two modules: never swap weights in and out of one
+    # Two modules: never swap weights in and out of one
+    ref = frozen_reference(policy, amp_dtype or torch.float32)
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     if cfg.compile:
@@ -353,7 +368,8 @@ def load_models(cfg: Config, path: str, device: torch.device):
 
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
-    utils.quiet_libraries()  # first: --tiny may build the tiny world while parsing
+    # First: --tiny may build the tiny world while parsing
+    utils.quiet_libraries()
     cfg = parse_config(argv)
     if cfg.plot:
         print(f"wrote {reports.plot_curves(Path(cfg.plot))}")
@@ -375,10 +391,12 @@ def optimizer_class(name: str):
 
 
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
-    per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps  # images per rank and optimizer step
+    # Images per rank and optimizer step
+    per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
     if mismatched:
-        mismatched(per_rank)  # a batch of one image has no other caption: fail now, with a clear message
+        # A batch of one image has no other caption: fail now, with a clear message
+        mismatched(per_rank)
     optimizer_cls = optimizer_class(cfg.optimizer)
     table, dataset, desirable, counts = data.load_data(cfg)
     resume_from = utils.find_resume(cfg, RESUMABLE)
@@ -386,19 +404,22 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
     policy, ref, scheduler, amp_dtype = load_models(cfg, path, device)
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy  # ref: never wrapped
+    # Ref: never wrapped
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     # Adam (weight decay 0) with a linear warm-up, then constant; fp16 gradients need a loss scale
     optimizer = optimizer_cls(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))  # noise, t, flips, dropout
+    # Noise, t, flips, dropout
+    gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
     start_step, bad_steps = (utils.load_checkpoint(resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed,
                                                    rank, world_size, device) if resume_from else (0, 0))
     record = reports.Reports(cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0)
 
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
-    captions = list(dict.fromkeys(["", *table["caption"]]))  # "" first: the dropped-out caption
+    # "" first: the dropped-out caption
+    captions = list(dict.fromkeys(["", *table["caption"]]))
     inputs = data.Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank,
                          world_size, mismatched)
     sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank)
@@ -409,7 +430,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     loss_fn = (functools.partial(kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d,
                                  lambda_u=cfg.lambda_u) if cfg.objective == "kto" else sft_loss)
     phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
-    record.validate(policy, start_step, inputs)  # the baseline grid, before any update
+    # The baseline grid, before any update
+    record.validate(policy, start_step, inputs)
 
     for step in range(start_step + 1, cfg.max_train_steps + 1):
         t0 = time.perf_counter()
@@ -425,7 +447,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                                        cfg.reference_point, cfg.gradient_accumulation_steps,
                                        backward=lambda loss_k: scaler.scale(loss_k).backward())
         with phases("clip"):
-            scaler.unscale_(optimizer)  # fp16: the true gradients, so that clipping sees their norm
+            # Fp16: the true gradients, so that clipping sees their norm
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         with phases("optimizer"):
             # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
@@ -435,7 +458,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             bad_steps = bad_steps + 1 if skipped else 0
             update(optimizer, lr_schedule, scaler, skipped)
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
-        data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)  # every rank stops together
+        # Every rank stops together
+        data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
 
         seconds = time.perf_counter() - t0
         record.log({**log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds), **phases.report(seconds)})

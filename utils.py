@@ -1,13 +1,6 @@
-"""Helpers shared by train_kto.py and eval.py.
-
-- torchrun-aware setup of the process group (init_distributed);
-- reading a like/dislike dataset (CSV, JSONL or parquet, or Pick-a-Pic v2 pairs turned into per-image labels)
-  and checking it before any training starts;
-- turning images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL + torch, no torchvision);
-- files written atomically (atomic_path) and a cache of things built once (build_once).
-
-Nothing here knows about KTO (the method lives in train_kto.py) or builds synthetic data (fixtures.py).
-"""
+"""The run time shared by train_kto.py and eval.py: flags from a config dataclass, torchrun-aware distributed
+set-up and tear-down, hub ids and local folders, derived seeds, files written atomically and a cache of things
+built once, and the training checkpoints (save, find, load, side by side)."""
 
 from __future__ import annotations
 
