@@ -99,11 +99,11 @@ def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None
             print(f"wrote {n_rows:,} comparisons to {folder} in {time.perf_counter() - t0:.1f} s")
         shutil.rmtree(folder / ".diffusion_kto", ignore_errors=True)
         code = (
-            "import json, resource, time, data\n"
+            "import json, resource, time, pickapic\n"
             "t0 = time.perf_counter()\n"
-            f"table = data.load_pickapic({str(folder)!r})\n"
+            f"table = pickapic.load_pickapic({str(folder)!r})\n"
             "t1 = time.perf_counter()\n"
-            f"data.load_pickapic({str(folder)!r})\n"
+            f"pickapic.load_pickapic({str(folder)!r})\n"
             "t2 = time.perf_counter()\n"
             "print(json.dumps(dict(convert_s=t1 - t0, cached_s=t2 - t1,\n"
             "    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **table.attrs['stats'])))\n"

@@ -18,6 +18,7 @@ from PIL import Image
 
 import fixtures
 import data
+import pickapic
 import utils
 from utils import DataError
 
@@ -128,7 +129,7 @@ def test_parity_with_a_python_loop(tmp_path):
     fixtures.write_synthetic_pickapic(root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3)
     won, lost, seen = defaultdict(int), defaultdict(int), {}
     for f in sorted(root.glob("*.parquet")):
-        t = pq.read_table(f, columns=list(data.PICKAPIC_LABEL_COLUMNS)).to_pylist()
+        t = pq.read_table(f, columns=list(pickapic.PICKAPIC_LABEL_COLUMNS)).to_pylist()
         for r in t:
             if r["label_0"] == r["label_1"]:
                 continue
@@ -153,14 +154,14 @@ def test_labels_never_read_the_image_columns(folder):
     """Overwrite the jpg column chunks on disk with junk: labels still compute, the jpg columns can't be read."""
     for f in folder.glob("*.parquet"):
         meta = pq.ParquetFile(f).metadata
-        data = bytearray(f.read_bytes())
+        raw = bytearray(f.read_bytes())
         for g in range(meta.num_row_groups):
             for c in range(meta.num_columns):
                 col = meta.row_group(g).column(c)
-                if col.path_in_schema in data.PICKAPIC_IMAGE_COLUMNS:
+                if col.path_in_schema in pickapic.PICKAPIC_IMAGE_COLUMNS:
                     start = col.dictionary_page_offset or col.data_page_offset
-                    data[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
-        f.write_bytes(bytes(data))
+                    raw[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+        f.write_bytes(bytes(raw))
         with pytest.raises(Exception):
             pq.read_table(f, columns=["jpg_0"])
     table = data.load_feedback(folder)
@@ -169,8 +170,8 @@ def test_labels_never_read_the_image_columns(folder):
 
 def test_cache_reused_keyed_by_policy_and_invalidated_by_changes(folder, monkeypatch):
     calls = []
-    real = data._read_label_columns
-    monkeypatch.setattr(data, "_read_label_columns", lambda files: calls.append(1) or real(files))
+    real = pickapic._read_label_columns
+    monkeypatch.setattr(pickapic, "_read_label_columns", lambda files: calls.append(1) or real(files))
     first = data.load_feedback(folder)
     assert len(calls) == 1 and Path(first.attrs["stats"]["label_cache"]).exists()
     second = data.load_feedback(folder)
@@ -332,7 +333,7 @@ def test_first_caption_wins_and_conflicts_are_counted():
         "caption": ["first", "second", "other"], "label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5],
         "image_0_uid": ["A", "A", "B"], "image_1_uid": ["B", "C", "C"],
         "shard": np.zeros(3, np.int32), "row": np.arange(3, dtype=np.int64)})
-    table, stats = data.pickapic_labels(comparisons, "won_once")
+    table, stats = pickapic.pickapic_labels(comparisons, "won_once")
     assert table.column("uid").to_pylist() == ["A", "B", "C"]
     assert table.column("caption").to_pylist() == ["first", "first", "second"]
     assert stats["images_with_several_captions"] == 1  # A: "first" and "second"; the tie's caption is not counted

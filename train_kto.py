@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import pickapic
 import reports
 import utils
 from utils import DataError, arg
@@ -48,7 +49,7 @@ class Config:
                                 "base model: hub id or local diffusers folder; policy and ref both start from its UNet")
     dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet "
                        "shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
-    label_policy: str = arg("won_once", data.LABEL_POLICY_HELP)
+    label_policy: str = arg("won_once", pickapic.LABEL_POLICY_HELP)
     output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
     tiny: bool = arg(False, "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized "
                      "defaults; explicit flags still win")
@@ -123,7 +124,7 @@ TINY = dict(
     checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny", validation_steps=50,
     validation_guidance=3.0,
 )
-CHOICES = dict(label_policy=data.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
+CHOICES = dict(label_policy=pickapic.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
                reference_point=("kl_mismatched", "batch_mean", "zero"), objective=("kto", "sft"),
                mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"),
                report_to=reports.TRACKERS)
