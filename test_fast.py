@@ -143,8 +143,8 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     monkeypatch.setattr(torch.amp, "GradScaler", record)
     rows, weights = run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "12")
     assert scalers[0].is_enabled() == (precision == "fp16")  # the loss scaler exists for fp16 only
-    # bf16 keeps 8 significant bits (unit roundoff 2**-9 = 2e-3), fp16 11; the UNets accumulate in float32 and the
-    # errors average 256 squares, so e moves by a few 1e-3 (measured: below 1e-2); 5e-2 leaves 5x for other CPUs
+    # bf16 keeps 8 significant bits (unit roundoff 2**-9 = 2e-3; fp16 2**-12): the UNets' inputs and weights are
+    # rounded to it, their sums kept in float32, so e moves by a few such roundings; 5e-2 is 25 of bf16's
     assert_close(rows[:3], plain[0], 5e-2, keys=("policy_err", "ref_err"))
     assert all(r["skipped"] == 0 for r in rows)
     if precision == "fp16":  # the first steps overflow at the initial scale 2**16 and are skipped by the scaler ...
@@ -210,6 +210,7 @@ def test_profile_counts_the_steps_flops_and_utilisation(tmp_path, monkeypatch, r
     assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"] == sum(counts) / 2
     for r in rows:
         seconds = train_kto.TINY["train_batch_size"] / r["images_per_sec"]
+        # float64 arithmetic on the logged numbers (images_per_sec round-trips through seconds): a few 1e-16
         assert r["tflops_per_sec"] == pytest.approx(r["flops_per_step"] / seconds / 1e12, rel=1e-9)
         assert r["utilization"] == pytest.approx(r["tflops_per_sec"] / 0.5, rel=1e-12)
 
@@ -296,4 +297,6 @@ def test_reference_equals_policy_at_step_one(tmp_path, uneven_norms, precision, 
     rows, _ = run(tmp_path / "out", "--pretrained_model", str(uneven_norms), "--mixed_precision", precision,
                   "--reference_point", reference_point, "--learning_rate", "0", "--max_train_steps", "2")
     for r in rows:  # lr 0: the policy never moves, so every implicit reward, and so z, is exactly 0
+        # bitwise: the reference is the policy's computation (norms in float32, the rest rounded as autocast
+        # rounds the policy's), on the same batch
         assert (r["reward_desirable"], r["reward_undesirable"], r["z"]) == (0.0, 0.0, 0.0), (precision, r)
