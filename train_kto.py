@@ -486,7 +486,10 @@ class Phases:
             yield
             return
         from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False, custom_mapping=attention_flops_cpu()) as counter:
+        # eager: compiled code hides its operations from the counter, and a step traced under the counter would
+        # never be compiled afterwards
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False,
+                                                                         custom_mapping=attention_flops_cpu()) as counter:
             yield
         self.flops = counter.get_total_flops()
 
