@@ -38,6 +38,7 @@ def test_win_rate_by_hand_uses_the_median_image():
     ckpt = np.array([[0.0, 5.0, 9.0], [1.0, 1.0, 1.0], [0.0, 0.0, 100.0]])
     base = np.array([[4.0, 4.0, 4.0], [1.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
     r = ev.win_rate(ckpt, base)  # medians 5 vs 4 (win), 1 vs 1 (tie), 0 vs 1 (loss; the mean would win)
+    # float64 means of a few exact values: a few 1e-16; approx's default rel 1e-6 is headroom
     assert r["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert r["mean_ckpt"] == pytest.approx(ckpt.mean()) and r["n_prompts"] == 3
     r_all = ev.win_rate(ckpt, base, compare="all")  # prompt 0: 0 loses 3x, 5 and 9 win 3x -> 6/9
@@ -49,12 +50,15 @@ def test_win_rate_invariants(compare):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(40, 5)), rng.normal(size=(40, 5)) + 0.3
     r = ev.win_rate(a, b, compare)
+    # exact: every comparison of a with its copy is a tie worth 1/2, and means of halves are exact
     assert ev.win_rate(a, a.copy(), compare)["win_rate"] == 0.5
     assert ev.win_rate(a, a.copy(), compare)["ci95"] == [0.5, 0.5]
     swapped = ev.win_rate(b, a, compare)
     assert swapped["win_rate"] == pytest.approx(1 - r["win_rate"])
     assert swapped["ci95"] == pytest.approx([1 - r["ci95"][1], 1 - r["ci95"][0]])
     scaled = ev.win_rate(3.7 * a + 0.0, 3.7 * b, compare)
+    # exact: a product is correctly rounded, so monotone; no two of these seeded draws lie within an ulp, so no
+    # comparison changes, and the win rate and the bootstrap over the same outcomes are the same numbers
     assert scaled["win_rate"] == r["win_rate"] and scaled["ci95"] == r["ci95"]
     assert r["ci95"][0] < r["win_rate"] < r["ci95"][1]
 
@@ -140,6 +144,7 @@ def test_hps_resizes_the_float_tensor_then_pads_with_zeros():
     resized = F.interpolate(x, size=(199, 224), mode="bicubic", antialias=True, align_corners=False)[0]
     got = unnormalize(scorers.preprocess_hps([image], 224)[0])
     assert got.shape == (3, 224, 224)
+    # the same interpolation, then Normalize and its inverse: a few U (6e-8) on values in [-0.1, 1.1]; 1e-5 is 100x
     torch.testing.assert_close(got[:, 12:211], resized, atol=1e-5, rtol=0)
     assert (got[:, :12].abs() < 1e-6).all() and (got[:, 211:].abs() < 1e-6).all()  # padding: zeros before Normalize
     assert got.min() < -0.005 and got.max() > 1.005  # the overshoot a uint8 image cannot hold
@@ -158,6 +163,7 @@ def test_pickscore_pixels_equal_transformers_clip_image_processor():
     for w, h in ((1216, 832), (832, 1216), (360, 320), (512, 512)):
         image = edge_image(w, h)
         expected = processor(images=image, return_tensors="pt").pixel_values
+        # the same PIL resize and crop; only the float32 normalisation's order may differ: a few U on values < 3
         torch.testing.assert_close(scorers.preprocess_pickscore([image], 224), expected, atol=1e-5, rtol=0)
 
 
@@ -169,6 +175,7 @@ def test_openai_clip_and_blip_resize_the_short_side_then_crop_with_torchvision_o
         image = edge_image(w, h)
         crop = image.resize(size, Image.BICUBIC).crop((left, top, left + 224, top + 224))
         expected = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
+        # Normalize and its inverse in float32: a few U on values in [0, 1]; 1e-5 is 100x that
         torch.testing.assert_close(unnormalize(scorers.preprocess_openai_clip([image], 224)[0]), expected,
                                    atol=1e-5, rtol=0)
 
@@ -242,6 +249,8 @@ def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
     txt = t[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
     expected = F.cosine_similarity(img, txt, dim=-1)
     got = scorers.load_hps(cfg, torch.device("cpu"))(images, prompts)
+    # another implementation of the same ViT (other kernels, other summation orders) on a tiny model: float32
+    # rounding of ~1e-6 on cosines <= 1; atol 1e-5 / rtol 1e-4 are 10x that
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -257,6 +266,7 @@ def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
             logits = model(input_ids=inputs.input_ids, pixel_values=pixels).logits_per_image.diagonal()
             got = ev.SCORERS[m].load(cfg, torch.device("cpu"))(images, prompts)
         expected = logits if m == "pickscore" else logits / model.logit_scale.exp()  # scale * cos, or cos
+        # the same model through transformers' forward: float32 rounding of ~1e-6 relative; 1e-4 is 100x that
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     model = CLIPModel.from_pretrained(paths["aesthetic"]).eval()
     head = torch.load(paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
@@ -267,6 +277,7 @@ def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
         for i in (0, 2, 4, 6, 7):
             x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
         got = scorers.load_aesthetic(cfg, torch.device("cpu"))(images, ["ignored"] * 3)
+    # as above: the same layers in another order of calls, ~1e-6 relative
     torch.testing.assert_close(got, x.squeeze(-1), atol=1e-5, rtol=1e-4)
 
 
@@ -287,6 +298,7 @@ def test_each_scorer_prepares_images_and_prompts_as_its_authors(scorer_cfg, monk
     score = ev.SCORERS[metric].load(cfg, torch.device("cpu"))
     images = sample_images(2)
     clean, messy = ["a red circle & a dog's square"] * 2, ["a  red circle &amp; a dog\u2019s square"] * 2
+    # bitwise where the cleaned prompts give the same tokens: the identical computation on the same shapes
     same = torch.equal(score(images, clean), score(images, messy))
     assert set(calls) == {PREPROCESS[metric]}
     assert same == (metric in ("hps", "clip", "aesthetic")), metric  # aesthetic ignores the prompt
@@ -306,7 +318,8 @@ def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
     images = sample_images(2)
     a, b = score(images, ["a red circle", "a red circle"]), score(images, ["a blue square", "a blue square"])
     assert not torch.allclose(a, b)  # the text (35-token BERT) cross-attends to the image
-    torch.testing.assert_close(score(images[:1], [LONG]), score(images[:1], [LONG + " more words"]))  # cut at 35
+    # cut at 35 tokens: the same tokens, the identical computation (bit for bit; the default tolerance: headroom)
+    torch.testing.assert_close(score(images[:1], [LONG]), score(images[:1], [LONG + " more words"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -523,6 +536,8 @@ def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path)
     twin = tmp_path / "twin" / "checkpoint-2"  # same weights under another path: generated separately
     shutil.copytree(ckpt.parent, twin.parent)
     same = ev.main(["--ckpt", str(ckpt), "--baseline", str(twin), *FAST, "--out", str(tmp_path / "same")])
+    # exact: both models' images are generated by the identical computation (same weights, seeds and batches), so
+    # they are the same files, which are scored once (score_images): every comparison is a tie
     assert all(m["win_rate"] == 0.5 for m in same["metrics"].values())
     a, b = pixels(tmp_path / "same/images/checkpoint"), pixels(tmp_path / "same/images/baseline")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -530,6 +545,8 @@ def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path)
     b = ev.main(["--ckpt", str(fixtures.tiny_model_path()), "--baseline", str(ckpt), *FAST, "--compare", "all",
                  "--out", str(tmp_path / "b")])
     assert a["settings"]["compare"] == "all"
+    # the same images (generated identically under either role) scored in the same batches: float64 arithmetic on
+    # the same scores, a few 1e-16; approx's default rel 1e-6 is headroom
     for m in scorers.METRICS:
         assert b["metrics"][m]["win_rate"] == pytest.approx(1 - a["metrics"][m]["win_rate"])
         assert b["metrics"][m]["mean_ckpt"] == pytest.approx(a["metrics"][m]["mean_baseline"])
@@ -558,6 +575,8 @@ def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatc
     ev.main(["--ckpt", str(ckpt), *FAST, "--batch_size", "5", "--metrics", "clip", "--out", str(fresh)])
     other = pixels(fresh / "images" / "checkpoint")
     assert other.keys() == again.keys()
+    # batches of 5 instead of 1 reorder the UNet's float32 sums (~1e-6 relative on pixels in [0, 255]): a pixel can
+    # round to the neighbouring level, no further
     assert all(np.abs(other[k].astype(int) - again[k].astype(int)).max() <= 1 for k in other)
     with pytest.raises(SystemExit):  # other generation settings in the same --out are refused
         ev.main(args + ["--steps", "3"])
@@ -573,6 +592,9 @@ def test_scaling_a_scorer_changes_no_win_rate(ckpt, tmp_path, monkeypatch):
         scaled = lambda cfg, device, load=load: (lambda i, p, s=load(cfg, device): 7.5 * s(i, p))  # noqa: E731
         monkeypatch.setitem(ev.SCORERS, m, ev.SCORERS[m]._replace(load=scaled))
     after = ev.main(args)  # the images are on disk: only the scores change
+    # the same images through the same scorer and batches give the same scores; 7.5 * s is correctly rounded, so
+    # monotone: no comparison changes (none is within an ulp), so the win rates and bootstraps are exact; the
+    # means differ by the float rounding of the product: a few 1e-8, so rel 1e-5 is headroom
     for m in ("pickscore", "hps"):
         assert after["metrics"][m]["win_rate"] == before["metrics"][m]["win_rate"]
         assert after["metrics"][m]["ci95"] == before["metrics"][m]["ci95"]
@@ -612,6 +634,8 @@ def test_prompts_file_seed_and_paths(ckpt, tmp_path, scorer_cfg):
     assert moved["settings"]["imagereward_path"] == str(imagereward / "ImageReward.pt")
     for m in ("aesthetic", "imagereward"):
         for side in ("mean_ckpt", "mean_baseline"):
+            # the same images and batches; the shift enters once through the last bias (and ImageReward's float32
+            # division): a few ulp of scores ~1, abs 1e-5 is 100x that
             assert moved["metrics"][m][side] == pytest.approx(r["metrics"][m][side] + 1.0, abs=1e-5), (m, side)
 
 
@@ -634,16 +658,18 @@ def test_cli_output_reads_well_in_a_log_file(ckpt, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
     """Two CPU ranks share the images; rank 0 alone writes the results, equal to a one-process run."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
-           "--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--out", str(out)]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    ddp = json.loads((out / "results.json").read_text())
-    assert ddp["world_size"] == 2
-    single = ev.main(["--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--out", str(tmp_path / "one")])
-    for m in ("clip", "hps"):
-        assert ddp["metrics"][m]["win_rate"] == single["metrics"][m]["win_rate"]
+    # one image per generation and scorer call and one thread, in both runs: each image and score is then the
+    # identical computation whichever rank makes it, so the results are equal bit for bit (with batches of
+    # several images, the ranks' batches would differ from the single run's and round differently)
+    args = ["eval.py", "--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--batch_size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for launcher, out in ((torchrun, tmp_path / "ddp"), ([sys.executable], tmp_path / "one")):
+        run = subprocess.run([*launcher, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+    ddp, single = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("ddp", "one"))
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["metrics"] == single["metrics"]
 
 
 def test_utility_metric_reads_the_world_off_the_pixels(tmp_path):
@@ -653,5 +679,7 @@ def test_utility_metric_reads_the_world_off_the_pixels(tmp_path):
     small_red = tiny_world.draw_shape("circle", "red", "white", 0.12, (0.5, 0.5), 32)
     big_blue = tiny_world.draw_shape("circle", "blue", "white", 0.45, (0.5, 0.5), 32)
     s = score([big_red, small_red, big_blue], ["a red circle on a white background"] * 3).tolist()
+    # colour terms are 0 or 0.5 exactly and the two big circles cover the same pixels (same size term): approx's
+    # default only absorbs float64 rounding
     assert s[0] > s[1] >= 0.5 > s[2] and s[0] - s[2] == pytest.approx(0.5)
     assert tiny_world.world_utility(big_red, "a red circle on a white background") == pytest.approx(s[0])

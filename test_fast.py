@@ -1,9 +1,11 @@
 """Tests of train_kto.py's fast paths: each option runs on the tiny model (CPU) and is checked against the plain path.
 
-Tolerances (relative, on loss, z, rewards, errors and gradient norm of every step of a 3-step run):
-  --gradient_checkpointing 1e-5 (the same arithmetic, recomputed); --cache_latents 1e-5 (the same random draws; only
-  the VAE / text encoder batch composition differs); --mixed_precision bf16 / fp16 5e-2 on the denoising errors;
-  --optimizer adamw8bit is tested with a stand-in module (bitsandbytes is not a dependency) and for its error.
+Tolerances (on loss, z, rewards, errors and gradient norm of every step of a 3-step run), each from an argument:
+  --gradient_checkpointing, --compile (backend eager): 1e-5, headroom only: the same kernels on the same shapes
+  (measured bit for bit); --cache_latents: at lr 0 (nothing for Adam to amplify), the errors and gradient norm within
+  the float32 rounding of inputs that the VAE / text encoder computed on other batches (E_TOL), the rest exact;
+  --mixed_precision bf16 / fp16: 5e-2 on the denoising errors; --optimizer adamw8bit is tested with a stand-in module
+  (bitsandbytes is not a dependency) that runs torch's fused AdamW, so exactly, and for its error.
 Run: HF_HUB_OFFLINE=1 python -m pytest -q test_fast.py
 """
 
@@ -40,14 +42,38 @@ def assert_close(a, b, rtol, keys=KEYS):
             assert abs(ra[k] - rb[k]) <= rtol * max(1.0, abs(rb[k])), (k, ra[k], rb[k])
 
 
+# The relative float32 rounding of a sample's denoising error e (~1) when the UNets see inputs rounded differently
+# (latents and caption embeddings computed on other batches): U = 2**-24 is float32's unit roundoff; the UNet's
+# roundings add up like a random walk over its matrix products, sqrt(sum of their lengths) U = 133 U per run, two
+# runs: 300 U (derived in full in test_train.py's test_gradient_accumulation_equals_the_whole_batch)
+E_TOL = 300 * 2.0 ** -24
+
+
+def assert_same_inputs(rows, want):
+    """Two runs at learning rate 0 whose inputs come from different code paths: the same data at every step."""
+    # lr 0: the policy stays the reference, so in each run r = z = 0 and the loss is lambda / 2, exactly
+    assert_close(rows, want, 0.0, keys=("loss", "z", "reward_desirable", "reward_undesirable"))
+    # the errors move with their inputs' rounding; the gradient is a sum of the errors' gradients with the same
+    # weight sigmoid'(0) / B (exact), so its norm moves by as much again
+    assert_close(rows, want, E_TOL, keys=("policy_err", "ref_err"))
+    assert_close(rows, want, 2 * E_TOL, keys=("grad_norm",))
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     return run(tmp_path_factory.mktemp("plain") / "out")
 
 
+@pytest.fixture(scope="module")
+def still(tmp_path_factory):
+    """The plain run at learning rate 0: Adam cannot amplify rounding differences between two runs' steps."""
+    return run(tmp_path_factory.mktemp("still") / "out", "--learning_rate", "0")
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_run(tmp_path, plain):
     rows, weights = run(tmp_path / "out", "--gradient_checkpointing")
+    # the recomputed forward runs the same kernels on the same shapes: equal bit for bit (1e-5 and 1e-6: headroom)
     assert_close(rows, plain[0], 1e-5)
     assert max((weights[k] - plain[1][k]).abs().max().item() for k in weights) < 1e-6
 
@@ -62,13 +88,13 @@ def test_attention_is_pytorch_sdpa_and_adamw_is_fused(tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, plain, monkeypatch, capsys):
+def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, still, monkeypatch, capsys):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
     cache = tmp_path / "cache"
-    rows, _ = run(tmp_path / "a", "--cache_latents", "--cache_dir", str(cache))
-    assert_close(rows, plain[0], 1e-5)
+    rows, _ = run(tmp_path / "a", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
+    assert_same_inputs(rows, still[0])
     first = torch.load(cache / "latents-000000.pt", weights_only=True)
     assert first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape  # both flips
     text = torch.load(cache / "text-000000.pt", weights_only=True)["emb"]
@@ -80,27 +106,27 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, pl
     with monkeypatch.context() as m:
         m.setattr(AutoencoderKL, "from_pretrained", refuse)
         m.setattr(CLIPTextModel, "from_pretrained", refuse)
-        again, _ = run(tmp_path / "b", "--cache_latents", "--cache_dir", str(cache))
-    assert_close(again, rows, 0.0)
+        again, _ = run(tmp_path / "b", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
+    assert_close(again, rows, 0.0)  # the same cache files through the same computation: bit for bit
 
     # a missing chunk (an interrupted cache pass) is encoded again, identically
     (cache / "latents-000000.pt").unlink()
-    run(tmp_path / "c", "--cache_latents", "--cache_dir", str(cache))
+    run(tmp_path / "c", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
     rebuilt = torch.load(cache / "latents-000000.pt", weights_only=True)
-    assert all(torch.equal(first[k], rebuilt[k]) for k in first)
+    assert all(torch.equal(first[k], rebuilt[k]) for k in first)  # the same images, the same VAE batches: bitwise
 
     # a cache made with other settings is refused, not silently reused
     with pytest.raises(SystemExit) as e:
-        run(tmp_path / "d", "--cache_latents", "--cache_dir", str(cache), "--resolution", "16")
+        run(tmp_path / "d", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0", "--resolution", "16")
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cache_latents_without_flip_with_batch_mean_and_dropout(tmp_path):
-    args = ["--no-random_flip", "--reference_point", "batch_mean", "--caption_dropout", "0.5"]
+    args = ["--no-random_flip", "--reference_point", "batch_mean", "--caption_dropout", "0.5", "--learning_rate", "0"]
     want, _ = run(tmp_path / "plain", *args)
     rows, _ = run(tmp_path / "cached", *args, "--cache_latents")  # default folder: <output_dir>/latent_cache
-    assert_close(rows, want, 1e-5)
+    assert_same_inputs(rows, want)
     part = torch.load(tmp_path / "cached" / "latent_cache" / "latents-000000.pt", weights_only=True)
     assert part["mean"].shape[1] == 1  # one view when images are not flipped
 
@@ -117,6 +143,8 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     monkeypatch.setattr(torch.amp, "GradScaler", record)
     rows, weights = run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "12")
     assert scalers[0].is_enabled() == (precision == "fp16")  # the loss scaler exists for fp16 only
+    # bf16 keeps 8 significant bits (unit roundoff 2**-9 = 2e-3; fp16 2**-12): the UNets' inputs and weights are
+    # rounded to it, their sums kept in float32, so e moves by a few such roundings; 5e-2 is 25 of bf16's
     assert_close(rows[:3], plain[0], 5e-2, keys=("policy_err", "ref_err"))
     assert all(r["skipped"] == 0 for r in rows)
     if precision == "fp16":  # the first steps overflow at the initial scale 2**16 and are skipped by the scaler ...
@@ -182,6 +210,7 @@ def test_profile_counts_the_steps_flops_and_utilisation(tmp_path, monkeypatch, r
     assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"] == sum(counts) / 2
     for r in rows:
         seconds = train_kto.TINY["train_batch_size"] / r["images_per_sec"]
+        # float64 arithmetic on the logged numbers (images_per_sec round-trips through seconds): a few 1e-16
         assert r["tflops_per_sec"] == pytest.approx(r["flops_per_step"] / seconds / 1e12, rel=1e-9)
         assert r["utilization"] == pytest.approx(r["tflops_per_sec"] / 0.5, rel=1e-12)
 
@@ -196,12 +225,12 @@ def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
     class StandIn(torch.optim.AdamW):  # bitsandbytes' AdamW8bit signature; 32-bit states, so results match adamw
         def __init__(self, params, **kw):
             made.append(kw)
-            super().__init__(params, **kw)
+            super().__init__(params, **kw, fused=True)  # the plain run's kernel: the same arithmetic
     stand_in = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandIn))
     monkeypatch.setitem(sys.modules, "bitsandbytes", stand_in)
     rows, _ = run(tmp_path / "standin", "--optimizer", "adamw8bit")
     assert made == [dict(lr=train_kto.TINY["learning_rate"], weight_decay=0.0)]
-    assert_close(rows, plain[0], 1e-5)
+    assert_close(rows, plain[0], 0.0)  # the same computation as the plain run: bit for bit
 
 
 def test_sd15_configs_are_stable_diffusion_v1_5():
@@ -241,6 +270,7 @@ def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
         fixtures.tiny_model_path()), torch.device("cpu"))[0].modules() if type(m).__name__ == "BasicTransformerBlock"]
     # regional compilation: every transformer block of the policy and of the reference, nothing else
     assert len(blocks) > 0 and compiled == blocks * 2
+    # backend eager runs the traced blocks with the same kernels on the same shapes: bit for bit (1e-5: headroom)
     assert_close(rows, plain[0], 1e-5)
     assert set(weights) == set(plain[1])  # in place: the saved state_dict keys are unchanged
 
@@ -280,4 +310,6 @@ def test_reference_equals_policy_at_step_one(tmp_path, uneven_norms, precision, 
     rows, _ = run(tmp_path / "out", "--pretrained_model", str(uneven_norms), "--mixed_precision", precision,
                   "--reference_point", reference_point, "--learning_rate", "0", "--max_train_steps", "2")
     for r in rows:  # lr 0: the policy never moves, so every implicit reward, and so z, is exactly 0
+        # bitwise: the reference is the policy's computation (norms in float32, the rest rounded as autocast
+        # rounds the policy's), on the same batch
         assert (r["reward_desirable"], r["reward_undesirable"], r["z"]) == (0.0, 0.0, 0.0), (precision, r)

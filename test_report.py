@@ -66,11 +66,13 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
     assert 0.5 < smooth.get_ydata()[30] < 1.0 and smooth.get_ydata()[0] == 1.0  # EMA over 3 steps, debiased
     labels = [line.get_label() for line in fig.axes[1].get_lines() if line.get_linewidth() > 1]
     assert labels == ["reward_desirable", "reward_undesirable"]  # both classes in one panel
+    # float64 values drawn as given: approx's default covers the float64 rounding of -0.1 * s
     assert list(fig.axes[1].get_lines()[2].get_ydata()) == pytest.approx([-0.1 * s for s in range(1, 61)])
 
 
 def test_ema_is_debiased_and_steps_over_skipped_values():
-    assert reports.ema(np.array([3.0, 3.0, 3.0]), span=10) == pytest.approx([3.0, 3.0, 3.0])  # no pull towards 0
+    # debiased: no pull towards 0 (float64 division by the bias correction: a few 1e-16)
+    assert reports.ema(np.array([3.0, 3.0, 3.0]), span=10) == pytest.approx([3.0, 3.0, 3.0])
     y = reports.ema(np.array([1.0, np.nan, np.inf, 3.0]), span=1)  # span 1: no smoothing at all
     assert y == pytest.approx([1.0, 1.0, 1.0, 3.0])
 
@@ -123,6 +125,7 @@ def test_tensorboard_writes_every_number_and_the_image(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert set(events.Tags()["scalars"]) == {"loss", "lr", "skipped", "grad"}  # no text, bool or the step
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.25), (4, 0.125)]
+    # tensorboard stores float32: 1e-4 comes back rounded (6e-8 relative); 2.5 is exact in float32
     assert events.Scalars("lr")[0].value == pytest.approx(1e-4) and events.Scalars("grad")[0].value == 2.5
     image, = events.Images("validation")
     assert (image.step, image.width, image.height) == (4, 40, 30)

@@ -19,6 +19,7 @@ import torch
 
 import fixtures
 import train_kto
+import utils
 import data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,6 +85,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     unet = UNet2DConditionModel.from_pretrained(out / "checkpoint-4", subfolder="unet")
     for a, b in zip(unet.state_dict().values(), policy.state_dict().values()):
+        # bitwise: the file holds the very tensors the run ended with
         assert torch.equal(a, b)
     run_json = json.loads((out / "run.json").read_text())
     assert json.loads((out / "checkpoint-4" / "config.json").read_text()) == run_json["config"]
@@ -92,7 +94,8 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     assert run_json["num_desirable"] == table.label.sum() and run_json["num_undesirable"] == (table.label == 0).sum()
     assert run_json["config"]["beta"] == train_kto.TINY["beta"] and run_json["world_size"] == 1
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
+    # linear warm-up, in float64 (a few 1e-16 of rounding; approx's default rel 1e-6 is headroom)
+    assert [r["lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     # the optimizer state (2x the UNet) is kept in the newest checkpoint only; an older one cannot be resumed
     assert (out / "checkpoint-4" / "optimizer.pt").exists() and not (out / "checkpoint-2" / "optimizer.pt").exists()
     with pytest.raises(SystemExit):
@@ -100,7 +103,8 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     keys = {"loss", "z", "reward_desirable", "reward_undesirable", "accuracy", "policy_err", "ref_err",
             "grad_norm", "lr", "images_per_sec"}
     assert keys <= set(rows[0])
-    assert rows[0]["loss"] == pytest.approx(0.5)            # policy == ref at step 1: lambda / 2
+    # policy == ref at step 1, bit for bit: r = z = 0 and every sample's loss is lambda * sigmoid(0) = 1/2 exactly
+    assert rows[0]["loss"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("utility", UTILITIES[1:])
@@ -109,16 +113,20 @@ def test_every_utility_trains(tmp_path, utility):
     # step 1: policy == ref, so x = -w * beta * z = 0 and 1 - U(0) is the same for every sample
     one_minus_u0 = {"loss_averse": 1 + math.log(2), "risk_seeking": 1 - math.log(2)}[utility]
     frac_d = rows[0]["desirable_frac"]
+    # float32 softplus(0) against float64 log 2 and a mean of 8: a few U = 6e-8 each; 1e-5 is 100x that
     assert rows[0]["loss"] == pytest.approx(one_minus_u0 * (2 * frac_d + 3 * (1 - frac_d)), rel=1e-5)
 
 
 def test_reference_points(tmp_path):
     _, rows = run(tmp_path, "--max_train_steps", "3", "--reference_point", "zero", out="zero")
+    # exact: --reference_point zero is the constant 0
     assert all(r["z"] == 0 for r in rows)
     _, rows = run(tmp_path, "--max_train_steps", "3", "--reference_point", "batch_mean",
                   "--desirable_ratio", "1.0", "--beta", "50", out="bm")
     assert all(r["desirable_frac"] == 1 for r in rows)
     for r in rows:  # all samples desirable: z = max(0, mean r) = max(0, mean desirable reward)
+        # the same float32 sum of the same 8 rewards; only the division differs (float32 for z, float64 for the
+        # metric): half a float32 ulp of z (< 1e-8 for z < 0.1), so abs 1e-7 holds whatever the CPU
         assert r["z"] == pytest.approx(max(0.0, r["reward_desirable"]), abs=1e-7)
 
 
@@ -130,6 +138,7 @@ def test_same_seed_same_run_and_workers_do_not_change_it(tmp_path):
     _, c = run(tmp_path, *args, "--seed", "1", out="c")
     _, d = run(tmp_path, *args, "--no-random_flip", "--caption_dropout", "0", out="d")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
+    # bitwise: a worker process only decodes the same images; the training arithmetic is the same
     assert strip(a) == strip(b)
     assert strip(a) != strip(c) and strip(a) != strip(d)
 
@@ -163,6 +172,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     _, whole = run(tmp_path, "--max_train_steps", "4", *args, out="whole")
     run(tmp_path, "--max_train_steps", "2", *args, out="split")
     _, split = run(tmp_path, "--max_train_steps", "4", "--resume", "latest", *args, out="split")
+    # the resumed steps are the identical computation (weights, optimizer, schedule and generators restored bit for
+    # bit, the same shapes): equal bit for bit; 1e-6 on the weights is headroom
     assert max_diff(weights(tmp_path / "whole/checkpoint-4"), weights(tmp_path / "split/checkpoint-4")) <= 1e-6
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
     assert strip(whole) == strip(split)
@@ -189,18 +200,19 @@ def run_script(tmp_path, body, *argv, torchrun=None, check=True):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     out = tmp_path / "out"
     die_in_save = """
-        real = train_kto.fsync_tree
+        import utils
+        real = utils.fsync_tree
         def fsync_tree(path):
             if path.name.startswith("checkpoint-4.") and path.name.endswith(".tmp"):
                 os._exit(9)  # killed mid-save: unet/ written, not yet renamed
             real(path)
-        train_kto.fsync_tree = fsync_tree
+        utils.fsync_tree = fsync_tree
     """
     proc = run_script(tmp_path, die_in_save, "--max_train_steps", "4", "--checkpointing_steps", "2",
                       "--output_dir", str(out), check=False)
     assert proc.returncode == 9
     assert (out / "checkpoint-2" / "training_state.pt").exists() and list(out.glob("checkpoint-4.*.tmp"))
-    assert [p.name for p in train_kto.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in utils.list_checkpoints(out)] == ["checkpoint-2"]
     _, rows = run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume", "latest")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
@@ -218,6 +230,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     _, rows = run(tmp_path, "--max_train_steps", "3", "--lr_warmup_steps", "4", out="one")
     assert [r["skipped"] for r in rows] == [0, 1, 0] and math.isnan(rows[1]["loss"])
     lr = train_kto.TINY["learning_rate"]  # the skipped step did not advance the warm-up
+    # float64 schedule arithmetic: approx's default rel 1e-6 is headroom
     assert [r["lr"] for r in rows] == pytest.approx([lr / 4, lr / 2, lr / 2])
     monkeypatch.setattr(train_kto, "kto_loss", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(SystemExit) as e:
@@ -279,16 +292,34 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
                 os._exit(1)  # a worker dies; torchrun restarts the group, which resumes from the latest checkpoint
             return real(*a, **k)
         train_kto.kto_loss = kto_loss
+        steps, all_reduces = [0], []  # the step of each gradient all-reduce (one per DDP bucket)
+        real_step = train_kto.kto_step
+        def kto_step(*a, **k):
+            steps[0] += 1
+            return real_step(*a, **k)
+        train_kto.kto_step = kto_step
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        def all_reduce(state, bucket):
+            all_reduces.append(steps[0])
+            return default_hooks.allreduce_hook(None, bucket)
+        real_ddp = torch.nn.parallel.DistributedDataParallel
+        def ddp(module, *a, **k):
+            model = real_ddp(module, *a, **k)
+            model.register_comm_hook(None, all_reduce)
+            return model
+        torch.nn.parallel.DistributedDataParallel = ddp
         real_main = train_kto.main
         def main(argv):
             policy = real_main(argv)
             out = os.path.join(argv[argv.index("--output_dir") + 1], "rank%s.json" % os.environ["RANK"])
-            json.dump({"z": zs, "sum": sum(p.double().sum().item() for p in policy.parameters())}, open(out, "w"))
+            json.dump({"z": zs, "sum": sum(p.double().sum().item() for p in policy.parameters()),
+                       "all_reduces": all_reduces}, open(out, "w"))
         train_kto.main = main
     """
     args = ("--max_train_steps", "5", "--checkpointing_steps", "2", "--resume", "latest")
     run_script(tmp_path, record, *args, "--output_dir", str(tmp_path / "whole"), torchrun=TORCHRUN)
     r0, r1 = (json.loads((tmp_path / f"whole/rank{r}.json").read_text()) for r in (0, 1))
+    # bitwise: both ranks get the same all-reduced sums (z, gradients) and then run the identical computation on them
     assert r0 == r1 and len(r0["z"]) == 5 and max(r0["z"]) > 0  # z and weights identical on both ranks
     run_json = json.loads((tmp_path / "whole/run.json").read_text())
     assert run_json["world_size"] == 2
@@ -296,7 +327,12 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     run_script(tmp_path, record, *args, "--gradient_accumulation_steps", "2", "--train_batch_size", "4",
                "--output_dir", str(tmp_path / "acc"), torchrun=TORCHRUN)
     a0, a1 = (json.loads((tmp_path / f"acc/rank{r}.json").read_text()) for r in (0, 1))
-    assert a0 == a1 and a0["sum"] != r0["sum"]
+    # bitwise, as above
+    assert a0 == a1
+    assert a0["z"][0::2] == a0["z"][1::2] and len(a0["z"]) == 10  # 2 passes per step, both with the step's one z
+    # the gradients are all-reduced once per step, in the last pass: as many all-reduces, at each step, as without
+    # accumulation (all-reducing every pass gives the same sums, so only the count shows it)
+    assert a0["all_reduces"] == r0["all_reduces"] and set(r0["all_reduces"]) == {1, 2, 3, 4, 5}
 
     os.environ["KILL_AT"] = "4"
     try:
@@ -305,12 +341,14 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     finally:
         del os.environ["KILL_AT"]
     assert "resuming from" in proc.stdout + proc.stderr
+    # the restarted ranks redo steps 3-5 from checkpoint-2: the identical computation, bit for bit (1e-6: headroom)
     assert max_diff(weights(tmp_path / "whole/checkpoint-5"), weights(tmp_path / "killed/checkpoint-5")) <= 1e-6
 
 
 def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
     _, rows = run(tmp_path, "--max_train_steps", "2", "--objective", "sft")
     assert all(r["desirable_frac"] == 1 for r in rows)
+    # the same float32 sum of the same 8 errors (divided by 8, exactly, for the loss): 1e-6 is headroom
     assert all(r["loss"] == pytest.approx(r["policy_err"], rel=1e-6) for r in rows)
     assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["desirable_ratio"] == 1.0
 
@@ -359,6 +397,8 @@ def test_same_metrics_and_weights_as_before_the_redesign(tmp_path):
         for a, b in zip(rows, before, strict=True):
             for k in b:
                 if k != "images_per_sec":
+                    # the old and the new code run the same operations on the same shapes (measured: bit for bit),
+                    # so no CPU can tell them apart; the tolerances are headroom, not fitted
                     assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
         assert max_diff(weights(out / "checkpoint-3"), weights(tmp_path / f"new-{n}" / "checkpoint-3")) <= 1e-6
 
@@ -392,20 +432,93 @@ def test_torchrun_failure_is_reported_once_and_in_the_summary(tmp_path):
     assert message in summary, summary  # torchrun's failure summary carries the message, not only an exit code
 
 
+# float32's unit roundoff: every float32 operation is exact up to a relative error of at most U
+U = 2.0 ** -24
+
+
+def record_steps(monkeypatch, replay=None):
+    """Record each step's kto_step statistics and the gradients it left (before clipping). With `replay` (another
+    run's record), overwrite this run's gradients with that run's after recording them, so both runs take the
+    identical optimizer step and every step starts from identical weights and optimizer state."""
+    steps = []
+    real_step, real_clip = train_kto.kto_step, torch.nn.utils.clip_grad_norm_
+
+    def kto_step(*a, **k):
+        loss, stats = real_step(*a, **k)
+        steps.append(dict(loss=loss.item(), **{n: v.detach().clone() for n, v in stats.items()}))
+        return loss, stats
+
+    def clip_grad_norm_(params, *a, **k):
+        params = list(params)
+        steps[-1]["grads"] = [p.grad.detach().clone() for p in params]
+        if replay is not None:
+            for p, g in zip(params, replay[len(steps) - 1]["grads"], strict=True):
+                p.grad.copy_(g)
+        return real_clip(params, *a, **k)
+
+    monkeypatch.setattr(train_kto, "kto_step", kto_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    return steps
+
+
 @pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean"])
-def test_gradient_accumulation_equals_the_whole_batch(tmp_path, reference_point):
-    """The paper's batch 8 on one GPU: 4 accumulated passes of 2 give the run of one pass of 8, z included."""
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch, reference_point):
+    """The paper's batch 8 on one GPU: 4 accumulated passes of 2 give the step of one pass of 8: the same loss, z,
+    rewards, accuracy and gradients, at every step, each step from identical weights and optimizer state."""
     args = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--reference_point", reference_point]
-    whole, want = run(tmp_path, *args, "--train_batch_size", "8", out="whole")
-    accumulated, rows = run(tmp_path, *args, "--train_batch_size", "2", "--gradient_accumulation_steps", "4", out="acc")
-    for a, b in zip(rows, want, strict=True):
-        for k in ("loss", "z", "reward_desirable", "reward_undesirable", "accuracy", "policy_err"):
-            # rewards are differences of errors of about 1: float32 rounding of the errors is 1e-7 absolute
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), (k, a[k], b[k])
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # float32 gradient sums in another order
-    assert rows[-1]["z"] > 0
-    # Adam divides by sqrt(v): parameters with gradients near 0 amplify float32 rounding, up to ~1% of a step (1e-3)
-    assert max((p - q).abs().max().item() for p, q in zip(whole.parameters(), accumulated.parameters())) <= 2e-5
+    want = record_steps(monkeypatch)
+    _, want_rows = run(tmp_path, *args, "--train_batch_size", "8", out="whole")
+    monkeypatch.undo()
+    # The accumulated run's optimizer gets the whole batch's gradients (after its own were recorded): Adam divides
+    # each gradient by its own running scale, so it would turn a 1e-7 rounding difference in a near-zero component
+    # into a step of up to lr, and the runs would drift apart by how the CPU rounds, not by what accumulation does
+    got = record_steps(monkeypatch, replay=want)
+    _, rows = run(tmp_path, *args, "--train_batch_size", "2", "--gradient_accumulation_steps", "4", out="acc")
+
+    # The tolerances, derived. U = 2**-24 is float32's unit roundoff. Both runs see bitwise identical data, draws
+    # and weights; they differ only in the order of float32 sums: the UNets' kernels run on batches of 2 instead
+    # of 8, and the gradient is summed in 4 parts. A float32 sum of n terms, reordered, moves by about
+    # sqrt(n) * U * sum|terms| (independent roundings: Higham & Mary 2019; the worst case, n * U, is not reached).
+    # - e, a sample's denoising error (~1): the UNet's 147 matrix products (convolutions, linear layers, attention)
+    #   reduce over K_l terms each, sum K_l = 17,724 (the widest: 1152, a 3x3 convolution of 128 channels), and the
+    #   errors add up over the layers like the roundings: sqrt(sum K_l) U = 133 U per run, then the mean over
+    #   256 squares (16 U); two runs: relative E_TOL = 300 U = 1.8e-5 (measured: at most 4 U).
+    # - r = e_ref - e_policy, z = max(0, mean of rewards), the mean rewards: absolute R_TOL = 2 * E_TOL * max e
+    #   (z and the means add B = 8 terms: 3 U more, inside the budget).
+    # - loss = mean of lambda * sigmoid(-x), x = w * beta * (r - z): |dx| <= beta * (|dr| + |dz|) <= 2 * beta * R_TOL
+    #   and |d sigmoid(-x) / dx| <= 1/4, so |d loss| <= lambda * beta / 2 * R_TOL (lambda = 1 here).
+    # - gradients: each sample's gradient is lambda * beta / B * sigmoid'(x) * grad(e_policy); sigmoid'(x) moves by
+    #   at most |dx| relatively (|sigmoid''| <= sigmoid'), grad(e_policy) by E_TOL like e, and the sum over the
+    #   batch (8 samples x 64 latent positions: sqrt(512) U) by less: ||dg|| <= (2 * beta * R_TOL + 2 * E_TOL)
+    #   * ||g||, up to how far the samples' gradients cancel in g (they do not, here: measured ||dg|| / ||g|| is
+    #   at most 1.3e-5, a thousand times inside).
+    # Accumulation done wrong moves these by far more: z from one micro-batch by 3e-3 to 1e-2 (60 R_TOL or more),
+    # a micro-loss over the micro-batch by 4x, the last micro-batch's loss or errors by 1e-2 or more.
+    e_tol, beta = 300 * U, train_kto.TINY["beta"]
+    norm = lambda grads: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    for step, (a, b, ra, rb) in enumerate(zip(got, want, rows, want_rows, strict=True), start=1):
+        if step == 1:  # policy == ref before any update: every reward and z are exactly 0 in both runs
+            assert not a["r"].any() and not b["r"].any() and a["z"].item() == b["z"].item() == 0
+        else:  # later steps start from weights the update moved: z > 0, so a wrong z shows
+            assert b["z"].item() > 0
+        r_tol = 2 * e_tol * max(b["policy_err"].max().item(), b["ref_err"].max().item())
+        # E_TOL on each sample's errors and their means (see above)
+        for k in ("policy_err", "ref_err"):
+            torch.testing.assert_close(a[k], b[k], rtol=e_tol, atol=0, msg=lambda m, s=step, k=k: f"step {s} {k}: {m}")
+            assert ra[k] == pytest.approx(rb[k], rel=e_tol, abs=0), (step, k, ra[k], rb[k])
+        # R_TOL on each reward, z and the mean rewards
+        torch.testing.assert_close(a["r"], b["r"], rtol=0, atol=r_tol, msg=lambda m, s=step: f"step {s} r: {m}")
+        for k in ("z", "reward_desirable", "reward_undesirable"):
+            assert ra[k] == pytest.approx(rb[k], rel=0, abs=r_tol), (step, k, ra[k], rb[k])
+        # lambda * beta / 2 * R_TOL on the loss
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=0, abs=beta / 2 * r_tol), (step, ra["loss"], rb["loss"])
+        # a sample's win (w * (r - z) > 0) flips only within 2 * R_TOL of z: none is that close, so the same count
+        assert step == 1 or (b["r"] - b["z"]).abs().min().item() > 2 * r_tol
+        assert ra["accuracy"] == rb["accuracy"], (step, ra["accuracy"], rb["accuracy"])
+        # (2 * beta * R_TOL + 2 * E_TOL) * ||g|| on the gradients, in norm
+        g_tol = 2 * beta * r_tol + 2 * e_tol
+        diff = norm([g - h for g, h in zip(a["grads"], b["grads"], strict=True)])
+        assert diff <= g_tol * norm(b["grads"]), (step, diff / norm(b["grads"]), g_tol)
 
 
 @pytest.mark.slow
@@ -432,6 +545,7 @@ def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys, monke
         card = (out / f"checkpoint-{step}" / "README.md").read_text()
         assert "diffusion-kto" in card and str(fixtures.tiny_model_path()) in card
     events = EventAccumulator(str(out / "tensorboard")).Reload()
+    # tensorboard stores float32: 6e-8 of rounding, inside approx's default rel 1e-6
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
     assert len(events.Images("validation")) == 3
     (out / "curves.png").unlink()  # --plot redraws it from metrics.jsonl alone
