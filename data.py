@@ -28,6 +28,7 @@ from utils import DataError, atomic_path
 # ----------------------------------------------------------------------------------------------------
 # Images
 
+
 def load_image(source, base_dir: Path | None = None) -> Image.Image:
     """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...)."""
     if isinstance(source, dict) and "bytes" in source:  # datasets' Image feature stored in parquet
@@ -56,8 +57,14 @@ def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 # Like/dislike datasets: a table with columns image, caption, label
 
 LABEL_VALUES = {
-    "1": True, "1.0": True, "true": True, "desirable": True,
-    "0": False, "0.0": False, "false": False, "undesirable": False,
+    "1": True,
+    "1.0": True,
+    "true": True,
+    "desirable": True,
+    "0": False,
+    "0.0": False,
+    "false": False,
+    "undesirable": False,
 }
 
 
@@ -90,8 +97,11 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
     if label_policy not in LABEL_POLICIES:
         raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
     path = Path(path)
-    if path.is_dir() or (not path.exists() and is_hub_dataset(str(path))) or (
-            path.is_file() and path.suffix.lower() == ".parquet" and is_pickapic_parquet(path)):
+    if (
+        path.is_dir()
+        or (not path.exists() and is_hub_dataset(str(path)))
+        or (path.is_file() and path.suffix.lower() == ".parquet" and is_pickapic_parquet(path))
+    ):
         return load_pickapic(path, label_policy)
     if not path.exists():
         raise DataError(f"--dataset {path}: no such file. Pass a .csv, .jsonl or .parquet file.")
@@ -117,17 +127,24 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
     is_path = images.map(lambda v: isinstance(v, str))
     if is_path.any():
         base = path.parent
-        exists = images[is_path].map(lambda p: Path(p).is_absolute() and Path(p).exists() or (base / p).exists())
+        exists = images[is_path].map(
+            lambda p: Path(p).is_absolute() and Path(p).exists() or (base / p).exists()
+        )
         if not exists.all():
             row = int(exists.index[~exists.to_numpy()][0])
             raise DataError(
                 f"--dataset {path}: column 'image', row {row}: image file {images.iloc[row]!r} does not exist "
                 f"(paths are relative to {base}). {int((~exists).sum())} image path(s) are missing in all."
             )
-    captions = table["caption"].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    captions = table["caption"].map(
+        lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+    )
     out = pd.DataFrame({"image": images, "caption": captions, "desirable": labels.astype(bool)})
-    out.attrs["stats"] = dict(source=str(path), num_desirable=int(out["desirable"].sum()),
-                              num_undesirable=int((~out["desirable"]).sum()))
+    out.attrs["stats"] = dict(
+        source=str(path),
+        num_desirable=int(out["desirable"].sum()),
+        num_undesirable=int((~out["desirable"]).sum()),
+    )
     return out
 
 
@@ -141,15 +158,20 @@ class FeedbackDataset(torch.utils.data.Dataset):
     can sum them and call check_corrupt.
     """
 
-    max_open_files = 64      # parquet files kept open per worker process
+    max_open_files = 64  # parquet files kept open per worker process
     max_corrupt_in_a_row = 100  # then the data are hopeless: raise DataError
 
     def __init__(self, table: pd.DataFrame, base_dir: Path, resolution: int):
         desirable = np.array(table["desirable"].to_numpy(dtype=bool))  # a writable copy
         self.desirable = torch.as_tensor(desirable, dtype=torch.bool)
         self.base_dir, self.resolution = Path(base_dir), resolution
-        self.by_class = (np.flatnonzero(~desirable), np.flatnonzero(desirable))  # for corrupt-image replacement
-        if "shard" in table.columns:  # Pick-a-Pic: numpy/arrow arrays, so forked workers copy no Python objects
+        self.by_class = (
+            np.flatnonzero(~desirable),
+            np.flatnonzero(desirable),
+        )  # for corrupt-image replacement
+        if (
+            "shard" in table.columns
+        ):  # Pick-a-Pic: numpy/arrow arrays, so forked workers copy no Python objects
             self.images = None
             self.shards = [str(s) for s in table["shard"].cat.categories]
             self.shard = table["shard"].cat.codes.to_numpy(np.int32)
@@ -163,7 +185,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
                 if missing:
                     raise DataError(
                         f"{self.shards[s]}: no image column(s) {', '.join(missing)}. This copy of Pick-a-Pic has "
-                        f"labels but no images (e.g. pickapic_v2_no_images); train on the full copy.")
+                        f"labels but no images (e.g. pickapic_v2_no_images); train on the full copy."
+                    )
         else:
             self.images = table["image"].tolist()
             self.captions = table["caption"].tolist()
@@ -207,7 +230,9 @@ class FeedbackDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         corrupt = 0
         while True:
-            source = self._source(i)  # a missing shard or unreadable parquet raises: that is not a corrupt image
+            source = self._source(
+                i
+            )  # a missing shard or unreadable parquet raises: that is not a corrupt image
             try:
                 if source is None:
                     raise ValueError("no image bytes (null)")
@@ -219,14 +244,23 @@ class FeedbackDataset(torch.utils.data.Dataset):
                 same = self.by_class[int(self.desirable[i])]
                 nxt = int(same[(np.searchsorted(same, i, side="right")) % len(same)])
                 if self.n_corrupt <= 20 or self.n_corrupt % 100 == 0:
-                    warnings.warn(f"corrupt image #{self.n_corrupt} in this process skipped: {self._where(i)}: "
-                                  f"{type(e).__name__}: {e}; replaced by item {nxt} of the same class", RuntimeWarning)
+                    warnings.warn(
+                        f"corrupt image #{self.n_corrupt} in this process skipped: {self._where(i)}: "
+                        f"{type(e).__name__}: {e}; replaced by item {nxt} of the same class",
+                        RuntimeWarning,
+                    )
                 if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
-                    raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are "
-                                    "damaged.") from e
+                    raise DataError(
+                        f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged."
+                    ) from e
                 i = nxt
         caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
-        return {"pixel_values": pixels, "caption": caption, "desirable": self.desirable[i], "corrupt": corrupt}
+        return {
+            "pixel_values": pixels,
+            "caption": caption,
+            "desirable": self.desirable[i],
+            "corrupt": corrupt,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,7 +276,8 @@ def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: in
         raise DataError(
             f"{n_corrupt} of the {n_seen} images read so far ({n_corrupt / max(n_seen, 1):.2%}) could not be "
             f"decoded, more than the {limit:.0%} allowed: the data are damaged. The warnings above name the shards "
-            f"and rows; re-download those shards (or remove them from --dataset) and restart.")
+            f"and rows; re-download those shards (or remove them from --dataset) and restart."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,12 +291,17 @@ MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken
 
 def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropout: float):
     """Bool masks [b]: flip horizontally (p = 0.5, or never) and drop the caption (p = caption_dropout)."""
-    flip = (torch.rand(b, generator=gen, device=gen.device) < 0.5 if random_flip
-            else torch.zeros(b, dtype=torch.bool, device=gen.device))
+    flip = (
+        torch.rand(b, generator=gen, device=gen.device) < 0.5
+        if random_flip
+        else torch.zeros(b, dtype=torch.bool, device=gen.device)
+    )
     return flip, torch.rand(b, generator=gen, device=gen.device) < caption_dropout
 
 
-def augment(pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float):
+def augment(
+    pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float
+):
     """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout)."""
     flip, drop = augment_draws(pixels.shape[0], gen, random_flip, caption_dropout)
     pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
@@ -274,21 +314,54 @@ class Inputs:
     the captions of the samples it pairs each image with. From images through the VAE and text encoder, or from the
     --cache_latents files (built here on first use); both paths draw the same random numbers: the same run."""
 
-    def __init__(self, cfg, path: str, dataset, captions: list[str], dtype, autocast, device, rank, world_size,
-                 mismatched=None):
+    def __init__(
+        self,
+        cfg,
+        path: str,
+        dataset,
+        captions: list[str],
+        dtype,
+        autocast,
+        device,
+        rank,
+        world_size,
+        mismatched=None,
+    ):
         from diffusers import AutoencoderKL
-        self.cfg, self.device, self.dtype, self.autocast, self.mismatched = cfg, device, dtype, autocast, mismatched
+
+        self.cfg, self.device, self.dtype, self.autocast, self.mismatched = (
+            cfg,
+            device,
+            dtype,
+            autocast,
+            mismatched,
+        )
         self.scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)
-        self.cache = Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
-        if not (self.cache and all((self.cache / f).exists() for f in cache_files(len(dataset), len(captions)))):
+        self.cache = (
+            Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
+        )
+        if not (
+            self.cache and all((self.cache / f).exists() for f in cache_files(len(dataset), len(captions)))
+        ):
             self.load_encoders(path)  # the VAE and text encoder are loaded only to encode images and captions
             if rank == 0:
                 self.warn_truncation(captions)
         if self.cache:
             self.cache.mkdir(parents=True, exist_ok=True)
-            check_cache_settings(self.cache, dict(
-                pretrained_model=path, dataset=cfg.dataset, label_policy=cfg.label_policy, resolution=cfg.resolution,
-                random_flip=cfg.random_flip, images=len(dataset), captions=len(captions), dtype=str(dtype)), rank)
+            check_cache_settings(
+                self.cache,
+                dict(
+                    pretrained_model=path,
+                    dataset=cfg.dataset,
+                    label_policy=cfg.label_policy,
+                    resolution=cfg.resolution,
+                    random_flip=cfg.random_flip,
+                    images=len(dataset),
+                    captions=len(captions),
+                    dtype=str(dtype),
+                ),
+                rank,
+            )
             if hasattr(self, "vae"):
                 build_latent_cache(self.cache, dataset, captions, self, cfg, rank, world_size)
                 del self.vae, self.text_encoder, self.tokenizer
@@ -302,6 +375,7 @@ class Inputs:
     def load_encoders(self, path: str):
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer
+
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
@@ -316,12 +390,20 @@ class Inputs:
         n, limit = sum(n > self.tokenizer.model_max_length for n in lengths), self.tokenizer.model_max_length
         if n:
             of = f"{n} of {len(lengths)}" + (f" sampled (of {len(captions)})" if step > 1 else "")
-            print(f"warning: {of} distinct captions are longer than the text encoder's {limit} tokens and are "
-                  "truncated", file=sys.stderr)
+            print(
+                f"warning: {of} distinct captions are longer than the text encoder's {limit} tokens and are "
+                "truncated",
+                file=sys.stderr,
+            )
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
     def posterior(self, pixels: torch.Tensor):
@@ -335,8 +417,10 @@ class Inputs:
         rolled = self.mismatched(b) if self.mismatched else torch.zeros(0, dtype=torch.long)
         if self.cache:
             flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = (batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()]
-                         for k in ("mean", "std"))
+            mean, std = (
+                batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()]
+                for k in ("mean", "std")
+            )
             emb = batch["emb"].to(device, non_blocking=True)
             both = torch.cat([torch.where(drop[:, None, None], self.empty_emb, emb), emb[rolled.to(device)]])
         else:
@@ -344,25 +428,34 @@ class Inputs:
             pixels = batch["pixel_values"].to(device, non_blocking=True)
             pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
             mean, std = self.posterior(pixels)
-            both = self.encode_captions(captions_in + [captions[j] for j in rolled.tolist()])  # one call for both
-        x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)  # as diffusers
+            both = self.encode_captions(
+                captions_in + [captions[j] for j in rolled.tolist()]
+            )  # one call for both
+        x0 = mean + std * torch.randn(
+            mean.shape, generator=gen, device=device, dtype=mean.dtype
+        )  # as diffusers
         return (x0 * self.scaling_factor).float(), both[:b], both[b:] if len(rolled) else None
 
 
-CACHE_CHUNK = 256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
+CACHE_CHUNK = (
+    256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
+)
 
 
 def cache_files(n_images: int, n_captions: int) -> list[str]:
-    return ([f"text-{k:06d}.pt" for k in range(math.ceil(n_captions / CACHE_CHUNK))]
-            + [f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))])
+    return [f"text-{k:06d}.pt" for k in range(math.ceil(n_captions / CACHE_CHUNK))] + [
+        f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))
+    ]
 
 
 def check_cache_settings(folder: Path, settings: dict, rank: int):
     """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
     file = folder / "settings.json"
     if file.exists() and json.loads(file.read_text()) != settings:
-        raise DataError(f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
-                        f"delete it or choose another --cache_dir. Wanted: {settings}")
+        raise DataError(
+            f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
+            f"delete it or choose another --cache_dir. Wanted: {settings}"
+        )
     if rank == 0 and not file.exists():
         file.write_text(json.dumps(settings, indent=2))
 
@@ -373,8 +466,12 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __init__(self, folder: Path, desirable: torch.Tensor):
         self.desirable = desirable
-        self.latents = [torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))]
-        self.text = [torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))]
+        self.latents = [
+            torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))
+        ]
+        self.text = [
+            torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))
+        ]
         self.empty_emb = self.text[0][0]  # caption 0 is "" (caption dropout)
 
     def __len__(self):
@@ -383,8 +480,13 @@ class CachedLatents(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
         c = int(part["caption_id"][j])
-        return dict(mean=part["mean"][j], std=part["std"][j], emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
-                    desirable=self.desirable[i], corrupt=int(part["corrupt"][j]))
+        return dict(
+            mean=part["mean"][j],
+            std=part["std"][j],
+            emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
+            desirable=self.desirable[i],
+            corrupt=int(part["corrupt"][j]),
+        )
 
 
 def build_latent_cache(folder: Path, dataset, captions: list[str], inputs: Inputs, cfg, rank, world_size):
@@ -395,18 +497,31 @@ def build_latent_cache(folder: Path, dataset, captions: list[str], inputs: Input
         file, k = folder / name, int(name[-9:-3])
         if file.exists():
             continue
-        rows = range(k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset)))
+        rows = range(
+            k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset))
+        )
         with torch.no_grad(), inputs.autocast:
             if name.startswith("text"):
-                part = dict(emb=torch.cat([inputs.encode_captions([captions[i] for i in rows[n:n + 64]])
-                                           for n in range(0, len(rows), 64)]))
+                part = dict(
+                    emb=torch.cat(
+                        [
+                            inputs.encode_captions([captions[i] for i in rows[n : n + 64]])
+                            for n in range(0, len(rows), 64)
+                        ]
+                    )
+                )
             else:
                 part = dict(mean=[], std=[], caption_id=[], corrupt=[])
-                for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows),
-                                                         batch_size=cfg.train_batch_size,
-                                                         num_workers=cfg.dataloader_workers):
+                for batch in torch.utils.data.DataLoader(
+                    torch.utils.data.Subset(dataset, rows),
+                    batch_size=cfg.train_batch_size,
+                    num_workers=cfg.dataloader_workers,
+                ):
                     pixels = batch["pixel_values"]
-                    views = [inputs.posterior(p) for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])]
+                    views = [
+                        inputs.posterior(p)
+                        for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])
+                    ]
                     part["mean"].append(torch.stack([m for m, _ in views], 1))
                     part["std"].append(torch.stack([s for _, s in views], 1))
                     part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
@@ -425,15 +540,23 @@ def load_data(cfg):
     desirable = table["desirable"].to_numpy()
     n_d, n_u = int(desirable.sum()), int((~desirable).sum())
     if min(n_d, n_u) == 0 and not cfg.allow_one_class and cfg.objective == "kto":
-        raise DataError(f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
-                        "from one kind alone, but this is often a labelling mistake: check the label column, or "
-                        "pass --allow_one_class to train anyway.")
+        raise DataError(
+            f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
+            "from one kind alone, but this is often a labelling mistake: check the label column, or "
+            "pass --allow_one_class to train anyway."
+        )
     if cfg.objective == "sft" and n_d == 0:
-        raise DataError(f"--dataset {cfg.dataset}: --objective sft trains on desirable samples, and there are none.")
+        raise DataError(
+            f"--dataset {cfg.dataset}: --objective sft trains on desirable samples, and there are none."
+        )
     empty = float((table["caption"].str.strip() == "").mean())
     if empty > MAX_EMPTY_CAPTIONS:
-        raise DataError(f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
-                        f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
-                        "Fill in the caption column or drop those rows.")
-    counts = dict(num_desirable=n_d, num_undesirable=n_u, label_policy=cfg.label_policy, data=table.attrs.get("stats"))
+        raise DataError(
+            f"--dataset {cfg.dataset}: {empty:.0%} of the captions are empty (at most "
+            f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
+            "Fill in the caption column or drop those rows."
+        )
+    counts = dict(
+        num_desirable=n_d, num_undesirable=n_u, label_policy=cfg.label_policy, data=table.attrs.get("stats")
+    )
     return table, dataset, desirable, counts

@@ -49,46 +49,83 @@ from utils import DataError, arg
 # ----------------------------------------------------------------------------------------------------
 # Config
 
+
 @dataclass
 class Config:
-    ckpt: str = arg("", "model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id")
-    baseline: str = arg("", "model to compare against, same forms as --ckpt; empty: the base model in the "
-                            "checkpoint's run.json")
-    prompts: str = arg("pickapic_test", "pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's "
-                                        "held-out captions) | a .txt/.csv/.tsv/.jsonl/.parquet file")
+    ckpt: str = arg(
+        "", "model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id"
+    )
+    baseline: str = arg(
+        "",
+        "model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json",
+    )
+    prompts: str = arg(
+        "pickapic_test",
+        "pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's "
+        "held-out captions) | a .txt/.csv/.tsv/.jsonl/.parquet file",
+    )
     num_prompts: int = arg(0, "use this many prompts, evenly spaced through the set (0 = all)")
-    images_per_prompt: int = arg(5, "images per prompt per model; the per-prompt score is their median (paper: 5)")
+    images_per_prompt: int = arg(
+        5, "images per prompt per model; the per-prompt score is their median (paper: 5)"
+    )
     steps: int = arg(50, "denoising steps of the model's own scheduler")
     guidance: float = arg(7.5, "classifier-free guidance scale")
     seed: int = arg(0, "image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models")
-    metrics: str = arg(",".join(METRICS), "comma-separated scorers to run, from: " + ", ".join(METRICS)
-                       + ", utility (the tiny world's captions only)")
-    compare: str = arg("median", "median: median image per model per prompt (paper) | all: every checkpoint x "
-                                 "baseline image pair")
+    metrics: str = arg(
+        ",".join(METRICS),
+        "comma-separated scorers to run, from: "
+        + ", ".join(METRICS)
+        + ", utility (the tiny world's captions only)",
+    )
+    compare: str = arg(
+        "median",
+        "median: median image per model per prompt (paper) | all: every checkpoint x baseline image pair",
+    )
     batch_size: int = arg(8, "images per generation call and per scorer call, per rank")
     out: str = arg("runs/eval", "output folder (images, results.json, results.md, PNG charts)")
-    tiny: bool = arg(False, "the offline tiny world: its held-out prompts, its hidden utility as metric; the five "
-                            "paper metrics' paths become tiny RANDOM-WEIGHT scorers (plumbing only)")
-    aesthetic_path: str = arg(DEFAULT_PATHS["aesthetic"], "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP "
-                                                          "folder beside it overrides ViT-L/14")
+    tiny: bool = arg(
+        False,
+        "the offline tiny world: its held-out prompts, its hidden utility as metric; the five "
+        "paper metrics' paths become tiny RANDOM-WEIGHT scorers (plumbing only)",
+    )
+    aesthetic_path: str = arg(
+        DEFAULT_PATHS["aesthetic"],
+        "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP folder beside it overrides ViT-L/14",
+    )
     pickscore_path: str = arg(DEFAULT_PATHS["pickscore"], "PickScore CLIPModel: hub id or local folder")
-    imagereward_path: str = arg(DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and "
-                                                              "med_config.json")
-    clip_path: str = arg(DEFAULT_PATHS["clip"], "CLIPModel for the CLIP score (cosine of image and text "
-                                                "embeddings): hub id or folder")
-    hps_path: str = arg(DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a "
-                                              "hub repo")
-    export: str = arg("", "write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its "
-                          "UNet) to this new folder, then exit: no images, no scores")
+    imagereward_path: str = arg(
+        DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and med_config.json"
+    )
+    clip_path: str = arg(
+        DEFAULT_PATHS["clip"],
+        "CLIPModel for the CLIP score (cosine of image and text embeddings): hub id or folder",
+    )
+    hps_path: str = arg(
+        DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo"
+    )
+    export: str = arg(
+        "",
+        "write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its "
+        "UNet) to this new folder, then exit: no images, no scores",
+    )
 
 
 # --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison
-TINY = dict(prompts="tiny", steps=20, guidance=3.0, images_per_prompt=1, batch_size=64, metrics="utility",
-            out="runs/eval-tiny")
+TINY = dict(
+    prompts="tiny",
+    steps=20,
+    guidance=3.0,
+    images_per_prompt=1,
+    batch_size=64,
+    metrics="utility",
+    out="runs/eval-tiny",
+)
 CHOICES = dict(compare=("median", "all"))
-TINY_NOTE = ("--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their "
-             "numbers test the plumbing only and say nothing about image quality ('utility', the tiny world's own, "
-             "is real).")
+TINY_NOTE = (
+    "--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their "
+    "numbers test the plumbing only and say nothing about image quality ('utility', the tiny world's own, "
+    "is real)."
+)
 
 
 def tiny_paths(given: dict) -> dict:
@@ -115,17 +152,26 @@ def random_scorers(cfg: Config) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # The evaluation: check everything, generate, score, compare per prompt, report
 
+
 def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
     cfg, metrics, models, prompts, ids = check_inputs(cfg)
     items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
     out = Path(cfg.out)
-    generation = dict(ckpt=models["checkpoint"], baseline=models["baseline"], prompts=cfg.prompts, steps=cfg.steps,
-                      guidance=cfg.guidance, seed=cfg.seed)
+    generation = dict(
+        ckpt=models["checkpoint"],
+        baseline=models["baseline"],
+        prompts=cfg.prompts,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        seed=cfg.seed,
+    )
     settings_file = out / "images" / "generation.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
-        raise DataError(f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
-                        f"or delete {out / 'images'} to regenerate.")
+        raise DataError(
+            f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
+            f"or delete {out / 'images'} to regenerate."
+        )
     if rank == 0:
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(json.dumps(generation, indent=2))
@@ -137,9 +183,20 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     if world_size > 1:
         dist.barrier()
     if rank == 0:
-        pd.DataFrame([dict(model=tag, prompt_id=p, image_index=k, seed=utils.derive_seed(cfg.seed, p, k),
-                           path=str(Path(tag) / image_name(p, k)), prompt=t) for tag in folders for p, k, t in items]
-                     ).to_csv(out / "images" / "index.csv", index=False)
+        pd.DataFrame(
+            [
+                dict(
+                    model=tag,
+                    prompt_id=p,
+                    image_index=k,
+                    seed=utils.derive_seed(cfg.seed, p, k),
+                    path=str(Path(tag) / image_name(p, k)),
+                    prompt=t,
+                )
+                for tag in folders
+                for p, k, t in items
+            ]
+        ).to_csv(out / "images" / "index.csv", index=False)
 
     # -- score every image, then compare the models prompt by prompt (rank 0) -----------------------------------
     paths = {(tag, p, k): folders[tag] / image_name(p, k) for tag in folders for p, k, _ in items}
@@ -147,15 +204,28 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     if rank != 0:
         return None
     # [n_prompts, images_per_prompt] per model
-    tables = {m: {tag: np.array([[scores[m][(tag, p, k)] for k in range(cfg.images_per_prompt)] for p in ids])
-                  for tag in folders} for m in metrics}
+    tables = {
+        m: {
+            tag: np.array([[scores[m][(tag, p, k)] for k in range(cfg.images_per_prompt)] for p in ids])
+            for tag in folders
+        }
+        for m in metrics
+    }
     results = {m: win_rate(tables[m]["checkpoint"], tables[m]["baseline"], cfg.compare) for m in metrics}
 
     # -- report ----------------------------------------------------------------------------------------------
     versions = {mod: __import__(mod).__version__ for mod in ("torch", "diffusers", "transformers", "numpy")}
-    report = dict(metrics=results, settings=dataclasses.asdict(cfg), checkpoint_model=models["checkpoint"],
-                  baseline_model=models["baseline"], n_images_per_model=len(items), world_size=world_size,
-                  device=str(device), versions=dict(python=platform.python_version(), **versions), argv=sys.argv)
+    report = dict(
+        metrics=results,
+        settings=dataclasses.asdict(cfg),
+        checkpoint_model=models["checkpoint"],
+        baseline_model=models["baseline"],
+        n_images_per_model=len(items),
+        world_size=world_size,
+        device=str(device),
+        versions=dict(python=platform.python_version(), **versions),
+        argv=sys.argv,
+    )
     if random_scorers(cfg):
         report["note"] = TINY_NOTE
     written = write_reports(cfg, report, tables, prompts, ids, paths, out)
@@ -176,15 +246,19 @@ def check_inputs(cfg: Config):
     metrics = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in SCORERS]
     if unknown or not metrics:
-        raise DataError(f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                        f"{', '.join(SCORERS)}.")
+        raise DataError(
+            f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(SCORERS)}."
+        )
     for name in ("images_per_prompt", "steps", "batch_size"):
         if getattr(cfg, name) < 1:
             raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
     ckpt = describe_model(cfg.ckpt, "--ckpt")
     if not cfg.baseline:
         if ckpt["unet"] is None:
-            raise DataError(f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline.")
+            raise DataError(
+                f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline."
+            )
         cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
     models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
     prompts = load_prompts(cfg.prompts)
@@ -194,10 +268,12 @@ def check_inputs(cfg: Config):
         captions = tiny_world.all_captions()
         others = [prompts[p] for p in ids if prompts[p] not in set(captions)]
         if others:
-            raise DataError(f"--metrics utility: the tiny world's utility is defined only for its own captions (such "
-                            f"as '{captions[0]}'), but --prompts {cfg.prompts} has {len(others)} "
-                            f"other prompt(s), e.g. {others[0]!r}. Use --prompts tiny (the --tiny default) or a file "
-                            f"of world captions, or score these prompts with other --metrics.")
+            raise DataError(
+                f"--metrics utility: the tiny world's utility is defined only for its own captions (such "
+                f"as '{captions[0]}'), but --prompts {cfg.prompts} has {len(others)} "
+                f"other prompt(s), e.g. {others[0]!r}. Use --prompts tiny (the --tiny default) or a file "
+                f"of world captions, or score these prompts with other --metrics."
+            )
     for m in metrics:
         SCORERS[m].locate(cfg)
     return cfg, metrics, models, prompts, ids
@@ -206,13 +282,15 @@ def check_inputs(cfg: Config):
 # ----------------------------------------------------------------------------------------------------
 # Win rates: a pure function of two score arrays (tests import it)
 
+
 def lower_median(x: np.ndarray) -> np.ndarray:
     """Median over the last axis that is always one of the values (the lower middle one for even counts)."""
     return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
 
 
-def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000,
-             seed: int = 0) -> dict:
+def win_rate(
+    ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000, seed: int = 0
+) -> dict:
     """Win rate of the checkpoint over the baseline. ckpt, baseline: scores [n_prompts, images_per_prompt].
 
     Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
@@ -220,8 +298,10 @@ def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_
     ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
     ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
-        raise ValueError(f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, "
-                         f"{baseline.shape}")
+        raise ValueError(
+            f"need two score arrays of the same shape [n_prompts, n_images]; got {ckpt.shape}, "
+            f"{baseline.shape}"
+        )
     if not (np.isfinite(ckpt).all() and np.isfinite(baseline).all()):
         raise ValueError("scores contain NaN or inf")
     if compare == "median":
@@ -233,15 +313,22 @@ def win_rate(ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_
     else:
         raise ValueError(f"compare must be 'median' or 'all'; got {compare!r}")
     rng, n = np.random.default_rng(seed), len(outcome)
-    boot = np.concatenate([outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1)
-                           for i in range(0, n_boot, 1000)])
+    boot = np.concatenate(
+        [outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1) for i in range(0, n_boot, 1000)]
+    )
     lo, hi = np.quantile(boot, [0.025, 0.975])
-    return dict(win_rate=float(outcome.mean()), ci95=[float(lo), float(hi)], mean_ckpt=float(ckpt.mean()),
-                mean_baseline=float(baseline.mean()), n_prompts=int(n))
+    return dict(
+        win_rate=float(outcome.mean()),
+        ci95=[float(lo), float(hi)],
+        mean_ckpt=float(ckpt.mean()),
+        mean_baseline=float(baseline.mean()),
+        n_prompts=int(n),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Scoring: a metric is a Scorer; the five paper metrics' files, preprocessing and models are in scorers.py
+
 
 class Scorer(NamedTuple):
     """A metric, as SCORERS names it: how to find its files and load it."""
@@ -256,18 +343,24 @@ class Scorer(NamedTuple):
 
 def load_utility(cfg: Config, device):
     """The tiny world's hidden utility, read off the pixels (tiny_world.world_utility); needs no weights."""
-    return lambda images, prompts: torch.tensor([tiny_world.world_utility(im, p) for im, p in zip(images, prompts)])
+    return lambda images, prompts: torch.tensor(
+        [tiny_world.world_utility(im, p) for im, p in zip(images, prompts)]
+    )
 
 
-SCORERS = dict(aesthetic=Scorer("Aesthetic", scorers.locate_aesthetic, scorers.load_aesthetic),
-               pickscore=Scorer("PickScore", scorers.locate_pickscore, scorers.load_pickscore),
-               imagereward=Scorer("ImageReward", scorers.locate_imagereward, scorers.load_imagereward),
-               clip=Scorer("CLIP", scorers.locate_clip_score, scorers.load_clip_score),
-               hps=Scorer("HPS v2", scorers.locate_hps, scorers.load_hps),
-               utility=Scorer("Utility (tiny world)", lambda cfg: {}, load_utility))
+SCORERS = dict(
+    aesthetic=Scorer("Aesthetic", scorers.locate_aesthetic, scorers.load_aesthetic),
+    pickscore=Scorer("PickScore", scorers.locate_pickscore, scorers.load_pickscore),
+    imagereward=Scorer("ImageReward", scorers.locate_imagereward, scorers.load_imagereward),
+    clip=Scorer("CLIP", scorers.locate_clip_score, scorers.load_clip_score),
+    hps=Scorer("HPS v2", scorers.locate_hps, scorers.load_hps),
+    utility=Scorer("Utility (tiny world)", lambda cfg: {}, load_utility),
+)
 
 
-def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device) -> dict:
+def score_images(
+    cfg: Config, metrics: list, paths: dict, prompts: list, rank: int, world_size: int, device
+) -> dict:
     """{metric: {key: score}} for every image file in paths = {key: path}, key = (model, prompt id, k).
 
     Identical images (same file bytes) with the same prompt are scored once, so identical models tie exactly.
@@ -280,9 +373,12 @@ def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: i
     mine = sorted(first)[rank::world_size]
     unique = {m: {} for m in metrics}
     for m in metrics:
-        score, bar = SCORERS[m].load(cfg, device), reports.Progress(len(mine), f"{m} rank {rank}", unit="images")
+        score, bar = (
+            SCORERS[m].load(cfg, device),
+            reports.Progress(len(mine), f"{m} rank {rank}", unit="images"),
+        )
         for i in range(0, len(mine), cfg.batch_size):
-            batch = mine[i:i + cfg.batch_size]
+            batch = mine[i : i + cfg.batch_size]
             images = [Image.open(first[u]).convert("RGB") for u in batch]
             with torch.no_grad():
                 values = score(images, [prompts[p] for _, p in batch]).float().cpu().tolist()
@@ -300,6 +396,7 @@ def score_images(cfg: Config, metrics: list, paths: dict, prompts: list, rank: i
 # ----------------------------------------------------------------------------------------------------
 # Generation: both models, the same initial noise for image k of prompt p
 
+
 def describe_model(spec: str, flag: str) -> dict:
     """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None}, both checked to exist. A
     checkpoint-<step> folder holds only unet/; its base model is config.pretrained_model in the run.json above."""
@@ -307,14 +404,18 @@ def describe_model(spec: str, flag: str) -> dict:
     if (path / "unet" / "config.json").exists() and not (path / "model_index.json").exists():
         run_json = path.parent / "run.json"
         if not run_json.exists():
-            raise DataError(f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
-                            f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id.")
+            raise DataError(
+                f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
+                f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id."
+            )
         base = json.loads(run_json.read_text())["config"]["pretrained_model"]
         utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
         return dict(base=base, unet=str(path / "unet"))
     if path.is_dir() and not (path / "model_index.json").exists():
-        raise DataError(f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model "
-                        f"folder (with model_index.json).")
+        raise DataError(
+            f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model "
+            f"folder (with model_index.json)."
+        )
     return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None)
 
 
@@ -326,10 +427,13 @@ def load_pipeline(model: dict, device: torch.device):
     try:
         if model["unet"]:
             extra["unet"] = UNet2DConditionModel.from_pretrained(model["unet"], dtype=dtype)
-        pipe = StableDiffusionPipeline.from_pretrained(model["base"], dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False, **extra)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model["base"], dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra
+        )
     except OSError as e:
-        raise DataError(f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder.") from e
+        raise DataError(
+            f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder."
+        ) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -348,13 +452,18 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     # plain lines in a log file
     bar = reports.Progress(len(todo), f"{desc} rank {rank}", unit="images")
     for i in range(0, len(todo), cfg.batch_size):
-        batch = todo[i:i + cfg.batch_size]
+        batch = todo[i : i + cfg.batch_size]
         # one CPU generator per image: its initial latents, then any noise a stochastic scheduler draws
         gens = [torch.Generator("cpu").manual_seed(utils.derive_seed(cfg.seed, p, k)) for p, k, _ in batch]
         latents = torch.stack([torch.randn((c, h, w), generator=g) for g in gens])
         with torch.no_grad():
-            images = pipe([t for _, _, t in batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                          latents=latents.to(pipe.device, pipe.unet.dtype), generator=gens).images
+            images = pipe(
+                [t for _, _, t in batch],
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance,
+                latents=latents.to(pipe.device, pipe.unet.dtype),
+                generator=gens,
+            ).images
         for (p, k, _), image in zip(batch, images):
             # a killed run never leaves half an image
             with utils.atomic_path(folder / image_name(p, k)) as tmp:
@@ -392,13 +501,19 @@ def read_prompt_file(path: Path) -> list[str]:
     elif suffix == ".parquet":
         table = pd.read_parquet(path)
     else:
-        raise DataError(f"--prompts {path}: unsupported file type '{suffix}'. Use .txt (one prompt per line) or a "
-                        f".csv/.tsv/.jsonl/.parquet table with a column named {', '.join(PROMPT_COLUMNS)}.")
+        raise DataError(
+            f"--prompts {path}: unsupported file type '{suffix}'. Use .txt (one prompt per line) or a "
+            f".csv/.tsv/.jsonl/.parquet table with a column named {', '.join(PROMPT_COLUMNS)}."
+        )
     column = next((c for c in PROMPT_COLUMNS if c in table.columns), None)
     if column is None:
-        raise DataError(f"--prompts {path}: no column named {', '.join(PROMPT_COLUMNS)}. Found columns: "
-                        f"{', '.join(map(str, table.columns))}.")
-    texts = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip() for v in table[column]]
+        raise DataError(
+            f"--prompts {path}: no column named {', '.join(PROMPT_COLUMNS)}. Found columns: "
+            f"{', '.join(map(str, table.columns))}."
+        )
+    texts = [
+        "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip() for v in table[column]
+    ]
     return [t for t in texts if t]
 
 
@@ -408,8 +523,12 @@ def download_named_prompts(name: str) -> list[str]:
     try:
         if name == "pickapic_test":
             import datasets
-            ds = datasets.load_dataset("yuvalkirstain/pickapic_v2", split="test_unique",
-                                       data_files={"test_unique": "data/test_unique-*"})
+
+            ds = datasets.load_dataset(
+                "yuvalkirstain/pickapic_v2",
+                split="test_unique",
+                data_files={"test_unique": "data/test_unique-*"},
+            )
             return list(dict.fromkeys(str(c).strip() for c in ds["caption"]))  # unique, in order
         if name == "parti":
             dest = utils.cache_dir() / "prompts" / "PartiPrompts.tsv"
@@ -417,6 +536,7 @@ def download_named_prompts(name: str) -> list[str]:
                 scorers.download(PARTI_URL, dest)
             return read_prompt_file(dest)
         from huggingface_hub import hf_hub_download
+
         prompts = []
         # HPS v2 benchmark: the same files the hpsv2 package downloads
         for f in HPS_FILES:
@@ -426,8 +546,9 @@ def download_named_prompts(name: str) -> list[str]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). "
-                        f"{how}") from e
+        raise DataError(
+            f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). {how}"
+        ) from e
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -438,8 +559,10 @@ def load_prompts(spec: str) -> list[str]:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise DataError(f"--prompts {spec}: not a named set ({', '.join(NAMED_PROMPTS)}) and no such file. "
-                            f"Pass a named set or a .txt/.csv/.tsv/.jsonl/.parquet file.")
+            raise DataError(
+                f"--prompts {spec}: not a named set ({', '.join(NAMED_PROMPTS)}) and no such file. "
+                f"Pass a named set or a .txt/.csv/.tsv/.jsonl/.parquet file."
+            )
         prompts = read_prompt_file(path)
     if not prompts:
         raise DataError(f"--prompts {spec}: no (non-empty) prompts found.")
@@ -452,18 +575,25 @@ def subset_indices(n: int, k: int) -> list[int]:
         return list(range(n))
     return [(i * n) // k for i in range(k)]
 
+
 # ----------------------------------------------------------------------------------------------------
 # Reports
 
+
 def write_markdown(results: dict, path: Path, cfg: Config):
     names = [SCORERS[m].title for m in results]
-    rows = [("win rate (%)", lambda r: f"{100 * r['win_rate']:.1f}"),
-            ("95% CI (%)", lambda r: f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"),
-            ("mean, checkpoint", lambda r: f"{r['mean_ckpt']:.4g}"),
-            ("mean, baseline", lambda r: f"{r['mean_baseline']:.4g}")]
+    rows = [
+        ("win rate (%)", lambda r: f"{100 * r['win_rate']:.1f}"),
+        ("95% CI (%)", lambda r: f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"),
+        ("mean, checkpoint", lambda r: f"{r['mean_ckpt']:.4g}"),
+        ("mean, baseline", lambda r: f"{r['mean_baseline']:.4g}"),
+    ]
     n = next(iter(results.values()))["n_prompts"] if results else 0
-    lines = [f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {n} prompts of `{cfg.prompts}`, "
-             f"{cfg.images_per_prompt} images per prompt, compare = {cfg.compare}.", ""]
+    lines = [
+        f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {n} prompts of `{cfg.prompts}`, "
+        f"{cfg.images_per_prompt} images per prompt, compare = {cfg.compare}.",
+        "",
+    ]
     if random_scorers(cfg):
         lines += [f"**{TINY_NOTE}**", ""]
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -487,9 +617,15 @@ def draw_win_rates(results: dict, path: Path, cfg: Config):
     ax.set_xticks(x, [wrap(SCORERS[m].title, 12) for m in results])
     ax.set(ylim=(0, 112), yticks=range(0, 101, 25), ylabel="win rate of the checkpoint (%), 95% CI")
     n = next(iter(results.values()))["n_prompts"]
-    ax.set_title(wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70, path=True) + "\n" + wrap(
-        f"{n} prompts of {cfg.prompts}, {cfg.images_per_prompt} image(s) per prompt, compare = {cfg.compare}", 80),
-        fontsize=10)
+    ax.set_title(
+        wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70, path=True)
+        + "\n"
+        + wrap(
+            f"{n} prompts of {cfg.prompts}, {cfg.images_per_prompt} image(s) per prompt, compare = {cfg.compare}",
+            80,
+        ),
+        fontsize=10,
+    )
     if random_scorers(cfg):
         ax.set_xlabel(wrap(TINY_NOTE, 90), color="firebrick", fontsize=8)
     fig.savefig(path, bbox_inches="tight")
@@ -503,23 +639,34 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
     from matplotlib.figure import Figure
 
     n = len(images["baseline"])
-    fig = Figure(figsize=(max(4.5, 1.5 + 2 * n), 2 * (2.5 + 0.18 * len(scores["baseline"])) + 1), dpi=100,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(4.5, 1.5 + 2 * n), 2 * (2.5 + 0.18 * len(scores["baseline"])) + 1),
+        dpi=100,
+        layout="constrained",
+    )
     axes = fig.subplots(2, n, squeeze=False)
     for row, (tag, model) in enumerate((("baseline", cfg.baseline), ("checkpoint", cfg.ckpt))):
         for k, image in enumerate(images[tag]):
             lines = []
             for m, values in scores[tag].items():
                 median = np.argsort(values, kind="stable")[(n - 1) // 2]
-                lines.append(f"{SCORERS[m].title} {values[k]:.4g}" + (" *" if cfg.compare == "median"
-                                                                         and k == median else ""))
+                lines.append(
+                    f"{SCORERS[m].title} {values[k]:.4g}"
+                    + (" *" if cfg.compare == "median" and k == median else "")
+                )
             reports.show_image(axes[row, k], image, "\n".join(lines))
         axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28, path=True), fontsize=8)
     fig.suptitle(wrap(prompt, int(12 * fig.get_figwidth())), fontsize=10)
-    notes = ["same initial noise in each column"] + (["* = the model's median image for that metric (the one "
-                                                      "compared)"] if cfg.compare == "median" else [])
-    fig.supxlabel(wrap("; ".join(notes) + (f". {TINY_NOTE}" if random_scorers(cfg) else ""),
-                       int(14 * fig.get_figwidth())), fontsize=7, color="dimgray")
+    notes = ["same initial noise in each column"] + (
+        ["* = the model's median image for that metric (the one compared)"] if cfg.compare == "median" else []
+    )
+    fig.supxlabel(
+        wrap(
+            "; ".join(notes) + (f". {TINY_NOTE}" if random_scorers(cfg) else ""), int(14 * fig.get_figwidth())
+        ),
+        fontsize=7,
+        color="dimgray",
+    )
     # a prompt in a script the font lacks draws boxes; index.csv has its text
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -527,7 +674,9 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
     return fig
 
 
-def write_reports(cfg: Config, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path) -> list:
+def write_reports(
+    cfg: Config, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path
+) -> list:
     """results.json, results.md, win_rates.png and grid_<prompt>.png for the first 4 prompts; returns their paths."""
     results = report["metrics"]
     (out / "results.json").write_text(json.dumps(report, indent=2))
@@ -535,8 +684,10 @@ def write_reports(cfg: Config, report: dict, tables: dict, prompts: list, ids: l
     draw_win_rates(results, out / "win_rates.png", cfg)
     written = [out / "results.json", out / "results.md", out / "win_rates.png"]
     for row, p in enumerate(ids[:4]):
-        images = {tag: [Image.open(paths[(tag, p, k)]) for k in range(cfg.images_per_prompt)]
-                  for tag in ("baseline", "checkpoint")}
+        images = {
+            tag: [Image.open(paths[(tag, p, k)]) for k in range(cfg.images_per_prompt)]
+            for tag in ("baseline", "checkpoint")
+        }
         scores = {tag: {m: tables[m][tag][row] for m in tables} for tag in images}
         draw_grid(prompts[p], images, scores, cfg, out / f"grid_{p:05d}.png")
         written.append(out / f"grid_{p:05d}.png")
@@ -550,13 +701,15 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
     if not (ckpt / "README.md").exists():
         reports.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
     n = next(iter(results.values()))["n_prompts"]
-    reports.append_to_model_card(ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n"
-                                     + results_md.read_text())
+    reports.append_to_model_card(
+        ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n" + results_md.read_text()
+    )
     return ckpt / "README.md"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Export: a checkpoint as a complete diffusers pipeline
+
 
 def export(cfg: Config, rank: int, world_size: int, device) -> Path:
     """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet, saved as one
@@ -565,8 +718,10 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
 
     model, out = describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
     if model["unet"] is None:
-        raise DataError(f"--ckpt {cfg.ckpt}: already a complete pipeline; --export takes a checkpoint-<step> folder "
-                        f"of train_kto.py.")
+        raise DataError(
+            f"--ckpt {cfg.ckpt}: already a complete pipeline; --export takes a checkpoint-<step> folder "
+            f"of train_kto.py."
+        )
     if out.exists():
         raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
     # weights as saved (no dtype given): the exported UNet equals the checkpoint's bit for bit
@@ -578,12 +733,15 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
             pipe.save_pretrained(tmp)
             if (Path(cfg.ckpt) / "README.md").exists():
                 shutil.copyfile(Path(cfg.ckpt) / "README.md", tmp / "README.md")
-        print(f"Exported {cfg.ckpt} (base model {model['base']} + its UNet) to {out}\n"
-              f"  load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+        print(
+            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet) to {out}\n"
+            f"  load it with StableDiffusionPipeline.from_pretrained({str(out)!r})"
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
+
 
 def main(argv=None):
     """Run the evaluation (or --export); returns the report (the exported folder) on rank 0, None on other ranks."""

@@ -33,8 +33,15 @@ from utils import atomic_path, build_once, cache_dir
 # ----------------------------------------------------------------------------------------------------
 # Synthetic Pick-a-Pic v2: its columns and types, tiny images (the benchmark and data tests)
 
-def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 1500, seed: int = 0,
-                             tie_fraction: float = 0.1, images_per_prompt: int = 4) -> list[Path]:
+
+def write_synthetic_pickapic(
+    folder: Path,
+    n_rows: int,
+    rows_per_shard: int = 1500,
+    seed: int = 0,
+    tie_fraction: float = 0.1,
+    images_per_prompt: int = 4,
+) -> list[Path]:
     """Write train-*.parquet shards with Pick-a-Pic v2's columns and types (for the benchmark and tests).
 
     Images are grouped by prompt; each comparison pairs two images of one prompt. The image columns reuse a
@@ -62,21 +69,30 @@ def write_synthetic_pickapic(folder: Path, n_rows: int, rows_per_shard: int = 15
         sl = slice(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
         m = sl.stop - sl.start
         ua, ub = uid_of[a[sl]], uid_of[b[sl]]
-        t = pa.table({
-            "are_different": np.ones(m, bool),
-            "best_image_uid": np.where(label_0[sl] == 1, ua, np.where(label_0[sl] == 0, ub, "")),
-            "caption": [f"prompt {p}: a photograph of a small synthetic scene" for p in prompt_of_first[sl]],
-            "created_at": pa.array(np.full(m, 1_700_000_000_000_000, "datetime64[us]")),
-            "has_label": np.ones(m, bool),
-            "image_0_uid": ua, "image_0_url": [f"https://example.invalid/{u}.png" for u in ua],
-            "image_1_uid": ub, "image_1_url": [f"https://example.invalid/{u}.png" for u in ub],
-            "jpg_0": pa.array([tiny[k] for k in a[sl] % 3], pa.binary()),
-            "jpg_1": pa.array([tiny[k] for k in b[sl] % 3], pa.binary()),
-            "label_0": label_0[sl], "label_1": 1.0 - label_0[sl],
-            "model_0": ["sd-1.5"] * m, "model_1": ["sdxl"] * m,
-            "ranking_id": np.arange(sl.start, sl.stop), "user_id": rng.integers(0, 10_000, m),
-            "num_example_per_prompt": np.ones(m, np.int64),
-        })
+        t = pa.table(
+            {
+                "are_different": np.ones(m, bool),
+                "best_image_uid": np.where(label_0[sl] == 1, ua, np.where(label_0[sl] == 0, ub, "")),
+                "caption": [
+                    f"prompt {p}: a photograph of a small synthetic scene" for p in prompt_of_first[sl]
+                ],
+                "created_at": pa.array(np.full(m, 1_700_000_000_000_000, "datetime64[us]")),
+                "has_label": np.ones(m, bool),
+                "image_0_uid": ua,
+                "image_0_url": [f"https://example.invalid/{u}.png" for u in ua],
+                "image_1_uid": ub,
+                "image_1_url": [f"https://example.invalid/{u}.png" for u in ub],
+                "jpg_0": pa.array([tiny[k] for k in a[sl] % 3], pa.binary()),
+                "jpg_1": pa.array([tiny[k] for k in b[sl] % 3], pa.binary()),
+                "label_0": label_0[sl],
+                "label_1": 1.0 - label_0[sl],
+                "model_0": ["sd-1.5"] * m,
+                "model_1": ["sdxl"] * m,
+                "ranking_id": np.arange(sl.start, sl.stop),
+                "user_id": rng.integers(0, 10_000, m),
+                "num_example_per_prompt": np.ones(m, np.int64),
+            }
+        )
         path = folder / f"train-{s:05d}-of-{n_shards:05d}.parquet"
         pq.write_table(t, path)
         paths.append(path)
@@ -108,12 +124,19 @@ def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None
             "print(json.dumps(dict(convert_s=t1 - t0, cached_s=t2 - t1,\n"
             "    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **table.attrs['stats'])))\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout
         result = json.loads(out.strip().splitlines()[-1])
-    print(f"{n_rows:,} comparisons -> {result['num_desirable']:,} desirable / {result['num_undesirable']:,} "
-          f"undesirable: {result['convert_s']:.1f} s (cached: {result['cached_s']:.2f} s), "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(
+        f"{n_rows:,} comparisons -> {result['num_desirable']:,} desirable / {result['num_undesirable']:,} "
+        f"undesirable: {result['convert_s']:.1f} s (cached: {result['cached_s']:.2f} s), "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
     return result
 
 
@@ -175,11 +198,16 @@ def build_sd15_random(path: Path, seed: int = 0) -> None:
     tokenizer.model_max_length = 77
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(SD15_CONFIGS / "text_encoder" / "config.json")),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig.from_json_file(SD15_CONFIGS / "text_encoder" / "config.json")
+        ),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet")),
         scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(SD15_CONFIGS / "scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path)
 
 
@@ -196,14 +224,32 @@ def tiny_clip(tokenizer, seed: int, image_size: int = 32):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    return CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8, hidden_act="gelu"),
-        projection_dim=16)).eval()
+    return CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=8,
+                hidden_act="gelu",
+            ),
+            projection_dim=16,
+        )
+    ).eval()
 
 
 def hf_to_openclip(sd: dict) -> dict:
@@ -221,19 +267,26 @@ def hf_to_openclip(sd: dict) -> dict:
                 proj = name.split(".")[1][0]
                 inverse.setdefault(prefix + f"attn.in_proj_{kind}", {})[proj] = v
                 continue
-            for a, b in {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                         "self_attn.out_proj": "attn.out_proj"}.items():
+            for a, b in {
+                "layer_norm1": "ln_1",
+                "layer_norm2": "ln_2",
+                "mlp.fc1": "mlp.c_fc",
+                "mlp.fc2": "mlp.c_proj",
+                "self_attn.out_proj": "attn.out_proj",
+            }.items():
                 name = name.replace(a, b) if name.startswith(a) else name
             inverse[prefix + name] = v
         else:
-            for a, b in {"text_model.embeddings.token_embedding": "token_embedding",
-                         "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                         "text_model.final_layer_norm": "ln_final",
-                         "vision_model.embeddings.class_embedding": "visual.class_embedding",
-                         "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-                         "vision_model.embeddings.patch_embedding": "visual.conv1",
-                         "vision_model.pre_layrnorm": "visual.ln_pre",
-                         "vision_model.post_layernorm": "visual.ln_post"}.items():
+            for a, b in {
+                "text_model.embeddings.token_embedding": "token_embedding",
+                "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                "text_model.final_layer_norm": "ln_final",
+                "vision_model.embeddings.class_embedding": "visual.class_embedding",
+                "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+                "vision_model.embeddings.patch_embedding": "visual.conv1",
+                "vision_model.pre_layrnorm": "visual.ln_pre",
+                "vision_model.post_layernorm": "visual.ln_post",
+            }.items():
                 k = k.replace(a, b) if k.startswith(a) else k
             inverse[k] = v
     return {k: torch.cat([v["q"], v["k"], v["v"]]) if isinstance(v, dict) else v for k, v in inverse.items()}
@@ -267,22 +320,61 @@ def build_tiny_scorers(path: Path) -> None:
     vocab = {w: i for i, w in enumerate(specials + words + list("abcdefghijklmnopqrstuvwxyz0123456789"))}
     tokenizer = BertTokenizer(vocab=vocab)
     tokenizer.save_pretrained(path / "imagereward")
-    med = dict(architectures=["BertModel"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64, vocab_size=len(vocab), layer_norm_eps=1e-12,
-               hidden_act="gelu", model_type="bert", add_cross_attention=True, encoder_width=32, pad_token_id=0,
-               bos_token_id=2, sep_token_id=3)
+    med = dict(
+        architectures=["BertModel"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        vocab_size=len(vocab),
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        model_type="bert",
+        add_cross_attention=True,
+        encoder_width=32,
+        pad_token_id=0,
+        bos_token_id=2,
+        sep_token_id=3,
+    )
     (path / "imagereward" / "med_config.json").write_text(json.dumps(med, indent=2))
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                              num_attention_heads=1, image_size=32, patch_size=8,
-                                              layer_norm_eps=1e-6))
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                                        encoder_hidden_size=64, is_decoder=True, bos_token_id=2, sep_token_id=3),
-                         add_pooling_layer=False)
-    vision_names = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-                    "embeddings.patch_embedding": "patch_embed.proj", "post_layernorm": "norm",
-                    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
-                    "self_attn.projection": "attn.proj", "encoder.layers": "blocks"}
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            image_size=32,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+        )
+    )
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            encoder_hidden_size=64,
+            is_decoder=True,
+            bos_token_id=2,
+            sep_token_id=3,
+        ),
+        add_pooling_layer=False,
+    )
+    vision_names = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding": "patch_embed.proj",
+        "post_layernorm": "norm",
+        "layer_norm1": "norm1",
+        "layer_norm2": "norm2",
+        "self_attn.qkv": "attn.qkv",
+        "self_attn.projection": "attn.proj",
+        "encoder.layers": "blocks",
+    }
     sd = {}
     for k, v in vision.state_dict().items():
         for a, b in vision_names.items():
@@ -303,13 +395,16 @@ def tiny_scorer_paths() -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 
+
 def main(argv=None):
     """python fixtures.py sd15-random FOLDER: the folder to pass as --pretrained_model in benchmarks."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build Stable Diffusion v1-5's architecture (configs/sd15) with "
-                                     "RANDOM weights into a folder, for speed and memory benchmarks: "
-                                     "python train_kto.py --pretrained_model FOLDER ...")
+    parser = argparse.ArgumentParser(
+        description="Build Stable Diffusion v1-5's architecture (configs/sd15) with "
+        "RANDOM weights into a folder, for speed and memory benchmarks: "
+        "python train_kto.py --pretrained_model FOLDER ..."
+    )
     parser.add_argument("what", choices=["sd15-random"], help="the model to build")
     parser.add_argument("folder", type=Path, help="where to write it (diffusers layout, about 4.3 GB)")
     args = parser.parse_args(argv)
@@ -319,8 +414,10 @@ def main(argv=None):
     with atomic_path(args.folder) as tmp:
         tmp.mkdir()
         build_sd15_random(tmp)
-    print(f"wrote {args.folder}: SD v1-5's architecture with RANDOM weights; a model trained from it is "
-          "meaningless (benchmarks and memory checks only)")
+    print(
+        f"wrote {args.folder}: SD v1-5's architecture with RANDOM weights; a model trained from it is "
+        "meaningless (benchmarks and memory checks only)"
+    )
 
 
 if __name__ == "__main__":

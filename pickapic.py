@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 
 from utils import DataError, atomic_path, cache_dir, is_hub_id
 
-
 PICKAPIC_LABEL_COLUMNS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid")
 
 
@@ -41,7 +40,8 @@ LABEL_POLICIES = ("won_once", "always_won")
 LABEL_POLICY_HELP = (
     "how Pick-a-Pic pairs become per-image labels (ties dropped, each image uid counted once): won_once = "
     "preferred in at least one comparison is desirable, never preferred is undesirable (paper); always_won = "
-    "desirable only if never the loser, images that both won and lost are dropped")
+    "desirable only if never the loser, images that both won and lost are dropped"
+)
 
 
 PICKAPIC_LABELS_VERSION = 1  # bump when the conversion changes: cached label tables are then rebuilt
@@ -78,21 +78,30 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
     else:
         if not path.exists():
             if not is_hub_dataset(str(spec)):
-                raise DataError(f"--dataset {spec}: no such file or folder, and not a hub dataset id (owner/name).")
+                raise DataError(
+                    f"--dataset {spec}: no such file or folder, and not a hub dataset id (owner/name)."
+                )
             path = _hub_snapshot(str(spec), split)
         root = path
-        files = sorted(p for p in root.rglob("*.parquet")
-                       if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = sorted(
+            p
+            for p in root.rglob("*.parquet")
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
         if not files:
-            raise DataError(f"--dataset {spec}: the folder {root} holds no .parquet files. Expected Pick-a-Pic v2 "
-                            f"parquet shards (columns {', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}).")
+            raise DataError(
+                f"--dataset {spec}: the folder {root} holds no .parquet files. Expected Pick-a-Pic v2 "
+                f"parquet shards (columns {', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)})."
+            )
         splits = [_split_of(p, root) for p in files]
         if any(s is not None for s in splits):
             files = [p for p, s in zip(files, splits) if s == split]
             if not files:
                 found = sorted({s for s in splits if s})
-                raise DataError(f"--dataset {spec}: the folder {root} has shards of split(s) {', '.join(found)} "
-                                f"but none of split '{split}' (named {split}-*.parquet or under {split}/).")
+                raise DataError(
+                    f"--dataset {spec}: the folder {root} has shards of split(s) {', '.join(found)} "
+                    f"but none of split '{split}' (named {split}-*.parquet or under {split}/)."
+                )
     for f in files:
         names = pq.read_schema(f).names
         missing = [c for c in PICKAPIC_LABEL_COLUMNS if c not in names]
@@ -101,7 +110,8 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
                 f"--dataset {spec}: {f} is not a Pick-a-Pic v2 shard: missing column(s) {', '.join(missing)}. "
                 f"Found columns: {', '.join(names)}. A folder or hub id must hold parquet shards with columns "
                 f"{', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}; a like/dislike table must be a "
-                ".csv, .jsonl or .parquet file with columns image, caption, label.")
+                ".csv, .jsonl or .parquet file with columns image, caption, label."
+            )
     return root, files
 
 
@@ -117,7 +127,8 @@ def _hub_snapshot(repo_id: str, split: str) -> Path:
             f"--dataset {repo_id}: could not get the '{split}' parquet shards of this hub dataset "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download them first, e.g. "
             f"`hf download {repo_id} --repo-type dataset --include 'data/{split}-*'` (older clients: "
-            f"huggingface-cli download), or pass a local folder of Pick-a-Pic v2 parquet shards.") from None
+            f"huggingface-cli download), or pass a local folder of Pick-a-Pic v2 parquet shards."
+        ) from None
 
 
 def _pickapic_cache_path(root: Path, files: list[Path], split: str, label_policy: str) -> Path:
@@ -138,8 +149,13 @@ def _pickapic_cache_path(root: Path, files: list[Path], split: str, label_policy
 
 def _read_label_columns(files: list[Path]) -> pa.Table:
     """All comparisons, label/uid/caption columns only (parquet projection), plus shard index and row."""
-    types = dict(caption=pa.large_string(), label_0=pa.float64(), label_1=pa.float64(),
-                 image_0_uid=pa.large_string(), image_1_uid=pa.large_string())
+    types = dict(
+        caption=pa.large_string(),
+        label_0=pa.float64(),
+        label_1=pa.float64(),
+        image_0_uid=pa.large_string(),
+        image_1_uid=pa.large_string(),
+    )
 
     def read(k):
         t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
@@ -166,8 +182,12 @@ def pickapic_labels(comparisons: pa.Table, label_policy: str) -> tuple[pa.Table,
     l0 = comparisons.column("label_0").to_numpy().astype(np.float64)  # nulls become nan
     l1 = comparisons.column("label_1").to_numpy().astype(np.float64)
     u0, u1 = comparisons.column("image_0_uid"), comparisons.column("image_1_uid")
-    valid = ~np.isnan(l0) & ~np.isnan(l1) & pc.is_valid(u0).to_numpy(zero_copy_only=False) \
+    valid = (
+        ~np.isnan(l0)
+        & ~np.isnan(l1)
+        & pc.is_valid(u0).to_numpy(zero_copy_only=False)
         & pc.is_valid(u1).to_numpy(zero_copy_only=False)
+    )
     decisive = valid & (l0 != l1)
     idx = np.flatnonzero(decisive)
     win0 = l0[idx] > l1[idx]
@@ -175,7 +195,11 @@ def pickapic_labels(comparisons: pa.Table, label_policy: str) -> tuple[pa.Table,
     # + side, which orders entries as they appear in the data
     uids = pc.dictionary_encode(pa.chunked_array(u0.take(idx).chunks + u1.take(idx).chunks, type=u0.type))
     uid_names = uids.chunk(0).dictionary if uids.num_chunks else pa.array([], u0.type)
-    code = np.concatenate([c.indices.to_numpy() for c in uids.chunks]) if uids.num_chunks else np.zeros(0, np.int32)
+    code = (
+        np.concatenate([c.indices.to_numpy() for c in uids.chunks])
+        if uids.num_chunks
+        else np.zeros(0, np.int32)
+    )
     won_slot = np.concatenate([win0, ~win0])
     pos = np.concatenate([2 * idx, 2 * idx + 1])
     k = len(uid_names)
@@ -193,24 +217,36 @@ def pickapic_labels(comparisons: pa.Table, label_policy: str) -> tuple[pa.Table,
     won, lost = n_won > 0, n_lost > 0
     keep = np.ones(len(first), bool) if label_policy == "won_once" else ~(won & lost)
     i = first // 2
-    table = pa.table({
-        "uid": uid_names,
-        "caption": comparisons.column("caption").fill_null("").take(i),
-        "desirable": won,  # always_won: the images that also lost are filtered out below
-        "shard": comparisons.column("shard").take(i),
-        "row": comparisons.column("row").take(i),
-        "side": (first % 2).astype(np.int8),
-        "n_won": n_won.astype(np.int32), "n_lost": n_lost.astype(np.int32),
-    }).filter(keep)
-    tie_uids = pc.unique(pa.chunked_array(u0.filter(valid & ~decisive).chunks + u1.filter(valid & ~decisive).chunks,
-                                          type=u0.type))
+    table = pa.table(
+        {
+            "uid": uid_names,
+            "caption": comparisons.column("caption").fill_null("").take(i),
+            "desirable": won,  # always_won: the images that also lost are filtered out below
+            "shard": comparisons.column("shard").take(i),
+            "row": comparisons.column("row").take(i),
+            "side": (first % 2).astype(np.int8),
+            "n_won": n_won.astype(np.int32),
+            "n_lost": n_lost.astype(np.int32),
+        }
+    ).filter(keep)
+    tie_uids = pc.unique(
+        pa.chunked_array(
+            u0.filter(valid & ~decisive).chunks + u1.filter(valid & ~decisive).chunks, type=u0.type
+        )
+    )
     desirable = table.column("desirable").to_numpy()
     stats = dict(
-        label_policy=label_policy, comparisons=n, ties=int((valid & ~decisive).sum()), invalid=int((~valid).sum()),
-        images=len(first), images_only_in_ties=len(tie_uids) - int(pc.sum(pc.is_in(tie_uids, uid_names)).as_py() or 0),
-        images_won_and_lost=int((won & lost).sum()), images_dropped=int((~keep).sum()),
+        label_policy=label_policy,
+        comparisons=n,
+        ties=int((valid & ~decisive).sum()),
+        invalid=int((~valid).sum()),
+        images=len(first),
+        images_only_in_ties=len(tie_uids) - int(pc.sum(pc.is_in(tie_uids, uid_names)).as_py() or 0),
+        images_won_and_lost=int((won & lost).sum()),
+        images_dropped=int((~keep).sum()),
         images_with_several_captions=several_captions,
-        num_desirable=int(desirable.sum()), num_undesirable=int((~desirable).sum()),
+        num_desirable=int(desirable.sum()),
+        num_undesirable=int((~desirable).sum()),
     )
     return table, stats
 
@@ -233,19 +269,28 @@ def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str =
         meta = dict(shards=[str(f.relative_to(root)) for f in files], stats=dict(stats, split=split))
         table = table.replace_schema_metadata({"diffusion_kto": json.dumps(meta)})
         cache.parent.mkdir(parents=True, exist_ok=True)
-        for stale in cache.parent.glob(cache.name.rsplit("-", 1)[0] + "-*.parquet"):  # same shards, older data
+        for stale in cache.parent.glob(
+            cache.name.rsplit("-", 1)[0] + "-*.parquet"
+        ):  # same shards, older data
             if stale != cache:
                 stale.unlink(missing_ok=True)
         with atomic_path(cache) as tmp:  # concurrent ranks write the same content
             pq.write_table(table, tmp)
-    df = pd.DataFrame({
-        "uid": table.column("uid").to_pandas(), "caption": table.column("caption").to_pandas(),
-        "desirable": table.column("desirable").to_numpy(),
-        "shard": pd.Categorical.from_codes(table.column("shard").to_numpy(),
-                                           categories=[str(root / s) for s in meta["shards"]]),
-        "row": table.column("row").to_numpy(),
-        "column": pd.Categorical.from_codes(table.column("side").to_numpy(), categories=list(PICKAPIC_IMAGE_COLUMNS)),
-        "n_won": table.column("n_won").to_numpy(), "n_lost": table.column("n_lost").to_numpy(),
-    })
+    df = pd.DataFrame(
+        {
+            "uid": table.column("uid").to_pandas(),
+            "caption": table.column("caption").to_pandas(),
+            "desirable": table.column("desirable").to_numpy(),
+            "shard": pd.Categorical.from_codes(
+                table.column("shard").to_numpy(), categories=[str(root / s) for s in meta["shards"]]
+            ),
+            "row": table.column("row").to_numpy(),
+            "column": pd.Categorical.from_codes(
+                table.column("side").to_numpy(), categories=list(PICKAPIC_IMAGE_COLUMNS)
+            ),
+            "n_won": table.column("n_won").to_numpy(),
+            "n_lost": table.column("n_lost").to_numpy(),
+        }
+    )
     df.attrs["stats"] = dict(meta["stats"], source=str(spec), label_cache=str(cache))
     return df

@@ -22,18 +22,29 @@ from utils import DataError, atomic_path, derive_seed, is_hub_id
 # ----------------------------------------------------------------------------------------------------
 # Progress of long work
 
+
 class Progress:
     """Progress of long work: a tqdm bar on a terminal; in a log file (stderr not a terminal) one plain line every
     `every` seconds and at the end, instead of a bar redrawn with carriage returns into one endless line."""
 
-    def __init__(self, total: int, desc: str, unit: str = "steps", initial: int = 0, every: float = 60.0,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "steps",
+        initial: int = 0,
+        every: float = 60.0,
+        enabled: bool = True,
+    ):
         self.total, self.desc, self.unit, self.every, self.done = total, desc, unit, every, initial
         self.start, self.shown, self.first, self.info = time.monotonic(), time.monotonic(), initial, ""
         self.enabled, self.bar = enabled, None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit.rstrip("s"), dynamic_ncols=True)
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit.rstrip("s"), dynamic_ncols=True
+            )
 
     def update(self, n: int = 1, **info):
         self.done += n
@@ -45,8 +56,12 @@ class Progress:
         now = time.monotonic()
         if self.enabled and (now - self.shown >= self.every or self.done >= self.total):
             self.shown, each = now, (now - self.start) / max(self.done - self.first, 1)
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {each:.3g} s each, "
-                  f"{each * (self.total - self.done):.0f} s left {self.info}".rstrip(), file=sys.stderr, flush=True)
+            print(
+                f"{self.desc}: {self.done}/{self.total} {self.unit}, {each:.3g} s each, "
+                f"{each * (self.total - self.done):.0f} s left {self.info}".rstrip(),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self):
         if self.bar is not None:
@@ -55,6 +70,7 @@ class Progress:
 
 # ----------------------------------------------------------------------------------------------------
 # Figures: training curves and image grids
+
 
 def wrap(text: str, width: int, path: bool = False) -> str:
     """Lines of at most `width` characters, broken at spaces (and after a "/" too when `path`)."""
@@ -75,22 +91,31 @@ def save_figure(fig, path: Path) -> Path:
 
 def show_image(ax, image: Image.Image, label: str):
     """One image on `ax`, no ticks, `label` under it; small images stay sharp (no smoothing of their pixels)."""
-    ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased")
+    ax.imshow(
+        np.asarray(image.convert("RGB")), interpolation="nearest" if image.width < 128 else "antialiased"
+    )
     ax.set(xticks=[], yticks=[])
     ax.set_xlabel(label, fontsize=8)
 
 
 # (metrics.jsonl keys, panel title): one panel each; the rewards of both classes share one
-CURVES = ((("loss",), "loss"), (("reward_desirable", "reward_undesirable"), "implicit reward"),
-          (("z",), "reference point z"), (("accuracy",), "implicit accuracy"), (("grad_norm",), "grad norm"),
-          (("lr",), "learning rate"))
+CURVES = (
+    (("loss",), "loss"),
+    (("reward_desirable", "reward_undesirable"), "implicit reward"),
+    (("z",), "reference point z"),
+    (("accuracy",), "implicit accuracy"),
+    (("grad_norm",), "grad norm"),
+    (("lr",), "learning rate"),
+)
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl, one per step (the last one written wins), in step order. A line that is not
     JSON (a run killed while writing it) is skipped."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such file. Pass the --output_dir of a train_kto.py run (it holds metrics.jsonl).")
+        raise DataError(
+            f"{path}: no such file. Pass the --output_dir of a train_kto.py run (it holds metrics.jsonl)."
+        )
     rows = {}
     for line in Path(path).read_text().splitlines():
         try:
@@ -145,21 +170,26 @@ def plot_curves(run_dir: Path) -> Path:
     return save_figure(fig, run_dir / "curves.png")
 
 
-def save_image_grid(images: list, labels: list[str], title: str, path: Path, columns: int | None = None) -> Path:
+def save_image_grid(
+    images: list, labels: list[str], title: str, path: Path, columns: int | None = None
+) -> Path:
     """PIL `images` in rows of `columns` (default: up to 4), each with its full `label` wrapped under it, `title`
     on top; written to `path` (PNG) atomically. Returns `path`."""
     from matplotlib.figure import Figure
 
     if len(images) != len(labels) or not images:
-        raise ValueError(f"need one label per image and at least one image; got {len(images)} images, "
-                         f"{len(labels)} labels")
+        raise ValueError(
+            f"need one label per image and at least one image; got {len(images)} images, {len(labels)} labels"
+        )
     columns = max(1, min(columns or 4, len(images)))
     rows = -(-len(images) // columns)
     labels = [wrap(str(label), 30) for label in labels]
     lines = max(label.count("\n") + 1 for label in labels)
-    fig = Figure(figsize=(max(4.0, 2.5 * columns), rows * (2.5 + 0.15 * lines) + 0.6), dpi=100, layout="constrained")
+    fig = Figure(
+        figsize=(max(4.0, 2.5 * columns), rows * (2.5 + 0.15 * lines) + 0.6), dpi=100, layout="constrained"
+    )
     axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat[len(images):]:
+    for ax in axes.flat[len(images) :]:
         ax.set_axis_off()
     for ax, image, label in zip(axes.flat, images, labels):
         show_image(ax, image, label)
@@ -196,21 +226,27 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise DataError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+                raise DataError(
+                    "TensorBoard logging needs the tensorboard package: pip install tensorboard"
+                ) from e
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
         elif kind == "wandb":
             try:
                 import wandb
             except ImportError as e:
-                raise DataError("Weights & Biases logging needs the wandb package: pip install wandb (then `wandb "
-                                "login`, or WANDB_MODE=offline to keep the run on disk)") from e
+                raise DataError(
+                    "Weights & Biases logging needs the wandb package: pip install wandb (then `wandb "
+                    "login`, or WANDB_MODE=offline to keep the run on disk)"
+                ) from e
             mode = os.environ.get("WANDB_MODE", "online")
             try:
                 self.run = wandb.init(project="diffusion-kto", dir=str(run_dir), config=config, mode=mode)
             except Exception as e:  # not logged in, no network, ...
-                raise DataError(f"wandb could not start a run in {mode} mode ({type(e).__name__}: {e}). Without a "
-                                "network or a login: WANDB_MODE=offline, then `wandb sync` later.") from e
+                raise DataError(
+                    f"wandb could not start a run in {mode} mode ({type(e).__name__}: {e}). Without a "
+                    "network or a login: WANDB_MODE=offline, then `wandb sync` later."
+                ) from e
 
     def log(self, row: dict, step: int):
         """Every number in `row` (except the step itself) at `step`; text and other values are skipped."""
@@ -245,14 +281,28 @@ class Tracker:
 CARD_TAGS = ["diffusion-kto", "text-to-image", "stable-diffusion", "diffusers"]
 
 
-RECIPE = ("objective", "beta", "utility", "reference_point", "learning_rate", "lr_warmup_steps", "train_batch_size",
-          "gradient_accumulation_steps", "world_size", "max_train_steps", "desirable_ratio")
+RECIPE = (
+    "objective",
+    "beta",
+    "utility",
+    "reference_point",
+    "learning_rate",
+    "lr_warmup_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "max_train_steps",
+    "desirable_ratio",
+)
 
 
 def base_license(base: str) -> str:
     """creativeml-openrail-m for Stable Diffusion v1-5 (any owner's copy: the name is the model), else other."""
-    return "creativeml-openrail-m" if base.rstrip("/").rsplit("/", 1)[-1].lower() == "stable-diffusion-v1-5" \
+    return (
+        "creativeml-openrail-m"
+        if base.rstrip("/").rsplit("/", 1)[-1].lower() == "stable-diffusion-v1-5"
         else "other"
+    )
 
 
 def write_model_card(ckpt_dir: Path, run: dict) -> Path:
@@ -265,8 +315,13 @@ def write_model_card(ckpt_dir: Path, run: dict) -> Path:
     found = re.match(r"checkpoint-(\d+)", ckpt_dir.name)
     step = int(found.group(1)) if found else run.get("step", "?")
     terms = base_license(base)
-    data = ModelCardData(base_model=base if is_hub_id(base) else None, tags=CARD_TAGS, library_name="diffusers",
-                         license=terms, pipeline_tag="text-to-image")
+    data = ModelCardData(
+        base_model=base if is_hub_id(base) else None,
+        tags=CARD_TAGS,
+        library_name="diffusers",
+        license=terms,
+        pipeline_tag="text-to-image",
+    )
     recipe = dict(cfg, world_size=run.get("world_size", "?"))
     rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
     policy = run.get("label_policy", cfg.get("label_policy", "?"))
@@ -327,7 +382,7 @@ def append_to_model_card(ckpt_dir: Path, section: str) -> None:
         depth = len(line) - len(line.lstrip("#"))
         if line.strip() == heading and not replaced:
             out, replaced, skipping = out + [section, ""], True, True
-        elif skipping and not fenced and 0 < depth <= level and line[depth:depth + 1] == " ":
+        elif skipping and not fenced and 0 < depth <= level and line[depth : depth + 1] == " ":
             skipping = False
         if not skipping:
             out.append(line)
@@ -339,17 +394,28 @@ def append_to_model_card(ckpt_dir: Path, section: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # A training run's record: run.json, metrics.jsonl, validation grids, model cards; --profile's timings
 
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor datasheets
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+}  # dense bf16, vendor datasheets
 
 
 def attention_flops_cpu():
     """FLOP formulas for the CPU's fused attention kernels, which torch's counter does not know (it knows the GPU's):
     those of the GPU's flash attention, which does the same matrix products."""
     from torch.utils import flop_counter as fc
+
     aten = torch.ops.aten
-    return {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),
-            aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(
+            q, k, v
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, **kw: (
+            fc.sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
 
 
 class Phases:
@@ -382,10 +448,13 @@ class Phases:
             yield
             return
         from torch.utils.flop_counter import FlopCounterMode
+
         # eager: compiled code hides its operations from the counter, and a step traced under the counter would
         # never be compiled afterwards
-        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False,
-                                                                         custom_mapping=attention_flops_cpu()) as counter:
+        with (
+            torch.compiler.set_stance("force_eager"),
+            FlopCounterMode(display=False, custom_mapping=attention_flops_cpu()) as counter,
+        ):
             yield
         self.flops = counter.get_total_flops()
 
@@ -405,10 +474,19 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
     file = out_dir / "run.json"
     launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
-    launches.append(dict(argv=sys.argv, start_step=start_step, world_size=world_size, device=str(device),
-                         time=time.strftime("%Y-%m-%d %H:%M:%S"), versions=dict(python=platform.python_version(),
-                                                                                **versions)))
-    run = dict(config=dataclasses.asdict(cfg), world_size=world_size, device=str(device), **data, launches=launches)
+    launches.append(
+        dict(
+            argv=sys.argv,
+            start_step=start_step,
+            world_size=world_size,
+            device=str(device),
+            time=time.strftime("%Y-%m-%d %H:%M:%S"),
+            versions=dict(python=platform.python_version(), **versions),
+        )
+    )
+    run = dict(
+        config=dataclasses.asdict(cfg), world_size=world_size, device=str(device), **data, launches=launches
+    )
     with atomic_path(file) as tmp:
         tmp.write_text(json.dumps(run, indent=2))
 
@@ -427,8 +505,18 @@ class Reports:
     tracker (--report_to), validation grids of the same prompts and seeds (--validation_steps), curves.png and a
     model card per checkpoint. A no-op on other ranks."""
 
-    def __init__(self, cfg, start_step: int, path: str, device, autocast, world_size: int, counts: dict,
-                 resume_from, enabled: bool):
+    def __init__(
+        self,
+        cfg,
+        start_step: int,
+        path: str,
+        device,
+        autocast,
+        world_size: int,
+        counts: dict,
+        resume_from,
+        enabled: bool,
+    ):
         self.cfg, self.path, self.device, self.autocast = cfg, path, device, autocast
         self.enabled, self.out, self.pipe = enabled, Path(cfg.output_dir), None
         if not enabled:
@@ -436,15 +524,17 @@ class Reports:
         self.out.mkdir(parents=True, exist_ok=True)
         write_run_record(cfg, self.out, start_step, world_size, device, counts)
         per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
-        print(f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
-              f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
-              f"batch {world_size * per_rank}; device {device}"
-              + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""))
+        print(
+            f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
+            f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
+            f"batch {world_size * per_rank}; device {device}"
+            + (f"; resuming from {resume_from} at step {start_step}" if resume_from else "")
+        )
         self.metrics = open_metrics(self.out, start_step)
         self.tracker = Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
         self.bar = Progress(cfg.max_train_steps, cfg.objective, initial=start_step)
         text = cfg.validation_prompts
-        self.prompts = (Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|"))
+        self.prompts = Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|")
         self.prompts = [p.strip() for p in self.prompts if p.strip()]
 
     def log(self, row: dict):
@@ -461,21 +551,37 @@ class Reports:
         if not (self.enabled and self.cfg.validation_steps and step % self.cfg.validation_steps == 0):
             return
         from diffusers import StableDiffusionPipeline
+
         if self.pipe is None:
-            shared = {k: getattr(inputs, k) for k in ("vae", "text_encoder", "tokenizer") if hasattr(inputs, k)}
+            shared = {
+                k: getattr(inputs, k) for k in ("vae", "text_encoder", "tokenizer") if hasattr(inputs, k)
+            }
             self.pipe = StableDiffusionPipeline.from_pretrained(
-                self.path, unet=policy, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                dtype=inputs.dtype, **shared).to(self.device)
+                self.path,
+                unet=policy,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                dtype=inputs.dtype,
+                **shared,
+            ).to(self.device)
             self.pipe.set_progress_bar_config(disable=True)
-        gens = [torch.Generator().manual_seed(derive_seed(self.cfg.seed, i)) for i in range(len(self.prompts))]
+        gens = [
+            torch.Generator().manual_seed(derive_seed(self.cfg.seed, i)) for i in range(len(self.prompts))
+        ]
         policy.eval()
         with torch.no_grad(), self.autocast:
-            images = self.pipe(self.prompts, num_inference_steps=25, guidance_scale=self.cfg.validation_guidance,
-                               generator=gens).images
+            images = self.pipe(
+                self.prompts,
+                num_inference_steps=25,
+                guidance_scale=self.cfg.validation_guidance,
+                generator=gens,
+            ).images
         policy.train()
         (self.out / "validation").mkdir(exist_ok=True)
-        grid = save_image_grid(images, self.prompts, f"validation, step {step}",
-                                     self.out / "validation" / f"step-{step:06d}.png")
+        grid = save_image_grid(
+            images, self.prompts, f"validation, step {step}", self.out / "validation" / f"step-{step:06d}.png"
+        )
         self.tracker.log_image("validation", grid, step)
 
     def checkpoint(self, step: int):
@@ -488,4 +594,6 @@ class Reports:
             self.bar.close()
             self.metrics.close()
             self.tracker.close()
-            print(f"done: {self.out / f'checkpoint-{self.cfg.max_train_steps}'}; curves: {self.out / 'curves.png'}")
+            print(
+                f"done: {self.out / f'checkpoint-{self.cfg.max_train_steps}'}; curves: {self.out / 'curves.png'}"
+            )

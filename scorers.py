@@ -30,14 +30,22 @@ from utils import DataError
 
 # the paper's five metrics, in its column order
 METRICS = ("aesthetic", "pickscore", "imagereward", "clip", "hps")
-AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                 "sac+logos+ava1-l14-linearMSE.pth")
-DEFAULT_PATHS = dict(aesthetic=AESTHETIC_URL, pickscore="yuvalkirstain/PickScore_v1", imagereward="THUDM/ImageReward",
-                     clip="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", hps="xswu/HPSv2")
+AESTHETIC_URL = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+    "sac+logos+ava1-l14-linearMSE.pth"
+)
+DEFAULT_PATHS = dict(
+    aesthetic=AESTHETIC_URL,
+    pickscore="yuvalkirstain/PickScore_v1",
+    imagereward="THUDM/ImageReward",
+    clip="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    hps="xswu/HPSv2",
+)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Weights: local paths, URLs and hub repos, each resolved before any image is generated
+
 
 def download(url: str, dest: Path) -> Path:
     """url into the file dest, written whole or not at all."""
@@ -63,15 +71,21 @@ def resolve_file(spec: str, filename: str, what: str) -> Path:
         try:
             return dest if dest.exists() else download(spec, dest)
         except Exception as e:
-            raise DataError(f"{what}: could not download {filename} ({type(e).__name__}). Offline? Download it once "
-                            f"and pass the file (or its folder).") from e
+            raise DataError(
+                f"{what}: could not download {filename} ({type(e).__name__}). Offline? Download it once "
+                f"and pass the file (or its folder)."
+            ) from e
     return utils.from_hub(spec, filename, what)
 
 
 def beside(weights: Path, default: str, what: str) -> str:
     """Where the architecture config and tokenizer come from: the weights' folder if it has a config.json
     (the tiny test scorers, local mirrors), else the canonical hub id."""
-    return str(weights.parent) if (weights.parent / "config.json").exists() else utils.resolve_model(default, what)
+    return (
+        str(weights.parent)
+        if (weights.parent / "config.json").exists()
+        else utils.resolve_model(default, what)
+    )
 
 
 def from_pretrained(cls, source: str, what: str):
@@ -84,6 +98,7 @@ def from_pretrained(cls, source: str, what: str):
 def load_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(path)
     # never unpickle arbitrary objects
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -123,7 +138,9 @@ def preprocess_hps(images, size: int) -> torch.Tensor:
         s = size / max(h, w)
         new_h, new_w = round(h * s), round(w * s)
         if (new_h, new_w) != (h, w):
-            x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
+            x = F.interpolate(
+                x[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
+            )[0]
         pad_h, pad_w = size - new_h, size - new_w
         out.append(F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
     return normalize(out)
@@ -147,16 +164,24 @@ def preprocess_openai_clip(images, size: int) -> torch.Tensor:
     """Aesthetic (improved-aesthetic-predictor feeds OpenAI CLIP's `preprocess`) and ImageReward (its `_transform`,
     the same): Resize(size, BICUBIC) on the PIL image (resize_short_side), CenterCrop(size) with torchvision's
     offset int(round(excess / 2)) (Python round: half to even), RGB, ToTensor, Normalize."""
-    return normalize([to_tensor(center_crop(resize_short_side(image, size), size, lambda d: int(round(d / 2))))
-                      for image in images])
+    return normalize(
+        [
+            to_tensor(center_crop(resize_short_side(image, size), size, lambda d: int(round(d / 2))))
+            for image in images
+        ]
+    )
 
 
 def preprocess_pickscore(images, size: int) -> torch.Tensor:
     """PickScore (transformers' CLIPImageProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, its PIL path): RGB,
     shortest edge to `size` (resize_short_side), centre crop at offset floor(excess / 2), rescale to [0, 1],
     Normalize. The crop offset differs from torchvision's by a pixel when the excess is 3 mod 4 (1216 x 832)."""
-    return normalize([to_tensor(center_crop(resize_short_side(image.convert("RGB"), size), size, lambda d: d // 2))
-                      for image in images])
+    return normalize(
+        [
+            to_tensor(center_crop(resize_short_side(image.convert("RGB"), size), size, lambda d: d // 2))
+            for image in images
+        ]
+    )
 
 
 def clean_openclip_text(text: str) -> str:
@@ -174,6 +199,7 @@ def embedding(output) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------
 # PickScore and the CLIP score: CLIPModel folders or hub repos
+
 
 def locate_clip(spec: str, flag: str) -> dict:
     """A CLIPModel folder or hub id, and its tokenizer's (PickScore's repo has none: ViT-H-14's, as its authors)."""
@@ -194,10 +220,17 @@ def load_clip(where: dict, what: str, device):
 def clip_cosine(model, tokenizer, pixels: torch.Tensor, prompts) -> torch.Tensor:
     """cos(text embedding, image embedding) per (image, prompt) pair, with the CLIP tokenizer's 77-token cut."""
     device = model.device
-    tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
-                       max_length=model.config.text_config.max_position_embeddings).to(device)
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+        max_length=model.config.text_config.max_position_embeddings,
+    ).to(device)
     img = embedding(model.get_image_features(pixel_values=pixels.to(device))).float()
-    txt = embedding(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)).float()
+    txt = embedding(
+        model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+    ).float()
     return F.cosine_similarity(img, txt, dim=-1)
 
 
@@ -211,8 +244,10 @@ def load_pickscore(cfg, device):
 
     # exp(logit_scale) * cos(text, image): the logit of a CLIP tuned on Pick-a-Pic, about 21
     def score(images, prompts):
-        return model.logit_scale.exp().float() * clip_cosine(model, tokenizer, preprocess_pickscore(images, size),
-                                                             prompts)
+        return model.logit_scale.exp().float() * clip_cosine(
+            model, tokenizer, preprocess_pickscore(images, size), prompts
+        )
+
     return score
 
 
@@ -224,25 +259,36 @@ def load_clip_score(cfg, device):
     """Diffusion-DPO's CLIP score: OpenCLIP ViT-H-14's raw cosine, images and text prepared as for HPS v2."""
     model, tokenizer = load_clip(locate_clip_score(cfg), f"--clip_path {cfg.clip_path}", device)
     size = model.config.vision_config.image_size
-    return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),
-                                               [clean_openclip_text(p) for p in prompts])
+    return lambda images, prompts: clip_cosine(
+        model, tokenizer, preprocess_hps(images, size), [clean_openclip_text(p) for p in prompts]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # HPS v2: a fine-tuned OpenCLIP ViT-H-14, saved with OpenCLIP's keys
 
+
 def openclip_to_hf(sd: dict) -> dict:
     """Rename an OpenCLIP (ViT) state dict to transformers' CLIPModel keys. OpenCLIP fuses q, k, v into in_proj and
     stores projections as [width, embed] (x @ proj); transformers uses separate Linear layers ([embed, width])."""
-    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-             "attn.out_proj": "self_attn.out_proj"}
-    top = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-           "positional_embedding": "text_model.embeddings.position_embedding.weight",
-           "ln_final": "text_model.final_layer_norm", "logit_scale": "logit_scale",
-           "visual.class_embedding": "vision_model.embeddings.class_embedding",
-           "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-           "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-           "visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm"}
+    block = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+        "attn.out_proj": "self_attn.out_proj",
+    }
+    top = {
+        "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+        "positional_embedding": "text_model.embeddings.position_embedding.weight",
+        "ln_final": "text_model.final_layer_norm",
+        "logit_scale": "logit_scale",
+        "visual.class_embedding": "vision_model.embeddings.class_embedding",
+        "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+        "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+        "visual.ln_pre": "vision_model.pre_layrnorm",
+        "visual.ln_post": "vision_model.post_layernorm",
+    }
     out = {}
     for key, v in sd.items():
         key = key.removeprefix("module.")
@@ -291,19 +337,28 @@ def load_hps(cfg, device):
     model = model.float().to(device).eval()
     size = model.config.vision_config.image_size
     # HPS v2 is the raw cosine, as the CLIP score
-    return lambda images, prompts: clip_cosine(model, tokenizer, preprocess_hps(images, size),
-                                               [clean_openclip_text(p) for p in prompts])
+    return lambda images, prompts: clip_cosine(
+        model, tokenizer, preprocess_hps(images, size), [clean_openclip_text(p) for p in prompts]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Aesthetic: an MLP on OpenAI CLIP ViT-L/14's image embedding (improved-aesthetic-predictor)
 
+
 def mlp_head(in_dim: int) -> torch.nn.Module:
     """The linear MLP of improved-aesthetic-predictor and ImageReward (no activations; dropout is a no-op in eval)."""
     head = torch.nn.Module()
     head.layers = torch.nn.Sequential(
-        torch.nn.Linear(in_dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+        torch.nn.Linear(in_dim, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
     head.forward = head.layers.forward
     return head
 
@@ -318,7 +373,9 @@ def load_aesthetic(cfg, device):
     from transformers import CLIPModel
 
     where = locate_aesthetic(cfg)
-    model = from_pretrained(CLIPModel, where["clip"], f"--aesthetic_path {cfg.aesthetic_path}").to(device).eval()
+    model = (
+        from_pretrained(CLIPModel, where["clip"], f"--aesthetic_path {cfg.aesthetic_path}").to(device).eval()
+    )
     head = mlp_head(model.config.projection_dim)
     head.load_state_dict(load_state_dict(where["weights"]), strict=True)
     head = head.to(device).eval()
@@ -328,19 +385,31 @@ def load_aesthetic(cfg, device):
         pixels = preprocess_openai_clip(images, model.config.vision_config.image_size).to(device)
         img = embedding(model.get_image_features(pixel_values=pixels)).float()
         return head(F.normalize(img, dim=-1)).squeeze(-1)
+
     return score
 
 
 # ----------------------------------------------------------------------------------------------------
 # ImageReward: BLIP (a ViT and a BERT text encoder that cross-attends to it) and an MLP, saved with BLIP's keys
 
+
 def blip_to_hf(sd: dict) -> tuple[dict, dict, dict]:
     """Split an ImageReward state dict into transformers' BlipVisionModel, BlipTextModel and MLP-head keys.
     The BLIP ViT is timm-named (blocks.i.attn.qkv ...); the BLIP text encoder already uses BERT names."""
-    vision_names = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-                    "patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}
-    block = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-             "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    vision_names = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding",
+        "patch_embed.proj": "embeddings.patch_embedding",
+        "norm": "post_layernorm",
+    }
+    block = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.qkv": "self_attn.qkv",
+        "attn.proj": "self_attn.projection",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     vision, text, head = {}, {}, {}
     for key, v in sd.items():
         if key.startswith("blip.visual_encoder."):
@@ -367,9 +436,11 @@ def locate_imagereward(cfg) -> dict:
     med = weights.parent / "med_config.json"
     # a tokenizer beside the weights: the tiny scorer's (the real repo has none: BERT's)
     local_tokenizer = (weights.parent / "tokenizer_config.json").exists()
-    return dict(weights=weights, med_config=med if med.exists() else resolve_file(cfg.imagereward_path,
-                                                                                   "med_config.json", what),
-                tokenizer=str(weights.parent) if local_tokenizer else utils.resolve_model("bert-base-uncased", what))
+    return dict(
+        weights=weights,
+        med_config=med if med.exists() else resolve_file(cfg.imagereward_path, "med_config.json", what),
+        tokenizer=str(weights.parent) if local_tokenizer else utils.resolve_model("bert-base-uncased", what),
+    )
 
 
 def load_imagereward(cfg, device):
@@ -384,35 +455,59 @@ def load_imagereward(cfg, device):
     width = vision_sd["embeddings.class_embedding"].shape[-1]
     patch = vision_sd["embeddings.patch_embedding.weight"].shape[-1]
     n_pos = vision_sd["embeddings.position_embedding"].shape[1]
-    vision = BlipVisionModel(BlipVisionConfig(
-        hidden_size=width, intermediate_size=vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers.")),
-        num_attention_heads=max(1, width // 64), patch_size=patch, image_size=patch * round((n_pos - 1) ** 0.5),
-        layer_norm_eps=1e-6, hidden_act="gelu"))
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=width,
+            intermediate_size=vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=1
+            + max(int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers.")),
+            num_attention_heads=max(1, width // 64),
+            patch_size=patch,
+            image_size=patch * round((n_pos - 1) ** 0.5),
+            layer_norm_eps=1e-6,
+            hidden_act="gelu",
+        )
+    )
     # the BERT-base text encoder with cross-attention; BLIP_Pretrain sets encoder_width to the ViT width
-    text = BlipTextModel(BlipTextConfig(
-        vocab_size=med_config["vocab_size"], hidden_size=med_config["hidden_size"],
-        intermediate_size=med_config["intermediate_size"], num_hidden_layers=med_config["num_hidden_layers"],
-        num_attention_heads=med_config["num_attention_heads"],
-        max_position_embeddings=med_config["max_position_embeddings"],
-        layer_norm_eps=med_config.get("layer_norm_eps", 1e-12), encoder_hidden_size=width, is_decoder=True,
-        pad_token_id=med_config.get("pad_token_id", 0), bos_token_id=med_config.get("bos_token_id", 30522),
-        sep_token_id=med_config.get("sep_token_id", 102)),
-        add_pooling_layer=False)
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=med_config["vocab_size"],
+            hidden_size=med_config["hidden_size"],
+            intermediate_size=med_config["intermediate_size"],
+            num_hidden_layers=med_config["num_hidden_layers"],
+            num_attention_heads=med_config["num_attention_heads"],
+            max_position_embeddings=med_config["max_position_embeddings"],
+            layer_norm_eps=med_config.get("layer_norm_eps", 1e-12),
+            encoder_hidden_size=width,
+            is_decoder=True,
+            pad_token_id=med_config.get("pad_token_id", 0),
+            bos_token_id=med_config.get("bos_token_id", 30522),
+            sep_token_id=med_config.get("sep_token_id", 102),
+        ),
+        add_pooling_layer=False,
+    )
     head = mlp_head(med_config["hidden_size"])
     for module, sd in ((vision, vision_sd), (text, text_sd), (head, head_sd)):
         module.load_state_dict(sd, strict=True)
-    tokenizer = from_pretrained(BertTokenizer, where["tokenizer"], f"--imagereward_path {cfg.imagereward_path}")
+    tokenizer = from_pretrained(
+        BertTokenizer, where["tokenizer"], f"--imagereward_path {cfg.imagereward_path}"
+    )
     vision, text, head = (m.float().to(device).eval() for m in (vision, text, head))
 
     def score(images, prompts):
-        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
-                           return_tensors="pt").to(device)
+        tokens = tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+        ).to(device)
         pixels = preprocess_openai_clip(images, vision.config.image_size).to(device)
         image_embeds = vision(pixel_values=pixels).last_hidden_state
-        out = text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds,
-                   encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device))
+        out = text(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
+        )
         # the MLP on the [CLS] token, then ImageReward's normalisation
         reward = head(out.last_hidden_state[:, 0].float()).squeeze(-1)
         return (reward - 0.16717362830052426) / 1.0333394966054072
+
     return score

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-import fixtures
 import data
+import fixtures
 import pickapic
 import utils
 from utils import DataError
@@ -31,17 +31,36 @@ CORRUPT = {"C"}  # C's bytes are a truncated JPEG
 #   E only in a tie            F won              G tie, then lost   H only in a tie      I won
 SHARDS = [
     [("a cat", "A", "B", 1.0, 0.0), ("a cat", "A", "C", 0.0, 1.0), ("a dog", "D", "E", 0.5, 0.5)],
-    [("a cat", "B", "C", 0.0, 1.0), ("a dog", "F", "D", 1.0, 0.0), ("the sky", "G", "H", 0.5, 0.5),
-     ("the sky", "G", "I", 0.0, 1.0)],
+    [
+        ("a cat", "B", "C", 0.0, 1.0),
+        ("a dog", "F", "D", 1.0, 0.0),
+        ("the sky", "G", "H", 0.5, 0.5),
+        ("the sky", "G", "I", 0.0, 1.0),
+    ],
 ]
 EXPECTED = {  # policy -> (desirable uids, undesirable uids)
     "won_once": ({"A", "C", "F", "I"}, {"B", "D", "G"}),
     "always_won": ({"C", "F", "I"}, {"B", "D", "G"}),
 }
 # first decisive comparison of each image: (shard, row, column)
-LOCATION = {"A": (0, 0, "jpg_0"), "B": (0, 0, "jpg_1"), "C": (0, 1, "jpg_1"), "D": (1, 1, "jpg_1"),
-            "F": (1, 1, "jpg_0"), "G": (1, 3, "jpg_0"), "I": (1, 3, "jpg_1")}
-CAPTION = {"A": "a cat", "B": "a cat", "C": "a cat", "D": "a dog", "F": "a dog", "G": "the sky", "I": "the sky"}
+LOCATION = {
+    "A": (0, 0, "jpg_0"),
+    "B": (0, 0, "jpg_1"),
+    "C": (0, 1, "jpg_1"),
+    "D": (1, 1, "jpg_1"),
+    "F": (1, 1, "jpg_0"),
+    "G": (1, 3, "jpg_0"),
+    "I": (1, 3, "jpg_1"),
+}
+CAPTION = {
+    "A": "a cat",
+    "B": "a cat",
+    "C": "a cat",
+    "D": "a dog",
+    "F": "a dog",
+    "G": "the sky",
+    "I": "the sky",
+}
 
 
 def encode(uid: str, size: int = 32) -> bytes:
@@ -60,14 +79,22 @@ def write_shard(path: Path, rows, drop_optional=False):
     cols = {
         "are_different": [True] * len(rows),
         "best_image_uid": [a if x == 1 else b if y == 1 else "" for a, b, x, y in zip(u0, u1, l0, l1)],
-        "caption": cap, "created_at": pa.array(np.full(len(rows), 1_700_000_000_000_000, "datetime64[us]")),
-        "has_label": [True] * len(rows), "image_0_uid": u0, "image_0_url": [f"https://x.invalid/{u}" for u in u0],
-        "image_1_uid": u1, "image_1_url": [f"https://x.invalid/{u}" for u in u1],
+        "caption": cap,
+        "created_at": pa.array(np.full(len(rows), 1_700_000_000_000_000, "datetime64[us]")),
+        "has_label": [True] * len(rows),
+        "image_0_uid": u0,
+        "image_0_url": [f"https://x.invalid/{u}" for u in u0],
+        "image_1_uid": u1,
+        "image_1_url": [f"https://x.invalid/{u}" for u in u1],
         "jpg_0": pa.array([encode(u) for u in u0], pa.binary()),
         "jpg_1": pa.array([encode(u) for u in u1], pa.binary()),
-        "label_0": pa.array(l0, pa.float64()), "label_1": pa.array(l1, pa.float64()),
-        "model_0": ["sd"] * len(rows), "model_1": ["sdxl"] * len(rows), "ranking_id": list(range(len(rows))),
-        "user_id": [7] * len(rows), "num_example_per_prompt": [1] * len(rows),
+        "label_0": pa.array(l0, pa.float64()),
+        "label_1": pa.array(l1, pa.float64()),
+        "model_0": ["sd"] * len(rows),
+        "model_1": ["sdxl"] * len(rows),
+        "ranking_id": list(range(len(rows))),
+        "user_id": [7] * len(rows),
+        "num_example_per_prompt": [1] * len(rows),
     }
     if drop_optional:
         for c in ("model_0", "model_1", "image_0_url", "image_1_url", "user_id", "created_at"):
@@ -100,8 +127,15 @@ def test_counts_per_policy_match_hand_derived(folder, policy):
     assert table["uid"].is_unique
     stats = table.attrs["stats"]
     assert (stats["num_desirable"], stats["num_undesirable"]) == (len(desirable), len(undesirable))
-    assert (stats["comparisons"], stats["ties"], stats["images"], stats["images_only_in_ties"]) == (7, 2, 7, 2)
-    assert stats["images_won_and_lost"] == 1 and stats["images_dropped"] == (1 if policy == "always_won" else 0)
+    assert (stats["comparisons"], stats["ties"], stats["images"], stats["images_only_in_ties"]) == (
+        7,
+        2,
+        7,
+        2,
+    )
+    assert stats["images_won_and_lost"] == 1 and stats["images_dropped"] == (
+        1 if policy == "always_won" else 0
+    )
     assert stats["label_policy"] == policy
 
 
@@ -127,14 +161,19 @@ def test_caption_and_location_carried_over(folder):
 def test_parity_with_a_python_loop(tmp_path):
     """The vectorised conversion equals a plain transcription of the rules, on random synthetic data."""
     root = tmp_path / "synthetic"
-    fixtures.write_synthetic_pickapic(root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3)
+    fixtures.write_synthetic_pickapic(
+        root, 3000, rows_per_shard=700, seed=1, tie_fraction=0.2, images_per_prompt=3
+    )
     won, lost, seen = defaultdict(int), defaultdict(int), {}
     for f in sorted(root.glob("*.parquet")):
         t = pq.read_table(f, columns=list(pickapic.PICKAPIC_LABEL_COLUMNS)).to_pylist()
         for r in t:
             if r["label_0"] == r["label_1"]:
                 continue
-            sides = ((r["image_0_uid"], r["label_0"] > r["label_1"]), (r["image_1_uid"], r["label_1"] > r["label_0"]))
+            sides = (
+                (r["image_0_uid"], r["label_0"] > r["label_1"]),
+                (r["image_1_uid"], r["label_1"] > r["label_0"]),
+            )
             for uid, w in sides:
                 won[uid] += w
                 lost[uid] += not w
@@ -147,8 +186,9 @@ def test_parity_with_a_python_loop(tmp_path):
         table = data.load_feedback(root, label_policy=policy)
         assert dict(zip(table["uid"], table["desirable"])) == expected
         assert dict(zip(table["uid"], table["caption"])) == {u: seen[u] for u in expected}
-        assert {u: (w, l) for u, w, l in zip(table["uid"], table["n_won"], table["n_lost"])} == {
-            u: (won[u], lost[u]) for u in expected}
+        assert {u: (w, lo) for u, w, lo in zip(table["uid"], table["n_won"], table["n_lost"])} == {
+            u: (won[u], lost[u]) for u in expected
+        }
 
 
 def test_labels_never_read_the_image_columns(folder):
@@ -161,7 +201,7 @@ def test_labels_never_read_the_image_columns(folder):
                 col = meta.row_group(g).column(c)
                 if col.path_in_schema in pickapic.PICKAPIC_IMAGE_COLUMNS:
                     start = col.dictionary_page_offset or col.data_page_offset
-                    raw[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+                    raw[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
         f.write_bytes(bytes(raw))
         with pytest.raises(Exception):
             pq.read_table(f, columns=["jpg_0"])
@@ -177,7 +217,9 @@ def test_cache_reused_keyed_by_policy_and_invalidated_by_changes(folder, monkeyp
     assert len(calls) == 1 and Path(first.attrs["stats"]["label_cache"]).exists()
     second = data.load_feedback(folder)
     assert len(calls) == 1  # served from the cache
-    assert second[["uid", "desirable", "caption", "row"]].equals(first[["uid", "desirable", "caption", "row"]])
+    assert second[["uid", "desirable", "caption", "row"]].equals(
+        first[["uid", "desirable", "caption", "row"]]
+    )
     assert second.attrs["stats"]["num_desirable"] == first.attrs["stats"]["num_desirable"]
     other = data.load_feedback(folder, label_policy="always_won")
     assert len(calls) == 2 and set(other["uid"][other["desirable"]]) == EXPECTED["always_won"][0]
@@ -277,9 +319,13 @@ def test_folder_without_pickapic_columns(tmp_path):
 
 
 def test_split_filter_and_single_shard(folder):
-    write_shard(folder / "test-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)])  # must be ignored for train
+    write_shard(
+        folder / "test-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)]
+    )  # must be ignored for train
     assert set(data.load_feedback(folder)["uid"]) == EXPECTED["won_once"][0] | EXPECTED["won_once"][1]
-    single = data.load_feedback(folder / "train-00000-of-00002.parquet")  # one shard, recognised by its columns
+    single = data.load_feedback(
+        folder / "train-00000-of-00002.parquet"
+    )  # one shard, recognised by its columns
     assert dict(zip(single["uid"], single["desirable"])) == {"A": True, "B": False, "C": True}
 
 
@@ -301,8 +347,10 @@ def test_hub_id_reads_the_cached_shards(tmp_path, monkeypatch):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "datasets--someone--pickapic_tiny"
     make_folder(repo / "snapshots" / commit / "data")
-    write_shard(repo / "snapshots" / commit / "data" / "validation-00000-of-00001.parquet",
-                [("a cat", "A", "B", 0.0, 1.0)])
+    write_shard(
+        repo / "snapshots" / commit / "data" / "validation-00000-of-00001.parquet",
+        [("a cat", "A", "B", 0.0, 1.0)],
+    )
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -331,27 +379,52 @@ def test_a_missing_relative_table_is_missing_not_a_hub_dataset(tmp_path, monkeyp
 
 
 def test_first_caption_wins_and_conflicts_are_counted():
-    comparisons = pa.table({
-        "caption": ["first", "second", "other"], "label_0": [1.0, 0.0, 0.5], "label_1": [0.0, 1.0, 0.5],
-        "image_0_uid": ["A", "A", "B"], "image_1_uid": ["B", "C", "C"],
-        "shard": np.zeros(3, np.int32), "row": np.arange(3, dtype=np.int64)})
+    comparisons = pa.table(
+        {
+            "caption": ["first", "second", "other"],
+            "label_0": [1.0, 0.0, 0.5],
+            "label_1": [0.0, 1.0, 0.5],
+            "image_0_uid": ["A", "A", "B"],
+            "image_1_uid": ["B", "C", "C"],
+            "shard": np.zeros(3, np.int32),
+            "row": np.arange(3, dtype=np.int64),
+        }
+    )
     table, stats = pickapic.pickapic_labels(comparisons, "won_once")
     assert table.column("uid").to_pylist() == ["A", "B", "C"]
     assert table.column("caption").to_pylist() == ["first", "first", "second"]
-    assert stats["images_with_several_captions"] == 1  # A: "first" and "second"; the tie's caption is not counted
+    assert (
+        stats["images_with_several_captions"] == 1
+    )  # A: "first" and "second"; the tie's caption is not counted
 
 
 def test_train_kto_on_a_pickapic_folder(tmp_path):
     """The issue's end-to-end check: --tiny training on a Pick-a-Pic folder records the won_once counts."""
     import json
+
     import train_kto
+
     folder = tmp_path / "pickapic"
     folder.mkdir()
     make_folder(folder)
     expected = data.load_feedback(folder, label_policy="always_won")
-    train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(folder),
-                    "--label_policy", "always_won", "--max_train_steps", "2", "--validation_steps", "0",
-                    "--output_dir", str(tmp_path / "out")])
+    train_kto.main(
+        [
+            "--tiny",
+            "--pretrained_model",
+            str(fixtures.tiny_model_path()),
+            "--dataset",
+            str(folder),
+            "--label_policy",
+            "always_won",
+            "--max_train_steps",
+            "2",
+            "--validation_steps",
+            "0",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["label_policy"] == "always_won" and run["data"]["num_desirable"] == run["num_desirable"]
     counts = (int(expected.desirable.sum()), int((~expected.desirable).sum()))

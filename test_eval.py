@@ -1,7 +1,7 @@
 """Tests of eval.py and scorers.py: offline, on CPU, with the tiny model and tiny random-weight scorers.
 
-    HF_HUB_OFFLINE=1 python -m pytest -q -m "not slow" test_eval.py   # win rates, prompts, scorers, checks, pictures
-    HF_HUB_OFFLINE=1 python -m pytest -q test_eval.py                 # + end to end: generation, resume, torchrun
+HF_HUB_OFFLINE=1 python -m pytest -q -m "not slow" test_eval.py   # win rates, prompts, scorers, checks, pictures
+HF_HUB_OFFLINE=1 python -m pytest -q test_eval.py                 # + end to end: generation, resume, torchrun
 """
 
 import json
@@ -28,11 +28,22 @@ import utils
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).parent
 REAL_LOAD_PIPELINE = ev.load_pipeline
-FAST = ["--tiny", "--steps", "2", "--images_per_prompt", "2", "--num_prompts", "3", "--metrics", ",".join(scorers.METRICS)]
+FAST = [
+    "--tiny",
+    "--steps",
+    "2",
+    "--images_per_prompt",
+    "2",
+    "--num_prompts",
+    "3",
+    "--metrics",
+    ",".join(scorers.METRICS),
+]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Win rates: the pure function
+
 
 def test_win_rate_by_hand_uses_the_median_image():
     ckpt = np.array([[0.0, 5.0, 9.0], [1.0, 1.0, 1.0], [0.0, 0.0, 100.0]])
@@ -82,7 +93,9 @@ def test_prompt_files_of_every_format(tmp_path, kind):
     path = tmp_path / f"p.{kind}"
     column = {"csv": "prompt", "tsv": "Prompt", "jsonl": "caption", "parquet": "prompt"}.get(kind)
     if kind == "txt":
-        path.write_text("\n" + PROMPTS[0] + "\n\n  \n" + PROMPTS[1] + "\n" + PROMPTS[2] + "\n\n", encoding="utf-8")
+        path.write_text(
+            "\n" + PROMPTS[0] + "\n\n  \n" + PROMPTS[1] + "\n" + PROMPTS[2] + "\n\n", encoding="utf-8"
+        )
     else:
         table = pd.DataFrame({column: [PROMPTS[0], "", PROMPTS[1], PROMPTS[2]], "other": [1, 2, 3, 4]})
         if kind == "csv":
@@ -124,11 +137,12 @@ def test_subset_is_deterministic_and_spread():
 # ----------------------------------------------------------------------------------------------------
 # Images and prompts prepared as each scorer's authors prepare them (upstream transforms: docs/evaluation.md)
 
+
 def edge_image(w, h, seed=0):
     """Noise with a hard black/white edge: bicubic resizing overshoots below 0 and above 1 next to it."""
     x = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     x[:, : w // 2] = 0
-    x[:, w // 2: w // 2 + 8] = 255
+    x[:, w // 2 : w // 2 + 8] = 255
     return Image.fromarray(x)
 
 
@@ -146,7 +160,9 @@ def test_hps_resizes_the_float_tensor_then_pads_with_zeros():
     assert got.shape == (3, 224, 224)
     # the same interpolation, then Normalize and its inverse: a few U (6e-8) on values in [-0.1, 1.1]; 1e-5 is 100x
     torch.testing.assert_close(got[:, 12:211], resized, atol=1e-5, rtol=0)
-    assert (got[:, :12].abs() < 1e-6).all() and (got[:, 211:].abs() < 1e-6).all()  # padding: zeros before Normalize
+    assert (got[:, :12].abs() < 1e-6).all() and (
+        got[:, 211:].abs() < 1e-6
+    ).all()  # padding: zeros before Normalize
     assert got.min() < -0.005 and got.max() > 1.005  # the overshoot a uint8 image cannot hold
     noise = Image.fromarray(np.random.default_rng(1).integers(1, 256, (360, 320, 3), dtype=np.uint8))
     tall = unnormalize(scorers.preprocess_hps([noise], 224)[0])  # padding split: left 12, right 13
@@ -170,24 +186,30 @@ def test_pickscore_pixels_equal_transformers_clip_image_processor():
 def test_openai_clip_and_blip_resize_the_short_side_then_crop_with_torchvision_offsets():
     """OpenAI CLIP's / ImageReward's transform: Resize(224) makes the long side int(224 * long / short) (360 x 320
     -> 252 x 224, not 251), CenterCrop offsets int(round(excess / 2)) (1216 x 832: round(51.5) = 52)."""
-    for (w, h), size, (left, top) in (((360, 320), (252, 224), (14, 0)), ((320, 360), (224, 252), (0, 14)),
-                                      ((1216, 832), (327, 224), (52, 0)), ((832, 1216), (224, 327), (0, 52))):
+    for (w, h), size, (left, top) in (
+        ((360, 320), (252, 224), (14, 0)),
+        ((320, 360), (224, 252), (0, 14)),
+        ((1216, 832), (327, 224), (52, 0)),
+        ((832, 1216), (224, 327), (0, 52)),
+    ):
         image = edge_image(w, h)
         crop = image.resize(size, Image.BICUBIC).crop((left, top, left + 224, top + 224))
         expected = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255).permute(2, 0, 1)
         # Normalize and its inverse in float32: a few U on values in [0, 1]; 1e-5 is 100x that
-        torch.testing.assert_close(unnormalize(scorers.preprocess_openai_clip([image], 224)[0]), expected,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            unnormalize(scorers.preprocess_openai_clip([image], 224)[0]), expected, atol=1e-5, rtol=0
+        )
 
 
 def test_openclip_text_cleaning():
     messy = "A  \u201cRed\u201d circle &amp;amp; a\tblue square\u2019s EDGE "
-    assert scorers.clean_openclip_text(messy) == "a \"red\" circle & a blue square's edge"
+    assert scorers.clean_openclip_text(messy) == 'a "red" circle & a blue square\'s edge'
     assert scorers.clean_openclip_text(PROMPTS[0]) == PROMPTS[0]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Scorers: tiny random weights, saved in the real formats, loaded by the real code paths
+
 
 @pytest.fixture(scope="module")
 def scorer_cfg():
@@ -197,12 +219,16 @@ def scorer_cfg():
 
 def sample_images(n=3):
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 48 if i == 0 else 32, 3), dtype=np.uint8)) for i in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (32, 48 if i == 0 else 32, 3), dtype=np.uint8)) for i in range(n)
+    ]
 
 
 def test_every_scorer_loads_from_its_format_and_scores(scorer_cfg):
     cfg, paths = scorer_cfg
-    assert (paths["hps"] / "HPS_v2_compressed.pt").exists() and (paths["imagereward"] / "med_config.json").exists()
+    assert (paths["hps"] / "HPS_v2_compressed.pt").exists() and (
+        paths["imagereward"] / "med_config.json"
+    ).exists()
     assert (paths["aesthetic"] / "sac+logos+ava1-l14-linearMSE.pth").exists()
     assert (paths["pickscore"] / "config.json").exists() and (paths["clip"] / "config.json").exists()
     images, prompts = sample_images(), [PROMPTS[0], PROMPTS[1], LONG]
@@ -236,14 +262,20 @@ def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
     images, prompts = sample_images(), [PROMPTS[0], "a blue square", LONG]
     px = scorers.preprocess_hps(images, 32)
     x = F.conv2d(px, sd["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = (
+        torch.cat([sd["visual.class_embedding"].expand(len(x), 1, -1), x], 1)
+        + sd["visual.positional_embedding"]
+    )
     x = F.layer_norm(x, x.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
     x = blocks(x, "visual.transformer.resblocks.", False)
     img = F.layer_norm(x[:, 0], x.shape[-1:], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
     img = img @ sd["visual.proj"]
     from transformers import CLIPTokenizer
+
     tokenizer = CLIPTokenizer.from_pretrained(paths["hps"])
-    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     t = blocks(sd["token_embedding.weight"][ids] + sd["positional_embedding"], "transformer.resblocks.", True)
     t = F.layer_norm(t, t.shape[-1:], sd["ln_final.weight"], sd["ln_final.bias"])
     txt = t[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
@@ -256,6 +288,7 @@ def test_hps_key_mapping_matches_an_openclip_forward(scorer_cfg):
 
 def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
     from transformers import CLIPModel, CLIPTokenizer
+
     cfg, paths = scorer_cfg
     images, prompts = sample_images(), [PROMPTS[0], "a blue square", LONG]
     for m in ("pickscore", "clip"):
@@ -281,8 +314,13 @@ def test_pickscore_clip_and_aesthetic_match_independent_formulas(scorer_cfg):
     torch.testing.assert_close(got, x.squeeze(-1), atol=1e-5, rtol=1e-4)
 
 
-PREPROCESS = dict(aesthetic="preprocess_openai_clip", imagereward="preprocess_openai_clip",
-                  pickscore="preprocess_pickscore", clip="preprocess_hps", hps="preprocess_hps")
+PREPROCESS = dict(
+    aesthetic="preprocess_openai_clip",
+    imagereward="preprocess_openai_clip",
+    pickscore="preprocess_pickscore",
+    clip="preprocess_hps",
+    hps="preprocess_hps",
+)
 
 
 @pytest.mark.parametrize("metric", scorers.METRICS)
@@ -293,8 +331,9 @@ def test_each_scorer_prepares_images_and_prompts_as_its_authors(scorer_cfg, monk
     calls = []
     for name in set(PREPROCESS.values()):
         real = getattr(scorers, name)
-        monkeypatch.setattr(scorers, name, lambda images, size, real=real, name=name:
-                            calls.append(name) or real(images, size))
+        monkeypatch.setattr(
+            scorers, name, lambda images, size, real=real, name=name: calls.append(name) or real(images, size)
+        )
     score = ev.SCORERS[metric].load(cfg, torch.device("cpu"))
     images = sample_images(2)
     clean, messy = ["a red circle & a dog's square"] * 2, ["a  red circle &amp; a dog\u2019s square"] * 2
@@ -309,12 +348,17 @@ def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
     sd = torch.load(paths["imagereward"] / "ImageReward.pt", weights_only=True)
     vision, text, head = scorers.blip_to_hf(sd)
     assert torch.equal(vision["embeddings.class_embedding"], sd["blip.visual_encoder.cls_token"])
-    assert torch.equal(vision["encoder.layers.1.self_attn.qkv.weight"],
-                       sd["blip.visual_encoder.blocks.1.attn.qkv.weight"])
-    assert torch.equal(text["encoder.layer.0.crossattention.self.key.weight"],
-                       sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"])
+    assert torch.equal(
+        vision["encoder.layers.1.self_attn.qkv.weight"], sd["blip.visual_encoder.blocks.1.attn.qkv.weight"]
+    )
+    assert torch.equal(
+        text["encoder.layer.0.crossattention.self.key.weight"],
+        sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"],
+    )
     assert set(head) == {f"layers.{i}.{k}" for i in (0, 2, 4, 6, 7) for k in ("weight", "bias")}
-    score = scorers.load_imagereward(cfg, torch.device("cpu"))  # loads with strict=True: every weight is mapped
+    score = scorers.load_imagereward(
+        cfg, torch.device("cpu")
+    )  # loads with strict=True: every weight is mapped
     images = sample_images(2)
     a, b = score(images, ["a red circle", "a red circle"]), score(images, ["a blue square", "a blue square"])
     assert not torch.allclose(a, b)  # the text (35-token BERT) cross-attends to the image
@@ -324,6 +368,7 @@ def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
 
 # ----------------------------------------------------------------------------------------------------
 # Inputs checked before any image is generated (a checkpoint folder that is never loaded)
+
 
 @pytest.fixture
 def fake_ckpt(tmp_path):
@@ -340,6 +385,7 @@ def fake_ckpt(tmp_path):
 def no_generation(monkeypatch):
     def refuse(model, device):
         raise AssertionError("a model was loaded for generation before the inputs were checked")
+
     monkeypatch.setattr(ev, "load_pipeline", refuse)
 
 
@@ -356,18 +402,28 @@ def fails_before_generating(args, capsys, *expected):
 def test_missing_models_are_named_before_anything_runs(fake_ckpt, tmp_path, capsys, no_generation):
     out = ["--tiny", "--out", str(tmp_path / "o")]
     for typo in (str(fake_ckpt) + "0", str(tmp_path / "runs" / "kto" / "checkpoint-1")):
-        err = fails_before_generating(["--ckpt", typo, *out], capsys, f"--ckpt {typo}: no such file or folder")
+        err = fails_before_generating(
+            ["--ckpt", typo, *out], capsys, f"--ckpt {typo}: no such file or folder"
+        )
         assert "--baseline" not in err
     typo = str(tmp_path / "sd15")
-    fails_before_generating(["--ckpt", str(fake_ckpt), "--baseline", typo, *out], capsys,
-                            f"--baseline {typo}: no such file or folder")
-    fails_before_generating(["--ckpt", str(fake_ckpt), "--baseline", "nobody/no-such-model", *out], capsys,
-                            "--baseline nobody/no-such-model: no such local file or folder",
-                            "model_index.json of the hub repo nobody/no-such-model could not be fetched")
+    fails_before_generating(
+        ["--ckpt", str(fake_ckpt), "--baseline", typo, *out],
+        capsys,
+        f"--baseline {typo}: no such file or folder",
+    )
+    fails_before_generating(
+        ["--ckpt", str(fake_ckpt), "--baseline", "nobody/no-such-model", *out],
+        capsys,
+        "--baseline nobody/no-such-model: no such local file or folder",
+        "model_index.json of the hub repo nobody/no-such-model could not be fetched",
+    )
     run = json.loads((fake_ckpt.parent / "run.json").read_text())
     run["config"]["pretrained_model"] = str(tmp_path / "moved-base")
     (fake_ckpt.parent / "run.json").write_text(json.dumps(run))
-    fails_before_generating(["--ckpt", str(fake_ckpt), *out], capsys, "its base model", "no such file or folder")
+    fails_before_generating(
+        ["--ckpt", str(fake_ckpt), *out], capsys, "its base model", "no such file or folder"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -376,15 +432,24 @@ def test_every_scorer_is_found_before_any_image_is_generated(fake_ckpt, tmp_path
     common = ["--ckpt", str(fake_ckpt), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
     for m in scorers.METRICS:  # a local path that is not there
         flag = f"--{m}_path"
-        fails_before_generating([*common, "--tiny", "--metrics", m, flag, str(tmp_path / "nowhere")], capsys,
-                                f"{flag} {tmp_path / 'nowhere'}: no such file or folder")
+        fails_before_generating(
+            [*common, "--tiny", "--metrics", m, flag, str(tmp_path / "nowhere")],
+            capsys,
+            f"{flag} {tmp_path / 'nowhere'}: no such file or folder",
+        )
         folder = tmp_path / f"empty-{m}"  # a folder without the weights
         folder.mkdir()
-        fails_before_generating([*common, "--tiny", "--metrics", m, flag, str(folder)], capsys, f"{flag} {folder}")
+        fails_before_generating(
+            [*common, "--tiny", "--metrics", m, flag, str(folder)], capsys, f"{flag} {folder}"
+        )
     # offline without --tiny: the canonical weights (hub repos, a GitHub URL) are neither cached nor reachable
     for m in scorers.METRICS:
-        fails_before_generating([*common, "--metrics", m], capsys, f"--{m}_path {scorers.DEFAULT_PATHS[m]}",
-                                "Download it once" if m == "aesthetic" else "hf download")
+        fails_before_generating(
+            [*common, "--metrics", m],
+            capsys,
+            f"--{m}_path {scorers.DEFAULT_PATHS[m]}",
+            "Download it once" if m == "aesthetic" else "hf download",
+        )
     fails_before_generating(common, capsys, "--aesthetic_path")  # all five: the first missing one is named
     assert not (tmp_path / "o").exists()
 
@@ -393,9 +458,16 @@ def test_utility_is_refused_for_prompts_outside_the_tiny_world(fake_ckpt, tmp_pa
     """The world's utility scores colour and size against the world's own captions; any other prompt has none."""
     (tmp_path / "mine.txt").write_text("a portrait of a cat\na red circle on a white background\n")
     common = ["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o")]
-    fails_before_generating([*common, "--prompts", str(tmp_path / "mine.txt")], capsys,
-                            "--metrics utility", "'a portrait of a cat'", "--prompts tiny")
-    (tmp_path / "world.txt").write_text("a red circle on a white background\na blue square on a black background\n")
+    fails_before_generating(
+        [*common, "--prompts", str(tmp_path / "mine.txt")],
+        capsys,
+        "--metrics utility",
+        "'a portrait of a cat'",
+        "--prompts tiny",
+    )
+    (tmp_path / "world.txt").write_text(
+        "a red circle on a white background\na blue square on a black background\n"
+    )
     for prompts in ("tiny", str(tmp_path / "world.txt")):
         cfg = ev.parse_config(["--ckpt", str(fake_ckpt), "--tiny", "--prompts", prompts])
         assert ev.check_inputs(cfg)[1] == ["utility"]
@@ -405,14 +477,24 @@ def test_utility_is_refused_for_prompts_outside_the_tiny_world(fake_ckpt, tmp_pa
 
 def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
     for bad in (["--metrics", "fid"], ["--images_per_prompt", "0"], ["--prompts", "nope.txt"]):
-        fails_before_generating(["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad], capsys)
-    fails_before_generating(["--ckpt", str(fixtures.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")],
-                            capsys, "is a full model", "pass --baseline")  # no recorded base
+        fails_before_generating(
+            ["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad], capsys
+        )
+    fails_before_generating(
+        ["--ckpt", str(fixtures.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")],
+        capsys,
+        "is a full model",
+        "pass --baseline",
+    )  # no recorded base
     out = subprocess.run([sys.executable, "-c", "import eval"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
     # no import cycle: neither the scorers nor the fixtures load eval.py (which --tiny would then load twice)
-    out = subprocess.run([sys.executable, "-c", "import sys, scorers, fixtures; print('eval' in sys.modules)"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, scorers, fixtures; print('eval' in sys.modules)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.strip() == "False", out.stdout + out.stderr
     out = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
@@ -426,48 +508,85 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
 # ----------------------------------------------------------------------------------------------------
 # Pictures: each readable on its own (full prompt, model names, each image's scores)
 
+
 def figure_text(fig):
     import matplotlib.text
+
     return " ".join(" ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text)).split())
 
 
 def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
-    cfg = ev.Config(ckpt="runs/kto-long-name/checkpoint-10000", baseline="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                    prompts="pickapic_test", images_per_prompt=3)
-    results = {"pickscore": dict(win_rate=0.625, ci95=[0.5, 0.75], mean_ckpt=21.2, mean_baseline=20.7, n_prompts=8)}
+    cfg = ev.Config(
+        ckpt="runs/kto-long-name/checkpoint-10000",
+        baseline="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        prompts="pickapic_test",
+        images_per_prompt=3,
+    )
+    results = {
+        "pickscore": dict(win_rate=0.625, ci95=[0.5, 0.75], mean_ckpt=21.2, mean_baseline=20.7, n_prompts=8)
+    }
     fig = ev.draw_win_rates(results, tmp_path / "w.png", cfg)
     text = figure_text(fig)
     assert cfg.ckpt in text.replace(" ", "") and cfg.baseline in text.replace(" ", "")
     assert "62.5%" in text and "PickScore" in text and "8 prompts of pickapic_test" in text
     assert Image.open(tmp_path / "w.png").width >= 600  # one metric: still room for the title
 
-    prompt = "a yellow triangle on a black background, in the style of a very detailed oil painting, golden hour"
-    images = {tag: [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
-              for tag in ("baseline", "checkpoint")}
-    scores = {"baseline": {"pickscore": np.array([20.5, 21.25, 19.0]), "hps": np.array([0.25, 0.5, 0.75])},
-              "checkpoint": {"pickscore": np.array([22.0, 21.0, 23.5]), "hps": np.array([0.3, 0.1, 0.2])}}
+    prompt = (
+        "a yellow triangle on a black background, in the style of a very detailed oil painting, golden hour"
+    )
+    images = {
+        tag: [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+        for tag in ("baseline", "checkpoint")
+    }
+    scores = {
+        "baseline": {"pickscore": np.array([20.5, 21.25, 19.0]), "hps": np.array([0.25, 0.5, 0.75])},
+        "checkpoint": {"pickscore": np.array([22.0, 21.0, 23.5]), "hps": np.array([0.3, 0.1, 0.2])},
+    }
     fig = ev.draw_grid(prompt, images, scores, cfg, tmp_path / "g.png")
     text = figure_text(fig)
     assert prompt in text and cfg.baseline in text.replace(" ", "") and cfg.ckpt in text.replace(" ", "")
-    for value in ("PickScore 20.5 *", "PickScore 21.25 HPS", "PickScore 19 HPS", "HPS v2 0.5 *", "PickScore 22 *",
-                  "PickScore 21 HPS", "HPS v2 0.2 *", "PickScore 23.5 HPS"):  # * = each model's median image
+    for value in (
+        "PickScore 20.5 *",
+        "PickScore 21.25 HPS",
+        "PickScore 19 HPS",
+        "HPS v2 0.5 *",
+        "PickScore 22 *",
+        "PickScore 21 HPS",
+        "HPS v2 0.2 *",
+        "PickScore 23.5 HPS",
+    ):  # * = each model's median image
         assert value in text, value
     assert Image.open(tmp_path / "g.png").width >= 400
     # long model names break after a "/", not inside a name
-    assert ev.wrap("stable-diffusion-v1-5/stable-diffusion-v1-5", 28, path=True) == ("stable-diffusion-v1-5/\n"
-                                                                                      "stable-diffusion-v1-5")
+    assert ev.wrap("stable-diffusion-v1-5/stable-diffusion-v1-5", 28, path=True) == (
+        "stable-diffusion-v1-5/\nstable-diffusion-v1-5"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # End to end (tiny model; a real train_kto.py checkpoint)
 
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     import train_kto
+
     out = tmp_path_factory.mktemp("kto")
-    train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()),
-                    "--dataset", str(fixtures.tiny_dataset_path()), "--max_train_steps", "2",
-                    "--output_dir", str(out), "--learning_rate", "1e-3"])
+    train_kto.main(
+        [
+            "--tiny",
+            "--pretrained_model",
+            str(fixtures.tiny_model_path()),
+            "--dataset",
+            str(fixtures.tiny_dataset_path()),
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--learning_rate",
+            "1e-3",
+        ]
+    )
     return out / "checkpoint-2"
 
 
@@ -493,8 +612,9 @@ class SpyPipe:
 
 def spy(monkeypatch, fail_after=None):
     log = []
-    monkeypatch.setattr(ev, "load_pipeline",
-                        lambda model, device: SpyPipe(REAL_LOAD_PIPELINE(model, device), log, fail_after))
+    monkeypatch.setattr(
+        ev, "load_pipeline", lambda model, device: SpyPipe(REAL_LOAD_PIPELINE(model, device), log, fail_after)
+    )
     return log
 
 
@@ -506,23 +626,31 @@ def pixels(folder):
 def test_tiny_run_writes_every_output(ckpt, tmp_path, monkeypatch, capsys):
     log = spy(monkeypatch)
     out = tmp_path / "e"
-    report = ev.main(["--ckpt", str(ckpt), *FAST, "--guidance", "5.0", "--batch_size", "4", "--out", str(out)])
+    report = ev.main(
+        ["--ckpt", str(ckpt), *FAST, "--guidance", "5.0", "--batch_size", "4", "--out", str(out)]
+    )
     r = json.loads((out / "results.json").read_text())
     assert set(r["metrics"]) == set(scorers.METRICS) and r == json.loads(json.dumps(report))
     for m in r["metrics"].values():
-        assert set(m) == {"win_rate", "ci95", "mean_ckpt", "mean_baseline", "n_prompts"} and m["n_prompts"] == 3
+        assert (
+            set(m) == {"win_rate", "ci95", "mean_ckpt", "mean_baseline", "n_prompts"} and m["n_prompts"] == 3
+        )
     assert "RANDOM-WEIGHT" in r["note"] and "RANDOM-WEIGHT" in (out / "results.md").read_text()
     assert r["settings"]["baseline"] == str(fixtures.tiny_model_path())  # default: the base model in run.json
     assert Image.open(out / "win_rates.png").size[0] > 600 and len(list(out.glob("grid_*.png"))) == 3
     index = pd.read_csv(out / "images" / "index.csv")
     assert len(index) == 2 * 3 * 2 and all((out / "images" / p).exists() for p in index["path"])
     # --guidance 5.0 (not the --tiny default 3.0) reached the pipeline, the record and the images
-    assert {kw["num_inference_steps"] for _, kw in log} == {2} and {kw["guidance_scale"] for _, kw in log} == {5.0}
+    assert {kw["num_inference_steps"] for _, kw in log} == {2} and {
+        kw["guidance_scale"] for _, kw in log
+    } == {5.0}
     assert r["settings"]["guidance"] == 5.0
     assert json.loads((out / "images/generation.json").read_text())["guidance"] == 5.0
     assert max(n for n, _ in log) <= 4 and sum(n for n, _ in log) == 12
     seeds = index.pivot_table(index=["prompt_id", "image_index"], columns="model", values="seed")
-    assert (seeds["checkpoint"] == seeds["baseline"]).all() and seeds["checkpoint"].nunique() == 6  # same per (p, k)
+    assert (seeds["checkpoint"] == seeds["baseline"]).all() and seeds[
+        "checkpoint"
+    ].nunique() == 6  # same per (p, k)
     printed = capsys.readouterr().out  # where everything went
     for name in ("results.json", "results.md", "win_rates.png", "grid_00000.png", "images/index.csv"):
         assert str(out / name) in printed, name
@@ -542,8 +670,19 @@ def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path)
     a, b = pixels(tmp_path / "same/images/checkpoint"), pixels(tmp_path / "same/images/baseline")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     a = ev.main(["--ckpt", str(ckpt), *FAST, "--compare", "all", "--out", str(tmp_path / "a")])
-    b = ev.main(["--ckpt", str(fixtures.tiny_model_path()), "--baseline", str(ckpt), *FAST, "--compare", "all",
-                 "--out", str(tmp_path / "b")])
+    b = ev.main(
+        [
+            "--ckpt",
+            str(fixtures.tiny_model_path()),
+            "--baseline",
+            str(ckpt),
+            *FAST,
+            "--compare",
+            "all",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     assert a["settings"]["compare"] == "all"
     # the same images (generated identically under either role) scored in the same batches: float64 arithmetic on
     # the same scores, a few 1e-16; approx's default rel 1e-6 is headroom
@@ -589,7 +728,7 @@ def test_scaling_a_scorer_changes_no_win_rate(ckpt, tmp_path, monkeypatch):
     before = ev.main(args)
     for m in ("pickscore", "hps"):
         load = ev.SCORERS[m].load
-        scaled = lambda cfg, device, load=load: (lambda i, p, s=load(cfg, device): 7.5 * s(i, p))  # noqa: E731
+        scaled = lambda cfg, device, load=load: lambda i, p, s=load(cfg, device): 7.5 * s(i, p)  # noqa: E731
         monkeypatch.setitem(ev.SCORERS, m, ev.SCORERS[m]._replace(load=scaled))
     after = ev.main(args)  # the images are on disk: only the scores change
     # the same images through the same scorer and batches give the same scores; 7.5 * s is correctly rounded, so
@@ -598,7 +737,9 @@ def test_scaling_a_scorer_changes_no_win_rate(ckpt, tmp_path, monkeypatch):
     for m in ("pickscore", "hps"):
         assert after["metrics"][m]["win_rate"] == before["metrics"][m]["win_rate"]
         assert after["metrics"][m]["ci95"] == before["metrics"][m]["ci95"]
-        assert after["metrics"][m]["mean_ckpt"] == pytest.approx(7.5 * before["metrics"][m]["mean_ckpt"], rel=1e-5)
+        assert after["metrics"][m]["mean_ckpt"] == pytest.approx(
+            7.5 * before["metrics"][m]["mean_ckpt"], rel=1e-5
+        )
     assert set(after["metrics"]) == {"pickscore", "hps"}
 
 
@@ -615,28 +756,63 @@ def shifted_copy(folder: Path, dest: Path, weights: str, key: str, shift: float)
 def test_prompts_file_seed_and_paths(ckpt, tmp_path, scorer_cfg):
     _, paths = scorer_cfg
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    common = ["--ckpt", str(ckpt), "--tiny", "--steps", "1", "--images_per_prompt", "1",
-              "--prompts", str(tmp_path / "p.txt"), "--metrics", "aesthetic,imagereward"]
+    common = [
+        "--ckpt",
+        str(ckpt),
+        "--tiny",
+        "--steps",
+        "1",
+        "--images_per_prompt",
+        "1",
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--metrics",
+        "aesthetic,imagereward",
+    ]
     r = ev.main(common + ["--num_prompts", "2", "--seed", "1", "--out", str(tmp_path / "x")])
     assert r["metrics"]["aesthetic"]["n_prompts"] == 2
     assert pd.read_csv(tmp_path / "x/images/index.csv")["prompt"].tolist()[:2] == [PROMPTS[0], PROMPTS[1]]
     r0 = ev.main(common + ["--seed", "0", "--out", str(tmp_path / "y")])
     a, b = pixels(tmp_path / "x/images/checkpoint"), pixels(tmp_path / "y/images/checkpoint")
-    assert r0["metrics"]["aesthetic"]["n_prompts"] == 3 and not np.array_equal(a["00000_00.png"], b["00000_00.png"])
+    assert r0["metrics"]["aesthetic"]["n_prompts"] == 3 and not np.array_equal(
+        a["00000_00.png"], b["00000_00.png"]
+    )
     # scorer paths other than the --tiny defaults are used: scores moved by exactly the shift of the copies' bias
-    aesthetic = shifted_copy(paths["aesthetic"], tmp_path / "aesthetic", "sac+logos+ava1-l14-linearMSE.pth",
-                             "layers.7.bias", 1.0)
-    imagereward = shifted_copy(paths["imagereward"], tmp_path / "imagereward", "ImageReward.pt", "mlp.layers.7.bias",
-                               1.0333394966054072)  # ImageReward divides by this: +1 after normalisation
-    moved = ev.main(common + ["--num_prompts", "2", "--seed", "1", "--aesthetic_path", str(aesthetic),
-                              "--imagereward_path", str(imagereward / "ImageReward.pt"), "--out", str(tmp_path / "x")])
+    aesthetic = shifted_copy(
+        paths["aesthetic"], tmp_path / "aesthetic", "sac+logos+ava1-l14-linearMSE.pth", "layers.7.bias", 1.0
+    )
+    imagereward = shifted_copy(
+        paths["imagereward"],
+        tmp_path / "imagereward",
+        "ImageReward.pt",
+        "mlp.layers.7.bias",
+        1.0333394966054072,
+    )  # ImageReward divides by this: +1 after normalisation
+    moved = ev.main(
+        common
+        + [
+            "--num_prompts",
+            "2",
+            "--seed",
+            "1",
+            "--aesthetic_path",
+            str(aesthetic),
+            "--imagereward_path",
+            str(imagereward / "ImageReward.pt"),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert moved["settings"]["aesthetic_path"] == str(aesthetic)
     assert moved["settings"]["imagereward_path"] == str(imagereward / "ImageReward.pt")
     for m in ("aesthetic", "imagereward"):
         for side in ("mean_ckpt", "mean_baseline"):
             # the same images and batches; the shift enters once through the last bias (and ImageReward's float32
             # division): a few ulp of scores ~1, abs 1e-5 is 100x that
-            assert moved["metrics"][m][side] == pytest.approx(r["metrics"][m][side] + 1.0, abs=1e-5), (m, side)
+            assert moved["metrics"][m][side] == pytest.approx(r["metrics"][m][side] + 1.0, abs=1e-5), (
+                m,
+                side,
+            )
 
 
 @pytest.mark.slow
@@ -644,12 +820,20 @@ def test_cli_output_reads_well_in_a_log_file(ckpt, tmp_path):
     """As a user runs it, stderr to a file: progress as plain lines, no notice a user cannot act on (such as
     transformers' 'requires torchvision'), no loading bars; stdout ends with where the results are."""
     out = tmp_path / "cli"
-    run = subprocess.run([sys.executable, "eval.py", "--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "eval.py", "--ckpt", str(ckpt), *FAST, "--metrics", "clip,hps", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "\r" not in run.stderr and "torchvision" not in run.stderr and "arning" not in run.stderr, run.stderr
+    assert "\r" not in run.stderr and "torchvision" not in run.stderr and "arning" not in run.stderr, (
+        run.stderr
+    )
     lines = run.stderr.splitlines()
-    assert lines and all(re.fullmatch(r"\w+ rank 0: \d+/\d+ images, .* s each, \d+ s left", x) for x in lines), lines
+    assert lines and all(
+        re.fullmatch(r"\w+ rank 0: \d+/\d+ images, .* s each, \d+ s left", x) for x in lines
+    ), lines
     assert "checkpoint rank 0: 6/6 images" in run.stderr and "hps rank 0: 12/12 images" in run.stderr
     assert run.stdout.rstrip().endswith(str(out / "images" / "index.csv"))
     assert f"Wrote:\n  {out / 'results.json'}\n" in run.stdout
@@ -665,7 +849,9 @@ def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for launcher, out in ((torchrun, tmp_path / "ddp"), ([sys.executable], tmp_path / "one")):
-        run = subprocess.run([*launcher, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env)
+        run = subprocess.run(
+            [*launcher, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env
+        )
         assert run.returncode == 0, run.stderr[-3000:]
     ddp, single = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("ddp", "one"))
     assert ddp["world_size"] == 2 and single["world_size"] == 1

@@ -19,12 +19,21 @@ import types
 import pytest
 import torch
 
-import train_kto
 import fixtures
+import train_kto
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
-        "--max_train_steps", "3", "--validation_steps", "0"]
+TINY = [
+    "--tiny",
+    "--pretrained_model",
+    str(fixtures.tiny_model_path()),
+    "--dataset",
+    str(fixtures.tiny_dataset_path()),
+    "--max_train_steps",
+    "3",
+    "--validation_steps",
+    "0",
+]
 KEYS = ("loss", "z", "reward_desirable", "reward_undesirable", "policy_err", "ref_err", "grad_norm")
 PHASES = {"data", "encode", "forward_backward", "clip", "optimizer"}
 
@@ -46,7 +55,7 @@ def assert_close(a, b, rtol, keys=KEYS):
 # (latents and caption embeddings computed on other batches): U = 2**-24 is float32's unit roundoff; the UNet's
 # roundings add up like a random walk over its matrix products, sqrt(sum of their lengths) U = 133 U per run, two
 # runs: 300 U (derived in full in test_train.py's test_gradient_accumulation_equals_the_whole_batch)
-E_TOL = 300 * 2.0 ** -24
+E_TOL = 300 * 2.0**-24
 
 
 def assert_same_inputs(rows, want):
@@ -82,7 +91,9 @@ def test_attention_is_pytorch_sdpa_and_adamw_is_fused(tmp_path):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     policy = train_kto.main([*TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
-    assert {type(p) for p in policy.attn_processors.values()} == {AttnProcessor2_0}  # F.scaled_dot_product_attention
+    assert {type(p) for p in policy.attn_processors.values()} == {
+        AttnProcessor2_0
+    }  # F.scaled_dot_product_attention
     state = torch.load(tmp_path / "out" / "checkpoint-1" / "optimizer.pt", weights_only=True)
     assert state["param_groups"][0]["fused"] is True
 
@@ -96,13 +107,18 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
     rows, _ = run(tmp_path / "a", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
     assert_same_inputs(rows, still[0])
     first = torch.load(cache / "latents-000000.pt", weights_only=True)
-    assert first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape  # both flips
+    assert (
+        first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape
+    )  # both flips
     text = torch.load(cache / "text-000000.pt", weights_only=True)["emb"]
-    assert text.shape[0] == 1 + len(set(__import__("pandas").read_csv(fixtures.tiny_dataset_path())["caption"]))
+    assert text.shape[0] == 1 + len(
+        set(__import__("pandas").read_csv(fixtures.tiny_dataset_path())["caption"])
+    )
 
     # a complete cache: the VAE and text encoder are never loaded, and the run is the same
     def refuse(*a, **k):
         raise AssertionError("loaded the VAE or text encoder although the cache is complete")
+
     with monkeypatch.context() as m:
         m.setattr(AutoencoderKL, "from_pretrained", refuse)
         m.setattr(CLIPTextModel, "from_pretrained", refuse)
@@ -113,17 +129,36 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
     (cache / "latents-000000.pt").unlink()
     run(tmp_path / "c", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
     rebuilt = torch.load(cache / "latents-000000.pt", weights_only=True)
-    assert all(torch.equal(first[k], rebuilt[k]) for k in first)  # the same images, the same VAE batches: bitwise
+    assert all(
+        torch.equal(first[k], rebuilt[k]) for k in first
+    )  # the same images, the same VAE batches: bitwise
 
     # a cache made with other settings is refused, not silently reused
     with pytest.raises(SystemExit) as e:
-        run(tmp_path / "d", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0", "--resolution", "16")
+        run(
+            tmp_path / "d",
+            "--cache_latents",
+            "--cache_dir",
+            str(cache),
+            "--learning_rate",
+            "0",
+            "--resolution",
+            "16",
+        )
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cache_latents_without_flip_with_batch_mean_and_dropout(tmp_path):
-    args = ["--no-random_flip", "--reference_point", "batch_mean", "--caption_dropout", "0.5", "--learning_rate", "0"]
+    args = [
+        "--no-random_flip",
+        "--reference_point",
+        "batch_mean",
+        "--caption_dropout",
+        "0.5",
+        "--learning_rate",
+        "0",
+    ]
     want, _ = run(tmp_path / "plain", *args)
     rows, _ = run(tmp_path / "cached", *args, "--cache_latents")  # default folder: <output_dir>/latent_cache
     assert_same_inputs(rows, want)
@@ -140,6 +175,7 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     def record(*a, **k):
         scalers.append(real(*a, **k))
         return scalers[-1]
+
     monkeypatch.setattr(torch.amp, "GradScaler", record)
     rows, weights = run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "12")
     assert scalers[0].is_enabled() == (precision == "fp16")  # the loss scaler exists for fp16 only
@@ -147,10 +183,13 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     # rounded to it, their sums kept in float32, so e moves by a few such roundings; 5e-2 is 25 of bf16's
     assert_close(rows[:3], plain[0], 5e-2, keys=("policy_err", "ref_err"))
     assert all(r["skipped"] == 0 for r in rows)
-    if precision == "fp16":  # the first steps overflow at the initial scale 2**16 and are skipped by the scaler ...
+    if (
+        precision == "fp16"
+    ):  # the first steps overflow at the initial scale 2**16 and are skipped by the scaler ...
         assert not math.isfinite(rows[0]["grad_norm"]) and scalers[0].get_scale() < 2**16
     assert math.isfinite(rows[-1]["grad_norm"])  # ... until the scale fits; the weights then move
     from diffusers import UNet2DConditionModel
+
     start = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
     assert any((weights[k] - start[k]).abs().max() > 0 for k in weights)
     if precision == "fp16":  # a resume restores the loss scale reached, not the initial 2**16
@@ -186,8 +225,11 @@ def count_flops_by_hand(unet, counts: list):
         else:
             context = kwargs.get("encoder_hidden_states")
             flops = 4 * x.shape[0] * x.shape[1] * (x if context is None else context).shape[1] * m.inner_dim
-        backward = 0 if not torch.is_grad_enabled() else 2.5 if isinstance(m, Attention) else 1 + x.requires_grad
+        backward = (
+            0 if not torch.is_grad_enabled() else 2.5 if isinstance(m, Attention) else 1 + x.requires_grad
+        )
         counts.append(flops * (1 + backward))
+
     for m in unet.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, Attention)):
             m.register_forward_hook(hook, with_kwargs=True)
@@ -202,10 +244,20 @@ def test_profile_counts_the_steps_flops_and_utilisation(tmp_path, monkeypatch, r
         count_flops_by_hand(policy, counts)
         count_flops_by_hand(ref, counts)
         return policy, ref, *rest
+
     monkeypatch.setattr(train_kto, "load_models", load_counted)
     # the cache: no VAE or text encoder in the step, so the UNets' calls are all its FLOPs
-    rows, _ = run(tmp_path / "out", "--profile", "--cache_latents", "--max_train_steps", "2", "--peak_tflops", "0.5",
-                  "--reference_point", reference_point)
+    rows, _ = run(
+        tmp_path / "out",
+        "--profile",
+        "--cache_latents",
+        "--max_train_steps",
+        "2",
+        "--peak_tflops",
+        "0.5",
+        "--reference_point",
+        reference_point,
+    )
     # torch's counter on step 1 against the hand count of both steps (the same shapes, so the same FLOPs)
     assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"] == sum(counts) / 2
     for r in rows:
@@ -222,10 +274,13 @@ def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
     assert e.value.code == 2 and "bitsandbytes" in capsys.readouterr().err
     made = []
 
-    class StandIn(torch.optim.AdamW):  # bitsandbytes' AdamW8bit signature; 32-bit states, so results match adamw
+    class StandIn(
+        torch.optim.AdamW
+    ):  # bitsandbytes' AdamW8bit signature; 32-bit states, so results match adamw
         def __init__(self, params, **kw):
             made.append(kw)
             super().__init__(params, **kw, fused=True)  # the plain run's kernel: the same arithmetic
+
     stand_in = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandIn))
     monkeypatch.setitem(sys.modules, "bitsandbytes", stand_in)
     rows, _ = run(tmp_path / "standin", "--optimizer", "adamw8bit")
@@ -238,9 +293,13 @@ def test_sd15_configs_are_stable_diffusion_v1_5():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):  # no memory: parameter counts of the published SD v1-5 components
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(fixtures.SD15_CONFIGS / "unet"))
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(fixtures.SD15_CONFIGS / "unet")
+        )
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(fixtures.SD15_CONFIGS / "vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_json_file(fixtures.SD15_CONFIGS / "text_encoder" / "config.json"))
+        text = CLIPTextModel(
+            CLIPTextConfig.from_json_file(fixtures.SD15_CONFIGS / "text_encoder" / "config.json")
+        )
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
 
@@ -248,6 +307,7 @@ def test_sd15_configs_are_stable_diffusion_v1_5():
 def test_sd15_random_is_a_folder_built_by_a_command(tmp_path, monkeypatch, capsys):
     def small_stand_in(path):  # the real build writes 4 GB; the command's plumbing is what is tested here
         shutil.copytree(fixtures.tiny_model_path(), path, dirs_exist_ok=True)
+
     monkeypatch.setattr(fixtures, "build_sd15_random", small_stand_in)
     fixtures.main(["sd15-random", str(tmp_path / "sd15-random")])
     assert "RANDOM weights" in capsys.readouterr().out
@@ -264,10 +324,16 @@ def test_compile_compiles_both_unets_in_place(tmp_path, plain, monkeypatch):
     def eager(self, **kw):
         compiled.append(type(self).__name__)
         real(self, backend="eager")
+
     monkeypatch.setattr(torch.nn.Module, "compile", eager)
     rows, weights = run(tmp_path / "out", "--compile")
-    blocks = [type(m).__name__ for m in train_kto.load_models(train_kto.parse_config(TINY), str(
-        fixtures.tiny_model_path()), torch.device("cpu"))[0].modules() if type(m).__name__ == "BasicTransformerBlock"]
+    blocks = [
+        type(m).__name__
+        for m in train_kto.load_models(
+            train_kto.parse_config(TINY), str(fixtures.tiny_model_path()), torch.device("cpu")
+        )[0].modules()
+        if type(m).__name__ == "BasicTransformerBlock"
+    ]
     # regional compilation: every transformer block of the policy and of the reference, nothing else
     assert len(blocks) > 0 and compiled == blocks * 2
     # backend eager runs the traced blocks with the same kernels on the same shapes: bit for bit (1e-5: headroom)
@@ -283,6 +349,7 @@ def test_profile_with_compile_counts_eagerly_then_compiles(tmp_path, plain, monk
 
     def counting(self, **kw):  # dynamo traces; the "compiled" graph runs as traced
         real(self, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+
     monkeypatch.setattr(torch.nn.Module, "compile", counting)
     rows, _ = run(tmp_path / "out", "--compile", "--profile")
     assert len(graphs) > 0
@@ -296,6 +363,7 @@ def uneven_norms(tmp_path_factory):
     """The tiny model with GroupNorm/LayerNorm weights and biases that bf16 and fp16 cannot store exactly (the
     random tiny model's are exactly 1 and 0, which hides any rounding of the reference's norms)."""
     from diffusers import UNet2DConditionModel
+
     folder = tmp_path_factory.mktemp("uneven") / "model"
     shutil.copytree(fixtures.tiny_model_path(), folder)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
@@ -307,8 +375,19 @@ def uneven_norms(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 @pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean"])
 def test_reference_equals_policy_at_step_one(tmp_path, uneven_norms, precision, reference_point):
-    rows, _ = run(tmp_path / "out", "--pretrained_model", str(uneven_norms), "--mixed_precision", precision,
-                  "--reference_point", reference_point, "--learning_rate", "0", "--max_train_steps", "2")
+    rows, _ = run(
+        tmp_path / "out",
+        "--pretrained_model",
+        str(uneven_norms),
+        "--mixed_precision",
+        precision,
+        "--reference_point",
+        reference_point,
+        "--learning_rate",
+        "0",
+        "--max_train_steps",
+        "2",
+    )
     for r in rows:  # lr 0: the policy never moves, so every implicit reward, and so z, is exactly 0
         # bitwise: the reference is the policy's computation (norms in float32, the rest rounded as autocast
         # rounds the policy's), on the same batch

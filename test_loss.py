@@ -23,6 +23,7 @@ UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
 # ---------------------------------------------------------------------------------------------------
 # The loss
 
+
 def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
@@ -32,8 +33,11 @@ def by_hand(policy_err, ref_err, desirable, beta, z, utility, lambda_d, lambda_u
     out = []
     for p, q, d in zip(policy_err, ref_err, desirable):
         x = (1 if d else -1) * beta * ((q - p) - z)
-        u = {"kahneman_tversky": sigmoid(x), "loss_averse": math.log(sigmoid(x)),
-             "risk_seeking": -math.log(sigmoid(-x))}[utility]
+        u = {
+            "kahneman_tversky": sigmoid(x),
+            "loss_averse": math.log(sigmoid(x)),
+            "risk_seeking": -math.log(sigmoid(-x)),
+        }[utility]
         out.append((lambda_d if d else lambda_u) * (1 - u))
     return out
 
@@ -101,6 +105,7 @@ def test_unknown_utility_names_the_choices():
 # ---------------------------------------------------------------------------------------------------
 # The reference point z and the mismatched pairs
 
+
 def test_reference_point_is_clamped_and_detached():
     r = torch.tensor([-0.3, 0.1], requires_grad=True)
     z = reference_point(r)
@@ -114,7 +119,7 @@ def test_reference_point_is_clamped_and_detached():
 @pytest.mark.parametrize("n", range(2, 10))
 def test_mismatched_roll_never_keeps_own_caption(n):
     j = mismatched_indices(n)
-    assert sorted(j.tolist()) == list(range(n))            # every caption is used once
+    assert sorted(j.tolist()) == list(range(n))  # every caption is used once
     assert (j != torch.arange(n)).all()
 
 
@@ -126,13 +131,23 @@ def test_mismatched_needs_two_per_rank():
 # ---------------------------------------------------------------------------------------------------
 # kto_step on tiny UNets: the objective with real models
 
+
 def tiny_unets(prediction_type="epsilon"):
     from diffusers import DDPMScheduler, UNet2DConditionModel
+
     torch.manual_seed(0)
-    policy = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-                                  block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D",) * 2,
-                                  up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=8,
-                                  attention_head_dim=4)
+    policy = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=8,
+        attention_head_dim=4,
+    )
     scheduler = DDPMScheduler(**fixtures.sd15_scheduler_config() | dict(prediction_type=prediction_type))
     return policy, train_kto.frozen_reference(policy, torch.float32), scheduler
 
@@ -146,13 +161,38 @@ def step_inputs(b=4):
 BETA = 1e4
 
 
-def step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point="kl_mismatched", micro_batches=1, objective="kto",
-         beta=BETA):
+def step(
+    policy,
+    ref,
+    scheduler,
+    x0,
+    emb,
+    emb_m,
+    d,
+    reference_point="kl_mismatched",
+    micro_batches=1,
+    objective="kto",
+    beta=BETA,
+):
     """kto_step with lambda_D = 2, lambda_U = 0.5, the sigmoid utility (or the SFT loss) and fixed draws."""
-    loss_fn = (train_kto.sft_loss if objective == "sft" else
-               functools.partial(kto_loss, beta=beta, utility="kahneman_tversky", lambda_d=2.0, lambda_u=0.5))
-    return train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_m, d, torch.Generator().manual_seed(2), loss_fn,
-                              reference_point, micro_batches)
+    loss_fn = (
+        train_kto.sft_loss
+        if objective == "sft"
+        else functools.partial(kto_loss, beta=beta, utility="kahneman_tversky", lambda_d=2.0, lambda_u=0.5)
+    )
+    return train_kto.kto_step(
+        policy,
+        ref,
+        scheduler,
+        x0,
+        emb,
+        emb_m,
+        d,
+        torch.Generator().manual_seed(2),
+        loss_fn,
+        reference_point,
+        micro_batches,
+    )
 
 
 @pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean", "zero"])
@@ -162,7 +202,9 @@ def test_kto_step_policy_equal_to_ref(reference_point):
     loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point)
     # bitwise: policy and reference are the same weights through the same computation on the same batch
     assert torch.equal(stats["r"], torch.zeros(4)) and stats["z"].item() == 0.0
-    assert loss.item() == pytest.approx((2.0 + 0.5 + 2.0 + 0.5) / 4 / 2)   # lambda_y / 2 for the sigmoid utility
+    assert loss.item() == pytest.approx(
+        (2.0 + 0.5 + 2.0 + 0.5) / 4 / 2
+    )  # lambda_y / 2 for the sigmoid utility
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -190,11 +232,15 @@ def test_kto_step_matches_an_independent_computation(prediction_type):
     # in r and z (~0.2), so 1e-4 relative is 100x that; the loss (beta 1e4) saturates: each sample's is 0 or lambda
     assert stats["z"].item() == pytest.approx(z, rel=1e-4, abs=1e-9) and z > 0
     torch.testing.assert_close(stats["r"], r, rtol=1e-4, atol=1e-9)
-    want = by_hand(err(policy, emb).tolist(), err(ref, emb).tolist(), d.tolist(), BETA, z, "kahneman_tversky", 2.0, 0.5)
+    want = by_hand(
+        err(policy, emb).tolist(), err(ref, emb).tolist(), d.tolist(), BETA, z, "kahneman_tversky", 2.0, 0.5
+    )
     assert loss.item() == pytest.approx(np.mean(want), rel=1e-4)
 
     # kto_step ran the backward pass: the gradient reaches the policy only
-    assert all(p.grad is not None for p in policy.parameters()) and all(p.grad is None for p in ref.parameters())
+    assert all(p.grad is not None for p in policy.parameters()) and all(
+        p.grad is None for p in ref.parameters()
+    )
 
 
 @pytest.mark.parametrize("reference_point", ["kl_mismatched", "batch_mean", "zero"])
@@ -209,15 +255,19 @@ def test_kto_step_in_micro_batches_gives_the_same_loss_z_and_gradients(reference
         policy.zero_grad()
         # beta 20, not 1e4: x = w * beta * (r - z) is then ~1 here and no sample's sigmoid saturates (at 1e4 every
         # gradient is exactly 0, and comparing them could not fail)
-        loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point, micro_batches=k, beta=20.0)
+        loss, stats = step(
+            policy, ref, scheduler, x0, emb, emb_m, d, reference_point, micro_batches=k, beta=20.0
+        )
         out.append((loss, stats, [p.grad.clone() for p in policy.parameters()]))
-    norm = lambda grads: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    norm = lambda grads: torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    ).item()
     # Tolerances, derived as in test_train.py's accumulation test (U = 2**-24, float32's unit roundoff): the micro-
     # batches change only the order of float32 sums (the UNets' kernels on 2 or 1 samples instead of 4, the gradient
     # summed in parts). A sample's error e moves by at most E_TOL = 300 U relative (the budget of the tiny model's
     # UNet, larger than this one); r and z by R_TOL = 2 * E_TOL * max e; the loss by lambda_max * beta / 2 * R_TOL;
     # each sample's gradient weight sigmoid'(x) by 2 * beta * R_TOL relative, its gradient by E_TOL.
-    e_tol, beta, lambda_max = 300 * 2.0 ** -24, 20.0, 2.0
+    e_tol, beta, lambda_max = 300 * 2.0**-24, 20.0, 2.0
     r_tol = 2 * e_tol * max(out[0][1]["policy_err"].max().item(), out[0][1]["ref_err"].max().item())
     g_tol = 2 * beta * r_tol + 2 * e_tol
     for loss, stats, grads in out[1:]:
@@ -253,12 +303,13 @@ def test_frozen_reference_keeps_norms_exact(dtype):
 # ---------------------------------------------------------------------------------------------------
 # Data helpers
 
+
 def test_sampler_ratio_resume_and_seeds():
     desirable = np.array([True] * 10 + [False] * 90)
     stream = DesirableRatioSampler(desirable, 0.8, seed=[0, 0], chunk=64)
     draws = [i for _, i in zip(range(5000), stream)]
     frac = np.mean(desirable[draws])
-    assert abs(frac - 0.8) < 0.03                          # gamma, whatever the class sizes
+    assert abs(frac - 0.8) < 0.03  # gamma, whatever the class sizes
     resumed = DesirableRatioSampler(desirable, 0.8, seed=[0, 0], start=1234, chunk=64)
     assert [i for _, i in zip(range(300), resumed)] == draws[1234:1534]
     other_rank = DesirableRatioSampler(desirable, 0.8, seed=[0, 1], chunk=64)

@@ -40,25 +40,50 @@ def figure_text(fig) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Training curves
 
+
 def metrics_row(step, loss, **extra):
-    return dict(dict(step=step, loss=loss, z=0.01 * step, reward_desirable=0.1 * step, reward_undesirable=-0.1 * step,
-                     accuracy=0.5, policy_err=1.0, ref_err=1.0, grad_norm=2.0, lr=1e-5, desirable_frac=0.8, skipped=0,
-                     images_per_sec=3.0), **extra)
+    return dict(
+        dict(
+            step=step,
+            loss=loss,
+            z=0.01 * step,
+            reward_desirable=0.1 * step,
+            reward_undesirable=-0.1 * step,
+            accuracy=0.5,
+            policy_err=1.0,
+            ref_err=1.0,
+            grad_norm=2.0,
+            lr=1e-5,
+            desirable_frac=0.8,
+            skipped=0,
+            images_per_sec=3.0,
+        ),
+        **extra,
+    )
 
 
 def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figures):
     run = tmp_path / "kto-run-7"
     run.mkdir()
     first = [metrics_row(s, 1.0) for s in range(1, 41)]
-    resumed = [metrics_row(s, 0.5, skipped=int(s == 45)) for s in range(31, 61)]  # resumed at 30: 31..40 again
+    resumed = [
+        metrics_row(s, 0.5, skipped=int(s == 45)) for s in range(31, 61)
+    ]  # resumed at 30: 31..40 again
     lines = [json.dumps(r) for r in first + resumed] + ['{"step": 61, "loss": 0.']  # a line cut by a kill
     (run / "metrics.jsonl").write_text("\n".join(lines))
     path = reports.plot_curves(run)
     assert path == run / "curves.png" and Image.open(path).size == (1200, 800)
-    fig, = figures
+    (fig,) = figures
     assert "kto-run-7" in fig._suptitle.get_text() and "1 skipped step" in fig._suptitle.get_text()
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["loss", "implicit reward", "reference point z", "implicit accuracy", "grad norm", "learning rate"]
+    assert titles == [
+        "loss",
+        "implicit reward",
+        "reference point z",
+        "implicit accuracy",
+        "grad norm",
+        "learning rate",
+    ]
     raw, smooth = fig.axes[0].get_lines()
     assert list(raw.get_xdata()) == list(range(1, 61))
     assert list(raw.get_ydata()) == [1.0] * 30 + [0.5] * 30  # steps 31..40: the resumed rows
@@ -88,10 +113,13 @@ def test_curves_of_a_folder_without_metrics_say_so(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Image grids
 
+
 def test_image_grid_shows_every_full_label_and_the_title(tmp_path, figures):
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue", "white", "black")]
-    labels = [f"prompt {i}: a very long caption of a yellow triangle on a black background, golden hour"
-              for i in range(5)]
+    labels = [
+        f"prompt {i}: a very long caption of a yellow triangle on a black background, golden hour"
+        for i in range(5)
+    ]
     path = reports.save_image_grid(images, labels, "validation, step 50", tmp_path / "grid.png", columns=2)
     assert path == tmp_path / "grid.png" and path.exists()
     text = figure_text(figures[0])
@@ -127,7 +155,7 @@ def test_tensorboard_writes_every_number_and_the_image(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.25), (4, 0.125)]
     # tensorboard stores float32: 1e-4 comes back rounded (6e-8 relative); 2.5 is exact in float32
     assert events.Scalars("lr")[0].value == pytest.approx(1e-4) and events.Scalars("grad")[0].value == 2.5
-    image, = events.Images("validation")
+    (image,) = events.Images("validation")
     assert (image.step, image.width, image.height) == (4, 40, 30)
     assert "200.0" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
@@ -161,8 +189,10 @@ class FakeWandb(types.ModuleType):
         if self.fail:
             raise RuntimeError("no network")
         self.calls.append(("init", kwargs))
-        return types.SimpleNamespace(log=lambda d, step: self.calls.append(("log", d, step)),
-                                     finish=lambda: self.calls.append(("finish",)))
+        return types.SimpleNamespace(
+            log=lambda d, step: self.calls.append(("log", d, step)),
+            finish=lambda: self.calls.append(("finish",)),
+        )
 
 
 def test_wandb_calls_and_modes(tmp_path, monkeypatch):
@@ -175,11 +205,16 @@ def test_wandb_calls_and_modes(tmp_path, monkeypatch):
     tracker.log(ROW, 3)
     tracker.log_image("curves", tmp_path / "curves.png", 3)
     tracker.close()
-    assert fake.calls[0] == ("init", dict(project="diffusion-kto", dir=str(tmp_path), config={"beta": 1.0},
-                                          mode="online"))
+    assert fake.calls[0] == (
+        "init",
+        dict(project="diffusion-kto", dir=str(tmp_path), config={"beta": 1.0}, mode="online"),
+    )
     assert fake.calls[1][1]["mode"] == "offline"
-    assert fake.calls[2:] == [("log", dict(loss=0.25, lr=pytest.approx(1e-4), skipped=1.0, grad=2.5), 3),
-                              ("log", {"curves": ("Image", str(tmp_path / "curves.png"))}, 3), ("finish",)]
+    assert fake.calls[2:] == [
+        ("log", dict(loss=0.25, lr=pytest.approx(1e-4), skipped=1.0, grad=2.5), 3),
+        ("log", {"curves": ("Image", str(tmp_path / "curves.png"))}, 3),
+        ("finish",),
+    ]
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail=True))
     with pytest.raises(DataError, match="WANDB_MODE=offline"):
         reports.Tracker("wandb", tmp_path, {})
@@ -198,19 +233,33 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     tracker.log_image("validation", picture, 3)
     tracker.close()
     assert logged[0] == (dict(loss=0.25, lr=pytest.approx(1e-4), skipped=1.0, grad=2.5), 3)
-    run, = (tmp_path / "wandb").glob("offline-run-*")
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
     assert len(list(run.glob("files/media/images/validation_3_*.png"))) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model cards
 
+
 def run_record(base: str) -> dict:
-    config = dict(pretrained_model=base, dataset="yuvalkirstain/pickapic_v2", label_policy="won_once", beta=5000.0,
-                  utility="kahneman_tversky", reference_point="kl_mismatched", objective="kto", learning_rate=1e-7,
-                  lr_warmup_steps=500, train_batch_size=2, gradient_accumulation_steps=4, max_train_steps=10000,
-                  desirable_ratio=0.8)
-    return dict(config=config, world_size=16, num_desirable=237530, num_undesirable=690115, label_policy="won_once")
+    config = dict(
+        pretrained_model=base,
+        dataset="yuvalkirstain/pickapic_v2",
+        label_policy="won_once",
+        beta=5000.0,
+        utility="kahneman_tversky",
+        reference_point="kl_mismatched",
+        objective="kto",
+        learning_rate=1e-7,
+        lr_warmup_steps=500,
+        train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_train_steps=10000,
+        desirable_ratio=0.8,
+    )
+    return dict(
+        config=config, world_size=16, num_desirable=237530, num_undesirable=690115, label_policy="won_once"
+    )
 
 
 def test_model_card_metadata_recipe_data_and_loading(tmp_path):
@@ -218,21 +267,38 @@ def test_model_card_metadata_recipe_data_and_loading(tmp_path):
 
     ckpt = tmp_path / "kto" / "checkpoint-2500"
     ckpt.mkdir(parents=True)
-    card = ModelCard.load(reports.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5")))
+    card = ModelCard.load(
+        reports.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    )
     meta = card.data.to_dict()
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert meta["license"] == "creativeml-openrail-m" and meta["library_name"] == "diffusers"
     assert meta["tags"] == ["diffusion-kto", "text-to-image", "stable-diffusion", "diffusers"]
     text = card.text
-    for row in ("| `beta` | 5000.0 |", "| `utility` | kahneman_tversky |", "| `reference_point` | kl_mismatched |",
-                "| `objective` | kto |", "| `learning_rate` | 1e-07 |", "| `lr_warmup_steps` | 500 |",
-                "| `train_batch_size` | 2 |", "| `gradient_accumulation_steps` | 4 |", "| `world_size` | 16 |",
-                "| `max_train_steps` | 10000 |", "| `desirable_ratio` | 0.8 |"):
+    for row in (
+        "| `beta` | 5000.0 |",
+        "| `utility` | kahneman_tversky |",
+        "| `reference_point` | kl_mismatched |",
+        "| `objective` | kto |",
+        "| `learning_rate` | 1e-07 |",
+        "| `lr_warmup_steps` | 500 |",
+        "| `train_batch_size` | 2 |",
+        "| `gradient_accumulation_steps` | 4 |",
+        "| `world_size` | 16 |",
+        "| `max_train_steps` | 10000 |",
+        "| `desirable_ratio` | 0.8 |",
+    ):
         assert row in text, row
-    assert "`yuvalkirstain/pickapic_v2`: 237530 desirable and 690115 undesirable" in text and "`won_once`" in text
+    assert (
+        "`yuvalkirstain/pickapic_v2`: 237530 desirable and 690115 undesirable" in text
+        and "`won_once`" in text
+    )
     assert "step 2500" in text and "base model's license applies" in text
     assert 'UNet2DConditionModel.from_pretrained("checkpoint-2500", subfolder="unet")' in text
-    assert 'StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)' in text
+    assert (
+        'StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)'
+        in text
+    )
     # another base: license "other"; a local folder is named in the text, not as base_model (the Hub wants an id)
     card = ModelCard.load(reports.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))
     assert card.data.license == "other" and card.data.base_model == "CompVis/stable-diffusion-v1-4"
@@ -247,17 +313,22 @@ def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path)
         reports.append_to_model_card(tmp_path, "## A\n")
     reports.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
     before = ModelCard.load(tmp_path / "README.md")
-    reports.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nold\n\n### detail\n\n```\n# not a heading\n```\n")
+    reports.append_to_model_card(
+        tmp_path, "## Evaluation (tiny)\n\nold\n\n### detail\n\n```\n# not a heading\n```\n"
+    )
     reports.append_to_model_card(tmp_path, "## Notes\n\nkept\n")
     reports.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nnew\n")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.to_dict() == before.data.to_dict() and card.text.strip().startswith(before.text.strip())
-    tail = card.text.strip()[len(before.text.strip()):]
-    assert tail.split() == "## Evaluation (tiny) new ## Notes kept".split()  # in place; the old one wholly gone
+    tail = card.text.strip()[len(before.text.strip()) :]
+    assert (
+        tail.split() == "## Evaluation (tiny) new ## Notes kept".split()
+    )  # in place; the old one wholly gone
 
 
 # ----------------------------------------------------------------------------------------------------
 # eval.py: --export and the model card of an evaluated checkpoint (a real one-step train_kto.py run)
+
 
 @pytest.fixture(scope="module", params=["synthetic", pytest.param("trained", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
@@ -267,9 +338,21 @@ def checkpoint(request, tmp_path_factory):
     if request.param == "trained":
         import train_kto
 
-        train_kto.main(["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset",
-                        str(fixtures.tiny_dataset_path()), "--max_train_steps", "1", "--learning_rate", "1e-3",
-                        "--output_dir", str(out)])
+        train_kto.main(
+            [
+                "--tiny",
+                "--pretrained_model",
+                str(fixtures.tiny_model_path()),
+                "--dataset",
+                str(fixtures.tiny_dataset_path()),
+                "--max_train_steps",
+                "1",
+                "--learning_rate",
+                "1e-3",
+                "--output_dir",
+                str(out),
+            ]
+        )
         return out / "checkpoint-1"
     from diffusers import UNet2DConditionModel
 
@@ -306,8 +389,10 @@ def test_export_writes_a_pipeline_that_loads_alone(checkpoint, tmp_path, monkeyp
     assert all(exported[k].dtype == saved[k].dtype and torch.equal(exported[k], saved[k]) for k in saved)
     assert not all(torch.equal(base[k], saved[k]) for k in saved)  # the checkpoint's UNet, not the base's
     assert (out / "README.md").read_text() == (ckpt / "README.md").read_text()
-    for bad, message in ((["--ckpt", str(ckpt), "--export", str(out)], "already exists"),
-                         (["--ckpt", str(out), "--export", str(tmp_path / "o2")], "already a complete pipeline")):
+    for bad, message in (
+        (["--ckpt", str(ckpt), "--export", str(out)], "already exists"),
+        (["--ckpt", str(out), "--export", str(tmp_path / "o2")], "already a complete pipeline"),
+    ):
         with pytest.raises(SystemExit):
             ev.main(bad)
         assert message in capsys.readouterr().err

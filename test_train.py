@@ -17,18 +17,25 @@ import pandas as pd
 import pytest
 import torch
 
+import data
 import fixtures
 import train_kto
 import utils
-import data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
 HERE = Path(__file__).parent
 # --tiny with the random-weight tiny model and its small CSV dataset (fast); --tiny alone trains on the tiny
 # world (tiny_world.py), which test_world.py covers
-TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(fixtures.tiny_dataset_path()),
-        "--validation_steps", "0"]  # validation images: test_validation_grids_...; TINY[:-2] for older commits
+TINY = [
+    "--tiny",
+    "--pretrained_model",
+    str(fixtures.tiny_model_path()),
+    "--dataset",
+    str(fixtures.tiny_dataset_path()),
+    "--validation_steps",
+    "0",
+]  # validation images: test_validation_grids_...; TINY[:-2] for older commits
 
 
 def write_table(tmp_path, rows, name="data.csv"):
@@ -39,8 +46,11 @@ def write_table(tmp_path, rows, name="data.csv"):
 
 def test_feedback_dataset_shapes_and_bytes(tmp_path):
     from PIL import Image
+
     Image.new("RGB", (40, 24), (255, 0, 0)).save(tmp_path / "a.png")
-    table = data.load_feedback(write_table(tmp_path, [{"image": "a.png", "caption": "red", "label": "desirable"}]))
+    table = data.load_feedback(
+        write_table(tmp_path, [{"image": "a.png", "caption": "red", "label": "desirable"}])
+    )
     item = data.FeedbackDataset(table, tmp_path, 16)[0]
     assert item["pixel_values"].shape == (3, 16, 16) and item["desirable"]
     assert item["pixel_values"][0].min() == 1.0 and item["pixel_values"][1].max() == -1.0
@@ -50,14 +60,20 @@ def test_feedback_dataset_shapes_and_bytes(tmp_path):
     assert data.FeedbackDataset(table, tmp_path, 8)[0]["pixel_values"].shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"img": "a.png", "caption": "x", "label": 1}], r"missing column\(s\) image"),
-    ([{"image": "a.png", "caption": "x", "label": "maybe"}], r"column 'label', row 0 .* 'maybe'"),
-    ([{"image": "nope.png", "caption": "x", "label": 1}],
-     r"column 'image', row 0: image file 'nope.png' does not exist"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"img": "a.png", "caption": "x", "label": 1}], r"missing column\(s\) image"),
+        ([{"image": "a.png", "caption": "x", "label": "maybe"}], r"column 'label', row 0 .* 'maybe'"),
+        (
+            [{"image": "nope.png", "caption": "x", "label": 1}],
+            r"column 'image', row 0: image file 'nope.png' does not exist",
+        ),
+    ],
+)
 def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     from PIL import Image
+
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = write_table(tmp_path, rows)
     with pytest.raises(SystemExit) as e:
@@ -71,6 +87,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
 # ---------------------------------------------------------------------------------------------------
 # End to end on the tiny model
 
+
 def run(tmp_path, *args, out="out"):
     policy = train_kto.main([*TINY, "--output_dir", str(tmp_path / out), *args])
     rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
@@ -79,8 +96,18 @@ def run(tmp_path, *args, out="out"):
 
 def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     from diffusers import UNet2DConditionModel
-    policy, rows = run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                       "--lr_warmup_steps", "4", "--learning_rate", "1e-3")
+
+    policy, rows = run(
+        tmp_path,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--lr_warmup_steps",
+        "4",
+        "--learning_rate",
+        "1e-3",
+    )
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     unet = UNet2DConditionModel.from_pretrained(out / "checkpoint-4", subfolder="unet")
@@ -91,17 +118,32 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
     assert json.loads((out / "checkpoint-4" / "config.json").read_text()) == run_json["config"]
     assert [launch["start_step"] for launch in run_json["launches"]] == [0]
     table = pd.read_csv(fixtures.tiny_dataset_path())
-    assert run_json["num_desirable"] == table.label.sum() and run_json["num_undesirable"] == (table.label == 0).sum()
+    assert (
+        run_json["num_desirable"] == table.label.sum()
+        and run_json["num_undesirable"] == (table.label == 0).sum()
+    )
     assert run_json["config"]["beta"] == train_kto.TINY["beta"] and run_json["world_size"] == 1
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # linear warm-up, in float64 (a few 1e-16 of rounding; approx's default rel 1e-6 is headroom)
     assert [r["lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     # the optimizer state (2x the UNet) is kept in the newest checkpoint only; an older one cannot be resumed
-    assert (out / "checkpoint-4" / "optimizer.pt").exists() and not (out / "checkpoint-2" / "optimizer.pt").exists()
+    assert (out / "checkpoint-4" / "optimizer.pt").exists() and not (
+        out / "checkpoint-2" / "optimizer.pt"
+    ).exists()
     with pytest.raises(SystemExit):
         run(tmp_path, "--max_train_steps", "5", "--resume", str(out / "checkpoint-2"))
-    keys = {"loss", "z", "reward_desirable", "reward_undesirable", "accuracy", "policy_err", "ref_err",
-            "grad_norm", "lr", "images_per_sec"}
+    keys = {
+        "loss",
+        "z",
+        "reward_desirable",
+        "reward_undesirable",
+        "accuracy",
+        "policy_err",
+        "ref_err",
+        "grad_norm",
+        "lr",
+        "images_per_sec",
+    }
     assert keys <= set(rows[0])
     # policy == ref at step 1, bit for bit: r = z = 0 and every sample's loss is lambda * sigmoid(0) = 1/2 exactly
     assert rows[0]["loss"] == pytest.approx(0.5)
@@ -109,7 +151,9 @@ def test_tiny_run_writes_loadable_checkpoints_and_logs(tmp_path):
 
 @pytest.mark.parametrize("utility", UTILITIES[1:])
 def test_every_utility_trains(tmp_path, utility):
-    _, rows = run(tmp_path, "--max_train_steps", "2", "--utility", utility, "--lambda_d", "2", "--lambda_u", "3")
+    _, rows = run(
+        tmp_path, "--max_train_steps", "2", "--utility", utility, "--lambda_d", "2", "--lambda_u", "3"
+    )
     # step 1: policy == ref, so x = -w * beta * z = 0 and 1 - U(0) is the same for every sample
     one_minus_u0 = {"loss_averse": 1 + math.log(2), "risk_seeking": 1 - math.log(2)}[utility]
     frac_d = rows[0]["desirable_frac"]
@@ -121,8 +165,18 @@ def test_reference_points(tmp_path):
     _, rows = run(tmp_path, "--max_train_steps", "3", "--reference_point", "zero", out="zero")
     # exact: --reference_point zero is the constant 0
     assert all(r["z"] == 0 for r in rows)
-    _, rows = run(tmp_path, "--max_train_steps", "3", "--reference_point", "batch_mean",
-                  "--desirable_ratio", "1.0", "--beta", "50", out="bm")
+    _, rows = run(
+        tmp_path,
+        "--max_train_steps",
+        "3",
+        "--reference_point",
+        "batch_mean",
+        "--desirable_ratio",
+        "1.0",
+        "--beta",
+        "50",
+        out="bm",
+    )
     assert all(r["desirable_frac"] == 1 for r in rows)
     for r in rows:  # all samples desirable: z = max(0, mean r) = max(0, mean desirable reward)
         # the same float32 sum of the same 8 rewards; only the division differs (float32 for z, float64 for the
@@ -145,10 +199,12 @@ def test_same_seed_same_run_and_workers_do_not_change_it(tmp_path):
 
 def test_max_grad_norm_clips(tmp_path):
     from diffusers import UNet2DConditionModel
+
     base = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
     free, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", out="free")
-    tight, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", "--max_grad_norm", "1e-12",
-                   out="tight")
+    tight, _ = run(
+        tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", "--max_grad_norm", "1e-12", out="tight"
+    )
     change = lambda m: max((m.state_dict()[k] - base[k]).abs().max().item() for k in base)
     # Adam normalises the gradient's scale, so only a norm far below its eps (1e-8) slows it down
     assert change(tight) < 0.01 * change(free)
@@ -157,8 +213,10 @@ def test_max_grad_norm_clips(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Runs that survive: resume, atomic saves, non-finite steps, refused inputs, several ranks
 
+
 def weights(path):
     from safetensors.torch import load_file
+
     return load_file(Path(path) / "unet" / "diffusion_pytorch_model.safetensors")
 
 
@@ -174,23 +232,35 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     _, split = run(tmp_path, "--max_train_steps", "4", "--resume", "latest", *args, out="split")
     # the resumed steps are the identical computation (weights, optimizer, schedule and generators restored bit for
     # bit, the same shapes): equal bit for bit; 1e-6 on the weights is headroom
-    assert max_diff(weights(tmp_path / "whole/checkpoint-4"), weights(tmp_path / "split/checkpoint-4")) <= 1e-6
+    assert (
+        max_diff(weights(tmp_path / "whole/checkpoint-4"), weights(tmp_path / "split/checkpoint-4")) <= 1e-6
+    )
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
     assert strip(whole) == strip(split)
     assert [p.name for p in (tmp_path / "split").glob("checkpoint-*")] == ["checkpoint-4"]  # total limit 1
-    _, again = run(tmp_path, "--max_train_steps", "5", "--resume", str(tmp_path / "split/checkpoint-4"), out="split")
+    _, again = run(
+        tmp_path, "--max_train_steps", "5", "--resume", str(tmp_path / "split/checkpoint-4"), out="split"
+    )
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5]
 
 
 def run_script(tmp_path, body, *argv, torchrun=None, check=True):
     """Run train_kto.main in a fresh process with a patch applied first (`body` is Python code)."""
     script = tmp_path / "patched.py"
-    script.write_text("import os, sys, json, torch\nsys.path.insert(0, %r)\nimport train_kto\n" % str(HERE)
-                      + textwrap.dedent(body) + "\ntrain_kto.main(sys.argv[1:])\n"
-                      + "on_exit()\n" * ("def on_exit" in body))
+    script.write_text(
+        "import os, sys, json, torch\nsys.path.insert(0, %r)\nimport train_kto\n" % str(HERE)
+        + textwrap.dedent(body)
+        + "\ntrain_kto.main(sys.argv[1:])\n"
+        + "on_exit()\n" * ("def on_exit" in body)
+    )
     launcher = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
-    proc = subprocess.run([*launcher, str(script), *TINY, *argv], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = subprocess.run(
+        [*launcher, str(script), *TINY, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -208,8 +278,17 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
             real(path)
         utils.fsync_tree = fsync_tree
     """
-    proc = run_script(tmp_path, die_in_save, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                      "--output_dir", str(out), check=False)
+    proc = run_script(
+        tmp_path,
+        die_in_save,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--output_dir",
+        str(out),
+        check=False,
+    )
     assert proc.returncode == 9
     assert (out / "checkpoint-2" / "training_state.pt").exists() and list(out.glob("checkpoint-4.*.tmp"))
     assert [p.name for p in utils.list_checkpoints(out)] == ["checkpoint-2"]
@@ -240,10 +319,22 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert [r["skipped"] for r in rows] == [1, 1, 1]
 
 
-@pytest.mark.parametrize("case", ["one_class", "empty_captions", "batch_of_one", "foreign_output_dir", "bad_resume",
-                                  "no_such_model_folder", "not_a_pipeline_folder", "unreachable_hub_model"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "one_class",
+        "empty_captions",
+        "batch_of_one",
+        "foreign_output_dir",
+        "bad_resume",
+        "no_such_model_folder",
+        "not_a_pipeline_folder",
+        "unreachable_hub_model",
+    ],
+)
 def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
     from PIL import Image
+
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "caption": f"c{i}", "label": i % 2} for i in range(20)]
     args = ["--max_train_steps", "1"]
@@ -267,10 +358,16 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, *args)
     err = capsys.readouterr().err
-    expected = {"one_class": "--allow_one_class", "empty_captions": "10% of the captions are empty",
-                "batch_of_one": "--train_batch_size >= 2", "foreign_output_dir": "--resume latest",
-                "bad_resume": "not a checkpoint folder", "no_such_model_folder": "no such file or folder",
-                "not_a_pipeline_folder": "no unet/, scheduler/", "unreachable_hub_model": "hf download"}[case]
+    expected = {
+        "one_class": "--allow_one_class",
+        "empty_captions": "10% of the captions are empty",
+        "batch_of_one": "--train_batch_size >= 2",
+        "foreign_output_dir": "--resume latest",
+        "bad_resume": "not a checkpoint folder",
+        "no_such_model_folder": "no such file or folder",
+        "not_a_pipeline_folder": "no unet/, scheduler/",
+        "unreachable_hub_model": "hf download",
+    }[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started
     if case == "one_class":  # allowed on request
@@ -324,25 +421,45 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     run_json = json.loads((tmp_path / "whole/run.json").read_text())
     assert run_json["world_size"] == 2
     # with gradient accumulation DDP skips the all-reduce on the inner passes (no_sync): still in sync
-    run_script(tmp_path, record, *args, "--gradient_accumulation_steps", "2", "--train_batch_size", "4",
-               "--output_dir", str(tmp_path / "acc"), torchrun=TORCHRUN)
+    run_script(
+        tmp_path,
+        record,
+        *args,
+        "--gradient_accumulation_steps",
+        "2",
+        "--train_batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "acc"),
+        torchrun=TORCHRUN,
+    )
     a0, a1 = (json.loads((tmp_path / f"acc/rank{r}.json").read_text()) for r in (0, 1))
     # bitwise, as above
     assert a0 == a1
-    assert a0["z"][0::2] == a0["z"][1::2] and len(a0["z"]) == 10  # 2 passes per step, both with the step's one z
+    assert (
+        a0["z"][0::2] == a0["z"][1::2] and len(a0["z"]) == 10
+    )  # 2 passes per step, both with the step's one z
     # the gradients are all-reduced once per step, in the last pass: as many all-reduces, at each step, as without
     # accumulation (all-reducing every pass gives the same sums, so only the count shows it)
     assert a0["all_reduces"] == r0["all_reduces"] and set(r0["all_reduces"]) == {1, 2, 3, 4, 5}
 
     os.environ["KILL_AT"] = "4"
     try:
-        proc = run_script(tmp_path, record, *args, "--output_dir", str(tmp_path / "killed"),
-                          torchrun=["--max-restarts", "1", *TORCHRUN])
+        proc = run_script(
+            tmp_path,
+            record,
+            *args,
+            "--output_dir",
+            str(tmp_path / "killed"),
+            torchrun=["--max-restarts", "1", *TORCHRUN],
+        )
     finally:
         del os.environ["KILL_AT"]
     assert "resuming from" in proc.stdout + proc.stderr
     # the restarted ranks redo steps 3-5 from checkpoint-2: the identical computation, bit for bit (1e-6: headroom)
-    assert max_diff(weights(tmp_path / "whole/checkpoint-5"), weights(tmp_path / "killed/checkpoint-5")) <= 1e-6
+    assert (
+        max_diff(weights(tmp_path / "whole/checkpoint-5"), weights(tmp_path / "killed/checkpoint-5")) <= 1e-6
+    )
 
 
 def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
@@ -355,6 +472,7 @@ def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
 
 def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path, capsys):
     from PIL import Image
+
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     other = write_table(tmp_path, [{"image": "a.png", "caption": f"c{i}", "label": i % 2} for i in range(8)])
     run(tmp_path, "--max_train_steps", "2")
@@ -364,7 +482,9 @@ def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path,
         err = capsys.readouterr().err
         assert e.value.code == 2 and flag in err and "another --output_dir" in err, err
     record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert record["config"]["max_train_steps"] == 2 and len(record["launches"]) == 1  # the refusals wrote nothing
+    assert (
+        record["config"]["max_train_steps"] == 2 and len(record["launches"]) == 1
+    )  # the refusals wrote nothing
     _, rows = run(tmp_path, "--max_train_steps", "3", "--resume", "latest", "--checkpointing_steps", "5")
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert [launch["start_step"] for launch in record["launches"]] == [0, 2]
@@ -372,7 +492,9 @@ def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path,
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
-PRE_REDESIGN = "4461090"  # the last commit before the modules were split: same metrics, bit for bit, on the same machine
+PRE_REDESIGN = (
+    "4461090"  # the last commit before the modules were split: same metrics, bit for bit, on the same machine
+)
 
 
 @pytest.mark.slow
@@ -384,14 +506,32 @@ def test_same_metrics_and_weights_as_before_the_redesign(tmp_path):
         pytest.skip(f"commit {PRE_REDESIGN} is not in this checkout's history")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     args = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--caption_dropout", "0.5"]
-    variants = ([], ["--reference_point", "batch_mean", "--utility", "loss_averse", "--no-random_flip"],
-                ["--objective", "sft"], ["--train_batch_size", "4", "--gradient_accumulation_steps", "2"],
-                ["--reference_point", "batch_mean", "--gradient_accumulation_steps", "2", "--cache_latents"])
+    variants = (
+        [],
+        ["--reference_point", "batch_mean", "--utility", "loss_averse", "--no-random_flip"],
+        ["--objective", "sft"],
+        ["--train_batch_size", "4", "--gradient_accumulation_steps", "2"],
+        ["--reference_point", "batch_mean", "--gradient_accumulation_steps", "2", "--cache_latents"],
+    )
     for n, extra in enumerate(variants):
         out = tmp_path / f"old-{n}"
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(old)!r}); import train_kto; "
-                        "train_kto.main(sys.argv[1:])", *TINY[:-2], *args, *extra, "--output_dir", str(out)],
-                       check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=old)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(old)!r}); import train_kto; "
+                "train_kto.main(sys.argv[1:])",
+                *TINY[:-2],
+                *args,
+                *extra,
+                "--output_dir",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            cwd=old,
+        )
         _, rows = run(tmp_path, *args, *extra, out=f"new-{n}")
         before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         for a, b in zip(rows, before, strict=True):
@@ -400,7 +540,9 @@ def test_same_metrics_and_weights_as_before_the_redesign(tmp_path):
                     # the old and the new code run the same operations on the same shapes (measured: bit for bit),
                     # so no CPU can tell them apart; the tolerances are headroom, not fitted
                     assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
-        assert max_diff(weights(out / "checkpoint-3"), weights(tmp_path / f"new-{n}" / "checkpoint-3")) <= 1e-6
+        assert (
+            max_diff(weights(out / "checkpoint-3"), weights(tmp_path / f"new-{n}" / "checkpoint-3")) <= 1e-6
+        )
 
 
 def test_help_shows_the_tiny_defaults(capsys):
@@ -412,28 +554,45 @@ def test_help_shows_the_tiny_defaults(capsys):
 
 def test_long_captions_are_counted_and_warned_about(tmp_path, capsys):
     from PIL import Image
+
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    long = "a red circle on a white background next to a blue square on a black background"  # > 16 tiny tokens
+    long = (
+        "a red circle on a white background next to a blue square on a black background"  # > 16 tiny tokens
+    )
     rows = [{"image": "a.png", "caption": long if i < 3 else f"c{i}", "label": i % 2} for i in range(8)]
     run(tmp_path, "--max_train_steps", "1", "--dataset", str(write_table(tmp_path, rows)))
-    assert "warning: 1 of 7 distinct captions are longer than the text encoder's 16 tokens" in capsys.readouterr().err
+    assert (
+        "warning: 1 of 7 distinct captions are longer than the text encoder's 16 tokens"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_failure_is_reported_once_and_in_the_summary(tmp_path):
     from PIL import Image
+
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)]  # one class: refused
-    proc = run_script(tmp_path, "", "--dataset", str(write_table(tmp_path, rows)), "--output_dir",
-                      str(tmp_path / "out"), torchrun=TORCHRUN, check=False)
+    proc = run_script(
+        tmp_path,
+        "",
+        "--dataset",
+        str(write_table(tmp_path, rows)),
+        "--output_dir",
+        str(tmp_path / "out"),
+        torchrun=TORCHRUN,
+        check=False,
+    )
     message = "--allow_one_class to train anyway"
     assert proc.returncode != 0 and proc.stderr.count("error: --dataset") == 1, proc.stderr[-3000:]
-    summary = proc.stderr[proc.stderr.index("Root Cause"):]
-    assert message in summary, summary  # torchrun's failure summary carries the message, not only an exit code
+    summary = proc.stderr[proc.stderr.index("Root Cause") :]
+    assert message in summary, (
+        summary
+    )  # torchrun's failure summary carries the message, not only an exit code
 
 
 # float32's unit roundoff: every float32 operation is exact up to a relative error of at most U
-U = 2.0 ** -24
+U = 2.0**-24
 
 
 def record_steps(monkeypatch, replay=None):
@@ -495,7 +654,9 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch, ref
     # Accumulation done wrong moves these by far more: z from one micro-batch by 3e-3 to 1e-2 (60 R_TOL or more),
     # a micro-loss over the micro-batch by 4x, the last micro-batch's loss or errors by 1e-2 or more.
     e_tol, beta = 300 * U, train_kto.TINY["beta"]
-    norm = lambda grads: torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    norm = lambda grads: torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    ).item()
     for step, (a, b, ra, rb) in enumerate(zip(got, want, rows, want_rows, strict=True), start=1):
         if step == 1:  # policy == ref before any update: every reward and z are exactly 0 in both runs
             assert not a["r"].any() and not b["r"].any() and a["z"].item() == b["z"].item() == 0
@@ -504,14 +665,22 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, monkeypatch, ref
         r_tol = 2 * e_tol * max(b["policy_err"].max().item(), b["ref_err"].max().item())
         # E_TOL on each sample's errors and their means (see above)
         for k in ("policy_err", "ref_err"):
-            torch.testing.assert_close(a[k], b[k], rtol=e_tol, atol=0, msg=lambda m, s=step, k=k: f"step {s} {k}: {m}")
+            torch.testing.assert_close(
+                a[k], b[k], rtol=e_tol, atol=0, msg=lambda m, s=step, k=k: f"step {s} {k}: {m}"
+            )
             assert ra[k] == pytest.approx(rb[k], rel=e_tol, abs=0), (step, k, ra[k], rb[k])
         # R_TOL on each reward, z and the mean rewards
-        torch.testing.assert_close(a["r"], b["r"], rtol=0, atol=r_tol, msg=lambda m, s=step: f"step {s} r: {m}")
+        torch.testing.assert_close(
+            a["r"], b["r"], rtol=0, atol=r_tol, msg=lambda m, s=step: f"step {s} r: {m}"
+        )
         for k in ("z", "reward_desirable", "reward_undesirable"):
             assert ra[k] == pytest.approx(rb[k], rel=0, abs=r_tol), (step, k, ra[k], rb[k])
         # lambda * beta / 2 * R_TOL on the loss
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=0, abs=beta / 2 * r_tol), (step, ra["loss"], rb["loss"])
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=0, abs=beta / 2 * r_tol), (
+            step,
+            ra["loss"],
+            rb["loss"],
+        )
         # a sample's win (w * (r - z) > 0) flips only within 2 * R_TOL of z: none is that close, so the same count
         assert step == 1 or (b["r"] - b["z"]).abs().min().item() > 2 * r_tol
         assert ra["accuracy"] == rb["accuracy"], (step, ra["accuracy"], rb["accuracy"])
@@ -526,15 +695,26 @@ def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys, monke
     pytest.importorskip("tensorboard")
     from diffusers import StableDiffusionPipeline
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
     plain, _ = run(tmp_path, *args, out="plain")
     calls, sample = [], StableDiffusionPipeline.__call__
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__",
-                        lambda self, *a, **k: calls.append(k) or sample(self, *a, **k))
-    watched, rows = run(tmp_path, *args, "--validation_steps", "2", "--report_to", "tensorboard",
-                        "--validation_guidance", "2.5",
-                        "--validation_prompts", "a red circle on a white background|a blue square on a black bg",
-                        out="watched")
+    monkeypatch.setattr(
+        StableDiffusionPipeline, "__call__", lambda self, *a, **k: calls.append(k) or sample(self, *a, **k)
+    )
+    watched, rows = run(
+        tmp_path,
+        *args,
+        "--validation_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--validation_guidance",
+        "2.5",
+        "--validation_prompts",
+        "a red circle on a white background|a blue square on a black bg",
+        out="watched",
+    )
     out = tmp_path / "watched"
     # the validation images come from their own generators: the training run is the same with and without them
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), watched.parameters()))
@@ -556,9 +736,25 @@ def test_validation_grids_curves_tracker_and_model_cards(tmp_path, capsys, monke
 @pytest.mark.slow
 def test_a_log_file_gets_plain_progress_lines_and_no_warnings(tmp_path):
     """stderr redirected to a file: no carriage-return progress bars, no notices a user cannot act on."""
-    proc = subprocess.run([sys.executable, str(HERE / "train_kto.py"), *TINY, "--max_train_steps", "2",
-                           "--validation_steps", "2", "--output_dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "train_kto.py"),
+            *TINY,
+            "--max_train_steps",
+            "2",
+            "--validation_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "\r" not in proc.stderr and "torchvision" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert "\r" not in proc.stderr and "torchvision" not in proc.stderr and "Warning" not in proc.stderr, (
+        proc.stderr
+    )
     assert "kto: 2/2 steps" in proc.stderr

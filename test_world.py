@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import data
 import eval as ev
 import tiny_world
 import train_kto
-import data
 
 HERE = Path(__file__).parent
 SMALL = dict(n_images=64, vae_steps=2, unet_steps=4, unet_batch=8, pairs_per_prompt=1, sample_steps=2)
@@ -28,6 +28,7 @@ SMALL = dict(n_images=64, vae_steps=2, unet_steps=4, unet_batch=8, pairs_per_pro
 
 # ----------------------------------------------------------------------------------------------------
 # The shuffled-label control (fast: drawn images, no model)
+
 
 def drawn_pairs(n_pairs: int, seed: int = 0):
     """Pairs of drawn world images of one caption each: colour right half the time, random size."""
@@ -38,9 +39,13 @@ def drawn_pairs(n_pairs: int, seed: int = 0):
         caption = prompts[rng.integers(len(prompts))]
         _, asked, shape, _, _, background, _ = caption.split()
         for _ in range(2):
-            color = asked if rng.random() < 0.5 else str(rng.choice([c for c in tiny_world.COLORS if c != asked]))
+            color = (
+                asked if rng.random() < 0.5 else str(rng.choice([c for c in tiny_world.COLORS if c != asked]))
+            )
             size = float(rng.uniform(0.12, 0.45))
-            images.append(tiny_world.draw_shape(shape, color, background, size, (0.5, 0.5), tiny_world.RESOLUTION))
+            images.append(
+                tiny_world.draw_shape(shape, color, background, size, (0.5, 0.5), tiny_world.RESOLUTION)
+            )
             captions.append(caption)
     return images, captions
 
@@ -49,18 +54,19 @@ def test_shuffled_labels_keep_the_pairs_and_carry_no_signal(tmp_path):
     table, u = tiny_world.feedback_table(*drawn_pairs(300), seed=0)
     u0, u1 = u[0::2], u[1::2]
     real = tiny_world.label_stats(table, u0, u1)
-    assert real["utility_gap"] > 0.15 and real["rater_agreement"] > 0.75         # the real labels follow u
+    assert real["utility_gap"] > 0.15 and real["rater_agreement"] > 0.75  # the real labels follow u
     gaps = []
     for seed in range(20):
         shuffled = tiny_world.shuffle_labels(table, seed)
         for col in ("caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid"):  # same images and captions
             assert shuffled.column(col).equals(table.column(col)), col
         a, b = table.column("label_0").to_numpy(), shuffled.column("label_0").to_numpy()
-        assert sorted(a) == sorted(b) and not (a == b).all()                     # same label counts, moved
+        assert sorted(a) == sorted(b) and not (a == b).all()  # same label counts, moved
         assert (shuffled.column("label_1").to_numpy() == 1 - b).all()
         best = shuffled.column("best_image_uid").to_pylist()
-        assert best == tiny_world.best_uids(b, table.column("image_0_uid").to_pylist(),
-                                            table.column("image_1_uid").to_pylist())
+        assert best == tiny_world.best_uids(
+            b, table.column("image_0_uid").to_pylist(), table.column("image_1_uid").to_pylist()
+        )
         gaps.append(tiny_world.label_stats(shuffled, u0, u1)["utility_gap"])
     # no drift toward either class: liked and disliked images of the control have the same mean utility
     se = np.std(np.abs(u0 - u1)) / np.sqrt(len(u0))
@@ -68,6 +74,7 @@ def test_shuffled_labels_keep_the_pairs_and_carry_no_signal(tmp_path):
     assert max(abs(g) for g in gaps) < 4 * se, (gaps, se)
     # and data.load_feedback reads the control with the same desirable / undesirable counts as the real labels
     import pyarrow.parquet as pq
+
     counts = []
     for name, t in (("real", table), ("shuffled", tiny_world.shuffle_labels(table, 0))):
         folder = tmp_path / name
@@ -87,7 +94,7 @@ def test_world_images_have_the_asked_colour_as_often_as_asked():
         right = np.array([u >= 0.5 for _, _, u in drawn])
         assert lo <= right.mean() <= hi, (p_asked, right.mean())
         measured = np.array([tiny_world.world_utility(im, c) >= 0.5 for im, c, _ in drawn])
-        assert (measured == right).mean() > 0.97                  # the hidden utility sees the colour on pixels
+        assert (measured == right).mean() > 0.97  # the hidden utility sees the colour on pixels
 
 
 def test_rated_images_are_drawings_of_the_world_not_the_base_samples(tmp_path, monkeypatch):
@@ -102,7 +109,7 @@ def test_rated_images_are_drawings_of_the_world_not_the_base_samples(tmp_path, m
     for im, c in zip(images, captions):
         background = np.array(tiny_world.BACKGROUNDS[c.split()[5]], np.float32)
         plain = np.linalg.norm(np.asarray(im, np.float32) - background, axis=-1) < 40
-        assert plain.mean() > 0.2, (c, plain.mean())                         # a drawing, not a noisy sample
+        assert plain.mean() > 0.2, (c, plain.mean())  # a drawing, not a noisy sample
     u = [tiny_world.world_utility(im, c) for im, c in zip(images, captions)]
     record = json.loads((world / "world.json").read_text())
     # the record measures the same utility on the images before JPEG encoding: the compression moves a few
@@ -115,24 +122,33 @@ def test_eval_prompts_are_the_held_out_captions():
     assert len(prompts) >= 256 and set(prompts) == set(tiny_world.HELD_OUT) and len(tiny_world.HELD_OUT) == 8
     assert not set(tiny_world.HELD_OUT) & set(tiny_world.train_prompts())
     train = [p.split() for p in tiny_world.train_prompts()]
-    for colour in tiny_world.COLORS:                      # every colour still gets feedback on both backgrounds
+    for colour in tiny_world.COLORS:  # every colour still gets feedback on both backgrounds
         assert {w[5] for w in train if w[1] == colour} == set(tiny_world.BACKGROUNDS)
 
 
 # ----------------------------------------------------------------------------------------------------
 # One world per seed, whatever the launcher
 
-BUILD = ("import sys, tiny_world; p = tiny_world.world_path({seed}, **{sizes}); "
-         "print('HASH', tiny_world.world_hash(p), p.name, flush=True)")
+BUILD = (
+    "import sys, tiny_world; p = tiny_world.world_path({seed}, **{sizes}); "
+    "print('HASH', tiny_world.world_hash(p), p.name, flush=True)"
+)
 
 
 def build_in_subprocess(cache: Path, launcher: list, threads: str, seed: int = 0) -> str:
     script = cache / "build.py"
     cache.mkdir(parents=True, exist_ok=True)
     script.write_text(BUILD.format(seed=seed, sizes=SMALL))
-    env = {**os.environ, "DIFFUSION_KTO_CACHE": str(cache), "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(HERE)}
-    out = subprocess.run([*launcher, str(script)], env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "DIFFUSION_KTO_CACHE": str(cache),
+        "OMP_NUM_THREADS": threads,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(HERE),
+    }
+    out = subprocess.run(
+        [*launcher, str(script)], env=env, cwd=HERE, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -141,33 +157,47 @@ def build_in_subprocess(cache: Path, launcher: list, threads: str, seed: int = 0
 def test_world_is_a_function_of_its_seed_whatever_the_launcher(tmp_path):
     plain = build_in_subprocess(tmp_path / "a", [sys.executable], "1")
     other_threads = build_in_subprocess(tmp_path / "b", [sys.executable], "3")
-    ranks = build_in_subprocess(tmp_path / "c", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                 "--nproc_per_node", "2"], "1")
-    hashes = [line.split()[1] for text in (plain, other_threads, ranks) for line in text.splitlines()
-              if line.startswith("HASH")]
-    assert len(hashes) == 4 and len(set(hashes)) == 1, hashes                # both ranks see the one world
-    assert ranks.count("world built in") == 1                               # one rank built it, logged once
+    ranks = build_in_subprocess(
+        tmp_path / "c",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        "1",
+    )
+    hashes = [
+        line.split()[1]
+        for text in (plain, other_threads, ranks)
+        for line in text.splitlines()
+        if line.startswith("HASH")
+    ]
+    assert len(hashes) == 4 and len(set(hashes)) == 1, hashes  # both ranks see the one world
+    assert ranks.count("world built in") == 1  # one rank built it, logged once
     record = json.loads(next((tmp_path / "c").glob("tiny-world-*")).joinpath("world.json").read_text())
-    assert record["seed"] == 0 and record["threads"] == 2 and record["sizes"]["unet_steps"] == SMALL["unet_steps"]
+    assert (
+        record["seed"] == 0
+        and record["threads"] == 2
+        and record["sizes"]["unet_steps"] == SMALL["unet_steps"]
+    )
     other_seed = build_in_subprocess(tmp_path / "a", [sys.executable], "1", seed=1)
-    assert other_seed.split()[1] != hashes[0]                               # another seed, another world
+    assert other_seed.split()[1] != hashes[0]  # another seed, another world
 
 
 # ----------------------------------------------------------------------------------------------------
 # The default world and the end-to-end result (slow: builds world 0 once)
 
+
 @pytest.mark.slow
 def test_feedback_is_pickapic_shaped_and_follows_the_utility():
     world = tiny_world.world_path(0)
     table = pd.read_parquet(next((world / "feedback").glob("*.parquet")))
-    assert {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid"} <= set(table.columns)
-    assert set(table.caption) == set(tiny_world.train_prompts())          # held-out prompts never get feedback
+    assert {"caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid"} <= set(
+        table.columns
+    )
+    assert set(table.caption) == set(tiny_world.train_prompts())  # held-out prompts never get feedback
     stats = json.loads((world / "world.json").read_text())
-    assert 0.6 < stats["feedback"]["rater_agreement"] < 1.0               # noisy, but mostly right
-    assert abs(stats["feedback-shuffled"]["utility_gap"]) < 0.015         # the control carries no signal
-    assert stats["base_images"]["color_match"] > 0.9                      # the base draws the asked colour
-    assert stats["feedback"]["utility_gap"] > 0.02                        # liked images are bigger
-    assert stats["caption_dependence"]["ratio"] > 2                       # a wrong caption: clearly larger error
+    assert 0.6 < stats["feedback"]["rater_agreement"] < 1.0  # noisy, but mostly right
+    assert abs(stats["feedback-shuffled"]["utility_gap"]) < 0.015  # the control carries no signal
+    assert stats["base_images"]["color_match"] > 0.9  # the base draws the asked colour
+    assert stats["feedback"]["utility_gap"] > 0.02  # liked images are bigger
+    assert stats["caption_dependence"]["ratio"] > 2  # a wrong caption: clearly larger error
     labels = data.load_feedback(world / "feedback")
     assert labels.desirable.any() and (~labels.desirable).any()
 
@@ -176,9 +206,11 @@ def check_figure(eval_out: Path, png: Path, tiles: dict, size: int = 48):
     """Every tile of the figure is the eval image of its (prompt, model, seed), and every held-out prompt has a
     base row and a KTO row."""
     canvas = Image.open(png).convert("RGB")
-    assert {(p, m) for p, m, _ in tiles} == {(p, m) for p in tiny_world.HELD_OUT for m in ("baseline", "checkpoint")}
+    assert {(p, m) for p, m, _ in tiles} == {
+        (p, m) for p in tiny_world.HELD_OUT for m in ("baseline", "checkpoint")
+    }
     ys = [tiles[(p, m, 0)][1] for p in tiny_world.HELD_OUT for m in ("baseline", "checkpoint")]
-    assert ys == sorted(ys)                                                  # prompt by prompt, base above KTO
+    assert ys == sorted(ys)  # prompt by prompt, base above KTO
     index = pd.read_csv(eval_out / "images" / "index.csv")
     for (prompt, model, k), (x, y, path) in tiles.items():
         row = index[index.path == path].iloc[0]
@@ -216,9 +248,14 @@ def quick_start(tmp_path_factory):
 @pytest.mark.slow
 def test_the_quick_start_trains_evaluates_and_draws(quick_start):
     tmp, utility = quick_start
-    assert utility["n_prompts"] == 256 and 0 <= utility["ci95"][0] <= utility["win_rate"] <= utility["ci95"][1] <= 1
-    assert sorted(p.name for p in (tmp / "run" / "validation").iterdir())[0] == "step-000000.png"  # baseline grid
-    tiles = tiny_world.make_figure(tmp / "eval", tmp / "figure.png")   # the docs' figure
+    assert (
+        utility["n_prompts"] == 256
+        and 0 <= utility["ci95"][0] <= utility["win_rate"] <= utility["ci95"][1] <= 1
+    )
+    assert (
+        sorted(p.name for p in (tmp / "run" / "validation").iterdir())[0] == "step-000000.png"
+    )  # baseline grid
+    tiles = tiny_world.make_figure(tmp / "eval", tmp / "figure.png")  # the docs' figure
     check_figure(tmp / "eval", tmp / "figure.png", tiles)
 
 
@@ -240,5 +277,5 @@ def test_kto_beats_the_base_model(quick_start):
     v3 0.529 [0.467, 0.590], failed). Training runs differ more than this CI says (at 3e-5, world 2 seed 0: 0.420);
     the claims over worlds and runs are in docs/tiny_world.md."""
     _, utility = quick_start
-    assert utility["ci95"][0] > 0.5, utility                             # better than the base, not by chance
+    assert utility["ci95"][0] > 0.5, utility  # better than the base, not by chance
     assert utility["mean_ckpt"] > utility["mean_baseline"]

@@ -47,8 +47,15 @@ RESOLUTION = 32
 BUILD_THREADS = 2
 # The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly). asked_pct:
 # how many of the base's training images have the caption's colour (v2 had 50: docs/tiny_world.md says why not)
-SIZES = dict(n_images=4096, vae_steps=600, unet_steps=1500, unet_batch=64, pairs_per_prompt=30, sample_steps=20,
-             asked_pct=100)
+SIZES = dict(
+    n_images=4096,
+    vae_steps=600,
+    unet_steps=1500,
+    unet_batch=64,
+    pairs_per_prompt=30,
+    sample_steps=20,
+    asked_pct=100,
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,10 +67,16 @@ BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20)}
 # every word of every caption: the vocabulary of the tiny tokenizers
 WORDS = ["a", "on", "background", *COLORS, *SHAPES, *BACKGROUNDS]
 # Captions that never get feedback (the base model still learns them): each colour on both backgrounds.
-HELD_OUT = ("a yellow triangle on a black background", "a green square on a white background",
-            "a red circle on a black background", "a blue triangle on a white background",
-            "a red square on a white background", "a green circle on a black background",
-            "a blue square on a black background", "a yellow circle on a white background")
+HELD_OUT = (
+    "a yellow triangle on a black background",
+    "a green square on a white background",
+    "a red circle on a black background",
+    "a blue triangle on a white background",
+    "a red square on a white background",
+    "a green circle on a black background",
+    "a blue square on a black background",
+    "a yellow circle on a white background",
+)
 
 
 def draw_shape(shape: str, color: str, background: str, size: float, center, resolution: int) -> Image.Image:
@@ -136,11 +149,16 @@ def world_utility(image: Image.Image, caption: str) -> float:
 # text encoder then trained on the world. Every random draw comes from generators seeded by the world seed (CPU
 # generators, also when the models run on CUDA), so a world is a function of its seed.
 
+
 def build_clip_tokenizer(words, path: Path):
     """A CLIP BPE tokenizer made offline: byte-level characters plus one merge chain per known word."""
     from transformers import CLIPTokenizer
 
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:] + [256 + n for n in range(256 - len(bs))]
     chars = [chr(c) for c in cs]
     vocab = {c: i for i, c in enumerate(chars)}
@@ -166,8 +184,15 @@ def build_clip_tokenizer(words, path: Path):
 
 def sd15_scheduler_config() -> dict:
     """Stable Diffusion v1-5's DDPM training noise schedule (scheduler/scheduler_config.json)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> None:
@@ -177,25 +202,51 @@ def build_tiny_model(path: Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=32,
     )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
-        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32, attention_head_dim=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=32,
+        attention_head_dim=8,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**sd15_scheduler_config()), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**sd15_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
@@ -209,12 +260,26 @@ def world_images(n: int, seed: int, asked_pct: int):
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
-def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps: int, unet_batch: int,
-               asked_pct: int, device="cpu", log=print) -> dict:
+def train_base(
+    path: Path,
+    seed: int,
+    n_images: int,
+    vae_steps: int,
+    unet_steps: int,
+    unet_batch: int,
+    asked_pct: int,
+    device="cpu",
+    log=print,
+) -> dict:
     """Train the tiny pipeline's VAE, then its UNet and text encoder together, on n_images world images."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -225,7 +290,9 @@ def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps:
     # VAE: reconstruction + a small KL term, as in latent diffusion
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(vae_steps, 2), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2e-3, total_steps=max(vae_steps, 2), pct_start=0.1
+    )
     t0 = time.time()
     for _ in range(vae_steps):
         x = pixels[torch.randint(0, len(pixels), (32,), generator=gen)].to(device)
@@ -239,7 +306,9 @@ def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps:
     log(f"vae: {vae_steps} steps, reconstruction mse {loss.item():.4f}, {time.time() - t0:.0f}s")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        posteriors = [vae.encode(pixels[i:i + 256].to(device)).latent_dist for i in range(0, len(pixels), 256)]
+        posteriors = [
+            vae.encode(pixels[i : i + 256].to(device)).latent_dist for i in range(0, len(pixels), 256)
+        ]
     mean, std = (torch.cat([getattr(q, k) for q in posteriors]).cpu() for k in ("mean", "std"))
     # unit-variance latents, as SD's 0.18215
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
@@ -254,11 +323,16 @@ def train_base(path: Path, seed: int, n_images: int, vae_steps: int, unet_steps:
     # almost as well under another image's caption (the KL estimate z measures nothing).
     pipe = StableDiffusionPipeline.from_pretrained(path, vae=vae)
     ids, empty = tokenize(pipe.tokenizer, captions), tokenize(pipe.tokenizer, [""])
-    unet, text_encoder, scheduler = pipe.unet.to(device).train(), pipe.text_encoder.to(device).train(), pipe.scheduler
+    unet, text_encoder, scheduler = (
+        pipe.unet.to(device).train(),
+        pipe.text_encoder.to(device).train(),
+        pipe.scheduler,
+    )
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(unet_steps, 2),
-                                                pct_start=max(0.05, 4 / max(unet_steps, 8)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2e-3, total_steps=max(unet_steps, 2), pct_start=max(0.05, 4 / max(unet_steps, 8))
+    )
     t0, ema, history = time.time(), None, {}
     for step in range(unet_steps):
         idx = torch.randint(0, len(mean), (unet_batch,), generator=gen)
@@ -299,38 +373,59 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
     steps = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images[i:i + 256]]).to(device)
+            x = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images[i : i + 256]]).to(device)
             q = vae.encode(x).latent_dist
-            x0 = (q.mean.cpu() + q.std.cpu() * torch.randn(q.mean.shape, generator=gen)) * vae.config.scaling_factor
+            x0 = (
+                q.mean.cpu() + q.std.cpu() * torch.randn(q.mean.shape, generator=gen)
+            ) * vae.config.scaling_factor
             eps = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
             x_t = pipe.scheduler.add_noise(x0, eps, t).to(device)
-            for name, caps in (("matched", captions[i:i + 256]), ("mismatched", other[i:i + 256])):
+            for name, caps in (("matched", captions[i : i + 256]), ("mismatched", other[i : i + 256])):
                 c = text_encoder(tokenize(pipe.tokenizer, caps).to(device))[0]
                 pred = unet(x_t, t.to(device), c).sample.cpu()
                 err[name].append((pred - eps).pow(2).mean(dim=(1, 2, 3)))
             steps.append(t)
     m, mm, t = torch.cat(err["matched"]), torch.cat(err["mismatched"]), torch.cat(steps)
     bands = {f"{lo}<=t<{hi}": (t >= lo) & (t < hi) for lo, hi in ((0, 250), (250, 500), (500, 1000))}
-    return dict(matched=float(m.mean()), mismatched=float(mm.mean()), ratio=float(mm.mean() / m.mean()),
-                mismatched_larger=float((mm > m).float().mean()), n_images=len(m),
-                by_timestep={k: dict(matched=float(m[b].mean()), mismatched=float(mm[b].mean()))
-                             for k, b in bands.items()})
+    return dict(
+        matched=float(m.mean()),
+        mismatched=float(mm.mean()),
+        ratio=float(mm.mean() / m.mean()),
+        mismatched_larger=float((mm > m).float().mean()),
+        n_images=len(m),
+        by_timestep={
+            k: dict(matched=float(m[b].mean()), mismatched=float(mm[b].mean())) for k, b in bands.items()
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Feedback: pairs of drawings per caption, the preferred one chosen by the noisy hidden utility
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                  batch: int = 128, device="cpu"):
+
+def sample_images(
+    pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 128, device="cpu"
+):
     """Images from a pipeline; image i starts from noise seeded by seeds[i] alone (CPU generators)."""
     pipe = pipe.to(device)
     images = []
     for i in range(0, len(prompts), batch):
-        latents = torch.stack([torch.randn((4, RESOLUTION // 4, RESOLUTION // 4),
-                                           generator=torch.Generator().manual_seed(s)) for s in seeds[i:i + batch]])
-        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                   latents=latents.to(device), height=RESOLUTION, width=RESOLUTION, output_type="pil")
+        latents = torch.stack(
+            [
+                torch.randn((4, RESOLUTION // 4, RESOLUTION // 4), generator=torch.Generator().manual_seed(s))
+                for s in seeds[i : i + batch]
+            ]
+        )
+        out = pipe(
+            prompts[i : i + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents.to(device),
+            height=RESOLUTION,
+            width=RESOLUTION,
+            output_type="pil",
+        )
         images += out.images
     return images
 
@@ -355,17 +450,25 @@ def feedback_table(images: list, prompts: list[str], seed: int, temperature: flo
     label_0[u[first] == u[first + 1]] = 0.5
     uid = [f"world-{seed}-{i:06d}" for i in range(len(images))]
     n = len(first)
-    table = pa.table({
-        "caption": [prompts[i] for i in first],
-        "jpg_0": pa.array([jpeg(images[i]) for i in first], pa.binary()),
-        "jpg_1": pa.array([jpeg(images[i + 1]) for i in first], pa.binary()),
-        "label_0": label_0, "label_1": 1.0 - label_0,
-        "image_0_uid": [uid[i] for i in first], "image_1_uid": [uid[i + 1] for i in first],
-        "best_image_uid": best_uids(label_0, [uid[i] for i in first], [uid[i + 1] for i in first]),
-        "are_different": np.ones(n, bool), "has_label": np.ones(n, bool),
-        "model_0": ["tiny-world-drawing"] * n, "model_1": ["tiny-world-drawing"] * n,
-        "ranking_id": np.arange(n), "user_id": np.zeros(n, np.int64), "num_example_per_prompt": np.ones(n, np.int64),
-    })
+    table = pa.table(
+        {
+            "caption": [prompts[i] for i in first],
+            "jpg_0": pa.array([jpeg(images[i]) for i in first], pa.binary()),
+            "jpg_1": pa.array([jpeg(images[i + 1]) for i in first], pa.binary()),
+            "label_0": label_0,
+            "label_1": 1.0 - label_0,
+            "image_0_uid": [uid[i] for i in first],
+            "image_1_uid": [uid[i + 1] for i in first],
+            "best_image_uid": best_uids(label_0, [uid[i] for i in first], [uid[i + 1] for i in first]),
+            "are_different": np.ones(n, bool),
+            "has_label": np.ones(n, bool),
+            "model_0": ["tiny-world-drawing"] * n,
+            "model_1": ["tiny-world-drawing"] * n,
+            "ranking_id": np.arange(n),
+            "user_id": np.zeros(n, np.int64),
+            "num_example_per_prompt": np.ones(n, np.int64),
+        }
+    )
     return table, u
 
 
@@ -381,7 +484,9 @@ def shuffle_labels(table, seed: int):
     names = table.column_names
     table = table.set_column(names.index("label_0"), "label_0", [label_0])
     table = table.set_column(names.index("label_1"), "label_1", [1.0 - label_0])
-    return table.set_column(names.index("best_image_uid"), "best_image_uid", [best_uids(label_0, uid_0, uid_1)])
+    return table.set_column(
+        names.index("best_image_uid"), "best_image_uid", [best_uids(label_0, uid_0, uid_1)]
+    )
 
 
 def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
@@ -389,13 +494,18 @@ def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
     label_0 = table.column("label_0").to_numpy()
     decided = (label_0 != 0.5) & (u0 != u1)
     win, lose = np.where(label_0 == 1, u0, u1), np.where(label_0 == 1, u1, u0)
-    return dict(pairs=len(label_0), ties=int((label_0 == 0.5).sum()), first_wins=int((label_0 == 1).sum()),
-                rater_agreement=float(np.mean((label_0 == 1)[decided] == (u0 > u1)[decided])),
-                utility_gap=float((win - lose)[label_0 != 0.5].mean()))
+    return dict(
+        pairs=len(label_0),
+        ties=int((label_0 == 0.5).sum()),
+        first_wins=int((label_0 == 1).sum()),
+        rater_agreement=float(np.mean((label_0 == 1)[decided] == (u0 > u1)[decided])),
+        utility_gap=float((win - lose)[label_0 != 0.5].mean()),
+    )
 
 
-def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_steps: int, device="cpu",
-                   log=print) -> tuple[dict, list, list]:
+def write_feedback(
+    pipe, path: Path, seed: int, pairs_per_prompt: int, sample_steps: int, device="cpu", log=print
+) -> tuple[dict, list, list]:
     """feedback/ (the noisy utility's labels) and feedback-shuffled/ (the control), one parquet shard each."""
     import pyarrow.parquet as pq
 
@@ -415,13 +525,21 @@ def write_feedback(pipe, path: Path, seed: int, pairs_per_prompt: int, sample_st
     stats["feedback_images"] = dict(mean_utility=float(u.mean()))
     # The base's own samples for the same captions (no guidance), for the record: does it draw the asked colour?
     t0 = time.time()
-    samples = sample_images(pipe, prompts, [seed * 10**6 + i for i in range(len(prompts))], steps=sample_steps,
-                            guidance=1.0, device=device)
+    samples = sample_images(
+        pipe,
+        prompts,
+        [seed * 10**6 + i for i in range(len(prompts))],
+        steps=sample_steps,
+        guidance=1.0,
+        device=device,
+    )
     ub = np.array([world_utility(im, p) for im, p in zip(samples, prompts)])
     stats["base_images"] = dict(mean_utility=float(ub.mean()), color_match=float(np.mean(ub >= 0.5)))
-    log(f"feedback: {len(u) // 2} pairs of drawings, mean utility {u.mean():.3f} (base samples {ub.mean():.3f}, "
+    log(
+        f"feedback: {len(u) // 2} pairs of drawings, mean utility {u.mean():.3f} (base samples {ub.mean():.3f}, "
         f"asked colour {np.mean(ub >= 0.5):.1%}, {time.time() - t0:.0f}s), raters agree with the utility on "
-        f"{stats['feedback']['rater_agreement']:.0%} (shuffled: {stats['feedback-shuffled']['rater_agreement']:.0%})")
+        f"{stats['feedback']['rater_agreement']:.0%} (shuffled: {stats['feedback-shuffled']['rater_agreement']:.0%})"
+    )
     return stats, images, prompts
 
 
@@ -431,21 +549,42 @@ def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **siz
 
     sizes = {**SIZES, **sizes}
     t0 = time.time()
-    record = dict(version=WORLD_VERSION, seed=seed, sizes=sizes, device=str(device), threads=torch.get_num_threads(),
-                  torch=torch.__version__, held_out=list(HELD_OUT))
-    record.update(train_base(path / "model", seed, sizes["n_images"], sizes["vae_steps"], sizes["unet_steps"],
-                             sizes["unet_batch"], sizes["asked_pct"], device, log))
+    record = dict(
+        version=WORLD_VERSION,
+        seed=seed,
+        sizes=sizes,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        held_out=list(HELD_OUT),
+    )
+    record.update(
+        train_base(
+            path / "model",
+            seed,
+            sizes["n_images"],
+            sizes["vae_steps"],
+            sizes["unet_steps"],
+            sizes["unet_batch"],
+            sizes["asked_pct"],
+            device,
+            log,
+        )
+    )
     scheduler = DDIMScheduler(**sd15_scheduler_config(), set_alpha_to_one=False)
     scheduler.save_pretrained(path / "model" / "scheduler")
     pipe = StableDiffusionPipeline.from_pretrained(path / "model")
     pipe.set_progress_bar_config(disable=True)
-    stats, images, prompts = write_feedback(pipe, path, seed, sizes["pairs_per_prompt"], sizes["sample_steps"],
-                                            device, log)
+    stats, images, prompts = write_feedback(
+        pipe, path, seed, sizes["pairs_per_prompt"], sizes["sample_steps"], device, log
+    )
     record.update(stats)
     record["caption_dependence"] = caption_dependence(pipe, images, prompts, seed, device)
     cd = record["caption_dependence"]
-    log(f"base denoising error on its feedback images: matched captions {cd['matched']:.4f}, mismatched "
-        f"{cd['mismatched']:.4f} (x{cd['ratio']:.2f}; larger on {cd['mismatched_larger']:.0%} of images)")
+    log(
+        f"base denoising error on its feedback images: matched captions {cd['matched']:.4f}, mismatched "
+        f"{cd['mismatched']:.4f} (x{cd['ratio']:.2f}; larger on {cd['mismatched_larger']:.0%} of images)"
+    )
     record["build_seconds"] = round(time.time() - t0, 1)
     for f in (path / "world.json", path / "feedback" / "world.json"):
         f.write_text(json.dumps(record, indent=2))
@@ -457,7 +596,9 @@ def world_path(seed: int = 0, device: str = "cpu", **sizes) -> Path:
     Non-default sizes (tests) get their own folder. The device is not in the name: build where you run."""
     extra = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()) if v != SIZES[k])
     path = utils.cache_dir() / f"tiny-world-{WORLD_VERSION}-seed{seed}{extra}"
-    return utils.build_once(path, functools.partial(build_world, seed=seed, device=device, **sizes), BUILD_THREADS)
+    return utils.build_once(
+        path, functools.partial(build_world, seed=seed, device=device, **sizes), BUILD_THREADS
+    )
 
 
 def world_hash(path: Path) -> str:
@@ -480,6 +621,7 @@ def world_hash(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Figures
 
+
 def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
     """Base and KTO images of each held-out prompt (two rows per prompt), same seeds column by column, from the
     images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y)} of each tile."""
@@ -494,11 +636,20 @@ def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
         y = label + r * (size + pad)
         if model == "baseline":
             draw.text((2, y + 4), prompt.replace(" on a ", "\non a "), fill="black")
-        draw.text((2, y + size - 14), "base" if model == "baseline" else "KTO",
-                  fill="gray" if model == "baseline" else "blue")
-        paths = index[(index.model == model) & (index.prompt == prompt)].sort_values("prompt_id").path.tolist()
+        draw.text(
+            (2, y + size - 14),
+            "base" if model == "baseline" else "KTO",
+            fill="gray" if model == "baseline" else "blue",
+        )
+        paths = (
+            index[(index.model == model) & (index.prompt == prompt)].sort_values("prompt_id").path.tolist()
+        )
         for k, path in enumerate(paths[:seeds]):
-            image = Image.open(Path(eval_out) / "images" / path).convert("RGB").resize((size, size), Image.NEAREST)
+            image = (
+                Image.open(Path(eval_out) / "images" / path)
+                .convert("RGB")
+                .resize((size, size), Image.NEAREST)
+            )
             canvas.paste(image, (left + k * (size + pad), y))
             tiles[(prompt, model, k)] = (left + k * (size + pad), y, path)
     canvas.save(png)
@@ -507,13 +658,25 @@ def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Build (or find) a tiny world; draw the figure. The study: study.py.")
+
+    parser = argparse.ArgumentParser(
+        description="Build (or find) a tiny world; draw the figure. The study: study.py."
+    )
     parser.add_argument("--seed", type=int, default=0, help="world seed (one independent world per seed)")
     parser.add_argument("--device", default="cpu", help="where to build the world (cpu | cuda)")
-    parser.add_argument("--figure", nargs=2, metavar=("EVAL_OUT", "PNG"),
-                        help="draw base vs KTO images from an eval.py --tiny output folder")
-    parser.add_argument("--sizes", nargs="*", default=[], metavar="KEY=N",
-                        help=f"world build sizes other than the defaults {SIZES} (own cache folder)")
+    parser.add_argument(
+        "--figure",
+        nargs=2,
+        metavar=("EVAL_OUT", "PNG"),
+        help="draw base vs KTO images from an eval.py --tiny output folder",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        default=[],
+        metavar="KEY=N",
+        help=f"world build sizes other than the defaults {SIZES} (own cache folder)",
+    )
     args = parser.parse_args()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
     print(world_path(args.seed, args.device, **sizes))

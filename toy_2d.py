@@ -33,28 +33,33 @@ import torch.nn as nn
 from train_kto import denoising_error, kto_loss, reference_point
 
 METHODS = ("pretrained", "sft", "kahneman_tversky", "loss_averse", "risk_seeking")
-LABELS = {"pretrained": "pretrained", "sft": "SFT", "kahneman_tversky": "Kahneman-Tversky",
-          "loss_averse": "loss-averse", "risk_seeking": "risk-seeking"}
+LABELS = {
+    "pretrained": "pretrained",
+    "sft": "SFT",
+    "kahneman_tversky": "Kahneman-Tversky",
+    "loss_averse": "loss-averse",
+    "risk_seeking": "risk-seeking",
+}
 
 
 @dataclass
 class Config:
-    pretrain_mean: tuple = (0.5, 0.8)      # paper: pretraining Gaussian, variance 0.04
+    pretrain_mean: tuple = (0.5, 0.8)  # paper: pretraining Gaussian, variance 0.04
     pretrain_std: float = 0.2
-    desirable_mean: tuple = (0.3, 0.8)     # paper: desirable Gaussian, variance 0.01
-    undesirable_mean: tuple = (0.3, 0.6)   # paper: undesirable Gaussian, variance 0.01
+    desirable_mean: tuple = (0.3, 0.8)  # paper: desirable Gaussian, variance 0.01
+    undesirable_mean: tuple = (0.3, 0.6)  # paper: undesirable Gaussian, variance 0.01
     feedback_std: float = 0.1
-    n_feedback: int = 3500                 # paper: 3,500 samples (ours: half desirable, half undesirable)
-    timesteps: int = 100                   # DDPM train timesteps (not stated in the paper)
+    n_feedback: int = 3500  # paper: 3,500 samples (ours: half desirable, half undesirable)
+    timesteps: int = 100  # DDPM train timesteps (not stated in the paper)
     hidden: int = 128
     pretrain_steps: int = 3000
     pretrain_lr: float = 1e-3
-    steps: int = 1000                      # fine-tuning steps, the same for every method
-    lr: float = 1e-4                       # fine-tuning lr, the same for every method
+    steps: int = 1000  # fine-tuning steps, the same for every method
+    lr: float = 1e-4  # fine-tuning lr, the same for every method
     batch_size: int = 256
-    beta: float = 10.0                     # beta * |r| ~ 0.5-2 at the end of fine-tuning: O(1)
+    beta: float = 10.0  # beta * |r| ~ 0.5-2 at the end of fine-tuning: O(1)
     n_samples: int = 2000
-    radius: float = 0.1                    # "near a centre": within one feedback std
+    radius: float = 0.1  # "near a centre": within one feedback std
 
 
 class MLP(nn.Module):
@@ -64,8 +69,15 @@ class MLP(nn.Module):
         super().__init__()
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(timesteps), t_dim // 2)))
         self.timesteps = timesteps
-        self.net = nn.Sequential(nn.Linear(2 + t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+        self.net = nn.Sequential(
+            nn.Linear(2 + t_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2),
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         angle = t[:, None].float() / self.timesteps * self.freqs[None]
@@ -96,8 +108,15 @@ def pretrain(cfg: Config, scheduler, gen: torch.Generator) -> MLP:
     return model
 
 
-def finetune(method: str, base: MLP, x: torch.Tensor, desirable: torch.Tensor, cfg: Config, scheduler,
-             gen: torch.Generator) -> tuple[MLP, float]:
+def finetune(
+    method: str,
+    base: MLP,
+    x: torch.Tensor,
+    desirable: torch.Tensor,
+    cfg: Config,
+    scheduler,
+    gen: torch.Generator,
+) -> tuple[MLP, float]:
     """Fine-tune a copy of `base` on the feedback (x, desirable); returns the policy and beta * |r| of the last
     100 steps, averaged (r = ref_err - policy_err, the implicit reward)."""
     policy, ref = copy.deepcopy(base), copy.deepcopy(base).requires_grad_(False)
@@ -106,7 +125,7 @@ def finetune(method: str, base: MLP, x: torch.Tensor, desirable: torch.Tensor, c
     beta_r = []
     for _ in range(cfg.steps):
         idx = pool[torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)]
-        x_t, t, eps = noised(scheduler, x[idx], gen)             # same x0, eps, t for policy and ref
+        x_t, t, eps = noised(scheduler, x[idx], gen)  # same x0, eps, t for policy and ref
         policy_err = denoising_error(policy(x_t, t), eps)
         with torch.no_grad():
             ref_err = denoising_error(ref(x_t, t), eps)
@@ -114,7 +133,7 @@ def finetune(method: str, base: MLP, x: torch.Tensor, desirable: torch.Tensor, c
         if method == "sft":
             loss = policy_err.mean()
         else:
-            z = reference_point(r)                                       # z = max(0, mean r), no gradient
+            z = reference_point(r)  # z = max(0, mean r), no gradient
             loss = kto_loss(policy_err, ref_err, desirable[idx], cfg.beta, z, utility=method).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,45 +157,66 @@ def metrics(x: torch.Tensor, cfg: Config) -> dict:
     and the fraction of finite samples."""
     d_des = (x - torch.tensor(cfg.desirable_mean)).norm(dim=1)
     d_und = (x - torch.tensor(cfg.undesirable_mean)).norm(dim=1)
-    return {"near_desirable": (d_des < cfg.radius).float().mean().item(),
-            "near_undesirable": (d_und < cfg.radius).float().mean().item(),
-            "dist_desirable": d_des.mean().item(), "dist_undesirable": d_und.mean().item(),
-            "finite": x.isfinite().all(dim=1).float().mean().item()}
+    return {
+        "near_desirable": (d_des < cfg.radius).float().mean().item(),
+        "near_undesirable": (d_und < cfg.radius).float().mean().item(),
+        "dist_desirable": d_des.mean().item(),
+        "dist_undesirable": d_und.mean().item(),
+        "finite": x.isfinite().all(dim=1).float().mean().item(),
+    }
 
 
 def run_seed(seed: int, cfg: Config) -> tuple[dict, dict, tuple]:
     """Pretrain, draw feedback, fine-tune every method; returns per-method metrics, samples, and the feedback."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2",
-                              clip_sample=False)                        # points live outside [-1, 1]: no clipping
+    scheduler = DDPMScheduler(
+        num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2", clip_sample=False
+    )  # points live outside [-1, 1]: no clipping
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)                                             # MLP initialisation
+    torch.manual_seed(seed)  # MLP initialisation
     base = pretrain(cfg, scheduler, gen)
     n_d = cfg.n_feedback // 2
-    x = torch.cat([gaussian(n_d, cfg.desirable_mean, cfg.feedback_std, gen),
-                   gaussian(cfg.n_feedback - n_d, cfg.undesirable_mean, cfg.feedback_std, gen)])
+    x = torch.cat(
+        [
+            gaussian(n_d, cfg.desirable_mean, cfg.feedback_std, gen),
+            gaussian(cfg.n_feedback - n_d, cfg.undesirable_mean, cfg.feedback_std, gen),
+        ]
+    )
     desirable = torch.arange(cfg.n_feedback) < n_d
     results, samples = {}, {}
     for method in METHODS:
-        model, beta_r = (base, 0.0) if method == "pretrained" else finetune(method, base, x, desirable, cfg,
-                                                                          scheduler, gen)
-        samples[method] = sample(model, scheduler, cfg.n_samples, torch.Generator().manual_seed(10_000 + seed))
+        model, beta_r = (
+            (base, 0.0)
+            if method == "pretrained"
+            else finetune(method, base, x, desirable, cfg, scheduler, gen)
+        )
+        samples[method] = sample(
+            model, scheduler, cfg.n_samples, torch.Generator().manual_seed(10_000 + seed)
+        )
         results[method] = {**metrics(samples[method], cfg), "beta_r": beta_r}
     return results, samples, (x, desirable)
 
 
 def table(per_seed: list[dict]) -> str:
     """Markdown table: mean +- std over seeds (ddof 1) of each metric, one row per method."""
+
     def cell(method, key, fmt, scale=1):
         v = np.array([r[method][key] for r in per_seed]) * scale
-        return "n/a" if not np.isfinite(v).all() else f"{v.mean():{fmt}} ± {v.std(ddof=1) if len(v) > 1 else 0:{fmt}}"
+        return (
+            "n/a"
+            if not np.isfinite(v).all()
+            else f"{v.mean():{fmt}} ± {v.std(ddof=1) if len(v) > 1 else 0:{fmt}}"
+        )
 
-    cols = [("near desirable (%)", "near_desirable", ".1f", 100),
-            ("near undesirable (%)", "near_undesirable", ".1f", 100),
-            ("mean dist. to desirable", "dist_desirable", ".3f", 1),
-            ("mean dist. to undesirable", "dist_undesirable", ".3f", 1),
-            ("finite samples (%)", "finite", ".0f", 100), ("beta·\\|r\\|, last 100 steps", "beta_r", ".3g", 1)]
+    cols = [
+        ("near desirable (%)", "near_desirable", ".1f", 100),
+        ("near undesirable (%)", "near_undesirable", ".1f", 100),
+        ("mean dist. to desirable", "dist_desirable", ".3f", 1),
+        ("mean dist. to undesirable", "dist_undesirable", ".3f", 1),
+        ("finite samples (%)", "finite", ".0f", 100),
+        ("beta·\\|r\\|, last 100 steps", "beta_r", ".3g", 1),
+    ]
     lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {LABELS[m]} | " + " | ".join(cell(m, *c[1:]) for c in cols) + " |" for m in METHODS]
     return "\n".join(lines)
@@ -185,6 +225,7 @@ def table(per_seed: list[dict]) -> str:
 def figure(results: dict, samples: dict, feedback: tuple, cfg: Config, path: str) -> None:
     """The paper's layout: one scatter panel per method on the same axes, both centres marked."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -193,14 +234,25 @@ def figure(results: dict, samples: dict, feedback: tuple, cfg: Config, path: str
     axes = axes.ravel()
     axes[0].scatter(*x[desirable].T, s=2, c="tab:green", alpha=0.3, rasterized=True)
     axes[0].scatter(*x[~desirable].T, s=2, c="tab:red", alpha=0.3, rasterized=True)
-    axes[0].set_title(f"feedback: {cfg.n_feedback:,} points\ndesirable (green), undesirable (red)", fontsize=10)
+    axes[0].set_title(
+        f"feedback: {cfg.n_feedback:,} points\ndesirable (green), undesirable (red)", fontsize=10
+    )
     for ax, m in zip(axes[1:], METHODS):
         ax.scatter(*samples[m].T, s=2, c="tab:blue", alpha=0.3, rasterized=True)
-        ax.set_title(f"{LABELS[m]}\nnear desirable {100 * results[m]['near_desirable']:.0f}%, "
-                     f"undesirable {100 * results[m]['near_undesirable']:.0f}%", fontsize=10)
-        if results[m]["finite"] < 1:                                     # a diverged model samples inf / nan
-            ax.text(0.5, 0.15, f"diverged: {100 * (1 - results[m]['finite']):.0f}% of samples not finite",
-                    ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(
+            f"{LABELS[m]}\nnear desirable {100 * results[m]['near_desirable']:.0f}%, "
+            f"undesirable {100 * results[m]['near_undesirable']:.0f}%",
+            fontsize=10,
+        )
+        if results[m]["finite"] < 1:  # a diverged model samples inf / nan
+            ax.text(
+                0.5,
+                0.15,
+                f"diverged: {100 * (1 - results[m]['finite']):.0f}% of samples not finite",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
     for ax in axes:
         for centre, colour in ((cfg.desirable_mean, "tab:green"), (cfg.undesirable_mean, "tab:red")):
             ax.add_patch(plt.Circle(centre, cfg.radius, fill=False, color=colour, lw=1.5))
@@ -208,19 +260,26 @@ def figure(results: dict, samples: dict, feedback: tuple, cfg: Config, path: str
         ax.set_xlim(-0.2, 1.2)
         ax.set_ylim(0.1, 1.5)
         ax.set_aspect("equal")
-    fig.suptitle(f"2-D toy (paper Sec. 6): {cfg.n_samples:,} samples per model; circles: radius {cfg.radius} around "
-                 "the desirable (green) and undesirable (red) centres", fontsize=9)
+    fig.suptitle(
+        f"2-D toy (paper Sec. 6): {cfg.n_samples:,} samples per model; circles: radius {cfg.radius} around "
+        "the desirable (green) and undesirable (red) centres",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..seeds-1); the table is over seeds")
-    p.add_argument("--steps", type=int, default=Config.steps, help="fine-tuning steps, the same for every method")
+    p.add_argument(
+        "--seeds", type=int, default=5, help="number of seeds (0..seeds-1); the table is over seeds"
+    )
+    p.add_argument(
+        "--steps", type=int, default=Config.steps, help="fine-tuning steps, the same for every method"
+    )
     p.add_argument("--out", default="assets/toy_2d.png", help="where to write the figure (seed 0)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)                      # a 128-wide MLP gains ~10% from a 2nd thread: leave it to others
+    torch.set_num_threads(1)  # a 128-wide MLP gains ~10% from a 2nd thread: leave it to others
     cfg = Config(steps=args.steps)
     start, per_seed = time.time(), []
     for seed in range(args.seeds):

@@ -45,36 +45,66 @@ from utils import DataError, arg
 @dataclass
 class Config:
     # data and model
-    pretrained_model: str = arg("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                "base model: hub id or local diffusers folder; policy and ref both start from its UNet")
-    dataset: str = arg("yuvalkirstain/pickapic_v2", "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet "
-                       "shards), or a .csv/.jsonl/.parquet file with columns image, caption, label")
+    pretrained_model: str = arg(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "base model: hub id or local diffusers folder; policy and ref both start from its UNet",
+    )
+    dataset: str = arg(
+        "yuvalkirstain/pickapic_v2",
+        "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet "
+        "shards), or a .csv/.jsonl/.parquet file with columns image, caption, label",
+    )
     label_policy: str = arg("won_once", pickapic.LABEL_POLICY_HELP)
     output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
-    tiny: bool = arg(False, "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized "
-                     "defaults; explicit flags still win")
-    world_seed: int = arg(0, "with --tiny: which tiny world to build and train on (independent worlds per seed)")
+    tiny: bool = arg(
+        False,
+        "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized "
+        "defaults; explicit flags still win",
+    )
+    world_seed: int = arg(
+        0, "with --tiny: which tiny world to build and train on (independent worlds per seed)"
+    )
     resolution: int = arg(512, "training image side in pixels (resize short side, center crop)")
-    random_flip: bool = arg(True, "flip each image horizontally with probability 0.5 (released code; paper silent)")
-    caption_dropout: float = arg(0.2, "probability of replacing a caption by the empty one (released code; not in "
-                                 "the paper)")
-    desirable_ratio: float = arg(0.8, "probability that a sample is drawn from the desirable set (the paper's gamma)")
+    random_flip: bool = arg(
+        True, "flip each image horizontally with probability 0.5 (released code; paper silent)"
+    )
+    caption_dropout: float = arg(
+        0.2, "probability of replacing a caption by the empty one (released code; not in the paper)"
+    )
+    desirable_ratio: float = arg(
+        0.8, "probability that a sample is drawn from the desirable set (the paper's gamma)"
+    )
     dataloader_workers: int = arg(4, "DataLoader worker processes per rank that decode images")
     # the objective
-    objective: str = arg("kto", "kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on "
-                         "desirable images only (same loop; --desirable_ratio is then 1)")
-    beta: float = arg(5000.0, "scale of the implicit reward inside the utility (paper: 5000; released code: 1000)")
-    utility: str = arg("kahneman_tversky", "U in lambda_y * (1 - U(w * beta * (r - z))): kahneman_tversky = sigmoid | "
-                       "loss_averse = log sigmoid | risk_seeking = -log sigmoid(-x)")
-    reference_point: str = arg("kl_mismatched", "z: kl_mismatched (paper, KTO: rewards of mismatched image-caption "
-                               "pairs) | batch_mean (released code: rewards of the batch itself) | zero")
+    objective: str = arg(
+        "kto",
+        "kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on "
+        "desirable images only (same loop; --desirable_ratio is then 1)",
+    )
+    beta: float = arg(
+        5000.0, "scale of the implicit reward inside the utility (paper: 5000; released code: 1000)"
+    )
+    utility: str = arg(
+        "kahneman_tversky",
+        "U in lambda_y * (1 - U(w * beta * (r - z))): kahneman_tversky = sigmoid | "
+        "loss_averse = log sigmoid | risk_seeking = -log sigmoid(-x)",
+    )
+    reference_point: str = arg(
+        "kl_mismatched",
+        "z: kl_mismatched (paper, KTO: rewards of mismatched image-caption "
+        "pairs) | batch_mean (released code: rewards of the batch itself) | zero",
+    )
     lambda_d: float = arg(1.0, "loss weight lambda_D of desirable samples")
     lambda_u: float = arg(1.0, "loss weight lambda_U of undesirable samples")
     # optimisation
-    train_batch_size: int = arg(2, "images per rank per forward pass (global batch = this x accumulation steps x "
-                                "number of ranks)")
-    gradient_accumulation_steps: int = arg(1, "forward/backward passes per optimizer step; z and the metrics are over "
-                                           "the whole accumulated batch (the paper's batch 8 on 1 GPU: 2 x 4)")
+    train_batch_size: int = arg(
+        2, "images per rank per forward pass (global batch = this x accumulation steps x number of ranks)"
+    )
+    gradient_accumulation_steps: int = arg(
+        1,
+        "forward/backward passes per optimizer step; z and the metrics are over "
+        "the whole accumulated batch (the paper's batch 8 on 1 GPU: 2 x 4)",
+    )
     max_train_steps: int = arg(10_000, "optimizer steps")
     learning_rate: float = arg(1e-7, "peak learning rate of AdamW (weight decay 0, i.e. Adam)")
     lr_warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up from 0, then constant")
@@ -82,74 +112,148 @@ class Config:
     seed: int = arg(0, "seed for everything; ranks derive their own streams from (seed, rank)")
     checkpointing_steps: int = arg(1000, "save checkpoint-<step>/ every this many steps (and at the end)")
     checkpoints_total_limit: int = arg(0, "keep only the newest this many checkpoints (0: keep all)")
-    resume: str = arg("", "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if "
-                      "there is none); refused if the data, model or objective differ from the checkpoint's")
-    max_bad_steps: int = arg(10, "stop after this many consecutive steps with a non-finite loss or gradient (each "
-                             "is skipped: no update, no learning-rate step)")
+    resume: str = arg(
+        "",
+        "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if "
+        "there is none); refused if the data, model or objective differ from the checkpoint's",
+    )
+    max_bad_steps: int = arg(
+        10,
+        "stop after this many consecutive steps with a non-finite loss or gradient (each "
+        "is skipped: no update, no learning-rate step)",
+    )
     allow_one_class: bool = arg(False, "train on data with only desirable or only undesirable samples")
     # speed and memory (docs/benchmarks.md); attention is PyTorch's scaled_dot_product_attention
-    mixed_precision: str = arg("auto", "autocast dtype of the UNets, frozen modules stored in it (norms in float32): "
-                               "auto (bf16 on GPUs that have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 "
-                               "| fp16 | no")
-    gradient_checkpointing: bool = arg(False, "recompute the policy's activations in the backward pass: less memory, "
-                                       "about a third more compute")
-    optimizer: str = arg("adamw", "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; "
-                         "2 instead of 8 bytes of state per parameter)")
-    compile: bool = arg(False, "torch.compile the repeated blocks of the policy and reference UNets (the first steps "
-                        "are slow)")
-    cache_latents: bool = arg(False, "encode every image (both flips) and caption once, to disk; training then never "
-                              "loads the VAE and text encoder")
-    cache_dir: str = arg("", "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and "
-                         "resumed when its settings match")
-    profile: bool = arg(False, "add seconds per phase of each step (time_<phase>, CUDA-synchronised), the step's FLOPs "
-                        "(counted once), TFLOP/s and GPU utilisation to metrics.jsonl")
-    peak_tflops: float = arg(0.0, "with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation "
-                             "(0: looked up by GPU name in PEAK_TFLOPS; none for unknown GPUs and CPUs)")
+    mixed_precision: str = arg(
+        "auto",
+        "autocast dtype of the UNets, frozen modules stored in it (norms in float32): "
+        "auto (bf16 on GPUs that have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 "
+        "| fp16 | no",
+    )
+    gradient_checkpointing: bool = arg(
+        False,
+        "recompute the policy's activations in the backward pass: less memory, about a third more compute",
+    )
+    optimizer: str = arg(
+        "adamw",
+        "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; "
+        "2 instead of 8 bytes of state per parameter)",
+    )
+    compile: bool = arg(
+        False,
+        "torch.compile the repeated blocks of the policy and reference UNets (the first steps are slow)",
+    )
+    cache_latents: bool = arg(
+        False,
+        "encode every image (both flips) and caption once, to disk; training then never "
+        "loads the VAE and text encoder",
+    )
+    cache_dir: str = arg(
+        "",
+        "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and "
+        "resumed when its settings match",
+    )
+    profile: bool = arg(
+        False,
+        "add seconds per phase of each step (time_<phase>, CUDA-synchronised), the step's FLOPs "
+        "(counted once), TFLOP/s and GPU utilisation to metrics.jsonl",
+    )
+    peak_tflops: float = arg(
+        0.0,
+        "with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation "
+        "(0: looked up by GPU name in PEAK_TFLOPS; none for unknown GPUs and CPUs)",
+    )
     # watching a run (README "Outputs")
-    validation_prompts: str = arg("a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an "
-                                  "astronaut riding a horse|a bowl of ramen, studio lighting",
-                                  "prompts sampled with the same seeds at every validation: '|'-separated, or a .txt "
-                                  "file with one per line")
-    validation_steps: int = arg(500, "sample the validation prompts every this many steps and at the start, into "
-                                "<output_dir>/validation/step-<N>.png (0: never)")
-    validation_guidance: float = arg(7.5, "classifier-free guidance scale of the validation images (25 steps)")
-    report_to: str = arg("none", "also log metrics and validation grids to: none | tensorboard | wandb "
-                         "(WANDB_MODE=offline works without a network)")
-    plot: str = arg("", "only redraw <RUN_DIR>/curves.png from its metrics.jsonl (any run, resumed ones too); exit")
+    validation_prompts: str = arg(
+        "a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an "
+        "astronaut riding a horse|a bowl of ramen, studio lighting",
+        "prompts sampled with the same seeds at every validation: '|'-separated, or a .txt "
+        "file with one per line",
+    )
+    validation_steps: int = arg(
+        500,
+        "sample the validation prompts every this many steps and at the start, into "
+        "<output_dir>/validation/step-<N>.png (0: never)",
+    )
+    validation_guidance: float = arg(
+        7.5, "classifier-free guidance scale of the validation images (25 steps)"
+    )
+    report_to: str = arg(
+        "none",
+        "also log metrics and validation grids to: none | tensorboard | wandb "
+        "(WANDB_MODE=offline works without a network)",
+    )
+    plot: str = arg(
+        "", "only redraw <RUN_DIR>/curves.png from its metrics.jsonl (any run, resumed ones too); exit"
+    )
 
 
 # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
 TINY = dict(
-    resolution=32, train_batch_size=8, max_train_steps=200, learning_rate=1e-5, lr_warmup_steps=5, beta=200.0,
-    checkpointing_steps=100, dataloader_workers=0, output_dir="runs/tiny", validation_steps=50,
+    resolution=32,
+    train_batch_size=8,
+    max_train_steps=200,
+    learning_rate=1e-5,
+    lr_warmup_steps=5,
+    beta=200.0,
+    checkpointing_steps=100,
+    dataloader_workers=0,
+    output_dir="runs/tiny",
+    validation_steps=50,
     validation_guidance=3.0,
 )
-CHOICES = dict(label_policy=pickapic.LABEL_POLICIES, utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
-               reference_point=("kl_mismatched", "batch_mean", "zero"), objective=("kto", "sft"),
-               mixed_precision=("auto", "bf16", "fp16", "no"), optimizer=("adamw", "adamw8bit"),
-               report_to=reports.TRACKERS)
+CHOICES = dict(
+    label_policy=pickapic.LABEL_POLICIES,
+    utility=("kahneman_tversky", "loss_averse", "risk_seeking"),
+    reference_point=("kl_mismatched", "batch_mean", "zero"),
+    objective=("kto", "sft"),
+    mixed_precision=("auto", "bf16", "fp16", "no"),
+    optimizer=("adamw", "adamw8bit"),
+    report_to=reports.TRACKERS,
+)
 # What may differ between a run and its resumption; anything else is refused
 RESUMABLE = {
-    "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_bad_steps",
-    "dataloader_workers", "gradient_checkpointing", "compile", "profile", "peak_tflops", "cache_latents", "cache_dir",
-    "validation_prompts", "validation_steps", "validation_guidance", "report_to", "plot"}
+    "max_train_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume",
+    "max_bad_steps",
+    "dataloader_workers",
+    "gradient_checkpointing",
+    "compile",
+    "profile",
+    "peak_tflops",
+    "cache_latents",
+    "cache_dir",
+    "validation_prompts",
+    "validation_steps",
+    "validation_guidance",
+    "report_to",
+    "plot",
+}
 
 
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
+
     # Built on first use, and only if the run needs it
     def tiny_world(given):
         import tiny_world
+
         world = lambda: tiny_world.world_path(given.get("world_seed", 0))  # noqa: E731
-        return {**({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
-                **({} if "dataset" in given else dict(dataset=str(world() / "feedback"))),
-                "validation_prompts": "|".join(tiny_world.HELD_OUT)}
+        return {
+            **({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
+            **({} if "dataset" in given else dict(dataset=str(world() / "feedback"))),
+            "validation_prompts": "|".join(tiny_world.HELD_OUT),
+        }
+
     cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world)
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
 # ----------------------------------------------------------------------------------------------------
 # The objective (paper Eq. 8): pure tensor functions
+
 
 def denoising_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over latent elements of the squared error, per sample, in float32: shape [B]."""
@@ -179,7 +283,9 @@ def kto_loss(policy_err, ref_err, desirable, beta, z, utility="kahneman_tversky"
         one_minus_u = 1 - F.softplus(x)
     else:
         raise ValueError(f"utility must be one of {', '.join(CHOICES['utility'])}; got {utility!r}")
-    lambda_y = torch.where(desirable, torch.tensor(lambda_d, dtype=x.dtype), torch.tensor(lambda_u, dtype=x.dtype))
+    lambda_y = torch.where(
+        desirable, torch.tensor(lambda_d, dtype=x.dtype), torch.tensor(lambda_u, dtype=x.dtype)
+    )
     return lambda_y * one_minus_u
 
 
@@ -196,15 +302,19 @@ def reference_point(rewards: torch.Tensor) -> torch.Tensor:
 
     With rewards of mismatched (image, caption) pairs this is the paper's z; with the matched batch it is the
     released code's. Identical on every rank: the sum and the count are all-reduced (unequal sizes are fine)."""
-    s = global_sums(dict(sum=rewards.sum(), count=torch.tensor(float(rewards.numel()), device=rewards.device)))
+    s = global_sums(
+        dict(sum=rewards.sum(), count=torch.tensor(float(rewards.numel()), device=rewards.device))
+    )
     return (s["sum"] / s["count"]).clamp(min=0).detach()
 
 
 def mismatched_indices(n: int) -> torch.Tensor:
     """Sample i is paired with the caption of sample i+1 (roll by one): no sample keeps its own caption."""
     if n < 2:
-        raise DataError("--reference_point kl_mismatched pairs each image with another sample's caption, so it "
-                        f"needs --train_batch_size >= 2 per rank (got {n}). Raise the batch or use batch_mean.")
+        raise DataError(
+            "--reference_point kl_mismatched pairs each image with another sample's caption, so it "
+            f"needs --train_batch_size >= 2 per rank (got {n}). Raise the batch or use batch_mean."
+        )
     return (torch.arange(n) + 1) % n
 
 
@@ -226,8 +336,20 @@ def sft_loss(policy_err, ref_err, desirable, z):
     return policy_err
 
 
-def kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, gen, loss_fn, z_from="kl_mismatched",
-             micro_batches=1, backward=torch.Tensor.backward):
+def kto_step(
+    policy,
+    ref,
+    scheduler,
+    x0,
+    emb,
+    emb_mismatched,
+    desirable,
+    gen,
+    loss_fn,
+    z_from="kl_mismatched",
+    micro_batches=1,
+    backward=torch.Tensor.backward,
+):
     """One step of the objective (paper Eq. 8) on a batch: the loss, its gradients and the step's statistics.
 
         L = E_{x0, t} [ lambda_y * (1 - U(w(x0) * beta * (r - z))) ]
@@ -290,26 +412,45 @@ def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.T
     r, z, d = stats["r"], stats["z"], desirable.float()
     # W * (r - z) > 0: the utility is above its midpoint
     won = torch.where(desirable, r > z, r < z).float()
-    return global_sums(dict(
-        loss=loss.detach() * len(r), r_desirable=(r * d).sum(), n_desirable=d.sum(), r_undesirable=(r * (1 - d)).sum(),
-        n=torch.tensor(float(len(r)), device=r.device), won=won.sum(), policy_err=stats["policy_err"].sum(),
-        ref_err=stats["ref_err"].sum(), not_finite=(~(torch.isfinite(loss.detach()) & grad_finite)).float(),
-        corrupt=corrupt.sum().float().to(r.device)))
+    return global_sums(
+        dict(
+            loss=loss.detach() * len(r),
+            r_desirable=(r * d).sum(),
+            n_desirable=d.sum(),
+            r_undesirable=(r * (1 - d)).sum(),
+            n=torch.tensor(float(len(r)), device=r.device),
+            won=won.sum(),
+            policy_err=stats["policy_err"].sum(),
+            ref_err=stats["ref_err"].sum(),
+            not_finite=(~(torch.isfinite(loss.detach()) & grad_finite)).float(),
+            corrupt=corrupt.sum().float().to(r.device),
+        )
+    )
 
 
 def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:
     """One line of metrics.jsonl (names in README "Outputs")."""
     n = s["n"].item()
-    return dict(step=step, loss=s["loss"].item() / n, z=z.item(),
-                reward_desirable=s["r_desirable"].item() / max(s["n_desirable"].item(), 1),
-                reward_undesirable=s["r_undesirable"].item() / max(n - s["n_desirable"].item(), 1),
-                accuracy=s["won"].item() / n, policy_err=s["policy_err"].item() / n, ref_err=s["ref_err"].item() / n,
-                grad_norm=grad_norm.item(), lr=lr, desirable_frac=s["n_desirable"].item() / n, skipped=int(skipped),
-                images_per_sec=n / seconds)
+    return dict(
+        step=step,
+        loss=s["loss"].item() / n,
+        z=z.item(),
+        reward_desirable=s["r_desirable"].item() / max(s["n_desirable"].item(), 1),
+        reward_undesirable=s["r_undesirable"].item() / max(n - s["n_desirable"].item(), 1),
+        accuracy=s["won"].item() / n,
+        policy_err=s["policy_err"].item() / n,
+        ref_err=s["ref_err"].item() / n,
+        grad_norm=grad_norm.item(),
+        lr=lr,
+        desirable_frac=s["n_desirable"].item() / n,
+        skipped=int(skipped),
+        images_per_sec=n / seconds,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data for the objective: the desirable-ratio sampler and augmentation
+
 
 class DesirableRatioSampler(torch.utils.data.Sampler):
     """Infinite stream of dataset indices: desirable with probability `ratio`, else undesirable, uniform within.
@@ -335,8 +476,10 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------------
 # Plumbing: models, inputs (images or the latent cache), timing, checkpoints, the run record
 
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite losses); the message says what to try."""
+
     exit_code = 3
 
 
@@ -367,6 +510,7 @@ def load_models(cfg: Config, path: str, device: torch.device):
 
 # ----------------------------------------------------------------------------------------------------
 
+
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
     # First: --tiny may build the tiny world while parsing
@@ -386,8 +530,10 @@ def optimizer_class(name: str):
     try:
         import bitsandbytes
     except ImportError as e:
-        raise DataError("--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
-                        "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw.") from e
+        raise DataError(
+            "--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
+            "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw."
+        ) from e
     return bitsandbytes.optim.AdamW8bit
 
 
@@ -410,26 +556,59 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     # Adam (weight decay 0) with a linear warm-up, then constant; fp16 gradients need a loss scale
     optimizer = optimizer_cls(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
-    start_step, bad_steps = (utils.load_checkpoint(resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed,
-                                                   rank, world_size, device) if resume_from else (0, 0))
-    record = reports.Reports(cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0)
+    start_step, bad_steps = (
+        utils.load_checkpoint(
+            resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
+        )
+        if resume_from
+        else (0, 0)
+    )
+    record = reports.Reports(
+        cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
+    )
 
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
     # "" first: the dropped-out caption
     captions = list(dict.fromkeys(["", *table["caption"]]))
-    inputs = data.Inputs(cfg, path, dataset, captions, amp_dtype or torch.float32, autocast, device, rank,
-                         world_size, mismatched)
-    sampler = DesirableRatioSampler(desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank)
-    batches = iter(torch.utils.data.DataLoader(
-        inputs.dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.dataloader_workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.dataloader_workers > 0))
+    inputs = data.Inputs(
+        cfg,
+        path,
+        dataset,
+        captions,
+        amp_dtype or torch.float32,
+        autocast,
+        device,
+        rank,
+        world_size,
+        mismatched,
+    )
+    sampler = DesirableRatioSampler(
+        desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank
+    )
+    batches = iter(
+        torch.utils.data.DataLoader(
+            inputs.dataset,
+            batch_size=per_rank,
+            sampler=sampler,
+            num_workers=cfg.dataloader_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.dataloader_workers > 0,
+        )
+    )
     # The objective, chosen once: Diffusion-KTO's utility of the implicit reward, or the SFT baseline
-    loss_fn = (functools.partial(kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d,
-                                 lambda_u=cfg.lambda_u) if cfg.objective == "kto" else sft_loss)
+    loss_fn = (
+        functools.partial(
+            kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u
+        )
+        if cfg.objective == "kto"
+        else sft_loss
+    )
     phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
     # The baseline grid, before any update
     record.validate(policy, start_step, inputs)
@@ -444,17 +623,29 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 x0, emb, emb_mismatched = inputs(batch, gen)
             with phases("forward_backward"), autocast:
                 optimizer.zero_grad(set_to_none=True)
-                loss, stats = kto_step(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen, loss_fn,
-                                       cfg.reference_point, cfg.gradient_accumulation_steps,
-                                       backward=lambda loss_k: scaler.scale(loss_k).backward())
+                loss, stats = kto_step(
+                    model,
+                    ref,
+                    scheduler,
+                    x0,
+                    emb,
+                    emb_mismatched,
+                    is_desirable,
+                    gen,
+                    loss_fn,
+                    cfg.reference_point,
+                    cfg.gradient_accumulation_steps,
+                    backward=lambda loss_k: scaler.scale(loss_k).backward(),
+                )
         with phases("clip"):
             # Fp16: the true gradients, so that clipping sees their norm
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         with phases("optimizer"):
             # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
-            sums = step_sums(loss, stats, is_desirable, torch.isfinite(grad_norm) | scaler.is_enabled(),
-                             batch["corrupt"])
+            sums = step_sums(
+                loss, stats, is_desirable, torch.isfinite(grad_norm) | scaler.is_enabled(), batch["corrupt"]
+            )
             skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
             bad_steps = bad_steps + 1 if skipped else 0
             update(optimizer, lr_schedule, scaler, skipped)
@@ -463,14 +654,20 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
 
         seconds = time.perf_counter() - t0
-        record.log({**log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds), **phases.report(seconds)})
+        record.log(
+            {**log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds), **phases.report(seconds)}
+        )
         if bad_steps >= cfg.max_bad_steps:
-            raise TrainingError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
-                                "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
-                                "--beta, check the data for broken images, or raise --max_bad_steps.")
+            raise TrainingError(
+                f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
+                "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
+                "--beta, check the data for broken images, or raise --max_bad_steps."
+            )
         record.validate(policy, step, inputs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            utils.save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size)
+            utils.save_checkpoint(
+                cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size
+            )
             record.checkpoint(step)
     record.close()
     return policy

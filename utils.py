@@ -32,16 +32,26 @@ def init_distributed():
         # torchrun --max-restarts reuses one key-value store across restarts: a per-restart prefix keeps a
         # restarted group from reading the dead group's addresses (pytorch/pytorch#167288)
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                              is_master=rank == 0 and not agent_store)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world_size,
+            is_master=rank == 0 and not agent_store,
+        )
         store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                                world_size=world_size, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
     return rank, world_size, device
 
 
 class DataError(ValueError):
     """Bad user input (a dataset, a path, a flag). The scripts print the message and exit, no traceback."""
+
     exit_code = 2
 
 
@@ -55,13 +65,18 @@ def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_ext
 
     --tiny only changes defaults (`tiny`, plus `tiny_extra()` computed only when --tiny is given, e.g. paths of
     things built on first use); flags given explicitly always win. --help shows both defaults."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0], argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=doc.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n")[0],
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1],
+    )
     for f in dataclasses.fields(config_cls):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=eval(f.type))
         default = f" (default: {f.default!r}" + (f"; --tiny: {tiny[f.name]!r})" if f.name in tiny else ")")
-        parser.add_argument(f"--{f.name}", help=f.metadata["help"] + default, choices=choices.get(f.name), **kind)
+        parser.add_argument(
+            f"--{f.name}", help=f.metadata["help"] + default, choices=choices.get(f.name), **kind
+        )
     given = vars(parser.parse_args(argv))
     cfg = config_cls()
     if given.get("tiny"):
@@ -84,6 +99,7 @@ def run_main(work, cfg, errors: tuple):
             print(f"error: {e}", file=sys.stderr)
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun: its failure summary then carries the message
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
             ErrorHandler().record_exception(e)
         raise SystemExit(getattr(e, "exit_code", 2)) from None
     finally:
@@ -109,9 +125,11 @@ def from_hub(spec: str, filename: str, what: str) -> Path:
     try:
         return Path(hf_hub_download(spec, filename))
     except Exception as e:  # offline and not cached, no such repo, no network, ...
-        raise DataError(f"{what}: no such local file or folder, and {filename} of the hub repo {spec} could not be "
-                        f"fetched ({type(e).__name__}). With a network: `hf download {spec}` once; without one: pass "
-                        "a local copy, or set HF_HUB_OFFLINE=1 to use what the hub cache holds.") from e
+        raise DataError(
+            f"{what}: no such local file or folder, and {filename} of the hub repo {spec} could not be "
+            f"fetched ({type(e).__name__}). With a network: `hf download {spec}` once; without one: pass "
+            "a local copy, or set HF_HUB_OFFLINE=1 to use what the hub cache holds."
+        ) from e
 
 
 def resolve_model(spec: str, what: str, marker: str = "config.json") -> str:
@@ -126,7 +144,9 @@ def resolve_model(spec: str, what: str, marker: str = "config.json") -> str:
     return spec
 
 
-def check_pretrained(spec: str, flag: str, parts=("unet", "scheduler", "vae", "text_encoder", "tokenizer")) -> str:
+def check_pretrained(
+    spec: str, flag: str, parts=("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+) -> str:
     """A diffusers pipeline: a local folder holding `parts`, or a hub id whose model_index.json can be fetched (its
     weights follow in from_pretrained). Else a DataError saying what is missing, where, and how to fix it."""
     path = Path(spec).expanduser()
@@ -135,8 +155,10 @@ def check_pretrained(spec: str, flag: str, parts=("unet", "scheduler", "vae", "t
         return spec
     missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
-        raise DataError(f"{flag} {spec}: not a diffusers pipeline folder: no {', '.join(f'{p}/' for p in missing)} "
-                        f"in {path}. Pass the folder that holds model_index.json and those subfolders.")
+        raise DataError(
+            f"{flag} {spec}: not a diffusers pipeline folder: no {', '.join(f'{p}/' for p in missing)} "
+            f"in {path}. Pass the folder that holds model_index.json and those subfolders."
+        )
     return str(path)
 
 
@@ -164,6 +186,7 @@ def quiet_libraries():
 
 # ----------------------------------------------------------------------------------------------------
 # The cache of things built once (tiny models, converted labels, downloads)
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSION_KTO_CACHE", Path.home() / ".cache" / "diffusion_kto"))
@@ -213,9 +236,14 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: save, find and load, side by side
 
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp and is ignored."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    found = [
+        p
+        for p in Path(output_dir).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -229,8 +257,9 @@ def fsync_tree(path: Path):
             os.close(fd)
 
 
-def save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int,
-                    world_size: int):
+def save_checkpoint(
+    cfg, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int, world_size: int
+):
     """checkpoint-<step>/: unet/ (diffusers layout), optimizer.pt (newest checkpoint only), training_state.pt,
     rng_state.pt (every rank's generator) and config.json. Rank 0 writes it to a temporary folder, flushes it to
     disk, then renames it. All ranks call this."""
@@ -242,8 +271,15 @@ def save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step: int,
         with atomic_path(Path(cfg.output_dir) / f"checkpoint-{step}") as tmp:
             policy.save_pretrained(tmp / "unet")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(dict(lr_schedule=lr_schedule.state_dict(), step=step, bad_steps=bad_steps,
-                            scaler=scaler.state_dict()), tmp / "training_state.pt")
+            torch.save(
+                dict(
+                    lr_schedule=lr_schedule.state_dict(),
+                    step=step,
+                    bad_steps=bad_steps,
+                    scaler=scaler.state_dict(),
+                ),
+                tmp / "training_state.pt",
+            )
             torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
             (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             fsync_tree(tmp)
@@ -251,7 +287,7 @@ def save_checkpoint(cfg, policy, optimizer, lr_schedule, scaler, gen, step: int,
         for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
             (old / "optimizer.pt").unlink(missing_ok=True)
         if cfg.checkpoints_total_limit > 0:
-            for old in list_checkpoints(cfg.output_dir)[:-cfg.checkpoints_total_limit]:
+            for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
     if world_size > 1:
         dist.barrier()
@@ -263,31 +299,40 @@ def find_resume(cfg, resumable: set[str]) -> Path | None:
     out = Path(cfg.output_dir)
     if not cfg.resume:
         if list_checkpoints(out):
-            raise DataError(f"--output_dir {out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...) "
-                            "of another run. Pass --resume latest to continue it, or choose another --output_dir.")
+            raise DataError(
+                f"--output_dir {out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...) "
+                "of another run. Pass --resume latest to continue it, or choose another --output_dir."
+            )
         return None
     path = (list_checkpoints(out) or [None])[-1] if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         return None
     if not (path / "training_state.pt").exists():
-        raise DataError(f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
-                        f"Pass a checkpoint-<step> folder or 'latest'.")
+        raise DataError(
+            f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
+            f"Pass a checkpoint-<step> folder or 'latest'."
+        )
     if not (path / "optimizer.pt").exists():
-        raise DataError(f"--resume {path}: this checkpoint keeps the weights but not the optimizer state, which only "
-                        "the newest checkpoint of a run keeps. Resume from the newest one (--resume latest).")
+        raise DataError(
+            f"--resume {path}: this checkpoint keeps the weights but not the optimizer state, which only "
+            "the newest checkpoint of a run keeps. Resume from the newest one (--resume latest)."
+        )
     saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
     if differ:
-        raise DataError(f"--resume {path}: this launch differs from the checkpoint's run in "
-                        + ", ".join(f"--{k} ({saved[k]!r} there, {now[k]!r} here)" for k in differ)
-                        + ". Resuming would mix two runs in one record: pass the checkpoint's values, or start a new "
-                        "run with another --output_dir (and --pretrained_model pointing at the checkpoint's unet).")
+        raise DataError(
+            f"--resume {path}: this launch differs from the checkpoint's run in "
+            + ", ".join(f"--{k} ({saved[k]!r} there, {now[k]!r} here)" for k in differ)
+            + ". Resuming would mix two runs in one record: pass the checkpoint's values, or start a new "
+            "run with another --output_dir (and --pretrained_model pointing at the checkpoint's unet)."
+        )
     return path
 
 
-def load_checkpoint(path: Path, policy, optimizer, lr_schedule, scaler, gen, seed: int, rank: int, world_size: int,
-                    device) -> tuple[int, int]:
+def load_checkpoint(
+    path: Path, policy, optimizer, lr_schedule, scaler, gen, seed: int, rank: int, world_size: int, device
+) -> tuple[int, int]:
     """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
     fp16 loss scale and this rank's generator. Returns (step, consecutive bad steps)."""
     policy.load_state_dict(type(policy).from_pretrained(path, subfolder="unet").state_dict())
@@ -302,6 +347,8 @@ def load_checkpoint(path: Path, policy, optimizer, lr_schedule, scaler, gen, see
     else:  # a different number of ranks: same weights and optimizer, new per-rank streams
         gen.manual_seed(derive_seed(seed + state["step"], rank))
         if rank == 0:
-            print(f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
-                  "restart, so the run will not match an uninterrupted one exactly")
+            print(
+                f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
+                "restart, so the run will not match an uninterrupted one exactly"
+            )
     return state["step"], state["bad_steps"]

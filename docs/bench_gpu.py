@@ -53,10 +53,32 @@ SETTINGS = {
 def run_setting(name: str, model: str, data: str, resolution: int, out: Path, steps: int) -> dict:
     batch, flags = SETTINGS[name]
     folder = out / name
-    argv = ["--pretrained_model", model, "--dataset", data, "--resolution", str(resolution), "--train_batch_size", str(batch),
-            "--max_train_steps", str(steps), "--lr_warmup_steps", "1", "--checkpointing_steps", "100000",
-            "--validation_steps", "0", "--dataloader_workers", "4", "--profile", "--output_dir", str(folder),
-            "--cache_dir", str(out / f"latent_cache-{resolution}-{'fp32' if 'no' in flags else 'amp'}"), *flags]
+    argv = [
+        "--pretrained_model",
+        model,
+        "--dataset",
+        data,
+        "--resolution",
+        str(resolution),
+        "--train_batch_size",
+        str(batch),
+        "--max_train_steps",
+        str(steps),
+        "--lr_warmup_steps",
+        "1",
+        "--checkpointing_steps",
+        "100000",
+        "--validation_steps",
+        "0",
+        "--dataloader_workers",
+        "4",
+        "--profile",
+        "--output_dir",
+        str(folder),
+        "--cache_dir",
+        str(out / f"latent_cache-{resolution}-{'fp32' if 'no' in flags else 'amp'}"),
+        *flags,
+    ]
     shutil.rmtree(folder, ignore_errors=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -75,17 +97,24 @@ def run_setting(name: str, model: str, data: str, resolution: int, out: Path, st
         return result
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     steady = rows[2:]
-    images = batch * (int(flags[flags.index("--gradient_accumulation_steps") + 1])
-                      if "--gradient_accumulation_steps" in flags else 1)
+    images = batch * (
+        int(flags[flags.index("--gradient_accumulation_steps") + 1])
+        if "--gradient_accumulation_steps" in flags
+        else 1
+    )
     seconds = [images / r["images_per_sec"] for r in rows]
     mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
     result.update(
-        images_per_sec=round(mean("images_per_sec"), 2), seconds_per_step=round(sum(seconds[2:]) / len(steady), 4),
-        first_two_steps_seconds=[round(s, 2) for s in seconds[:2]], step_seconds=[round(s, 3) for s in seconds],
+        images_per_sec=round(mean("images_per_sec"), 2),
+        seconds_per_step=round(sum(seconds[2:]) / len(steady), 4),
+        first_two_steps_seconds=[round(s, 2) for s in seconds[:2]],
+        step_seconds=[round(s, 3) for s in seconds],
         max_memory_gb=round(max(r.get("max_memory_gb", 0) for r in rows), 1),
-        tflop_per_step=round(rows[0]["flops_per_step"] / 1e12, 2), tflops_per_sec=round(mean("tflops_per_sec"), 1),
+        tflop_per_step=round(rows[0]["flops_per_step"] / 1e12, 2),
+        tflops_per_sec=round(mean("tflops_per_sec"), 1),
         utilization=round(mean("utilization"), 4) if "utilization" in rows[0] else None,
-        phases_ms={k[5:]: round(1000 * mean(k), 1) for k in rows[0] if k.startswith("time_")})
+        phases_ms={k[5:]: round(1000 * mean(k), 1) for k in rows[0] if k.startswith("time_")},
+    )
     return result
 
 
@@ -94,6 +123,7 @@ def fusion(model: str, batches=(2, 8), repeats: int = 20) -> list[dict]:
     against two calls of B (bf16 autocast, no gradient) and checks whether the first half of the 2B call is
     bitwise the B call (if not, the reference would no longer equal the policy exactly at step 0)."""
     from diffusers import UNet2DConditionModel
+
     policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet").cuda()
     ref = train_kto.frozen_reference(policy, torch.bfloat16)
     rows = []
@@ -116,21 +146,41 @@ def fusion(model: str, batches=(2, 8), repeats: int = 20) -> list[dict]:
             two = timed(lambda: (ref(x[:b], t[:b], c[:b]).sample, ref(x[b:], t[b:], c[b:]).sample))
             one = timed(lambda: ref(x, t, c).sample)
             same = torch.equal(ref(x, t, c).sample[:b], ref(x[:b], t[:b], c[:b]).sample)
-        rows.append(dict(setting=f"fusion-b{b}", two_calls_ms=round(two, 2), one_call_ms=round(one, 2),
-                         first_half_bitwise_equal=same))
+        rows.append(
+            dict(
+                setting=f"fusion-b{b}",
+                two_calls_ms=round(two, 2),
+                one_call_ms=round(one, 2),
+                first_half_bitwise_equal=same,
+            )
+        )
     return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/bench", help="folder for bench.jsonl and the runs (default: %(default)s)")
-    parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="these settings only (default: all)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per setting (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="runs/bench", help="folder for bench.jsonl and the runs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--only", nargs="*", choices=list(SETTINGS), help="these settings only (default: all)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=8, help="optimizer steps per setting (default: %(default)s)"
+    )
     parser.add_argument("--fusion", action="store_true", help="also time the reference's passes as one call")
-    parser.add_argument("--model", default="sd15-random", help="model folder (default: %(default)s, SD v1-5 with "
-                        "random weights, built into <out>/sd15-random on first use; a tiny model rehearses this "
-                        "script on a CPU)")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="sd15-random",
+        help="model folder (default: %(default)s, SD v1-5 with "
+        "random weights, built into <out>/sd15-random on first use; a tiny model rehearses this "
+        "script on a CPU)",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="image side in pixels (default: %(default)s)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,10 +197,12 @@ def main():
     utils.save_checkpoint = lambda *args, **kwargs: None
     reports.Reports.checkpoint = lambda self, step: None
     with open(out / "bench.jsonl", "a") as record:
+
         def keep(row):
             print(json.dumps(row), flush=True)
             record.write(json.dumps(row) + "\n")
             record.flush()
+
         for row in fusion(model) if args.fusion else []:
             keep(row)
         for name in args.only or SETTINGS:

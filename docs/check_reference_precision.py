@@ -2,6 +2,7 @@
 perturbed away from 1 and 0) under bf16 and fp16 autocast. "old .to(dtype)" is the reference before the fix (norms
 rounded); "frozen_reference" is train_kto's. Run from the repository root: python docs/check_reference_precision.py
 (DEV=cpu N=1 S=8 for a quick CPU run); writes $OUT/bf16_check.json (OUT defaults to the current folder)."""
+
 import copy
 import functools
 import json
@@ -24,8 +25,10 @@ fixtures.perturb_norms(unet)
 sched = DDPMScheduler.from_pretrained("configs/sd15", subfolder="scheduler")
 out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__}
 for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-    for how, ref in (("frozen_reference", train_kto.frozen_reference(unet, dtype)),
-                     ("old .to(dtype)", copy.deepcopy(unet).requires_grad_(False).eval().to(dtype))):
+    for how, ref in (
+        ("frozen_reference", train_kto.frozen_reference(unet, dtype)),
+        ("old .to(dtype)", copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)),
+    ):
         loss_fn = functools.partial(train_kto.kto_loss, beta=5000.0)
         rs, zs, t0 = [], [], time.time()
         gen = torch.Generator(dev).manual_seed(1)
@@ -35,10 +38,17 @@ for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             with torch.autocast(dev.type, dtype=dtype):
                 desirable = torch.tensor([True, False], device=dev)
                 loss, st = train_kto.kto_step(unet, ref, sched, x0, emb, emb.flip(0), desirable, gen, loss_fn)
-            rs.append(st["r"]); zs.append(st["z"].item())
+            rs.append(st["r"])
+            zs.append(st["z"].item())
         r = torch.cat(rs)
-        row = dict(max_abs_r=r.abs().max().item(), std_r=r.std().item(), beta_std_r=5000 * r.std().item(),
-                   max_z=max(zs), loss_first=loss.item(), seconds=round(time.time() - t0, 1))
+        row = dict(
+            max_abs_r=r.abs().max().item(),
+            std_r=r.std().item(),
+            beta_std_r=5000 * r.std().item(),
+            max_z=max(zs),
+            loss_first=loss.item(),
+            seconds=round(time.time() - t0, 1),
+        )
         out[f"{name} {how}"] = row
         print(name, how, row, flush=True)
         del ref
