@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fixtures
+import tiny_world
 import train_kto
 import utils
 from data import augment
@@ -148,7 +149,7 @@ def tiny_unets(prediction_type="epsilon"):
         cross_attention_dim=8,
         attention_head_dim=4,
     )
-    scheduler = DDPMScheduler(**fixtures.sd15_scheduler_config() | dict(prediction_type=prediction_type))
+    scheduler = DDPMScheduler(**tiny_world.sd15_scheduler_config() | dict(prediction_type=prediction_type))
     return policy, train_kto.frozen_reference(policy, torch.float32), scheduler
 
 
