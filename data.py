@@ -315,27 +315,14 @@ class Inputs:
     --cache_latents files (built here on first use); both paths draw the same random numbers: the same run."""
 
     def __init__(
-        self,
-        cfg,
-        path: str,
-        dataset,
-        captions: list[str],
-        dtype,
-        autocast,
-        device,
-        rank,
-        world_size,
-        mismatched=None,
+        self, cfg, path: str, dataset, captions, dtype, autocast, device, rank, world_size, mismatched=None
     ):
         from diffusers import AutoencoderKL
 
-        self.cfg, self.device, self.dtype, self.autocast, self.mismatched = (
-            cfg,
-            device,
-            dtype,
-            autocast,
-            mismatched,
-        )
+        # The distinct captions, "" first: the dropped-out caption
+        captions = list(dict.fromkeys(["", *captions]))
+        self.cfg, self.device, self.dtype = cfg, device, dtype or torch.float32
+        self.autocast, self.mismatched = autocast, mismatched
         self.scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)
         self.cache = (
             Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
@@ -358,7 +345,7 @@ class Inputs:
                     random_flip=cfg.random_flip,
                     images=len(dataset),
                     captions=len(captions),
-                    dtype=str(dtype),
+                    dtype=str(self.dtype),
                 ),
                 rank,
             )
@@ -371,6 +358,20 @@ class Inputs:
             self.empty_emb = self.dataset.empty_emb.to(device)
         else:
             self.dataset = dataset
+
+    def loader(self, sampler, batch_size: int):
+        """An endless iterator of batches of `batch_size` in the sampler's order (decoded in worker processes)."""
+        workers = self.cfg.dataloader_workers
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+            )
+        )
 
     def load_encoders(self, path: str):
         from diffusers import AutoencoderKL

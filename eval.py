@@ -44,7 +44,7 @@ import tiny_world
 import utils
 from reports import wrap
 from scorers import DEFAULT_PATHS, METRICS
-from utils import DataError, arg
+from utils import DataError
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -52,62 +52,47 @@ from utils import DataError, arg
 
 @dataclass
 class Config:
-    ckpt: str = arg(
-        "", "model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id"
-    )
-    baseline: str = arg(
-        "",
-        "model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json",
-    )
-    prompts: str = arg(
-        "pickapic_test",
-        "pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's "
-        "held-out captions) | a .txt/.csv/.tsv/.jsonl/.parquet file",
-    )
-    num_prompts: int = arg(0, "use this many prompts, evenly spaced through the set (0 = all)")
-    images_per_prompt: int = arg(
-        5, "images per prompt per model; the per-prompt score is their median (paper: 5)"
-    )
-    steps: int = arg(50, "denoising steps of the model's own scheduler")
-    guidance: float = arg(7.5, "classifier-free guidance scale")
-    seed: int = arg(0, "image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models")
-    metrics: str = arg(
-        ",".join(METRICS),
-        "comma-separated scorers to run, from: "
-        + ", ".join(METRICS)
-        + ", utility (the tiny world's captions only)",
-    )
-    compare: str = arg(
-        "median",
-        "median: median image per model per prompt (paper) | all: every checkpoint x baseline image pair",
-    )
-    batch_size: int = arg(8, "images per generation call and per scorer call, per rank")
-    out: str = arg("runs/eval", "output folder (images, results.json, results.md, PNG charts)")
-    tiny: bool = arg(
-        False,
-        "the offline tiny world: its held-out prompts, its hidden utility as metric; the five "
-        "paper metrics' paths become tiny RANDOM-WEIGHT scorers (plumbing only)",
-    )
-    aesthetic_path: str = arg(
-        DEFAULT_PATHS["aesthetic"],
-        "LAION aesthetic v2 head (.pth file, folder, URL); a CLIP folder beside it overrides ViT-L/14",
-    )
-    pickscore_path: str = arg(DEFAULT_PATHS["pickscore"], "PickScore CLIPModel: hub id or local folder")
-    imagereward_path: str = arg(
-        DEFAULT_PATHS["imagereward"], "folder or hub repo with ImageReward.pt and med_config.json"
-    )
-    clip_path: str = arg(
-        DEFAULT_PATHS["clip"],
-        "CLIPModel for the CLIP score (cosine of image and text embeddings): hub id or folder",
-    )
-    hps_path: str = arg(
-        DEFAULT_PATHS["hps"], "HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo"
-    )
-    export: str = arg(
-        "",
-        "write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its "
-        "UNet) to this new folder, then exit: no images, no scores",
-    )
+    ckpt: str = ""
+    """model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id"""
+    baseline: str = ""
+    """model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json"""
+    prompts: str = "pickapic_test"
+    """pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's held-out captions) | a
+    .txt/.csv/.tsv/.jsonl/.parquet file"""
+    num_prompts: int = 0
+    """use this many prompts, evenly spaced through the set (0 = all)"""
+    images_per_prompt: int = 5
+    """images per prompt per model; the per-prompt score is their median (paper: 5)"""
+    steps: int = 50
+    """denoising steps of the model's own scheduler"""
+    guidance: float = 7.5
+    """classifier-free guidance scale"""
+    seed: int = 0
+    """image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models"""
+    metrics: str = ",".join(METRICS)
+    """comma-separated scorers to run: any of the default's, and utility (the tiny world's captions only)"""
+    compare: str = "median"
+    """median: median image per model per prompt (paper) | all: every checkpoint x baseline image pair"""
+    batch_size: int = 8
+    """images per generation call and per scorer call, per rank"""
+    out: str = "runs/eval"
+    """output folder (images, results.json, results.md, PNG charts)"""
+    tiny: bool = False
+    """the offline tiny world: its held-out prompts, its hidden utility as metric; the five paper metrics'
+    paths become tiny RANDOM-WEIGHT scorers (plumbing only)"""
+    aesthetic_path: str = DEFAULT_PATHS["aesthetic"]
+    """LAION aesthetic v2 head (.pth file, folder, URL); a CLIP folder beside it overrides ViT-L/14"""
+    pickscore_path: str = DEFAULT_PATHS["pickscore"]
+    """PickScore CLIPModel: hub id or local folder"""
+    imagereward_path: str = DEFAULT_PATHS["imagereward"]
+    """folder or hub repo with ImageReward.pt and med_config.json"""
+    clip_path: str = DEFAULT_PATHS["clip"]
+    """CLIPModel for the CLIP score (cosine of image and text embeddings): hub id or folder"""
+    hps_path: str = DEFAULT_PATHS["hps"]
+    """HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo"""
+    export: str = ""
+    """write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its UNet) to this
+    new folder, then exit: no images, no scores"""
 
 
 # --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison

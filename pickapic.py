@@ -37,13 +37,6 @@ PICKAPIC_SPLITS = ("train", "validation", "test", "validation_unique", "test_uni
 LABEL_POLICIES = ("won_once", "always_won")
 
 
-LABEL_POLICY_HELP = (
-    "how Pick-a-Pic pairs become per-image labels (ties dropped, each image uid counted once): won_once = "
-    "preferred in at least one comparison is desirable, never preferred is undesirable (paper); always_won = "
-    "desirable only if never the loser, images that both won and lost are dropped"
-)
-
-
 PICKAPIC_LABELS_VERSION = 1  # bump when the conversion changes: cached label tables are then rebuilt
 
 

@@ -4,6 +4,7 @@ non-finite steps, refused inputs, several ranks, and parity with the code before
 Run: python -m pytest -q test_train.py   (offline; the fast layer: -m "not slow")
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -564,7 +565,17 @@ def test_help_shows_the_tiny_defaults(capsys):
     with pytest.raises(SystemExit):
         train_kto.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 10000; --tiny: 200)" in text and "(default: 5000.0; --tiny: 200.0)" in text
+    assert (
+        "optimizer steps (default: 10000; --tiny: 200)" in text and "(default: 5000.0; --tiny: 200.0)" in text
+    )
+    # each flag's help is the docstring below its Config field, whitespace joined
+    assert (
+        "stop after this many consecutive steps with a non-finite loss or gradient (each is skipped" in text
+    )
+    import eval as evaluation
+
+    for config in (train_kto.Config, evaluation.Config):
+        assert set(utils.field_help(config)) == {f.name for f in dataclasses.fields(config)}
 
 
 def test_long_captions_are_counted_and_warned_about(tmp_path, capsys):

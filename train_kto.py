@@ -39,153 +39,122 @@ import data
 import pickapic
 import reports
 import utils
-from utils import DataError, arg
+from utils import DataError
 
 
 @dataclass
 class Config:
     # data and model
-    pretrained_model: str = arg(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "base model: hub id or local diffusers folder; policy and ref both start from its UNet",
-    )
-    dataset: str = arg(
-        "yuvalkirstain/pickapic_v2",
-        "like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet "
-        "shards), or a .csv/.jsonl/.parquet file with columns image, caption, label",
-    )
-    label_policy: str = arg("won_once", pickapic.LABEL_POLICY_HELP)
-    output_dir: str = arg("runs/kto", "folder for run.json, metrics.jsonl and checkpoint-<step>/")
-    tiny: bool = arg(
-        False,
-        "train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized "
-        "defaults; explicit flags still win",
-    )
-    world_seed: int = arg(
-        0, "with --tiny: which tiny world to build and train on (independent worlds per seed)"
-    )
-    resolution: int = arg(512, "training image side in pixels (resize short side, center crop)")
-    random_flip: bool = arg(
-        True, "flip each image horizontally with probability 0.5 (released code; paper silent)"
-    )
-    caption_dropout: float = arg(
-        0.2, "probability of replacing a caption by the empty one (released code; not in the paper)"
-    )
-    desirable_ratio: float = arg(
-        0.8, "probability that a sample is drawn from the desirable set (the paper's gamma)"
-    )
-    dataloader_workers: int = arg(4, "DataLoader worker processes per rank that decode images")
+    pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """base model: hub id or local diffusers folder; policy and ref both start from its UNet"""
+    dataset: str = "yuvalkirstain/pickapic_v2"
+    """like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet
+    file with columns image, caption, label"""
+    label_policy: str = "won_once"
+    """how Pick-a-Pic pairs become per-image labels (ties dropped, each image uid counted once): won_once =
+    preferred in at least one comparison is desirable, never preferred is undesirable (paper); always_won =
+    desirable only if never the loser, images that both won and lost are dropped"""
+    output_dir: str = "runs/kto"
+    """folder for run.json, metrics.jsonl and checkpoint-<step>/"""
+    tiny: bool = False
+    """train on the offline tiny world (tiny_world.py; built once, cached) with CPU-sized defaults; explicit
+    flags still win"""
+    world_seed: int = 0
+    """with --tiny: which tiny world to build and train on (independent worlds per seed)"""
+    resolution: int = 512
+    """training image side in pixels (resize short side, center crop)"""
+    random_flip: bool = True
+    """flip each image horizontally with probability 0.5 (released code; paper silent)"""
+    caption_dropout: float = 0.2
+    """probability of replacing a caption by the empty one (released code; not in the paper)"""
+    desirable_ratio: float = 0.8
+    """probability that a sample is drawn from the desirable set (the paper's gamma)"""
+    dataloader_workers: int = 4
+    """DataLoader worker processes per rank that decode images"""
     # the objective
-    objective: str = arg(
-        "kto",
-        "kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on "
-        "desirable images only (same loop; --desirable_ratio is then 1)",
-    )
-    beta: float = arg(
-        5000.0, "scale of the implicit reward inside the utility (paper: 5000; released code: 1000)"
-    )
-    utility: str = arg(
-        "kahneman_tversky",
-        "U in lambda_y * (1 - U(w * beta * (r - z))): kahneman_tversky = sigmoid | "
-        "loss_averse = log sigmoid | risk_seeking = -log sigmoid(-x)",
-    )
-    reference_point: str = arg(
-        "kl_mismatched",
-        "z: kl_mismatched (paper, KTO: rewards of mismatched image-caption "
-        "pairs) | batch_mean (released code: rewards of the batch itself) | zero",
-    )
-    lambda_d: float = arg(1.0, "loss weight lambda_D of desirable samples")
-    lambda_u: float = arg(1.0, "loss weight lambda_U of undesirable samples")
+    objective: str = "kto"
+    """kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on desirable images only (same
+    loop; --desirable_ratio is then 1)"""
+    beta: float = 5000.0
+    """scale of the implicit reward inside the utility (paper: 5000; released code: 1000)"""
+    utility: str = "kahneman_tversky"
+    """U in lambda_y * (1 - U(w * beta * (r - z))): kahneman_tversky = sigmoid | loss_averse = log sigmoid |
+    risk_seeking = -log sigmoid(-x)"""
+    reference_point: str = "kl_mismatched"
+    """z: kl_mismatched (paper, KTO: rewards of mismatched image-caption pairs) | batch_mean (released code:
+    rewards of the batch itself) | zero"""
+    lambda_d: float = 1.0
+    """loss weight lambda_D of desirable samples"""
+    lambda_u: float = 1.0
+    """loss weight lambda_U of undesirable samples"""
     # optimisation
-    train_batch_size: int = arg(
-        2, "images per rank per forward pass (global batch = this x accumulation steps x number of ranks)"
-    )
-    gradient_accumulation_steps: int = arg(
-        1,
-        "forward/backward passes per optimizer step; z and the metrics are over "
-        "the whole accumulated batch (the paper's batch 8 on 1 GPU: 2 x 4)",
-    )
-    max_train_steps: int = arg(10_000, "optimizer steps")
-    learning_rate: float = arg(1e-7, "peak learning rate of AdamW (weight decay 0, i.e. Adam)")
-    lr_warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up from 0, then constant")
-    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (released code: 1.0)")
-    seed: int = arg(0, "seed for everything; ranks derive their own streams from (seed, rank)")
-    checkpointing_steps: int = arg(1000, "save checkpoint-<step>/ every this many steps (and at the end)")
-    checkpoints_total_limit: int = arg(0, "keep only the newest this many checkpoints (0: keep all)")
-    resume: str = arg(
-        "",
-        "continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if "
-        "there is none); refused if the data, model or objective differ from the checkpoint's",
-    )
-    max_bad_steps: int = arg(
-        10,
-        "stop after this many consecutive steps with a non-finite loss or gradient (each "
-        "is skipped: no update, no learning-rate step)",
-    )
-    allow_one_class: bool = arg(False, "train on data with only desirable or only undesirable samples")
+    train_batch_size: int = 2
+    """images per rank per forward pass (global batch = this x accumulation steps x number of ranks)"""
+    gradient_accumulation_steps: int = 1
+    """forward/backward passes per optimizer step; z and the metrics are over the whole accumulated batch (the
+    paper's batch 8 on 1 GPU: 2 x 4)"""
+    max_train_steps: int = 10_000
+    """optimizer steps"""
+    learning_rate: float = 1e-7
+    """peak learning rate of AdamW (weight decay 0, i.e. Adam)"""
+    lr_warmup_steps: int = 1000
+    """steps of linear learning-rate warm-up from 0, then constant"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (released code: 1.0)"""
+    seed: int = 0
+    """seed for everything; ranks derive their own streams from (seed, rank)"""
+    checkpointing_steps: int = 1000
+    """save checkpoint-<step>/ every this many steps (and at the end)"""
+    checkpoints_total_limit: int = 0
+    """keep only the newest this many checkpoints (0: keep all)"""
+    resume: str = ""
+    """continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if there is none);
+    refused if the data, model or objective differ from the checkpoint's"""
+    max_bad_steps: int = 10
+    """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped: no update,
+    no learning-rate step)"""
+    allow_one_class: bool = False
+    """train on data with only desirable or only undesirable samples"""
     # speed and memory (docs/benchmarks.md); attention is PyTorch's scaled_dot_product_attention
-    mixed_precision: str = arg(
-        "auto",
-        "autocast dtype of the UNets, frozen modules stored in it (norms in float32): "
-        "auto (bf16 on GPUs that have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 "
-        "| fp16 | no",
-    )
-    gradient_checkpointing: bool = arg(
-        False,
-        "recompute the policy's activations in the backward pass: less memory, about a third more compute",
-    )
-    optimizer: str = arg(
-        "adamw",
-        "adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; "
-        "2 instead of 8 bytes of state per parameter)",
-    )
-    compile: bool = arg(
-        False,
-        "torch.compile the repeated blocks of the policy and reference UNets (the first steps are slow)",
-    )
-    cache_latents: bool = arg(
-        False,
-        "encode every image (both flips) and caption once, to disk; training then never "
-        "loads the VAE and text encoder",
-    )
-    cache_dir: str = arg(
-        "",
-        "folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and "
-        "resumed when its settings match",
-    )
-    profile: bool = arg(
-        False,
-        "add seconds per phase of each step (time_<phase>, CUDA-synchronised), the step's FLOPs "
-        "(counted once), TFLOP/s and GPU utilisation to metrics.jsonl",
-    )
-    peak_tflops: float = arg(
-        0.0,
-        "with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation "
-        "(0: looked up by GPU name in PEAK_TFLOPS; none for unknown GPUs and CPUs)",
-    )
+    mixed_precision: str = "auto"
+    """autocast dtype of the UNets, frozen modules stored in it (norms in float32): auto (bf16 on GPUs that
+    have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 | fp16 | no"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in the backward pass: less memory, about a third more compute"""
+    optimizer: str = "adamw"
+    """adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; 2 instead of 8 bytes of
+    state per parameter)"""
+    compile: bool = False
+    """torch.compile the repeated blocks of the policy and reference UNets (the first steps are slow)"""
+    cache_latents: bool = False
+    """encode every image (both flips) and caption once, to disk; training then never loads the VAE and text
+    encoder"""
+    cache_dir: str = ""
+    """folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and resumed when its
+    settings match"""
+    profile: bool = False
+    """add seconds per phase of each step (time_<phase>, CUDA-synchronised), the step's FLOPs (counted once),
+    TFLOP/s and GPU utilisation to metrics.jsonl"""
+    peak_tflops: float = 0.0
+    """with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation (0: looked up by GPU
+    name in PEAK_TFLOPS; none for unknown GPUs and CPUs)"""
     # watching a run (README "Outputs")
-    validation_prompts: str = arg(
-        "a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an "
-        "astronaut riding a horse|a bowl of ramen, studio lighting",
-        "prompts sampled with the same seeds at every validation: '|'-separated, or a .txt "
-        "file with one per line",
+    validation_prompts: str = (
+        "a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an astronaut riding a horse|"
+        "a bowl of ramen, studio lighting"
     )
-    validation_steps: int = arg(
-        500,
-        "sample the validation prompts every this many steps and at the start, into "
-        "<output_dir>/validation/step-<N>.png (0: never)",
-    )
-    validation_guidance: float = arg(
-        7.5, "classifier-free guidance scale of the validation images (25 steps)"
-    )
-    report_to: str = arg(
-        "none",
-        "also log metrics and validation grids to: none | tensorboard | wandb "
-        "(WANDB_MODE=offline works without a network)",
-    )
-    plot: str = arg(
-        "", "only redraw <RUN_DIR>/curves.png from its metrics.jsonl (any run, resumed ones too); exit"
-    )
+    """prompts sampled with the same seeds at every validation: '|'-separated, or a .txt file with one per
+    line"""
+    validation_steps: int = 500
+    """sample the validation prompts every this many steps and at the start, into
+    <output_dir>/validation/step-<N>.png (0: never)"""
+    validation_guidance: float = 7.5
+    """classifier-free guidance scale of the validation images (25 steps)"""
+    report_to: str = "none"
+    """also log metrics and validation grids to: none | tensorboard | wandb (WANDB_MODE=offline works without
+    a network)"""
+    plot: str = ""
+    """only redraw <RUN_DIR>/curves.png from its metrics.jsonl (any run, resumed ones too); exit"""
 
 
 # --tiny: a CPU-sized run on the tiny world (base model and feedback built once by tiny_world.py)
@@ -212,25 +181,11 @@ CHOICES = dict(
     report_to=reports.TRACKERS,
 )
 # What may differ between a run and its resumption; anything else is refused
-RESUMABLE = {
-    "max_train_steps",
-    "checkpointing_steps",
-    "checkpoints_total_limit",
-    "resume",
-    "max_bad_steps",
-    "dataloader_workers",
-    "gradient_checkpointing",
-    "compile",
-    "profile",
-    "peak_tflops",
-    "cache_latents",
-    "cache_dir",
-    "validation_prompts",
-    "validation_steps",
-    "validation_guidance",
-    "report_to",
-    "plot",
-}
+RESUMABLE = set(
+    "max_train_steps checkpointing_steps checkpoints_total_limit resume max_bad_steps dataloader_workers "
+    "gradient_checkpointing compile profile peak_tflops cache_latents cache_dir validation_prompts "
+    "validation_steps validation_guidance report_to plot".split()
+)
 
 
 def parse_config(argv=None) -> Config:
@@ -540,9 +495,9 @@ def optimizer_class(name: str):
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Images per rank and optimizer step
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    # kl_mismatched pairs each image with another sample's caption: a batch of one fails now, with a clear message
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
     if mismatched:
-        # A batch of one image has no other caption: fail now, with a clear message
         mismatched(per_rank)
     optimizer_cls = optimizer_class(cfg.optimizer)
     table, dataset, desirable, counts = data.load_data(cfg)
@@ -562,52 +517,32 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
-    start_step, bad_steps = (
-        utils.load_checkpoint(
-            resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
-        )
-        if resume_from
-        else (0, 0)
+    start_step, bad_steps = utils.load_checkpoint(
+        resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
     )
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
 
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
-    # "" first: the dropped-out caption
-    captions = list(dict.fromkeys(["", *table["caption"]]))
     inputs = data.Inputs(
-        cfg,
-        path,
-        dataset,
-        captions,
-        amp_dtype or torch.float32,
-        autocast,
-        device,
-        rank,
-        world_size,
-        mismatched,
+        cfg, path, dataset, table["caption"], amp_dtype, autocast, device, rank, world_size, mismatched
     )
     sampler = DesirableRatioSampler(
         desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank
     )
-    batches = iter(
-        torch.utils.data.DataLoader(
-            inputs.dataset,
-            batch_size=per_rank,
-            sampler=sampler,
-            num_workers=cfg.dataloader_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=cfg.dataloader_workers > 0,
-        )
-    )
+    batches = inputs.loader(sampler, per_rank)
     # The objective, chosen once: Diffusion-KTO's utility of the implicit reward, or the SFT baseline
-    loss_fn = (
-        functools.partial(
-            kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u
-        )
-        if cfg.objective == "kto"
-        else sft_loss
+    loss_fn = functools.partial(
+        kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u
+    )
+    step_fn = functools.partial(
+        kto_step,
+        loss_fn=sft_loss if cfg.objective == "sft" else loss_fn,
+        z_from=cfg.reference_point,
+        micro_batches=cfg.gradient_accumulation_steps,
+        # fp16: the loss scaled so that its gradients do not underflow
+        backward=lambda loss_k: scaler.scale(loss_k).backward(),
     )
     phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
     # The baseline grid, before any update
@@ -623,20 +558,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 x0, emb, emb_mismatched = inputs(batch, gen)
             with phases("forward_backward"), autocast:
                 optimizer.zero_grad(set_to_none=True)
-                loss, stats = kto_step(
-                    model,
-                    ref,
-                    scheduler,
-                    x0,
-                    emb,
-                    emb_mismatched,
-                    is_desirable,
-                    gen,
-                    loss_fn,
-                    cfg.reference_point,
-                    cfg.gradient_accumulation_steps,
-                    backward=lambda loss_k: scaler.scale(loss_k).backward(),
-                )
+                loss, stats = step_fn(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen)
         with phases("clip"):
             # Fp16: the true gradients, so that clipping sees their norm
             scaler.unscale_(optimizer)

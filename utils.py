@@ -5,15 +5,18 @@ built once, and the training checkpoints (save, find, load, side by side)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import fcntl
+import inspect
 import json
 import logging
 import os
 import re
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +58,16 @@ class DataError(ValueError):
     exit_code = 2
 
 
-def arg(default, help: str):
-    """A Config field with its --help line."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def field_help(config_cls) -> dict[str, str]:
+    """Each Config field's --help line: the docstring on the line below the field (as in cleanRL)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(config_cls))).body[0].body
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+    }
 
 
 def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_extra=None):
@@ -71,12 +81,11 @@ def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_ext
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=doc.split("\n\n", 1)[1],
     )
+    helps, types = field_help(config_cls), dict(int=int, float=float, str=str)
     for f in dataclasses.fields(config_cls):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=eval(f.type))
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=types[f.type])
         default = f" (default: {f.default!r}" + (f"; --tiny: {tiny[f.name]!r})" if f.name in tiny else ")")
-        parser.add_argument(
-            f"--{f.name}", help=f.metadata["help"] + default, choices=choices.get(f.name), **kind
-        )
+        parser.add_argument(f"--{f.name}", help=helps[f.name] + default, choices=choices.get(f.name), **kind)
     given = vars(parser.parse_args(argv))
     cfg = config_cls()
     if given.get("tiny"):
@@ -331,10 +340,21 @@ def find_resume(cfg, resumable: set[str]) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, policy, optimizer, lr_schedule, scaler, gen, seed: int, rank: int, world_size: int, device
+    path: Path | None,
+    policy,
+    optimizer,
+    lr_schedule,
+    scaler,
+    gen,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device,
 ) -> tuple[int, int]:
     """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
-    fp16 loss scale and this rank's generator. Returns (step, consecutive bad steps)."""
+    fp16 loss scale and this rank's generator. Returns (step, consecutive bad steps); (0, 0) without a path."""
+    if path is None:
+        return 0, 0
     policy.load_state_dict(type(policy).from_pretrained(path, subfolder="unet").state_dict())
     state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
