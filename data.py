@@ -5,6 +5,7 @@ what and how to fix (utils.DataError)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -339,7 +340,8 @@ class Inputs:
                 self.cache,
                 dict(
                     pretrained_model=path,
-                    dataset=cfg.dataset,
+                    # the data by content (see fingerprint): a moved dataset keeps its cache
+                    data=dataset.fingerprint,
                     label_policy=cfg.label_policy,
                     resolution=cfg.resolution,
                     random_flip=cfg.random_flip,
@@ -534,10 +536,43 @@ def build_latent_cache(folder: Path, dataset, captions: list[str], inputs: Input
         dist.barrier()
 
 
+def fingerprint(table: pd.DataFrame, base_dir: Path) -> dict:
+    """What identifies the training data by content, not by where it lies: the number of rows and a hash of each
+    column that training reads (captions, labels, images). Images are hashed by reference: the path as written in
+    the table (relative to its folder) or the bytes it holds, plus each image file's size (for Pick-a-Pic, each
+    parquet shard's name and size): a stat per file, cheap for a million files, where hashing their contents
+    would read the whole dataset. Modification times are left out on purpose: a copied or moved dataset is the
+    same data. So an image rewritten in place with the same size goes unnoticed; a changed label, caption, row
+    or image file size does not."""
+
+    def digest(columns: dict) -> str:
+        rows = pd.util.hash_pandas_object(pd.DataFrame(columns), index=False).to_numpy()
+        return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+
+    if "shard" in table.columns:
+        shard = table["shard"].cat
+        sizes = [f"{Path(s).name}:{Path(s).stat().st_size}" for s in shard.categories]
+        images = dict(
+            shard=np.asarray(sizes)[shard.codes], row=table["row"], column=table["column"].astype(str)
+        )
+    else:
+        size = lambda v: (Path(v) if Path(v).is_absolute() else base_dir / v).stat().st_size
+        ref = lambda v: f"{v}:{size(v)}" if isinstance(v, str) else hashlib.sha256(v).hexdigest()
+        images = dict(image=table["image"].map(ref))
+    return dict(
+        rows=len(table),
+        desirable=int(table["desirable"].sum()),
+        labels=digest(dict(desirable=table["desirable"])),
+        captions=digest(dict(caption=table["caption"])),
+        images=digest(images),
+    )
+
+
 def load_data(cfg):
     """The feedback table and its dataset, checked before any model is loaded."""
     table = load_feedback(cfg.dataset, label_policy=cfg.label_policy)
     dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
+    dataset.fingerprint = fingerprint(table, Path(cfg.dataset).parent)
     desirable = table["desirable"].to_numpy()
     n_d, n_u = int(desirable.sum()), int((~desirable).sum())
     if min(n_d, n_u) == 0 and not cfg.allow_one_class and cfg.objective == "kto":
@@ -558,6 +593,10 @@ def load_data(cfg):
             "Fill in the caption column or drop those rows."
         )
     counts = dict(
-        num_desirable=n_d, num_undesirable=n_u, label_policy=cfg.label_policy, data=table.attrs.get("stats")
+        num_desirable=n_d,
+        num_undesirable=n_u,
+        label_policy=cfg.label_policy,
+        data=table.attrs.get("stats"),
+        fingerprint=dataset.fingerprint,
     )
     return table, dataset, desirable, counts

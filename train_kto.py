@@ -180,9 +180,10 @@ CHOICES = dict(
     optimizer=("adamw", "adamw8bit"),
     report_to=reports.TRACKERS,
 )
-# What may differ between a run and its resumption; anything else is refused
+# What may differ between a run and its resumption; anything else is refused. The data are compared by content
+# (data.fingerprint), not by path; the output folder may have moved
 RESUMABLE = set(
-    "max_train_steps checkpointing_steps checkpoints_total_limit resume max_bad_steps dataloader_workers "
+    "dataset output_dir max_train_steps checkpointing_steps checkpoints_total_limit resume max_bad_steps dataloader_workers "
     "gradient_checkpointing compile profile peak_tflops cache_latents cache_dir validation_prompts "
     "validation_steps validation_guidance report_to plot".split()
 )
@@ -203,6 +204,7 @@ def parse_config(argv=None) -> Config:
         }
 
     cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world)
+    cfg = utils.resolve_paths(cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset"))
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
@@ -501,7 +503,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         mismatched(per_rank)
     optimizer_cls = optimizer_class(cfg.optimizer)
     table, dataset, desirable, counts = data.load_data(cfg)
-    resume_from = utils.find_resume(cfg, RESUMABLE)
+    fingerprint = counts["fingerprint"]
+    resume_from = utils.find_resume(cfg, RESUMABLE, fingerprint)
 
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
@@ -588,7 +591,17 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         record.validate(policy, step, inputs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             utils.save_checkpoint(
-                cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size
+                cfg,
+                policy,
+                optimizer,
+                lr_schedule,
+                scaler,
+                gen,
+                step,
+                bad_steps,
+                rank,
+                world_size,
+                fingerprint,
             )
             record.checkpoint(step)
     record.close()

@@ -267,10 +267,20 @@ def fsync_tree(path: Path):
 
 
 def save_checkpoint(
-    cfg, policy, optimizer, lr_schedule, scaler, gen, step: int, bad_steps: int, rank: int, world_size: int
+    cfg,
+    policy,
+    optimizer,
+    lr_schedule,
+    scaler,
+    gen,
+    step: int,
+    bad_steps: int,
+    rank: int,
+    world_size: int,
+    data_id,
 ):
     """checkpoint-<step>/: unet/ (diffusers layout), optimizer.pt (newest checkpoint only), training_state.pt,
-    rng_state.pt (every rank's generator) and config.json. Rank 0 writes it to a temporary folder, flushes it to
+    rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint, `data_id`). Rank 0 writes it to a temporary folder, flushes it to
     disk, then renames it. All ranks call this."""
     rng_states = [gen.get_state()]
     if world_size > 1:
@@ -291,6 +301,7 @@ def save_checkpoint(
             )
             torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
             (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            (tmp / "data.json").write_text(json.dumps(data_id, indent=2))
             fsync_tree(tmp)
         *older, _ = list_checkpoints(cfg.output_dir)
         for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
@@ -302,9 +313,10 @@ def save_checkpoint(
         dist.barrier()
 
 
-def find_resume(cfg, resumable: set[str]) -> Path | None:
+def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
     """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume, and
-    to resume a checkpoint whose data, model or objective differ from this launch's (RESUMABLE may differ)."""
+    to resume a checkpoint whose data (by content: `data_id`, see data.fingerprint), model or objective differ
+    from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
     out = Path(cfg.output_dir)
     if not cfg.resume:
         if list_checkpoints(out):
@@ -316,17 +328,26 @@ def find_resume(cfg, resumable: set[str]) -> Path | None:
     path = (list_checkpoints(out) or [None])[-1] if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         return None
-    if not (path / "training_state.pt").exists():
-        raise DataError(
-            f"--resume {path}: not a checkpoint folder of train_kto.py (no training_state.pt). "
-            f"Pass a checkpoint-<step> folder or 'latest'."
-        )
-    if not (path / "optimizer.pt").exists():
-        raise DataError(
-            f"--resume {path}: this checkpoint keeps the weights but not the optimizer state, which only "
-            "the newest checkpoint of a run keeps. Resume from the newest one (--resume latest)."
-        )
-    saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    for name, why in (
+        (
+            "training_state.pt",
+            "not a checkpoint folder of train_kto.py (no training_state.pt). Pass a "
+            "checkpoint-<step> folder or 'latest'.",
+        ),
+        (
+            "optimizer.pt",
+            "this checkpoint keeps the weights but not the optimizer state, which only the newest "
+            "checkpoint of a run keeps. Resume from the newest one (--resume latest).",
+        ),
+        (
+            "data.json",
+            "this checkpoint has no data.json (the fingerprint of its training data), so it cannot "
+            "be checked against this launch's data: it was saved by an older version. Start a new run.",
+        ),
+    ):
+        if not (path / name).exists():
+            raise DataError(f"--resume {path}: {why}")
+    saved = json.loads((path / "config.json").read_text())
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
     if differ:
@@ -336,7 +357,29 @@ def find_resume(cfg, resumable: set[str]) -> Path | None:
             + ". Resuming would mix two runs in one record: pass the checkpoint's values, or start a new "
             "run with another --output_dir (and --pretrained_model pointing at the checkpoint's unet)."
         )
+    then = json.loads((path / "data.json").read_text())
+    changed = [k for k in ("rows", "labels", "captions", "images") if then.get(k) != data_id[k]]
+    if changed:
+        counts = lambda d: f"{d['rows']} rows, {d['desirable']} desirable"
+        raise DataError(
+            f"--resume {path}: the data of --dataset {cfg.dataset} differ from the data the checkpoint was "
+            f"trained on: changed {', '.join(changed)} ({counts(then)} there, {counts(data_id)} here). "
+            "Resuming would mix two datasets in one run: restore the checkpoint's data, or start a new run "
+            "with another --output_dir."
+        )
     return path
+
+
+def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
+    """cfg with absolute paths: `local` fields always name local paths, `maybe_local` ones only when a file or
+    folder of that name exists here (otherwise they are hub ids). So that a run is compared and resumed by what
+    its paths point at, whatever the working directory."""
+    absolute = lambda v: str(Path(v).expanduser().resolve())
+    return dataclasses.replace(
+        cfg,
+        **{k: absolute(getattr(cfg, k)) for k in local if getattr(cfg, k)},
+        **{k: absolute(getattr(cfg, k)) for k in maybe_local if Path(getattr(cfg, k)).expanduser().exists()},
+    )
 
 
 def load_checkpoint(
