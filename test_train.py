@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -83,6 +84,51 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_tiny_checks_the_data_before_building_the_world(tmp_path, monkeypatch, capsys):
+    import tiny_world
+
+    # An empty cache: --tiny would build the world (minutes) for its model
+    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny_world, "build_world", lambda *a, **k: pytest.fail("the world build started"))
+    path = write_table(tmp_path, [{"image": "a.png", "caption": "x", "label": "maybe"}])
+    with pytest.raises(SystemExit) as e:
+        train_kto.main(["--tiny", "--dataset", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "column 'label', row 0" in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_name, code):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    argv = [*TINY, "--output_dir", str(out), "--max_train_steps", "500", "--checkpointing_steps", "2"]
+    job = subprocess.Popen(
+        [sys.executable, "train_kto.py", *argv], cwd=HERE, stderr=subprocess.PIPE, text=True
+    )
+    while not (out / "checkpoint-2").exists() and job.poll() is None:
+        time.sleep(0.2)
+    job.send_signal(getattr(signal, signal_name))
+    err = job.communicate(timeout=120)[1]
+    last = utils.list_checkpoints(out)[-1]
+    assert job.returncode == code and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(
+        f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'}. The last checkpoint is {last}"
+    )
+    # The printed command, run as printed (with fewer steps): the run goes on from that checkpoint
+    command = lines[-1].split("To resume: ")[1]
+    assert command.startswith("python train_kto.py ") and command.endswith(" --resume latest"), command
+    step = int(last.name.split("-")[1])
+    subprocess.run(
+        [sys.executable, *shlex.split(command)[1:], "--max_train_steps", str(step + 1)], cwd=HERE, check=True
+    )
+    launches = json.loads((out / "run.json").read_text())["launches"]
+    assert [launch["start_step"] for launch in launches] == [0, step]
 
 
 # ---------------------------------------------------------------------------------------------------

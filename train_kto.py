@@ -26,6 +26,8 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 import data
 import pickapic
 import reports
+import tiny_world
 import utils
 from utils import DataError
 
@@ -170,6 +173,8 @@ TINY = dict(
     output_dir="runs/tiny",
     validation_steps=50,
     validation_guidance=3.0,
+    # the world's captions that never get feedback
+    validation_prompts="|".join(tiny_world.HELD_OUT),
 )
 CHOICES = dict(
     label_policy=pickapic.LABEL_POLICIES,
@@ -193,17 +198,17 @@ def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
 
     # Built on first use, and only if the run needs it
-    def tiny_world(given):
-        import tiny_world
-
+    def world_paths(given):
+        if "dataset" in given:
+            # Bad data fail now, not after the world's build (minutes on an empty cache)
+            data.load_feedback(given["dataset"], given.get("label_policy", "won_once"))
         world = lambda: tiny_world.world_path(given.get("world_seed", 0))  # noqa: E731
         return {
             **({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
             **({} if "dataset" in given else dict(dataset=str(world() / "feedback"))),
-            "validation_prompts": "|".join(tiny_world.HELD_OUT),
         }
 
-    cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world)
+    cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, world_paths)
     cfg = utils.resolve_paths(cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset"))
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
@@ -470,13 +475,16 @@ def load_models(cfg: Config, path: str, device: torch.device):
 
 def main(argv=None):
     """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
-    # First: --tiny may build the tiny world while parsing
     utils.quiet_libraries()
-    cfg = parse_config(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # First: --tiny may build the tiny world while parsing
+    with utils.reported((DataError,)):
+        cfg = parse_config(argv)
     if cfg.plot:
         print(f"wrote {reports.plot_curves(Path(cfg.plot))}")
         return None
-    return utils.run_main(train, cfg, (DataError, TrainingError))
+    stopped = lambda cfg: utils.resume_command(cfg, os.path.relpath(__file__), argv)
+    return utils.run_main(train, cfg, (DataError, TrainingError), stopped)
 
 
 def optimizer_class(name: str):

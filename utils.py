@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -93,16 +95,21 @@ def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_ext
     return dataclasses.replace(cfg, **given), parser
 
 
-def run_main(work, cfg, errors: tuple):
-    """init_distributed, work(cfg, rank, world_size, device), then tear down on every rank. An error of a type in
-    `errors` (bad input or a run that cannot go on: the message says what and how to fix) is printed by rank 0
-    alone (every rank checks the same things), without a traceback; the exit code is the error's exit_code."""
-    rank, world_size, device = init_distributed()
+class Stopped(Exception):
+    """SIGTERM (what a scheduler sends before it kills a job) as an exception, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped
+
+
+@contextlib.contextmanager
+def reported(errors: tuple, rank: int = 0, on_stop=lambda: ""):
+    """An error of a type in `errors` (bad input, or a run that cannot go on: the message says what and how to
+    fix) is printed by rank 0 alone (every rank checks the same things), without a traceback; the exit code is the
+    error's exit_code. Ctrl-C and SIGTERM end with one line, on_stop()'s (what was saved, how to go on)."""
     try:
-        result = work(cfg, rank, world_size, device)
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
-        return result
+        yield
     except errors as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -111,6 +118,27 @@ def run_main(work, cfg, errors: tuple):
 
             ErrorHandler().record_exception(e)
         raise SystemExit(getattr(e, "exit_code", 2)) from None
+    except (KeyboardInterrupt, Stopped) as e:
+        if rank == 0:
+            print(
+                f"stopped by {'SIGTERM' if isinstance(e, Stopped) else 'Ctrl-C'}. {on_stop()}",
+                file=sys.stderr,
+            )
+        # the shell's codes for death by SIGTERM and SIGINT
+        raise SystemExit(143 if isinstance(e, Stopped) else 130) from None
+
+
+def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
+    """init_distributed, work(cfg, rank, world_size, device), then tear down on every rank; errors, Ctrl-C and
+    SIGTERM as `reported` says (on_stop(cfg): the line that says what was saved)."""
+    rank, world_size, device = init_distributed()
+    signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        with reported(errors, rank, lambda: on_stop(cfg)):
+            result = work(cfg, rank, world_size, device)
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
+            return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -368,6 +396,17 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
             "with another --output_dir."
         )
     return path
+
+
+def resume_command(cfg, script: str, argv: list[str]) -> str:
+    """What was saved last in cfg.output_dir, and the command that goes on from it (argv with --resume latest)."""
+    last = list_checkpoints(cfg.output_dir)
+    if not last:
+        return f"No checkpoint was saved in {cfg.output_dir}: run the same command to start again."
+    kept = [a for i, a in enumerate(argv) if not a.startswith("--resume") and argv[i - 1 : i] != ["--resume"]]
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = f"torchrun --nproc_per_node {ranks}" if ranks > 1 else "python"
+    return f"The last checkpoint is {last[-1]}. To resume: {launcher} {shlex.join([script, *kept, '--resume', 'latest'])}"
 
 
 def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
