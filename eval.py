@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import models
 import reports
 import scorers
 import tiny_world
@@ -140,12 +141,12 @@ def random_scorers(cfg: Config) -> bool:
 
 def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
-    cfg, metrics, models, prompts, ids = check_inputs(cfg)
+    cfg, metrics, pair, prompts, ids = check_inputs(cfg)
     items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
     out = Path(cfg.out)
     generation = dict(
-        ckpt=models["checkpoint"],
-        baseline=models["baseline"],
+        ckpt=pair["checkpoint"],
+        baseline=pair["baseline"],
         prompts=cfg.prompts,
         steps=cfg.steps,
         guidance=cfg.guidance,
@@ -162,8 +163,8 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
         settings_file.write_text(json.dumps(generation, indent=2))
 
     # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------------
-    folders = {tag: out / "images" / tag for tag in models}
-    for tag, model in models.items():
+    folders = {tag: out / "images" / tag for tag in pair}
+    for tag, model in pair.items():
         generate(cfg, model, items[rank::world_size], folders[tag], tag, rank, device)
     if world_size > 1:
         dist.barrier()
@@ -203,8 +204,8 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     report = dict(
         metrics=results,
         settings=dataclasses.asdict(cfg),
-        checkpoint_model=models["checkpoint"],
-        baseline_model=models["baseline"],
+        checkpoint_model=pair["checkpoint"],
+        baseline_model=pair["baseline"],
         n_images_per_model=len(items),
         world_size=world_size,
         device=str(device),
@@ -215,7 +216,7 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
         report["note"] = TINY_NOTE
     written = write_reports(cfg, report, tables, prompts, ids, paths, out)
     # a checkpoint-<step> folder of train_kto.py: its model card gets the table
-    if models["checkpoint"]["unet"]:
+    if pair["checkpoint"]["unet"] or pair["checkpoint"]["lora"]:
         written.append(add_to_model_card(cfg, out / "results.md", results))
     print((out / "results.md").read_text())
     if random_scorers(cfg):
@@ -240,12 +241,12 @@ def check_inputs(cfg: Config):
             raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
     ckpt = describe_model(cfg.ckpt, "--ckpt")
     if not cfg.baseline:
-        if ckpt["unet"] is None:
+        if ckpt["unet"] is None and ckpt["lora"] is None:
             raise DataError(
                 f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline."
             )
         cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
-    models = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
+    pair = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
     prompts = load_prompts(cfg.prompts)
     # prompt ids are indices in the full set: seeds follow them
     ids = subset_indices(len(prompts), cfg.num_prompts)
@@ -261,7 +262,7 @@ def check_inputs(cfg: Config):
             )
     for m in metrics:
         SCORERS[m].locate(cfg)
-    return cfg, metrics, models, prompts, ids
+    return cfg, metrics, pair, prompts, ids
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,10 +384,12 @@ def score_images(
 
 
 def describe_model(spec: str, flag: str) -> dict:
-    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None}, both checked to exist. A
-    checkpoint-<step> folder holds only unet/; its base model is config.pretrained_model in the run.json above."""
+    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None, 'lora': checkpoint folder holding a LoRA
+    file or None}, checked to exist. A checkpoint-<step> folder holds only unet/ (or the LoRA file); its base model
+    is config.pretrained_model in the run.json above."""
     path = Path(spec)
-    if (path / "unet" / "config.json").exists() and not (path / "model_index.json").exists():
+    lora = (path / models.LORA_FILE).exists()
+    if (lora or (path / "unet" / "config.json").exists()) and not (path / "model_index.json").exists():
         run_json = path.parent / "run.json"
         if not run_json.exists():
             raise DataError(
@@ -395,16 +398,17 @@ def describe_model(spec: str, flag: str) -> dict:
             )
         base = json.loads(run_json.read_text())["config"]["pretrained_model"]
         utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
-        return dict(base=base, unet=str(path / "unet"))
+        return dict(base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None)
     if path.is_dir() and not (path / "model_index.json").exists():
         raise DataError(
-            f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/) nor a diffusers model "
-            f"folder (with model_index.json)."
+            f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/ or {models.LORA_FILE}) nor a "
+            "diffusers model folder (with model_index.json)."
         )
-    return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None)
+    return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
 
 
 def load_pipeline(model: dict, device: torch.device):
+    """The pipeline of `model` (see describe_model): the base, with the checkpoint's UNet or LoRA adapters."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -419,6 +423,8 @@ def load_pipeline(model: dict, device: torch.device):
         raise DataError(
             f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder."
         ) from e
+    if model["lora"]:
+        pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -699,20 +705,24 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
 def export(cfg: Config, rank: int, world_size: int, device) -> Path:
     """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet, saved as one
     diffusers folder (model card included) that StableDiffusionPipeline.from_pretrained(OUT) loads alone."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
     model, out = describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
-    if model["unet"] is None:
+    if model["unet"] is None and model["lora"] is None:
         raise DataError(
             f"--ckpt {cfg.ckpt}: already a complete pipeline; --export takes a checkpoint-<step> folder "
             f"of train_kto.py."
         )
     if out.exists():
         raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
-    # weights as saved (no dtype given): the exported UNet equals the checkpoint's bit for bit
+    # weights as saved (float32): the exported UNet equals the checkpoint's bit for bit; LoRA adapters are fused
     if rank == 0:
-        unet = UNet2DConditionModel.from_pretrained(model["unet"])
-        pipe = StableDiffusionPipeline.from_pretrained(model["base"], unet=unet)
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        unet = dict(unet=UNet2DConditionModel.from_pretrained(model["unet"])) if model["unet"] else {}
+        pipe = StableDiffusionPipeline.from_pretrained(model["base"], **unet)
+        if model["lora"]:
+            pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
         out.parent.mkdir(parents=True, exist_ok=True)
         with utils.atomic_path(out) as tmp:
             pipe.save_pretrained(tmp)

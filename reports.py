@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import LORA_FILE
 from utils import DataError, atomic_path, derive_seed, is_hub_id
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,6 +294,7 @@ RECIPE = (
     "world_size",
     "max_train_steps",
     "desirable_ratio",
+    "lora_rank",
 )
 
 
@@ -317,7 +319,7 @@ def write_model_card(ckpt_dir: Path, run: dict) -> Path:
     terms = base_license(base)
     data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
-        tags=CARD_TAGS,
+        tags=[*CARD_TAGS, *(["lora"] if cfg.get("lora_rank") else [])],
         library_name="diffusers",
         license=terms,
         pipeline_tag="text-to-image",
@@ -325,10 +327,34 @@ def write_model_card(ckpt_dir: Path, run: dict) -> Path:
     recipe = dict(cfg, world_size=run.get("world_size", "?"))
     rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
     policy = run.get("label_policy", cfg.get("label_policy", "?"))
+    lora = cfg.get("lora_rank", 0)
+    what = f"Rank-{lora} LoRA adapters of the UNet" if lora else "The UNet"
+    if lora:
+        use = f"""This folder holds LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet:
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")
+image = pipe("a photo of an astronaut riding a horse").images[0]
+```
+"""
+    else:
+        use = f"""This folder holds the fine-tuned UNet (`unet/`); the other parts come from the base model:
+
+```python
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")
+pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)
+image = pipe("a photo of an astronaut riding a horse").images[0]
+```
+"""
     body = f"""
 # Diffusion-KTO: {ckpt_dir.parent.name}, step {step}
 
-The UNet of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
+{what} of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
 labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
 
 License: {terms}. The base model's license applies to these weights as to the base model itself.
@@ -346,17 +372,8 @@ undesirable images (label policy `{policy}`).
 
 ## Use
 
-This folder holds the fine-tuned UNet (`unet/`); the other parts come from the base model:
-
-```python
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")
-pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)
-image = pipe("a photo of an astronaut riding a horse").images[0]
-```
-
-`python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder:
+{use}
+`python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder{" (adapters fused)" if lora else ""}:
 `StableDiffusionPipeline.from_pretrained("OUT")`.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

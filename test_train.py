@@ -565,6 +565,8 @@ def test_resume_knows_the_data_by_content_not_by_path(tmp_path, monkeypatch, cap
     launch("../mydata/data.csv", "../runs/Bcopy", 6, "--resume", "latest")
     # the resumed steps are the identical computation (restored weights, optimizer and generators): bit for bit
     assert strip(metrics("runs/Bcopy")) == strip(metrics("whole"))
+    saved = json.loads((tmp_path / "runs/B/checkpoint-4/data.json").read_text())
+    assert json.loads((tmp_path / "runs/B/run.json").read_text())["fingerprint"] == saved
     # Four labels flipped in place, same path: refused, naming what changed, and not recorded as a launch
     table = pd.read_csv(tmp_path / "mydata/data.csv")
     table.loc[:3, "label"] = 1 - table.loc[:3, "label"].astype(int)

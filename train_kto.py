@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import models
 import pickapic
 import reports
 import tiny_world
@@ -90,6 +91,9 @@ class Config:
     """loss weight lambda_D of desirable samples"""
     lambda_u: float = 1.0
     """loss weight lambda_U of undesirable samples"""
+    lora_rank: int = 0
+    """0: fine-tune the whole UNet (the paper's) | R: train rank-R LoRA adapters on its attention projections
+    instead (peft); the reference is then the same UNet with the adapters off"""
     # optimisation
     train_batch_size: int = 2
     """images per rank per forward pass (global batch = this x accumulation steps x number of ranks)"""
@@ -284,12 +288,7 @@ def frozen_reference(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     """A frozen copy of the policy stored in `dtype`, except its normalisation layers, which keep the policy's
     exact float32 values. Autocast rounds conv/linear weights to bf16/fp16 for both models alike, but runs the
     norms with their parameters as stored: rounded norms would make ref != policy at step 0 (beta * std(r) ~ 1)."""
-    ref = copy.deepcopy(policy).requires_grad_(False).eval()
-    for module in ref.modules():
-        if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-    return ref
+    return models.store_frozen(copy.deepcopy(policy).eval(), dtype)
 
 
 def sft_loss(policy_err, ref_err, desirable, z):
@@ -456,8 +455,12 @@ def load_models(cfg: Config, path: str, device: torch.device):
     amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).train()
-    # Two modules: never swap weights in and out of one
-    ref = frozen_reference(policy, amp_dtype or torch.float32)
+    if cfg.lora_rank:
+        # LoRA: only the adapters train; the reference is the same UNet with them off (no second UNet held)
+        ref = models.AdaptersOff(models.add_lora(policy, cfg.lora_rank, amp_dtype or torch.float32, cfg.seed))
+    else:
+        # Two modules: never swap weights in and out of one
+        ref = frozen_reference(policy, amp_dtype or torch.float32)
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     if cfg.compile:
@@ -521,7 +524,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     # Adam (weight decay 0) with a linear warm-up, then constant; fp16 gradients need a loss scale
-    optimizer = optimizer_cls(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = optimizer_cls(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
     )
@@ -573,7 +577,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         with phases("clip"):
             # Fp16: the true gradients, so that clipping sees their norm
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         with phases("optimizer"):
             # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
             sums = step_sums(

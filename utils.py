@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import models
+
 
 def init_distributed():
     """(rank, world_size, device). Under torchrun also the process group: nccl on CUDA, gloo on CPU; plain
@@ -316,7 +318,7 @@ def save_checkpoint(
         dist.all_gather_object(rng_states, gen.get_state())
     if rank == 0:
         with atomic_path(Path(cfg.output_dir) / f"checkpoint-{step}") as tmp:
-            policy.save_pretrained(tmp / "unet")
+            models.save_policy(policy, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(
                 dict(
@@ -437,7 +439,7 @@ def load_checkpoint(
     fp16 loss scale and this rank's generator. Returns (step, consecutive bad steps); (0, 0) without a path."""
     if path is None:
         return 0, 0
-    policy.load_state_dict(type(policy).from_pretrained(path, subfolder="unet").state_dict())
+    models.load_policy(policy, path)
     state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     lr_schedule.load_state_dict(state["lr_schedule"])

@@ -1,0 +1,106 @@
+"""What is trained, and what a checkpoint of it holds: full fine-tuning of the UNet (the paper's recipe), or LoRA
+adapters on its attention projections (peft, as diffusers uses it), whose frozen reference is the same UNet with
+the adapters switched off, so that no second UNet is held. A full policy is saved as a diffusers `unet/` folder;
+a LoRA policy as `pytorch_lora_weights.safetensors` in the diffusers LoRA format, which
+`pipe.load_lora_weights(folder)` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# The attention projections of every transformer block (self- and cross-attention), as in diffusers' LoRA scripts
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def store_frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Freeze `module` and store its weights in `dtype`, except its normalisation layers, which keep their exact
+    float32 values: autocast rounds conv/linear weights to bf16/fp16 for a frozen and a trainable module alike,
+    but runs norms with their parameters as stored (rounded norms would make ref != policy at step 0)."""
+    module.requires_grad_(False)
+    for m in module.modules():
+        if not isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+    return module
+
+
+def add_lora(unet, rank: int, frozen_dtype: torch.dtype, seed: int):
+    """LoRA adapters of rank `rank` (alpha = rank: scale 1) on the attention projections of `unet`, in place. The
+    base weights are frozen and stored as the reference's are (store_frozen); the adapters, the only trainable
+    parameters, are float32 (master weights, as the full policy's). lora_A is drawn from `seed` (the same on every
+    rank and every launch), lora_B starts at 0: policy == reference."""
+    from peft import LoraConfig
+
+    store_frozen(unet, frozen_dtype)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    trainable_float32(unet)
+    return unet
+
+
+def trainable_float32(unet):
+    """peft creates (and a load may restore) adapters in the base layer's dtype: the trainable ones go float32."""
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def is_lora(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+class AdaptersOff(torch.nn.Module):
+    """The frozen reference of a LoRA policy: the policy's own UNet with its adapters switched off for the call.
+    Holds the UNet without registering it as a submodule: no parameters of its own, nothing to save or train."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = [unet]
+
+    def forward(self, *args, **kwargs):
+        unet = self.unet[0]
+        unet.disable_adapters()
+        try:
+            return unet(*args, **kwargs)
+        finally:
+            unet.enable_adapters()
+
+    def compile_repeated_blocks(self):
+        """Nothing to compile: the blocks are the policy's, compiled with it."""
+
+
+def save_policy(policy, folder: Path):
+    """The trained weights into a checkpoint folder: unet/ (full), or the LoRA file (adapters only)."""
+    if not is_lora(policy):
+        policy.save_pretrained(folder / "unet")
+        return
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_FILE)
+
+
+def load_policy(policy, folder: Path):
+    """What save_policy wrote, into a policy made the same way (full, or with the same adapters)."""
+    if not is_lora(policy):
+        policy.load_state_dict(type(policy).from_pretrained(folder, subfolder="unet").state_dict())
+        return
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=LORA_FILE)
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    result = set_peft_model_state_dict(policy, state, adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{folder / LORA_FILE}: keys the policy's adapters do not have: {result.unexpected_keys[:3]}"
+        )
+    trainable_float32(policy)

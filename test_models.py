@@ -1,0 +1,123 @@
+"""models.py: LoRA policies, their reference (the same UNet with its adapters off) and their checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import fixtures
+import models
+import train_kto
+
+TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset"]
+TINY += [str(fixtures.tiny_dataset_path()), "--validation_steps", "0"]
+
+
+def unet():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    path = fixtures.tiny_model_path()
+    return (
+        UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+    )
+
+
+def inputs(policy, n=4):
+    g = torch.Generator().manual_seed(0)
+    c = policy.config
+    x0 = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    emb = torch.randn(n, 16, c.cross_attention_dim, generator=g)
+    return x0, emb, torch.roll(emb, 1, 0), torch.tensor([True, False] * (n // 2)), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_reference_is_the_base_unet_and_r_is_zero_at_step_0(dtype):
+    policy, scheduler = unet()
+    # the reference of full fine-tuning, stored as LoRA stores the base: what AdaptersOff must compute
+    base = train_kto.frozen_reference(policy, dtype)
+    ref = models.AdaptersOff(models.add_lora(policy, 4, dtype, seed=0))
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    x0, emb, emb_mismatched, desirable, g = inputs(policy)
+    loss_fn = lambda policy_err, ref_err, desirable, z: train_kto.kto_loss(
+        policy_err, ref_err, desirable, 200.0, z
+    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        # lora_B starts at 0: the adapters add exactly 0, so r is exactly 0 (bf16 autocast included)
+        _, stats = train_kto.kto_step(policy, ref, scheduler, x0, emb, emb_mismatched, desirable, g, loss_fn)
+    assert torch.equal(stats["r"], torch.zeros(4)) and stats["z"] == 0
+    # Trained adapters (set outside autocast, which caches its casts of the weights until it exits): the policy
+    # moves, the reference stays the base UNet, bit for bit
+    for n, p in trainable.items():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    t = torch.tensor([10, 300, 600, 900])
+    x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    with autocast, torch.no_grad():
+        want, got = base(x_t, t, emb).sample, ref(x_t, t, emb).sample
+        assert torch.equal(got, want) and not torch.equal(policy(x_t, t, emb).sample, want)
+    # and the adapters are on again after the reference's call
+    assert all(m.disable_adapters is False for m in policy.modules() if hasattr(m, "lora_A"))
+
+
+@pytest.mark.slow
+def test_lora_trains_resumes_exactly_and_loads_into_a_pipeline(tmp_path):
+    args = [*TINY, "--lora_rank", "4", "--learning_rate", "1e-3", "--checkpointing_steps", "2"]
+    run = lambda out, steps, *a: train_kto.main(
+        [*args, "--output_dir", str(tmp_path / out), "--max_train_steps", str(steps), *a]
+    )
+    rows = lambda out: [
+        {k: v for k, v in json.loads(line).items() if k != "images_per_sec"}
+        for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+    ]
+    policy, _ = run("whole", 4), run("split", 2)
+    resumed = run("split", 4, "--resume", "latest")
+    # the resumed steps are the identical computation (restored adapters, optimizer and generators): bit for bit
+    assert rows("split") == rows("whole")
+    for a, b in zip(policy.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # Only the adapters trained, in float32, also after the resume; the base weights are the base model's
+    base, _ = unet()
+    kept = {k.replace(".base_layer", ""): v for k, v in resumed.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(kept[k], v) for k, v in base.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in resumed.parameters() if p.requires_grad)
+    ckpt = tmp_path / "whole" / "checkpoint-4"
+    assert (ckpt / models.LORA_FILE).exists() and not (ckpt / "unet").exists()
+    assert "LoRA" in (ckpt / "README.md").read_text()
+    # eval.py takes the LoRA checkpoint; diffusers' own load_lora_weights gives the very same images
+    out = tmp_path / "eval"
+    ev.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--tiny",
+            "--steps",
+            "2",
+            "--num_prompts",
+            "2",
+            "--batch_size",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(fixtures.tiny_model_path(), safety_checker=None)
+    pipe.load_lora_weights(ckpt, weight_name=models.LORA_FILE)
+    pipe.set_progress_bar_config(disable=True)
+    for image in sorted((out / "images" / "checkpoint").glob("*.png")):
+        p, k = map(int, image.stem.split("_"))
+        prompt = ev.load_prompts("tiny")[p]
+        g = torch.Generator().manual_seed(ev.utils.derive_seed(0, p, k))
+        c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+        latents = torch.randn((c, h, h), generator=g)[None]
+        mine = pipe(
+            [prompt], num_inference_steps=2, guidance_scale=3.0, latents=latents, generator=[g]
+        ).images[0]
+        assert np.array_equal(np.asarray(mine), np.asarray(Image.open(image)))
