@@ -21,6 +21,7 @@ import data
 import eval as ev
 import tiny_world
 import train_kto
+import utils
 
 HERE = Path(__file__).parent
 SMALL = dict(n_images=64, vae_steps=2, unet_steps=4, unet_batch=8, pairs_per_prompt=1, sample_steps=2)
@@ -151,6 +152,27 @@ def build_in_subprocess(cache: Path, launcher: list, threads: str, seed: int = 0
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def test_a_build_removes_what_stopped_builds_left(tmp_path, capsys):
+    """A build killed before its rename leaves <name>.<pid>.tmp beside the target; the next build of that target
+    (holding the lock, so no other build is under way) removes it, and nothing else."""
+    target = tmp_path / "tiny-world-v5-seed0"
+    leftovers = [tmp_path / f"{target.name}.4242.tmp", tmp_path / f"{target.name}.77.tmp"]
+    for stale in leftovers:
+        (stale / "model" / "vae").mkdir(parents=True)
+        (stale / "model" / "vae" / "config.json").write_text("{}")
+    # another target's stopped build and files that only look alike are kept
+    kept = [tmp_path / "tiny-world-v5-seed0-unet_steps4.4242.tmp", tmp_path / f"{target.name}.notes.tmp"]
+    for other in kept:
+        other.mkdir()
+    built = utils.build_once(target, lambda folder: (folder / "done").write_text("ok"))
+    assert built == target and (target / "done").read_text() == "ok"
+    assert not any(stale.exists() for stale in leftovers) and all(other.exists() for other in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(
+        p.name for p in kept
+    )
+    assert str(leftovers[0]) in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -219,10 +219,23 @@ def atomic_path(path: Path):
             tmp.unlink()
 
 
+def remove_stopped_builds(path: Path):
+    """Remove the <name>.<pid>.tmp folders (or files) that builds of `path` stopped before their rename left
+    (killed, out of memory, the machine rebooted). Call with the build lock held: then no build is under way."""
+    for stale in path.parent.iterdir():
+        if re.fullmatch(re.escape(path.name) + r"\.\d+\.tmp", stale.name):
+            print(f"removing {stale}, left by a stopped build", flush=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+
+
 def build_once(path: Path, build, threads: int = 2) -> Path:
     """Run build(folder) once and keep its result at path; a no-op when path exists.
 
-    One process builds while any others (torchrun ranks, parallel test runs) wait on a lock and then reuse it.
+    One process builds while any others (torchrun ranks, parallel test runs) wait on a lock and then reuse it;
+    the builder first removes what stopped builds of `path` left (remove_stopped_builds).
     Float results depend on the number of threads, so the build runs with a fixed `threads`, whatever
     OMP_NUM_THREADS or the launcher says: the same machine always builds the same thing."""
     if path.exists():
@@ -231,6 +244,7 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
+            remove_stopped_builds(path)
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
