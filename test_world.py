@@ -194,6 +194,23 @@ def test_a_build_says_what_it_does_and_how_long_it_takes(tmp_path, monkeypatch, 
     assert records[0] | {"build_seconds": 0} == records[1] | {"build_seconds": 0}
 
 
+def test_building_the_model_says_nothing_about_torchvision(tmp_path):
+    """diffusers' pipelines import transformers' CLIP and Siglip image processors, which announce on stderr that
+    they want torchvision (not a dependency; nothing here uses them): a build silences exactly that notice."""
+    script = "import sys, pathlib, tiny_world; tiny_world.build_tiny_model(pathlib.Path(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model")],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "model" / "model_index.json").exists()
+    assert "torchvision" not in out.stderr + out.stdout, out.stderr
+
+
 def test_eval_prompts_are_the_held_out_captions():
     prompts = tiny_world.eval_prompts()
     assert len(prompts) >= 256 and set(prompts) == set(tiny_world.HELD_OUT) and len(tiny_world.HELD_OUT) == 8

@@ -239,6 +239,8 @@ def sd15_scheduler_config() -> dict:
 
 def build_tiny_model(path: Path, seed: int = 0) -> None:
     """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
+    # diffusers' pipelines import transformers' image processors, which announce they want torchvision
+    utils.silence_torchvision_notice()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -647,6 +649,8 @@ def build_world(
     """Base model into path/model; feedback into path/feedback and path/feedback-shuffled; path/world.json.
     final: where the world will live once built (path is then a temporary folder beside it; the log names
     final)."""
+    # diffusers' pipelines import transformers' image processors, which announce they want torchvision
+    utils.silence_torchvision_notice()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     sizes = {**SIZES, **sizes}
@@ -782,6 +786,7 @@ if __name__ == "__main__":
         help=f"world build sizes other than the defaults {SIZES} (own cache folder)",
     )
     args = parser.parse_args()
+    utils.quiet_libraries()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
     print(world_path(args.seed, args.device, **sizes))
     if args.figure:

@@ -181,14 +181,20 @@ def drop_torchvision_notice(record) -> bool:
     return "requires torchvision" not in record.getMessage()
 
 
+def silence_torchvision_notice():
+    """Drop transformers' notice that CLIPImageProcessor and SiglipImageProcessor want torchvision and fall back to
+    their PIL classes: diffusers' pipelines import them (as a feature extractor's type) and nothing here uses them
+    (each scorer's preprocessing is in scorers.py). Only that notice; call before the import (idempotent)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
+
+
 def quiet_libraries():
-    """No output a user cannot act on. Importing diffusers makes transformers announce that its image processors
-    want torchvision; eval.py uses none of them (each scorer's preprocessing is above), so that notice is dropped.
-    The per-file loading bars of diffusers and transformers are off: eval.py reports its own progress."""
+    """No output a user cannot act on: the torchvision notice is dropped (silence_torchvision_notice), and the
+    per-file loading bars of diffusers and transformers are off: the scripts report their own progress."""
+    silence_torchvision_notice()
     import diffusers
     import transformers
 
-    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
