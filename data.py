@@ -72,14 +72,149 @@ LABEL_VALUES = {
 REQUIRED_COLUMNS = ("image", "caption", "label")
 
 
+TABLE_KINDS = {
+    ".csv": "a comma-separated UTF-8 text file whose first line is image,caption,label",
+    ".jsonl": "UTF-8 text, one JSON object per line with keys image, caption, label",
+    ".json": "a UTF-8 JSON table with keys image, caption, label",
+    ".parquet": "a parquet table with columns image, caption, label",
+}
+# The first bytes of binary files that are sometimes given a table's name
+MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"PAR1": "a parquet file",
+    b"PK\x03\x04": "a zip archive (an .xlsx spreadsheet is one)",
+    b"\x1f\x8b": "a gzip archive",
+    b"\xd0\xcf\x11\xe0": "an old Excel/Office file",
+}
+# Delimiters that leave a comma-separated reader with the whole header as one column
+OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def unreadable(path: Path, problem: str) -> DataError:
+    """The DataError for a table file that cannot be read: the file, what is wrong, what is expected."""
+    expected = TABLE_KINDS[path.suffix.lower()]
+    return DataError(f"--dataset {path}: {problem}. Expected {expected}.")
+
+
+def check_text_file(path: Path):
+    """Refuse an empty file, a binary file and UTF-16/32 text before a text reader sees them (a reader would
+    fail with its own error, or worse, read garbage). Text that is not UTF-8 is caught when read."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if not head.strip():
+        raise unreadable(path, "the file is empty" + (" (0 bytes)" if not head else " (only blank lines)"))
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise unreadable(path, "the file is UTF-16 (or UTF-32) text; save it as UTF-8")
+    kind = next((k for magic, k in MAGIC.items() if head.startswith(magic)), None)
+    if kind:
+        raise unreadable(path, f"not a text file: its first bytes are those of {kind}")
+    if b"\x00" in head:
+        # UTF-16 text without a byte order mark: ASCII characters with a zero byte before or after each
+        zeros = max(head[0::2].count(0), head[1::2].count(0))
+        if zeros > 0.4 * len(head) / 2:
+            raise unreadable(
+                path, "the file looks like UTF-16 text (a zero byte beside each character); save it as UTF-8"
+            )
+        raise unreadable(path, "not a text file: it holds zero bytes, as binary files do")
+
+
+def not_utf8(path: Path) -> DataError:
+    """The DataError for text that is not UTF-8, naming the first bad byte (a reader's error counts from the
+    start of its chunk, not of the file)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = f" (byte 0x{raw[e.start]:02x} on line {line}, offset {e.start}, is not valid UTF-8)"
+    return unreadable(
+        path,
+        f"the file is not UTF-8 text{where}; Latin-1 or Windows-1252, as some spreadsheet programs write, "
+        "looks like this: save it as UTF-8",
+    )
+
+
+def wrong_delimiter(path: Path, header: str) -> DataError | None:
+    """A DataError if the header line looks separated by something other than commas, else None."""
+    for delimiter, name in OTHER_DELIMITERS.items():
+        if delimiter in header and "," not in header:
+            return unreadable(
+                path,
+                f"the header came out as one column {header!r}: the delimiter looks wrong (the file seems "
+                f"{name}-separated, the reader expects commas); save it comma-separated",
+            )
+    return None
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    check_text_file(path)
+    try:
+        table = pd.read_csv(path, keep_default_na=False, dtype={"caption": str, "label": str})
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except pd.errors.ParserError as e:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().rstrip("\r\n")
+        raise wrong_delimiter(path, header) or unreadable(
+            path, f"not a well-formed CSV file ({' '.join(str(e).split())})"
+        ) from None
+    if len(table.columns) == 1 and not set(REQUIRED_COLUMNS) <= set(table.columns):
+        problem = wrong_delimiter(path, str(table.columns[0]))
+        if problem:
+            raise problem
+    return table
+
+
+def read_json(path: Path, lines: bool) -> pd.DataFrame:
+    check_text_file(path)
+    try:
+        return pd.read_json(path, lines=lines, dtype=False)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except ValueError as e:
+        problem = f"not valid JSON ({e})"
+    if lines:
+        # name the first line that is not JSON
+        text = path.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(text, 1):
+            try:
+                json.loads(line or "{}")
+            except json.JSONDecodeError as e:
+                problem = f"line {n} is not valid JSON at column {e.colno} ({e.msg})"
+                if n == len(text) and not path.read_bytes().endswith(b"\n"):
+                    problem += ": the file looks truncated (its last line stops mid-record)"
+                break
+    raise unreadable(path, problem)
+
+
+def read_parquet_schema(path: Path) -> list[str]:
+    """The column names of a parquet file; a DataError for an empty, truncated or non-parquet file."""
+    if path.stat().st_size == 0:
+        raise unreadable(path, "the file is empty (0 bytes)")
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable(
+            path,
+            f"not a readable parquet file ({e}); it may be truncated (an interrupted download or copy) or "
+            "another format under a .parquet name",
+        ) from None
+
+
 def read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return pd.read_csv(path, keep_default_na=False, dtype={"caption": str, "label": str})
+        return read_csv(path)
     if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        return read_json(path, lines=suffix == ".jsonl")
     if suffix == ".parquet":
-        return pd.read_parquet(path)
+        read_parquet_schema(path)
+        try:
+            return pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as e:
+            raise unreadable(path, f"a damaged parquet file ({e})") from None
     raise DataError(
         f"--dataset {path}: unsupported file type '{suffix}'. Expected a .csv, .jsonl or .parquet file "
         f"with columns {', '.join(REQUIRED_COLUMNS)}."
@@ -98,6 +233,9 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
     if label_policy not in LABEL_POLICIES:
         raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        # an empty or damaged file: a DataError that names it (before the Pick-a-Pic test reads its schema)
+        read_parquet_schema(path)
     if (
         path.is_dir()
         or (not path.exists() and is_hub_dataset(str(path)))

@@ -571,6 +571,11 @@ def subset_indices(n: int, k: int) -> list[int]:
 # Reports
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 image', '5 images'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def write_markdown(results: dict, path: Path, cfg: Config):
     names = [SCORERS[m].title for m in results]
     rows = [
@@ -581,8 +586,8 @@ def write_markdown(results: dict, path: Path, cfg: Config):
     ]
     n = next(iter(results.values()))["n_prompts"] if results else 0
     lines = [
-        f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {n} prompts of `{cfg.prompts}`, "
-        f"{cfg.images_per_prompt} images per prompt, compare = {cfg.compare}.",
+        f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {counted(n, 'prompt')} of `{cfg.prompts}`, "
+        f"{counted(cfg.images_per_prompt, 'image')} per prompt, compare = {cfg.compare}.",
         "",
     ]
     if random_scorers(cfg):
@@ -612,7 +617,8 @@ def draw_win_rates(results: dict, path: Path, cfg: Config):
         wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70, path=True)
         + "\n"
         + wrap(
-            f"{n} prompts of {cfg.prompts}, {cfg.images_per_prompt} image(s) per prompt, compare = {cfg.compare}",
+            f"{counted(n, 'prompt')} of {cfg.prompts}, {counted(cfg.images_per_prompt, 'image')} per prompt, "
+            f"compare = {cfg.compare}",
             80,
         ),
         fontsize=10,

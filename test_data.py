@@ -5,6 +5,7 @@ Run: HF_HUB_OFFLINE=1 python -m pytest -q test_data.py
 
 import io
 import pickle
+import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -376,6 +377,66 @@ def test_a_missing_relative_table_is_missing_not_a_hub_dataset(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="no such file. Pass a .csv"):
         data.load_feedback("data/likes.csv")
+
+
+def png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def parquet_bytes() -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": ["a.png"] * 50, "caption": ["x"] * 50, "label": [1] * 50}), buf)
+    return buf.getvalue()
+
+
+ROWS = "image,caption,label\na.png,a café,1\nb.png,a dog,0\n"
+JSONL = '{"image": "a.png", "caption": "x", "label": 1}\n{"image": "b.png", "caption": "y", "label": 0}\n'
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("empty.csv", b"", r"the file is empty \(0 bytes\)"),
+        ("empty.jsonl", b"", r"the file is empty \(0 bytes\)"),
+        ("empty.parquet", b"", r"the file is empty \(0 bytes\)"),
+        ("image.csv", png_bytes(), r"not a text file: its first bytes are those of a PNG image"),
+        ("utf16.csv", ROWS.encode("utf-16"), r"UTF-16 .*save it as UTF-8"),
+        ("utf16le.csv", ROWS.encode("utf-16-le"), r"looks like UTF-16 text.*save it as UTF-8"),
+        (
+            "latin1.csv",
+            ROWS.encode("latin-1"),
+            r"not UTF-8 text \(byte 0xe9 on line 2, offset 31,.*save it as UTF-8",
+        ),
+        (
+            "semicolon.csv",
+            ROWS.replace(",", ";").encode(),
+            r"one column 'image;caption;label'.*delimiter looks wrong.*semicolon",
+        ),
+        ("tab.csv", ROWS.replace(",", "\t").encode(), r"delimiter looks wrong.*tab-separated"),
+        ("truncated.jsonl", JSONL.encode()[:-20], r"line 2 is not valid JSON.*looks truncated"),
+        ("invalid.jsonl", JSONL.replace("{", "[", 1).encode(), r"line 1 is not valid JSON"),
+        ("truncated.parquet", parquet_bytes()[:300], r"not a readable parquet file.*truncated"),
+    ],
+)
+def test_malformed_table_files_are_refused_with_what_is_wrong(tmp_path, capsys, name, content, problem):
+    """A table file that cannot be read says which file, what is wrong and what was expected: a DataError, and
+    through train_kto.main a message and exit code 2, no traceback."""
+    import train_kto
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        data.load_feedback(path)
+    message = str(e.value)
+    assert message.startswith(f"--dataset {path}: ") and "Expected " in message, message
+    assert re.search(problem, message), message
+    args = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset", str(path)]
+    with pytest.raises(SystemExit) as e:
+        train_kto.main([*args, "--validation_steps", "0", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_first_caption_wins_and_conflicts_are_counted():

@@ -4,6 +4,7 @@ HF_HUB_OFFLINE=1 python -m pytest -q -m "not slow" test_eval.py   # win rates, p
 HF_HUB_OFFLINE=1 python -m pytest -q test_eval.py                 # + end to end: generation, resume, torchrun
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -530,6 +531,15 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
     assert cfg.ckpt in text.replace(" ", "") and cfg.baseline in text.replace(" ", "")
     assert "62.5%" in text and "PickScore" in text and "8 prompts of pickapic_test" in text
     assert Image.open(tmp_path / "w.png").width >= 600  # one metric: still room for the title
+    assert "8 prompts of pickapic_test, 3 images per prompt" in text
+    # one of each: singular, in the figure and in results.md
+    one = dataclasses.replace(cfg, images_per_prompt=1)
+    results["pickscore"]["n_prompts"] = 1
+    assert "1 prompt of pickapic_test, 1 image per prompt" in figure_text(
+        ev.draw_win_rates(results, tmp_path / "w1.png", one)
+    )
+    ev.write_markdown(results, tmp_path / "results.md", one)
+    assert "on 1 prompt of `pickapic_test`, 1 image per prompt," in (tmp_path / "results.md").read_text()
 
     prompt = (
         "a yellow triangle on a black background, in the style of a very detailed oil painting, golden hour"

@@ -8,6 +8,7 @@ $DIFFUSION_KTO_CACHE); the determinism test builds three very small worlds in a 
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import data
 import eval as ev
 import tiny_world
 import train_kto
+import utils
 
 HERE = Path(__file__).parent
 SMALL = dict(n_images=64, vae_steps=2, unet_steps=4, unet_batch=8, pairs_per_prompt=1, sample_steps=2)
@@ -117,6 +120,97 @@ def test_rated_images_are_drawings_of_the_world_not_the_base_samples(tmp_path, m
     assert record["feedback_images"]["mean_utility"] == pytest.approx(np.mean(u), abs=0.01)
 
 
+def test_a_build_says_what_it_does_and_how_long_it_takes(tmp_path, monkeypatch, capsys):
+    """A build first lists its stages and the expected time (an estimate), then prints k/N lines with an ETA while
+    each long stage runs (here at every step: PROGRESS_SECONDS = 0), and ends with the world's folder, not the
+    temporary one it was built in. Reporting changes nothing built: the same world and record as a build
+    without it."""
+    monkeypatch.setattr(tiny_world, "PROGRESS_SECONDS", 0)
+    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "a"))
+    world = tiny_world.world_path(0, **SMALL)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"building the tiny world of seed 0 (once; later runs reuse it) into {world}"
+    assert [line.split(".")[0] for line in lines[1:6]] == ["  1", "  2", "  3", "  4", "  5"]
+    assert "an estimate" in lines[6] and "in all" in lines[6]
+    assert (
+        lines[-1].startswith("world built in")
+        and lines[-1].endswith(f": {world}")
+        and ".tmp" not in lines[-1]
+    )
+
+    def before(pattern: str, end: str) -> list[str]:
+        """The lines matching pattern that come before the first line starting with end (the stage's last)."""
+        stop = next(i for i, line in enumerate(lines) if line.startswith(end))
+        return [line for line in lines[:stop] if re.fullmatch(pattern, line)]
+
+    assert (
+        len(before(r"vae: 1/2 steps, reconstruction mse [\d.]+, \d+s, about \S+ left", "vae: 2 steps")) == 1
+    )
+    assert len(before(r"unet: [123]/4 steps, loss [\d.]+, \d+s, about \S+ left", "unet: 4/4 steps")) == 3
+    # 32 images of 2 steps, one batch: a line after each step but the last
+    assert before(r"base samples: \d+/64 image-steps, \d+s, about \S+ left", "feedback:") == [
+        next(line for line in lines if line.startswith("base samples: 32/64"))
+    ]
+    # the default world's estimate is the build time measured on a 2-core CPU (docs/tiny_world.md: 411-439 s)
+    assert 360 < sum(tiny_world.expected_seconds(tiny_world.SIZES).values()) < 480
+
+    # the step callback that counts the base's sampling leaves its images as they are (a barely trained base
+    # samples noise, whose utility in the record barely moves: compare pixels)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(world / "model")
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = tiny_world.train_prompts()[:3], [5, 6, 7]
+    counted_lines = []
+    counted = tiny_world.Progress("base samples", 3 * 2, "image-steps", counted_lines.append)
+    images = []
+    for progress in (None, counted):
+        # the world's pipeline loads its scheduler as DDPM (model_index.json), whose steps draw from torch's RNG
+        torch.manual_seed(0)
+        images.append(
+            tiny_world.sample_images(pipe, prompts, seeds, steps=2, guidance=1.0, batch=2, progress=progress)
+        )
+    # batches of 2 and 1 image, 2 steps each: 2, 4, 5 of 6 image-steps done
+    assert [line.split()[2] for line in counted_lines] == ["2/6", "4/6", "5/6"], counted_lines
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*images))
+
+    # the same world built with no reporting at all (no step callback in the base's sampling)
+    class Silent:
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            pass
+
+        def __bool__(self):
+            return False
+
+    monkeypatch.setattr(tiny_world, "Progress", Silent)
+    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "b"))
+    quiet = tiny_world.world_path(0, **SMALL)
+    assert tiny_world.world_hash(quiet) == tiny_world.world_hash(world)
+    # and the same record (the base's samples and the caption check are measured only there)
+    records = [json.loads((w / "world.json").read_text()) for w in (world, quiet)]
+    assert records[0] | {"build_seconds": 0} == records[1] | {"build_seconds": 0}
+
+
+def test_building_the_model_says_nothing_about_torchvision(tmp_path):
+    """diffusers' pipelines import transformers' CLIP and Siglip image processors, which announce on stderr that
+    they want torchvision (not a dependency; nothing here uses them): a build silences exactly that notice."""
+    script = "import sys, pathlib, tiny_world; tiny_world.build_tiny_model(pathlib.Path(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model")],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "model" / "model_index.json").exists()
+    assert "torchvision" not in out.stderr + out.stdout, out.stderr
+
+
 def test_eval_prompts_are_the_held_out_captions():
     prompts = tiny_world.eval_prompts()
     assert len(prompts) >= 256 and set(prompts) == set(tiny_world.HELD_OUT) and len(tiny_world.HELD_OUT) == 8
@@ -151,6 +245,27 @@ def build_in_subprocess(cache: Path, launcher: list, threads: str, seed: int = 0
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def test_a_build_removes_what_stopped_builds_left(tmp_path, capsys):
+    """A build killed before its rename leaves <name>.<pid>.tmp beside the target; the next build of that target
+    (holding the lock, so no other build is under way) removes it, and nothing else."""
+    target = tmp_path / "tiny-world-v5-seed0"
+    leftovers = [tmp_path / f"{target.name}.4242.tmp", tmp_path / f"{target.name}.77.tmp"]
+    for stale in leftovers:
+        (stale / "model" / "vae").mkdir(parents=True)
+        (stale / "model" / "vae" / "config.json").write_text("{}")
+    # another target's stopped build and files that only look alike are kept
+    kept = [tmp_path / "tiny-world-v5-seed0-unet_steps4.4242.tmp", tmp_path / f"{target.name}.notes.tmp"]
+    for other in kept:
+        other.mkdir()
+    built = utils.build_once(target, lambda folder: (folder / "done").write_text("ok"))
+    assert built == target and (target / "done").read_text() == "ok"
+    assert not any(stale.exists() for stale in leftovers) and all(other.exists() for other in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(
+        p.name for p in kept
+    )
+    assert str(leftovers[0]) in capsys.readouterr().out
 
 
 @pytest.mark.slow

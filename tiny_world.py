@@ -56,6 +56,48 @@ SIZES = dict(
     sample_steps=20,
     asked_pct=100,
 )
+# seconds between the progress lines of a long build stage (k/N and an ETA; the tests set 0)
+PROGRESS_SECONDS = 30.0
+# Seconds per unit of each build stage on a 2-core CPU, for the estimate a build prints first (expected_seconds):
+# steps timed at 1 thread there, scaled to the 411-439 s the default world took (docs/tiny_world.md). The
+# progress lines then measure the machine at hand.
+SECONDS_PER = dict(
+    start=10.0,
+    drawing=0.0002,
+    vae_step=0.11,
+    unet_image_step=0.0033,
+    sample_image_step=0.0011,
+    check_image=0.003,
+)
+
+
+def say(*args):
+    """print, flushed: a build's lines reach a log file as they happen, not when Python's buffer fills."""
+    print(*args, flush=True)
+
+
+def duration(seconds: float) -> str:
+    return "<1s" if seconds < 0.5 else f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+class Progress:
+    """Lines "<stage>: k/N <unit>, <detail>, <elapsed>, about <ETA> left" while a long stage runs, at most one per
+    PROGRESS_SECONDS: plain lines through `log`, so that a log file shows them too. detail: a function giving
+    the line's middle (a loss), called only when a line is due."""
+
+    def __init__(self, stage: str, total: int, unit: str, log):
+        self.stage, self.total, self.unit, self.log = stage, total, unit, log
+        self.t0 = self.last = time.time()
+
+    def __call__(self, k: int, detail=None, force: bool = False):
+        now = time.time()
+        if not force and (k >= self.total or now - self.last < PROGRESS_SECONDS):
+            return
+        self.last = now
+        left = (now - self.t0) / max(k, 1) * (self.total - k)
+        extra = f", {detail()}" if detail else ""
+        eta = f", about {duration(left)} left" if k < self.total else ""
+        self.log(f"{self.stage}: {k}/{self.total} {self.unit}{extra}, {now - self.t0:.0f}s{eta}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,6 +239,8 @@ def sd15_scheduler_config() -> dict:
 
 def build_tiny_model(path: Path, seed: int = 0) -> None:
     """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
+    # diffusers' pipelines import transformers' image processors, which announce they want torchvision
+    utils.silence_torchvision_notice()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -278,7 +322,7 @@ def train_base(
     unet_batch: int,
     asked_pct: int,
     device="cpu",
-    log=print,
+    log=say,
 ) -> dict:
     """Train the tiny pipeline's VAE, then its UNet and text encoder together, on n_images world images."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -294,7 +338,8 @@ def train_base(
         opt, max_lr=2e-3, total_steps=max(vae_steps, 2), pct_start=0.1
     )
     t0 = time.time()
-    for _ in range(vae_steps):
+    progress = Progress("vae", vae_steps, "steps", log)
+    for step in range(vae_steps):
         x = pixels[torch.randint(0, len(pixels), (32,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
@@ -303,6 +348,7 @@ def train_base(
         loss.backward()
         opt.step()
         sched.step()
+        progress(step + 1, lambda: f"reconstruction mse {loss.item():.4f}")
     log(f"vae: {vae_steps} steps, reconstruction mse {loss.item():.4f}, {time.time() - t0:.0f}s")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -334,6 +380,7 @@ def train_base(
         opt, max_lr=2e-3, total_steps=max(unet_steps, 2), pct_start=max(0.05, 4 / max(unet_steps, 8))
     )
     t0, ema, history = time.time(), None, {}
+    progress = Progress("unet", unet_steps, "steps", log)
     for step in range(unet_steps):
         idx = torch.randint(0, len(mean), (unet_batch,), generator=gen)
         drop = torch.rand(unet_batch, generator=gen) < 0.1
@@ -348,9 +395,10 @@ def train_base(
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if (step + 1) % max(1, unet_steps // 8) == 0 or step + 1 == unet_steps:
+        milestone = (step + 1) % max(1, unet_steps // 8) == 0 or step + 1 == unet_steps
+        if milestone:
             history[step + 1] = round(ema, 5)
-            log(f"unet: step {step + 1}/{unet_steps}, loss {ema:.4f}, {time.time() - t0:.0f}s")
+        progress(step + 1, lambda: f"loss {ema:.4f}", force=milestone)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     unet.save_pretrained(path / "unet")
@@ -358,7 +406,7 @@ def train_base(
     return dict(unet_loss_ema=history)
 
 
-def caption_dependence(pipe, images: list, captions: list[str], seed: int, device="cpu") -> dict:
+def caption_dependence(pipe, images: list, captions: list[str], seed: int, device="cpu", log=say) -> dict:
     """The base model's mean denoising error (eps-MSE) on images with their own caption and with a different
     caption (drawn at random among the others), same x_t, t and noise: if the second is barely larger, the
     model ignores its captions and the paper's mismatched-pair reference point cannot estimate a KL."""
@@ -371,6 +419,7 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
         other[i] = choices[int(torch.randint(0, len(choices), (1,), generator=gen))]
     err = {"matched": [], "mismatched": []}
     steps = []
+    progress = Progress("caption check", len(images), "images", log)
     with torch.no_grad():
         for i in range(0, len(images), 256):
             x = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images[i : i + 256]]).to(device)
@@ -386,6 +435,7 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
                 pred = unet(x_t, t.to(device), c).sample.cpu()
                 err[name].append((pred - eps).pow(2).mean(dim=(1, 2, 3)))
             steps.append(t)
+            progress(i + len(x))
     m, mm, t = torch.cat(err["matched"]), torch.cat(err["mismatched"]), torch.cat(steps)
     bands = {f"{lo}<=t<{hi}": (t >= lo) & (t < hi) for lo, hi in ((0, 250), (250, 500), (500, 1000))}
     return dict(
@@ -405,11 +455,28 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
 
 
 def sample_images(
-    pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 128, device="cpu"
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    batch: int = 128,
+    device="cpu",
+    progress=None,
 ):
-    """Images from a pipeline; image i starts from noise seeded by seeds[i] alone (CPU generators)."""
+    """Images from a pipeline; image i starts from noise seeded by seeds[i] alone (CPU generators). progress:
+    called with the number of images times denoising steps done (a Progress over len(prompts) * steps)."""
     pipe = pipe.to(device)
     images = []
+
+    # the pipeline's step callback: it returns no tensors, so the pipeline's own are used unchanged
+    def count(done):
+        def step_end(pipe, i, t, tensors):
+            progress(done + (i + 1) * len(tensors["latents"]))
+            return {}
+
+        return step_end if progress else None
+
     for i in range(0, len(prompts), batch):
         latents = torch.stack(
             [
@@ -425,6 +492,7 @@ def sample_images(
             height=RESOLUTION,
             width=RESOLUTION,
             output_type="pil",
+            callback_on_step_end=count(i * steps),
         )
         images += out.images
     return images
@@ -504,7 +572,7 @@ def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
 
 
 def write_feedback(
-    pipe, path: Path, seed: int, pairs_per_prompt: int, sample_steps: int, device="cpu", log=print
+    pipe, path: Path, seed: int, pairs_per_prompt: int, sample_steps: int, device="cpu", log=say
 ) -> tuple[dict, list, list]:
     """feedback/ (the noisy utility's labels) and feedback-shuffled/ (the control), one parquet shard each."""
     import pyarrow.parquet as pq
@@ -532,6 +600,7 @@ def write_feedback(
         steps=sample_steps,
         guidance=1.0,
         device=device,
+        progress=Progress("base samples", len(prompts) * sample_steps, "image-steps", log),
     )
     ub = np.array([world_utility(im, p) for im, p in zip(samples, prompts)])
     stats["base_images"] = dict(mean_utility=float(ub.mean()), color_match=float(np.mean(ub >= 0.5)))
@@ -543,11 +612,50 @@ def write_feedback(
     return stats, images, prompts
 
 
-def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **sizes) -> None:
-    """Base model into path/model; feedback into path/feedback and path/feedback-shuffled; path/world.json."""
+def expected_seconds(sizes: dict) -> dict[str, float]:
+    """The build's stages and their expected seconds on a 2-core CPU (SECONDS_PER): an estimate."""
+    n = 2 * len(train_prompts()) * sizes["pairs_per_prompt"]
+    return {
+        f"set-up and {sizes['n_images']} training images": SECONDS_PER["start"]
+        + SECONDS_PER["drawing"] * sizes["n_images"],
+        f"VAE, {sizes['vae_steps']} steps": SECONDS_PER["vae_step"] * sizes["vae_steps"],
+        f"UNet and text encoder, {sizes['unet_steps']} steps of {sizes['unet_batch']} images": (
+            SECONDS_PER["unet_image_step"] * sizes["unet_steps"] * sizes["unet_batch"]
+        ),
+        f"feedback: {n // 2} pairs of drawings, and {n} base samples of {sizes['sample_steps']} steps": (
+            SECONDS_PER["drawing"] * n + SECONDS_PER["sample_image_step"] * n * sizes["sample_steps"]
+        ),
+        f"caption check on {n} images": SECONDS_PER["check_image"] * n,
+    }
+
+
+def announce(final: Path, seed: int, device: str, sizes: dict, log):
+    """The build's first lines: where it goes, its stages and the expected time, said to be an estimate."""
+    stages = expected_seconds(sizes)
+    where = "a 2-core CPU" + ("" if str(device) == "cpu" else f"; on {device} it should take less")
+    log(f"building the tiny world of seed {seed} (once; later runs reuse it) into {final}")
+    for k, (stage, seconds) in enumerate(stages.items(), 1):
+        estimate = duration(seconds)
+        log(f"  {k}. {stage}: {'' if estimate.startswith('<') else '~'}{estimate}")
+    log(
+        f"  about {duration(sum(stages.values()))} in all (an estimate for {where}); the long stages print their "
+        f"progress and an ETA measured here every {PROGRESS_SECONDS:.0f}s"
+    )
+
+
+def build_world(
+    path: Path, seed: int = 0, device: str = "cpu", log=say, final: Path | None = None, **sizes
+) -> None:
+    """Base model into path/model; feedback into path/feedback and path/feedback-shuffled; path/world.json.
+    final: where the world will live once built (path is then a temporary folder beside it; the log names
+    final)."""
+    # diffusers' pipelines import transformers' image processors, which announce they want torchvision
+    utils.silence_torchvision_notice()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     sizes = {**SIZES, **sizes}
+    final = Path(final or path)
+    announce(final, seed, device, sizes, log)
     t0 = time.time()
     record = dict(
         version=WORLD_VERSION,
@@ -579,7 +687,7 @@ def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **siz
         pipe, path, seed, sizes["pairs_per_prompt"], sizes["sample_steps"], device, log
     )
     record.update(stats)
-    record["caption_dependence"] = caption_dependence(pipe, images, prompts, seed, device)
+    record["caption_dependence"] = caption_dependence(pipe, images, prompts, seed, device, log)
     cd = record["caption_dependence"]
     log(
         f"base denoising error on its feedback images: matched captions {cd['matched']:.4f}, mismatched "
@@ -588,7 +696,7 @@ def build_world(path: Path, seed: int = 0, device: str = "cpu", log=print, **siz
     record["build_seconds"] = round(time.time() - t0, 1)
     for f in (path / "world.json", path / "feedback" / "world.json"):
         f.write_text(json.dumps(record, indent=2))
-    log(f"world built in {time.time() - t0:.0f}s: {path}")
+    log(f"world built in {time.time() - t0:.0f}s: {final}")
 
 
 def world_path(seed: int = 0, device: str = "cpu", **sizes) -> Path:
@@ -597,7 +705,7 @@ def world_path(seed: int = 0, device: str = "cpu", **sizes) -> Path:
     extra = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()) if v != SIZES[k])
     path = utils.cache_dir() / f"tiny-world-{WORLD_VERSION}-seed{seed}{extra}"
     return utils.build_once(
-        path, functools.partial(build_world, seed=seed, device=device, **sizes), BUILD_THREADS
+        path, functools.partial(build_world, seed=seed, device=device, final=path, **sizes), BUILD_THREADS
     )
 
 
@@ -678,6 +786,7 @@ if __name__ == "__main__":
         help=f"world build sizes other than the defaults {SIZES} (own cache folder)",
     )
     args = parser.parse_args()
+    utils.quiet_libraries()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
     print(world_path(args.seed, args.device, **sizes))
     if args.figure:

@@ -211,14 +211,20 @@ def drop_torchvision_notice(record) -> bool:
     return "requires torchvision" not in record.getMessage()
 
 
+def silence_torchvision_notice():
+    """Drop transformers' notice that CLIPImageProcessor and SiglipImageProcessor want torchvision and fall back to
+    their PIL classes: diffusers' pipelines import them (as a feature extractor's type) and nothing here uses them
+    (each scorer's preprocessing is in scorers.py). Only that notice; call before the import (idempotent)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
+
+
 def quiet_libraries():
-    """No output a user cannot act on. Importing diffusers makes transformers announce that its image processors
-    want torchvision; eval.py uses none of them (each scorer's preprocessing is above), so that notice is dropped.
-    The per-file loading bars of diffusers and transformers are off: eval.py reports its own progress."""
+    """No output a user cannot act on: the torchvision notice is dropped (silence_torchvision_notice), and the
+    per-file loading bars of diffusers and transformers are off: the scripts report their own progress."""
+    silence_torchvision_notice()
     import diffusers
     import transformers
 
-    logging.getLogger("transformers.utils.import_utils").addFilter(drop_torchvision_notice)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
@@ -249,10 +255,23 @@ def atomic_path(path: Path):
             tmp.unlink()
 
 
+def remove_stopped_builds(path: Path):
+    """Remove the <name>.<pid>.tmp folders (or files) that builds of `path` stopped before their rename left
+    (killed, out of memory, the machine rebooted). Call with the build lock held: then no build is under way."""
+    for stale in path.parent.iterdir():
+        if re.fullmatch(re.escape(path.name) + r"\.\d+\.tmp", stale.name):
+            print(f"removing {stale}, left by a stopped build", flush=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+
+
 def build_once(path: Path, build, threads: int = 2) -> Path:
     """Run build(folder) once and keep its result at path; a no-op when path exists.
 
-    One process builds while any others (torchrun ranks, parallel test runs) wait on a lock and then reuse it.
+    One process builds while any others (torchrun ranks, parallel test runs) wait on a lock and then reuse it;
+    the builder first removes what stopped builds of `path` left (remove_stopped_builds).
     Float results depend on the number of threads, so the build runs with a fixed `threads`, whatever
     OMP_NUM_THREADS or the launcher says: the same machine always builds the same thing."""
     if path.exists():
@@ -261,6 +280,7 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
+            remove_stopped_builds(path)
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
