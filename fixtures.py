@@ -152,6 +152,21 @@ def tiny_model_path() -> Path:
     return build_once(cache_dir() / f"tiny-model-{TINY_VERSION}", build_tiny_model)
 
 
+def tiny_vpred_model_path() -> Path:
+    """The tiny model with a v-prediction scheduler (as SD 2.1 at 768 px): the plumbing of v-prediction models. Its
+    UNet was trained to predict noise, so its images mean nothing; the training target and sampling follow the
+    scheduler config, which is what this model exercises."""
+
+    def build(path: Path):
+        shutil.copytree(tiny_model_path(), path, dirs_exist_ok=True)
+        config = path / "scheduler" / "scheduler_config.json"
+        config.write_text(
+            json.dumps(dict(json.loads(config.read_text()), prediction_type="v_prediction"), indent=2)
+        )
+
+    return build_once(cache_dir() / f"tiny-model-vpred-{TINY_VERSION}", build)
+
+
 def tiny_dataset_path() -> Path:
     return build_once(cache_dir() / f"tiny-data-{TINY_VERSION}", build_tiny_dataset) / "data.csv"
 
