@@ -39,6 +39,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import models
+import prompt_sets
 import reports
 import scorers
 import tiny_world
@@ -247,9 +248,9 @@ def check_inputs(cfg: Config):
             )
         cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
     pair = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
-    prompts = load_prompts(cfg.prompts)
+    prompts = prompt_sets.load_prompts(cfg.prompts)
     # prompt ids are indices in the full set: seeds follow them
-    ids = subset_indices(len(prompts), cfg.num_prompts)
+    ids = prompt_sets.subset_indices(len(prompts), cfg.num_prompts)
     if "utility" in metrics:
         captions = tiny_world.all_captions()
         others = [prompts[p] for p in ids if prompts[p] not in set(captions)]
@@ -468,103 +469,6 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
 
 def image_name(p: int, k: int) -> str:
     return f"{p:05d}_{k:02d}.png"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompts and seeds
-
-NAMED_PROMPTS = ("pickapic_test", "hps", "parti")
-PROMPT_COLUMNS = ("prompt", "Prompt", "caption")
-PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"
-HPS_FILES = ("anime.json", "concept-art.json", "paintings.json", "photo.json")  # 800 prompts each
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        return [line.strip() for line in lines if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    elif suffix == ".jsonl":
-        table = pd.read_json(path, lines=True, dtype=False)
-    elif suffix == ".parquet":
-        table = pd.read_parquet(path)
-    else:
-        raise DataError(
-            f"--prompts {path}: unsupported file type '{suffix}'. Use .txt (one prompt per line) or a "
-            f".csv/.tsv/.jsonl/.parquet table with a column named {', '.join(PROMPT_COLUMNS)}."
-        )
-    column = next((c for c in PROMPT_COLUMNS if c in table.columns), None)
-    if column is None:
-        raise DataError(
-            f"--prompts {path}: no column named {', '.join(PROMPT_COLUMNS)}. Found columns: "
-            f"{', '.join(map(str, table.columns))}."
-        )
-    texts = [
-        "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip() for v in table[column]
-    ]
-    return [t for t in texts if t]
-
-
-def download_named_prompts(name: str) -> list[str]:
-    """The paper's prompt sets; they need the network once (then the usual hub / datasets caches)."""
-    how = "No network? Fetch the set once elsewhere and pass it as a local file: --prompts prompts.txt"
-    try:
-        if name == "pickapic_test":
-            import datasets
-
-            ds = datasets.load_dataset(
-                "yuvalkirstain/pickapic_v2",
-                split="test_unique",
-                data_files={"test_unique": "data/test_unique-*"},
-            )
-            return list(dict.fromkeys(str(c).strip() for c in ds["caption"]))  # unique, in order
-        if name == "parti":
-            dest = utils.cache_dir() / "prompts" / "PartiPrompts.tsv"
-            if not dest.exists():
-                scorers.download(PARTI_URL, dest)
-            return read_prompt_file(dest)
-        from huggingface_hub import hf_hub_download
-
-        prompts = []
-        # HPS v2 benchmark: the same files the hpsv2 package downloads
-        for f in HPS_FILES:
-            path = hf_hub_download("zhwang/HPDv2", f"benchmark/{f}", repo_type="dataset")
-            prompts += json.loads(Path(path).read_text())
-        return prompts
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(
-            f"--prompts {name}: could not download the prompt set ({type(e).__name__}: {e}). {how}"
-        ) from e
-
-
-def load_prompts(spec: str) -> list[str]:
-    if spec == "tiny":
-        return tiny_world.eval_prompts()
-    if spec in NAMED_PROMPTS:
-        prompts = download_named_prompts(spec)
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(
-                f"--prompts {spec}: not a named set ({', '.join(NAMED_PROMPTS)}) and no such file. "
-                f"Pass a named set or a .txt/.csv/.tsv/.jsonl/.parquet file."
-            )
-        prompts = read_prompt_file(path)
-    if not prompts:
-        raise DataError(f"--prompts {spec}: no (non-empty) prompts found.")
-    return prompts
-
-
-def subset_indices(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n) (all of them when k is 0 or >= n): deterministic, covers every style."""
-    if k <= 0 or k >= n:
-        return list(range(n))
-    return [(i * n) // k for i in range(k)]
 
 
 # ----------------------------------------------------------------------------------------------------

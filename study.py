@@ -21,8 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
 
-from tiny_world import BUILD_THREADS, SIZES, make_figure, world_path
+from tiny_world import BUILD_THREADS, HELD_OUT, SIZES, world_path
 
 TINY_STEPS = 200  # train_kto.py's --tiny max_train_steps
 # the README's worlds; 0-2 were used to choose the --tiny learning rate (docs/tiny_world.md)
@@ -591,6 +593,44 @@ def main(argv=None):
         args.deadline_s,
         args.train_seeds,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The figure of base vs KTO images
+
+
+def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
+    """Base and KTO images of each held-out prompt (two rows per prompt), same seeds column by column, from the
+    images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y)} of each tile."""
+    index = pd.read_csv(Path(eval_out) / "images" / "index.csv")
+    size, pad, label, left = 48, 4, 14, 150
+    rows = [(p, m) for p in HELD_OUT for m in ("baseline", "checkpoint")]
+    canvas = Image.new("RGB", (left + seeds * (size + pad), len(rows) * (size + pad) + label), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left, 0), "same seed in each column", fill="black")
+    tiles = {}
+    for r, (prompt, model) in enumerate(rows):
+        y = label + r * (size + pad)
+        if model == "baseline":
+            draw.text((2, y + 4), prompt.replace(" on a ", "\non a "), fill="black")
+        draw.text(
+            (2, y + size - 14),
+            "base" if model == "baseline" else "KTO",
+            fill="gray" if model == "baseline" else "blue",
+        )
+        paths = (
+            index[(index.model == model) & (index.prompt == prompt)].sort_values("prompt_id").path.tolist()
+        )
+        for k, path in enumerate(paths[:seeds]):
+            image = (
+                Image.open(Path(eval_out) / "images" / path)
+                .convert("RGB")
+                .resize((size, size), Image.NEAREST)
+            )
+            canvas.paste(image, (left + k * (size + pad), y))
+            tiles[(prompt, model, k)] = (left + k * (size + pad), y, path)
+    canvas.save(png)
+    return tiles
 
 
 if __name__ == "__main__":

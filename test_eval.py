@@ -22,6 +22,7 @@ from PIL import Image
 
 import eval as ev
 import fixtures
+import prompt_sets
 import scorers
 import tiny_world
 import utils
@@ -107,32 +108,34 @@ def test_prompt_files_of_every_format(tmp_path, kind):
             table.to_json(path, orient="records", lines=True, force_ascii=False)
         else:
             table.to_parquet(path)
-    assert ev.load_prompts(str(path)) == PROMPTS
+    assert prompt_sets.load_prompts(str(path)) == PROMPTS
 
 
 def test_prompt_errors(tmp_path):
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "a.csv", index=False)
     with pytest.raises(utils.DataError, match="no column named prompt"):
-        ev.load_prompts(str(tmp_path / "a.csv"))
+        prompt_sets.load_prompts(str(tmp_path / "a.csv"))
     (tmp_path / "a.xml").write_text("<x/>")
     with pytest.raises(utils.DataError, match="unsupported file type"):
-        ev.load_prompts(str(tmp_path / "a.xml"))
+        prompt_sets.load_prompts(str(tmp_path / "a.xml"))
     with pytest.raises(utils.DataError, match="not a named set"):
-        ev.load_prompts(str(tmp_path / "missing.txt"))
+        prompt_sets.load_prompts(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(utils.DataError, match="no \\(non-empty\\) prompts"):
-        ev.load_prompts(str(tmp_path / "empty.txt"))
+        prompt_sets.load_prompts(str(tmp_path / "empty.txt"))
 
 
 def test_named_prompt_set_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(utils.DataError, match="pass it as a local file"):
-        ev.load_prompts("hps")
+        prompt_sets.load_prompts("hps")
 
 
 def test_subset_is_deterministic_and_spread():
-    assert ev.subset_indices(10, 0) == list(range(10)) and ev.subset_indices(10, 20) == list(range(10))
-    assert ev.subset_indices(3200, 4) == [0, 800, 1600, 2400]  # one per HPS style
+    assert prompt_sets.subset_indices(10, 0) == list(range(10)) and prompt_sets.subset_indices(
+        10, 20
+    ) == list(range(10))
+    assert prompt_sets.subset_indices(3200, 4) == [0, 800, 1600, 2400]  # one per HPS style
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from PIL import Image
 import eval as ev
 import fixtures
 import models
+import prompt_sets
 import train_kto
 
 TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset"]
@@ -113,7 +114,7 @@ def test_lora_trains_resumes_exactly_and_loads_into_a_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     for image in sorted((out / "images" / "checkpoint").glob("*.png")):
         p, k = map(int, image.stem.split("_"))
-        prompt = ev.load_prompts("tiny")[p]
+        prompt = prompt_sets.load_prompts("tiny")[p]
         g = torch.Generator().manual_seed(ev.utils.derive_seed(0, p, k))
         c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         latents = torch.randn((c, h, h), generator=g)[None]

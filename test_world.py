@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 import eval as ev
+import study
 import tiny_world
 import train_kto
 import utils
@@ -346,7 +347,7 @@ def test_figure_shows_each_held_out_caption_base_above_kto(tmp_path):
             images[2 * i + j].save(tmp_path / "images" / path)
             rows.append(dict(model=model, prompt_id=i, image_index=0, seed=i, path=path, prompt=prompt))
     pd.DataFrame(rows).to_csv(tmp_path / "images" / "index.csv", index=False)
-    tiles = tiny_world.make_figure(tmp_path, tmp_path / "figure.png")
+    tiles = study.make_figure(tmp_path, tmp_path / "figure.png")
     assert len(tiles) == 8 * 2 * 8
     check_figure(tmp_path, tmp_path / "figure.png", tiles)
 
@@ -370,7 +371,7 @@ def test_the_quick_start_trains_evaluates_and_draws(quick_start):
     assert (
         sorted(p.name for p in (tmp / "run" / "validation").iterdir())[0] == "step-000000.png"
     )  # baseline grid
-    tiles = tiny_world.make_figure(tmp / "eval", tmp / "figure.png")  # the docs' figure
+    tiles = study.make_figure(tmp / "eval", tmp / "figure.png")  # the docs' figure
     check_figure(tmp / "eval", tmp / "figure.png", tiles)
 
 

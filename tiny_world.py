@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
@@ -726,58 +725,14 @@ def world_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Figures
-
-
-def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
-    """Base and KTO images of each held-out prompt (two rows per prompt), same seeds column by column, from the
-    images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y)} of each tile."""
-    index = pd.read_csv(Path(eval_out) / "images" / "index.csv")
-    size, pad, label, left = 48, 4, 14, 150
-    rows = [(p, m) for p in HELD_OUT for m in ("baseline", "checkpoint")]
-    canvas = Image.new("RGB", (left + seeds * (size + pad), len(rows) * (size + pad) + label), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((left, 0), "same seed in each column", fill="black")
-    tiles = {}
-    for r, (prompt, model) in enumerate(rows):
-        y = label + r * (size + pad)
-        if model == "baseline":
-            draw.text((2, y + 4), prompt.replace(" on a ", "\non a "), fill="black")
-        draw.text(
-            (2, y + size - 14),
-            "base" if model == "baseline" else "KTO",
-            fill="gray" if model == "baseline" else "blue",
-        )
-        paths = (
-            index[(index.model == model) & (index.prompt == prompt)].sort_values("prompt_id").path.tolist()
-        )
-        for k, path in enumerate(paths[:seeds]):
-            image = (
-                Image.open(Path(eval_out) / "images" / path)
-                .convert("RGB")
-                .resize((size, size), Image.NEAREST)
-            )
-            canvas.paste(image, (left + k * (size + pad), y))
-            tiles[(prompt, model, k)] = (left + k * (size + pad), y, path)
-    canvas.save(png)
-    return tiles
-
-
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(
-        description="Build (or find) a tiny world; draw the figure. The study: study.py."
+        description="Build (or find) a tiny world. The study and its figures: study.py."
     )
     parser.add_argument("--seed", type=int, default=0, help="world seed (one independent world per seed)")
     parser.add_argument("--device", default="cpu", help="where to build the world (cpu | cuda)")
-    parser.add_argument(
-        "--figure",
-        nargs=2,
-        metavar=("EVAL_OUT", "PNG"),
-        help="draw base vs KTO images from an eval.py --tiny output folder",
-    )
     parser.add_argument(
         "--sizes",
         nargs="*",
@@ -789,5 +744,3 @@ if __name__ == "__main__":
     utils.quiet_libraries()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
     print(world_path(args.seed, args.device, **sizes))
-    if args.figure:
-        make_figure(Path(args.figure[0]), Path(args.figure[1]))

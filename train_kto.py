@@ -214,6 +214,11 @@ def parse_config(argv=None) -> Config:
 
     cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, world_paths)
     cfg = utils.resolve_paths(cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset"))
+    if cfg.reference_point == "kl_mismatched":
+        # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
+        mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
+    # A missing optimizer package fails now, not after the models load
+    optimizer_class(cfg.optimizer)
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
@@ -368,6 +373,20 @@ def kto_step(
     return loss, dict(r=ref_err - policy_err, z=z, policy_err=policy_err, ref_err=ref_err)
 
 
+def objective(cfg: Config, backward):
+    """kto_step with the run's settings bound: Diffusion-KTO's utility of the implicit reward, or the SFT baseline."""
+    loss_fn = functools.partial(
+        kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u
+    )
+    return functools.partial(
+        kto_step,
+        loss_fn=sft_loss if cfg.objective == "sft" else loss_fn,
+        z_from=cfg.reference_point,
+        micro_batches=cfg.gradient_accumulation_steps,
+        backward=backward,
+    )
+
+
 def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.Tensor]:
     """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
     r, z, d = stats["r"], stats["z"], desirable.float()
@@ -410,7 +429,7 @@ def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data for the objective: the desirable-ratio sampler and augmentation
+# Data for the objective: the desirable-ratio sampler
 
 
 class DesirableRatioSampler(torch.utils.data.Sampler):
@@ -435,7 +454,7 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: models, inputs (images or the latent cache), timing, checkpoints, the run record
+# Plumbing: the models, the optimizer, the loop (inputs: data.py; checkpoints: utils.py; the record: reports.py)
 
 
 class TrainingError(RuntimeError):
@@ -505,17 +524,24 @@ def optimizer_class(name: str):
     return bitsandbytes.optim.AdamW8bit
 
 
+def make_optimizer(cfg: Config, policy, device: torch.device, amp_dtype):
+    """Adam (AdamW, weight decay 0) over the trainable parameters, a linear learning-rate warm-up then constant,
+    and the loss scaler that fp16 gradients need (a no-op otherwise)."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = optimizer_class(cfg.optimizer)(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    return optimizer, lr_schedule, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Images per rank and optimizer step
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    # kl_mismatched pairs each image with another sample's caption: a batch of one fails now, with a clear message
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
-    if mismatched:
-        mismatched(per_rank)
-    optimizer_cls = optimizer_class(cfg.optimizer)
+    # The data and the run to resume, checked before any model loads
     table, dataset, desirable, counts = data.load_data(cfg)
-    fingerprint = counts["fingerprint"]
-    resume_from = utils.find_resume(cfg, RESUMABLE, fingerprint)
+    data_id = counts["fingerprint"]
+    resume_from = utils.find_resume(cfg, RESUMABLE, data_id)
 
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
@@ -523,13 +549,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Ref: never wrapped
     model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    # Adam (weight decay 0) with a linear warm-up, then constant; fp16 gradients need a loss scale
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = optimizer_cls(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer, lr_schedule, scaler = make_optimizer(cfg, policy, device, amp_dtype)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
     start_step, bad_steps = utils.load_checkpoint(
@@ -547,18 +567,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank
     )
     batches = inputs.loader(sampler, per_rank)
-    # The objective, chosen once: Diffusion-KTO's utility of the implicit reward, or the SFT baseline
-    loss_fn = functools.partial(
-        kto_loss, beta=cfg.beta, utility=cfg.utility, lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u
-    )
-    step_fn = functools.partial(
-        kto_step,
-        loss_fn=sft_loss if cfg.objective == "sft" else loss_fn,
-        z_from=cfg.reference_point,
-        micro_batches=cfg.gradient_accumulation_steps,
-        # fp16: the loss scaled so that its gradients do not underflow
-        backward=lambda loss_k: scaler.scale(loss_k).backward(),
-    )
+    # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
+    step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
     phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
     # The baseline grid, before any update
     record.validate(policy, start_step, inputs)
@@ -577,7 +587,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         with phases("clip"):
             # Fp16: the true gradients, so that clipping sees their norm
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm)
         with phases("optimizer"):
             # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
             sums = step_sums(
@@ -603,17 +613,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         record.validate(policy, step, inputs)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             utils.save_checkpoint(
-                cfg,
-                policy,
-                optimizer,
-                lr_schedule,
-                scaler,
-                gen,
-                step,
-                bad_steps,
-                rank,
-                world_size,
-                fingerprint,
+                cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
             )
             record.checkpoint(step)
     record.close()

@@ -1,0 +1,110 @@
+"""--cache_latents: every image's VAE posterior (both flips) and every caption's text embedding, encoded once into
+<cache>/latents-*.pt and text-*.pt, shared out over ranks chunk by chunk, each chunk written atomically (a killed run
+resumes the build where it stopped), and read back memory-mapped. A cache is reused only with the settings it was
+built with (settings.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils import DataError, atomic_path
+
+CACHE_CHUNK = (
+    256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
+)
+
+
+def cache_files(n_images: int, n_captions: int) -> list[str]:
+    return [f"text-{k:06d}.pt" for k in range(math.ceil(n_captions / CACHE_CHUNK))] + [
+        f"latents-{k:06d}.pt" for k in range(math.ceil(n_images / CACHE_CHUNK))
+    ]
+
+
+def check_settings(folder: Path, settings: dict, rank: int):
+    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
+    file = folder / "settings.json"
+    if file.exists() and json.loads(file.read_text()) != settings:
+        raise DataError(
+            f"--cache_dir {folder} holds a latent cache made with other settings ({file}); "
+            f"delete it or choose another --cache_dir. Wanted: {settings}"
+        )
+    if rank == 0 and not file.exists():
+        file.write_text(json.dumps(settings, indent=2))
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image)
+    and its caption's text embedding, memory-mapped from <cache>/latents-*.pt and text-*.pt."""
+
+    def __init__(self, folder: Path, desirable: torch.Tensor):
+        self.desirable = desirable
+        self.latents = [
+            torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))
+        ]
+        self.text = [
+            torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))
+        ]
+        self.empty_emb = self.text[0][0]  # caption 0 is "" (caption dropout)
+
+    def __len__(self):
+        return len(self.desirable)
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
+        c = int(part["caption_id"][j])
+        return dict(
+            mean=part["mean"][j],
+            std=part["std"][j],
+            emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
+            desirable=self.desirable[i],
+            corrupt=int(part["corrupt"][j]),
+        )
+
+
+def build(folder: Path, dataset, captions: list[str], inputs, cfg, rank, world_size):
+    """Encode the chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size, each
+    written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)."""
+    caption_id = {c: i for i, c in enumerate(captions)}
+    for name in cache_files(len(dataset), len(captions))[rank::world_size]:
+        file, k = folder / name, int(name[-9:-3])
+        if file.exists():
+            continue
+        rows = range(
+            k * CACHE_CHUNK, min((k + 1) * CACHE_CHUNK, len(captions if name.startswith("text") else dataset))
+        )
+        with torch.no_grad(), inputs.autocast:
+            if name.startswith("text"):
+                part = dict(
+                    emb=torch.cat(
+                        [
+                            inputs.encode_captions([captions[i] for i in rows[n : n + 64]])
+                            for n in range(0, len(rows), 64)
+                        ]
+                    )
+                )
+            else:
+                part = dict(mean=[], std=[], caption_id=[], corrupt=[])
+                for batch in torch.utils.data.DataLoader(
+                    torch.utils.data.Subset(dataset, rows),
+                    batch_size=cfg.train_batch_size,
+                    num_workers=cfg.dataloader_workers,
+                ):
+                    pixels = batch["pixel_values"]
+                    views = [
+                        inputs.posterior(p)
+                        for p in ([pixels, pixels.flip(-1)] if cfg.random_flip else [pixels])
+                    ]
+                    part["mean"].append(torch.stack([m for m, _ in views], 1))
+                    part["std"].append(torch.stack([s for _, s in views], 1))
+                    part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
+                    part["corrupt"].append(batch["corrupt"])
+                part = {key: torch.cat(v) for key, v in part.items()}
+        with atomic_path(file) as tmp:
+            torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
+    if world_size > 1:
+        dist.barrier()
