@@ -10,9 +10,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from utils import DataError, atomic_path
+from utils import DataError, TrainingError, agree, atomic_path, disk_full_message, is_disk_full, torch_save
 
 CACHE_CHUNK = (
     256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
@@ -69,7 +68,7 @@ class CachedLatents(torch.utils.data.Dataset):
 def build(folder: Path, dataset, captions: list[str], inputs, cfg, rank, world_size):
     """Encode the chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size, each
     written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)."""
-    caption_id = {c: i for i, c in enumerate(captions)}
+    caption_id, failed = {c: i for i, c in enumerate(captions)}, None
     for name in cache_files(len(dataset), len(captions))[rank::world_size]:
         file, k = folder / name, int(name[-9:-3])
         if file.exists():
@@ -104,7 +103,20 @@ def build(folder: Path, dataset, captions: list[str], inputs, cfg, rank, world_s
                     part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
                     part["corrupt"].append(batch["corrupt"])
                 part = {key: torch.cat(v) for key, v in part.items()}
-        with atomic_path(file) as tmp:
-            torch.save({key: v.cpu().contiguous() for key, v in part.items()}, tmp)
-    if world_size > 1:
-        dist.barrier()
+        part = {key: v.cpu().contiguous() for key, v in part.items()}
+        try:
+            with atomic_path(file) as tmp:
+                torch_save(part, tmp)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            # a chunk's size, times the chunks not on disk yet
+            missing = sum(not (folder / f).exists() for f in cache_files(len(dataset), len(captions)))
+            failed = disk_full_message(
+                e, folder, missing * sum(v.nbytes for v in part.values()), "the latent cache"
+            )
+            break
+    # every rank learns whether every chunk was written (a barrier too)
+    failed = agree(failed, world_size)
+    if failed:
+        raise TrainingError(failed)

@@ -43,7 +43,7 @@ import pickapic
 import reports
 import tiny_world
 import utils
-from utils import DataError
+from utils import DataError, TrainingError
 
 
 @dataclass
@@ -387,7 +387,7 @@ def objective(cfg: Config, backward):
     )
 
 
-def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.Tensor]:
+def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[str, torch.Tensor]:
     """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
     r, z, d = stats["r"], stats["z"], desirable.float()
     # W * (r - z) > 0: the utility is above its midpoint
@@ -404,6 +404,8 @@ def step_sums(loss, stats, desirable, grad_finite, corrupt) -> dict[str, torch.T
             ref_err=stats["ref_err"].sum(),
             not_finite=(~(torch.isfinite(loss.detach()) & grad_finite)).float(),
             corrupt=corrupt.sum().float().to(r.device),
+            # SIGTERM on any rank (utils.StopRequest)
+            stop=torch.tensor(float(stop), device=r.device),
         )
     )
 
@@ -455,12 +457,6 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------------------------------
 # Plumbing: the models, the optimizer, the loop (inputs: data.py; checkpoints: utils.py; the record: reports.py)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite losses); the message says what to try."""
-
-    exit_code = 3
 
 
 def load_models(cfg: Config, path: str, device: torch.device):
@@ -538,7 +534,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Images per rank and optimizer step
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
-    # The data and the run to resume, checked before any model loads
+    # The output folder, the data and the run to resume, checked before any model loads
+    utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
     table, dataset, desirable, counts = data.load_data(cfg)
     data_id = counts["fingerprint"]
     resume_from = utils.find_resume(cfg, RESUMABLE, data_id)
@@ -570,6 +567,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
     step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
     phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
+    # SIGTERM from here on: finish the step, save, stop
+    stop = utils.StopRequest()
     # The baseline grid, before any update
     record.validate(policy, start_step, inputs)
 
@@ -590,9 +589,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm)
         with phases("optimizer"):
             # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
-            sums = step_sums(
-                loss, stats, is_desirable, torch.isfinite(grad_norm) | scaler.is_enabled(), batch["corrupt"]
-            )
+            finite = torch.isfinite(grad_norm) | scaler.is_enabled()
+            sums = step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
             skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
             bad_steps = bad_steps + 1 if skipped else 0
             update(optimizer, lr_schedule, scaler, skipped)
@@ -611,11 +609,15 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 "--beta, check the data for broken images, or raise --max_bad_steps."
             )
         record.validate(policy, step, inputs)
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+        # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
+        preempted = sums["stop"].item() > 0
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
             utils.save_checkpoint(
                 cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
             )
             record.checkpoint(step)
+        if preempted:
+            raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
     record.close()
     return policy
 

@@ -8,6 +8,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import inspect
 import json
@@ -19,6 +20,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,72 @@ class DataError(ValueError):
     """Bad user input (a dataset, a path, a flag). The scripts print the message and exit, no traceback."""
 
     exit_code = 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite losses, a full disk); the message says what to try."""
+
+    exit_code = 3
+
+
+class Preempted(Exception):
+    """SIGTERM during training: the step was finished and a checkpoint saved; --resume latest goes on."""
+
+    # EX_TEMPFAIL: a temporary failure, to be tried again
+    exit_code = 75
+
+
+class StopRequest:
+    """SIGTERM (what SLURM and cloud schedulers send before they kill a job) as a request, not an exception: the
+    training loop reads `requested` once per step (all ranks together), finishes the step, saves and stops."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+
+def agree(message: str | None, world_size: int) -> str | None:
+    """The first rank's non-None message, the same on every rank (None: every rank is fine). A collective: an error
+    seen by some ranks only then stops all of them together, instead of leaving the others waiting."""
+    messages = [message]
+    if world_size > 1:
+        messages = [None] * world_size
+        dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether an exception, or one it arose from, is the kernel refusing a write for lack of space (ENOSPC, EFBIG
+    from a file-size limit, EDQUOT), as an OSError or as safetensors words it ("(os error 28)")."""
+    while e is not None:
+        if (
+            isinstance(e, OSError)
+            and e.errno in DISK_FULL
+            or any(f"(os error {n})" in str(e) for n in DISK_FULL)
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def torch_save(obj, path: Path):
+    """torch.save through a Python file, so that a failed write surfaces as the OSError it is (is_disk_full)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def disk_full_message(e: BaseException, folder: Path, need_bytes: int, what: str) -> str:
+    return (
+        f"no space left writing {folder} ({e}): {what} needs about {need_bytes / 1e9:.2f} GB there. "
+        "Its partial files were removed and what was saved before is intact. Free some space or point "
+        "--output_dir (or --cache_dir) to a larger disk, then launch again with --resume latest."
+    )
 
 
 def field_help(config_cls) -> dict[str, str]:
@@ -120,6 +188,10 @@ def reported(errors: tuple, rank: int = 0, on_stop=lambda: ""):
 
             ErrorHandler().record_exception(e)
         raise SystemExit(getattr(e, "exit_code", 2)) from None
+    except Preempted as e:
+        if rank == 0:
+            print(f"preempted: {e} {on_stop()}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     except (KeyboardInterrupt, Stopped) as e:
         if rank == 0:
             print(
@@ -142,8 +214,30 @@ def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
                 dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
             return result
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_shared_folder(folder: Path, rank: int, world_size: int):
+    """Every rank must see what global rank 0 writes in the output folder: rank 0 saves the checkpoints that every
+    rank reads on resume. A node-local disk stops the run here, before any training, on every rank."""
+    if world_size == 1:
+        return
+    token = [f"{os.uname().nodename}:{os.getpid()}:{time.time()}" if rank == 0 else None]
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".shared").write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    mark = folder / ".shared"
+    sees = mark.exists() and mark.read_text() == token[0]
+    problem = agree(None if sees else f"rank {rank} on {os.uname().nodename}", world_size)
+    if problem:
+        raise DataError(
+            f"--output_dir {folder}: {problem} does not see what rank 0 wrote there (a disk local to each node?). "
+            "Rank 0 saves the checkpoints and every rank reads them on resume: put --output_dir on a file system "
+            "that every node shares (NFS, Lustre, a cluster's scratch), with the same path on every node."
+        )
 
 
 HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # owner/name, or a legacy name such as bert-base-uncased
@@ -317,50 +411,58 @@ def fsync_tree(path: Path):
 
 
 def save_checkpoint(
-    cfg,
-    policy,
-    optimizer,
-    lr_schedule,
-    scaler,
-    gen,
-    step: int,
-    bad_steps: int,
-    rank: int,
-    world_size: int,
-    data_id,
+    cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
 ):
-    """checkpoint-<step>/: unet/ (diffusers layout), optimizer.pt (newest checkpoint only), training_state.pt,
-    rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint, `data_id`). Rank 0 writes it to a temporary folder, flushes it to
-    disk, then renames it. All ranks call this."""
+    """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
+    training_state.pt, rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
+    `data_id`). Rank 0 writes it to a temporary folder, flushes it to disk, then renames it; a full disk removes the
+    partial folder and stops every rank with TrainingError. All ranks call this."""
     rng_states = [gen.get_state()]
     if world_size > 1:
         rng_states = [None] * world_size
         dist.all_gather_object(rng_states, gen.get_state())
+    failed = None
     if rank == 0:
-        with atomic_path(Path(cfg.output_dir) / f"checkpoint-{step}") as tmp:
-            models.save_policy(policy, tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(
-                dict(
-                    lr_schedule=lr_schedule.state_dict(),
-                    step=step,
-                    bad_steps=bad_steps,
-                    scaler=scaler.state_dict(),
-                ),
-                tmp / "training_state.pt",
+        folder = Path(cfg.output_dir) / f"checkpoint-{step}"
+        try:
+            with atomic_path(folder) as tmp:
+                models.save_policy(policy, tmp)
+                torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch_save(
+                    dict(
+                        lr_schedule=lr_schedule.state_dict(),
+                        step=step,
+                        bad_steps=bad_steps,
+                        scaler=scaler.state_dict(),
+                    ),
+                    tmp / "training_state.pt",
+                )
+                torch_save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
+                (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+                (tmp / "data.json").write_text(json.dumps(data_id, indent=2))
+                fsync_tree(tmp)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            # the weights that are saved, and AdamW's two float32 moments per trainable parameter
+            trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+            saved = (
+                trainable * 4
+                if models.is_lora(policy)
+                else sum(t.nbytes for t in policy.state_dict().values())
             )
-            torch.save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
-            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-            (tmp / "data.json").write_text(json.dumps(data_id, indent=2))
-            fsync_tree(tmp)
-        *older, _ = list_checkpoints(cfg.output_dir)
-        for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
-            (old / "optimizer.pt").unlink(missing_ok=True)
-        if cfg.checkpoints_total_limit > 0:
-            for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
-                shutil.rmtree(old)
-    if world_size > 1:
-        dist.barrier()
+            failed = disk_full_message(e, folder, saved + 8 * trainable, "a checkpoint")
+        else:
+            *older, _ = list_checkpoints(cfg.output_dir)
+            for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
+                (old / "optimizer.pt").unlink(missing_ok=True)
+            if cfg.checkpoints_total_limit > 0:
+                for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
+                    shutil.rmtree(old)
+    # every rank learns whether the save worked (a barrier too)
+    failed = agree(failed, world_size)
+    if failed:
+        raise TrainingError(failed)
 
 
 def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
