@@ -12,12 +12,14 @@ Launch:
     python train_kto.py --dataset likes.csv                      # 1 GPU, SD v1-5, your data
     torchrun --standalone --nproc_per_node 4 train_kto.py        # the paper's recipe: 4 GPUs x 2 images
     python train_kto.py --gradient_accumulation_steps 4          # the same batch of 8 on 1 GPU (2 x 4)
+    python train_kto.py --gradient_accumulation_steps 4 --lora_rank 8   # LoRA adapters instead of the whole UNet
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
 Every flag: python train_kto.py --help. Outputs (README "Outputs"): <output_dir>/run.json, metrics.jsonl,
 curves.png, validation/, checkpoint-<step>/ (unet/, model card).
-File map: this file is the method and its training loop; data.py the like/dislike data and the training inputs;
-reports.py what a run writes and shows; utils.py the run time (flags, distributed set-up, checkpoints); eval.py the
-evaluation; tiny_world.py the offline world of --tiny (the README's table of files).
+File map: this file is the method and its training loop; models.py what is trained (the whole UNet or LoRA) and what
+a checkpoint holds; data.py the like/dislike data and the training inputs; reports.py what a run writes and shows;
+utils.py the run time (flags, distributed set-up, checkpoints, signals); eval.py the evaluation; tiny_world.py the
+offline world of --tiny (the README's table of files).
 """
 
 from __future__ import annotations
