@@ -181,3 +181,21 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_is_needed(tmp_path)
     # resumed with space again: every step exactly once in the metrics
     assert run(4).returncode == 0
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_caching_latents_stops_with_what_is_needed(tmp_path):
+    cache = tmp_path / "cache"
+    argv = [*TINY, "--output_dir", str(tmp_path / "out"), "--cache_latents", "--cache_dir", str(cache)]
+    # 64 kB per file: the captions' embeddings (0.5 MB a chunk) cannot be written
+    full = subprocess.run(
+        [sys.executable, "train_kto.py", *argv, "--max_train_steps", "1"],
+        cwd=HERE,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16)),
+    )
+    assert full.returncode == 3 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert f"no space left writing {cache}" in full.stderr and "the latent cache needs about" in full.stderr
+    assert not list(cache.glob("*.tmp"))
