@@ -14,7 +14,7 @@ Launch:
     python train_kto.py --gradient_accumulation_steps 4          # the same batch of 8 on 1 GPU (2 x 4)
     python train_kto.py --gradient_accumulation_steps 4 --lora_rank 8   # LoRA adapters instead of the whole UNet
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
-Every flag: python train_kto.py --help. Outputs (README "Outputs"): <output_dir>/run.json, metrics.jsonl,
+Every flag: python train_kto.py --help. Outputs (docs/outputs.md): <output_dir>/run.json, metrics.jsonl,
 curves.png, validation/, checkpoint-<step>/ (unet/, model card).
 File map: this file is the method and its training loop; models.py what is trained (the whole UNet or LoRA) and what
 a checkpoint holds; data.py the like/dislike data and the training inputs; reports.py what a run writes and shows;
@@ -147,7 +147,7 @@ class Config:
     peak_tflops: float = 0.0
     """with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation (0: looked up by GPU
     name in PEAK_TFLOPS; none for unknown GPUs and CPUs)"""
-    # watching a run (README "Outputs")
+    # watching a run (docs/outputs.md)
     validation_prompts: str = (
         "a photo of a cat on a sofa|a watercolor painting of a lighthouse at dusk|an astronaut riding a horse|"
         "a bowl of ramen, studio lighting"
@@ -413,7 +413,7 @@ def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[
 
 
 def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:
-    """One line of metrics.jsonl (names in README "Outputs")."""
+    """One line of metrics.jsonl (names in docs/outputs.md)."""
     n = s["n"].item()
     return dict(
         step=step,
