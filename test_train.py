@@ -100,35 +100,57 @@ def test_tiny_checks_the_data_before_building_the_world(tmp_path, monkeypatch, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_name, code):
+@pytest.mark.parametrize(
+    "signal_name, code, first_words",
+    [
+        ("SIGINT", 130, "stopped by Ctrl-C."),
+        ("SIGTERM", 75, "preempted: SIGTERM at step {step}: the step was"),
+    ],
+)
+def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_name, code, first_words):
     import signal
     import time
 
     out = tmp_path / "out"
     argv = [*TINY, "--output_dir", str(out), "--max_train_steps", "500", "--checkpointing_steps", "2"]
+    # SIGINT as a terminal sends it: a child of a shell without job control would inherit it ignored
     job = subprocess.Popen(
-        [sys.executable, "train_kto.py", *argv], cwd=HERE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "train_kto.py", *argv],
+        cwd=HERE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     while not (out / "checkpoint-2").exists() and job.poll() is None:
         time.sleep(0.2)
     job.send_signal(getattr(signal, signal_name))
     err = job.communicate(timeout=120)[1]
     last = utils.list_checkpoints(out)[-1]
+    step = int(last.name.split("-")[1])
     assert job.returncode == code and "Traceback" not in err, err
+    # Ctrl-C: at once, the last checkpoint named; SIGTERM (preemption): the step finished and saved (issue 29)
     lines = err.strip().splitlines()
-    assert lines[-1].startswith(
-        f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'}. The last checkpoint is {last}"
+    assert (
+        lines[-1].startswith(first_words.format(step=step)) and f"The last checkpoint is {last}." in lines[-1]
     )
     # The printed command, run as printed (with fewer steps): the run goes on from that checkpoint
     command = lines[-1].split("To resume: ")[1]
     assert command.startswith("python train_kto.py ") and command.endswith(" --resume latest"), command
-    step = int(last.name.split("-")[1])
     subprocess.run(
         [sys.executable, *shlex.split(command)[1:], "--max_train_steps", str(step + 1)], cwd=HERE, check=True
     )
     launches = json.loads((out / "run.json").read_text())["launches"]
     assert [launch["start_step"] for launch in launches] == [0, step]
+
+
+def test_sigterm_before_training_stops_at_once_with_one_line(capsys):
+    # what run_main installs until the training loop takes SIGTERM over (utils.StopRequest)
+    with pytest.raises(SystemExit) as e:
+        with utils.reported((utils.DataError,), 0, lambda: "The last checkpoint is X."):
+            utils.raise_stopped(15, None)
+    assert (
+        e.value.code == 143 and capsys.readouterr().err == "stopped by SIGTERM. The last checkpoint is X.\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
