@@ -1,6 +1,7 @@
 """The run time shared by train_kto.py and eval.py: flags from a config dataclass, torchrun-aware distributed
-set-up and tear-down, hub ids and local folders, derived seeds, files written atomically and a cache of things
-built once, and the training checkpoints (save, find, load, side by side)."""
+set-up and tear-down, errors and signals (one line, no traceback; Ctrl-C, SIGTERM as preemption), the check that
+every rank sees the output folder, hub ids and local folders, derived seeds, files written atomically and a cache of
+things built once, a full disk, and the training checkpoints (save, find, load, side by side)."""
 
 from __future__ import annotations
 
