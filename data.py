@@ -1,7 +1,7 @@
 """The like/dislike data: tables of (image, caption, label) or Pick-a-Pic v2 (labels from pickapic.py), their
-fingerprint, the dataset that decodes the images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL +
-torch, no torchvision), and the training inputs (data.Inputs: VAE latents and caption embeddings, or the latent
-cache of latent_cache.py). Everything is checked before any model loads: a bad file or column stops with a message
+fingerprint, and the dataset that decodes the images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL +
+torch, no torchvision) with each image's size and crop (SDXL's size conditioning). What the UNet sees of them (VAE
+latents, caption embeddings) is encoders.py's. Everything is checked before any model loads: a bad file or column stops with a message
 that says what and how to fix (utils.DataError)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -22,7 +21,6 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-import latent_cache
 from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic
 from utils import DataError
 
@@ -42,13 +40,17 @@ def load_image(source, base_dir: Path | None = None) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, center-crop a square, scale to [-1, 1]; returns [3, H, W]."""
-    w, h = image.size
+def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
+    """Where image_to_tensor crops an image of w x h: (resized width, resized height, left, top)."""
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, center-crop a square, scale to [-1, 1]; returns [3, H, W]."""
+    new_w, new_h, left, top = crop_box(*image.size, resolution)
     image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return x.float().div(127.5).sub(1.0)
@@ -375,7 +377,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
             try:
                 if source is None:
                     raise ValueError("no image bytes (null)")
-                pixels = image_to_tensor(load_image(source, self.base_dir), self.resolution)
+                image = load_image(source, self.base_dir)
+                pixels = image_to_tensor(image, self.resolution)
                 break
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 corrupt += 1
@@ -394,8 +397,12 @@ class FeedbackDataset(torch.utils.data.Dataset):
                     ) from e
                 i = nxt
         caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
+        # SDXL's size conditioning: the original height and width, the crop's top and left (the same when flipped:
+        # the crop is centred); the other families ignore it
+        _, _, left, top = crop_box(*image.size, self.resolution)
         return {
             "pixel_values": pixels,
+            "size": torch.tensor([image.height, image.width, top, left]),
             "caption": caption,
             "desirable": self.desirable[i],
             "corrupt": corrupt,
@@ -426,157 +433,6 @@ MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this man
 
 
 MAX_EMPTY_CAPTIONS = 0.05  # more empty captions than this in a dataset is taken for a broken caption column
-
-
-def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropout: float):
-    """Bool masks [b]: flip horizontally (p = 0.5, or never) and drop the caption (p = caption_dropout)."""
-    flip = (
-        torch.rand(b, generator=gen, device=gen.device) < 0.5
-        if random_flip
-        else torch.zeros(b, dtype=torch.bool, device=gen.device)
-    )
-    return flip, torch.rand(b, generator=gen, device=gen.device) < caption_dropout
-
-
-def augment(
-    pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float
-):
-    """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout)."""
-    flip, drop = augment_draws(pixels.shape[0], gen, random_flip, caption_dropout)
-    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-    return pixels, ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-
-class Inputs:
-    """Turns a loader batch into the objective's inputs: x0 ~ q(x0 | image) after a random flip (scaled latents),
-    the caption embeddings after caption dropout and, given `mismatched` (batch size -> indices), the embeddings of
-    the captions of the samples it pairs each image with. From images through the VAE and text encoder, or from the
-    --cache_latents files (built here on first use); both paths draw the same random numbers: the same run."""
-
-    def __init__(
-        self, cfg, path: str, dataset, captions, dtype, autocast, device, rank, world_size, mismatched=None
-    ):
-        from diffusers import AutoencoderKL
-
-        # The distinct captions, "" first: the dropped-out caption
-        captions = list(dict.fromkeys(["", *captions]))
-        self.cfg, self.device, self.dtype = cfg, device, dtype or torch.float32
-        self.autocast, self.mismatched = autocast, mismatched
-        self.scaling_factor = AutoencoderKL.load_config(path, subfolder="vae").get("scaling_factor", 0.18215)
-        self.cache = (
-            Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
-        )
-        if not (
-            self.cache
-            and all((self.cache / f).exists() for f in latent_cache.cache_files(len(dataset), len(captions)))
-        ):
-            self.load_encoders(path)  # the VAE and text encoder are loaded only to encode images and captions
-            if rank == 0:
-                self.warn_truncation(captions)
-        if self.cache:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            latent_cache.check_settings(
-                self.cache,
-                dict(
-                    pretrained_model=path,
-                    # the data by content (see fingerprint): a moved dataset keeps its cache
-                    data=dataset.fingerprint,
-                    label_policy=cfg.label_policy,
-                    resolution=cfg.resolution,
-                    random_flip=cfg.random_flip,
-                    images=len(dataset),
-                    captions=len(captions),
-                    dtype=str(self.dtype),
-                ),
-                rank,
-            )
-            if hasattr(self, "vae"):
-                latent_cache.build(self.cache, dataset, captions, self, cfg, rank, world_size)
-                del self.vae, self.text_encoder, self.tokenizer
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            self.dataset = latent_cache.CachedLatents(self.cache, dataset.desirable)
-            self.empty_emb = self.dataset.empty_emb.to(device)
-        else:
-            self.dataset = dataset
-
-    def loader(self, sampler, batch_size: int):
-        """An endless iterator of batches of `batch_size` in the sampler's order (decoded in worker processes)."""
-        workers = self.cfg.dataloader_workers
-        return iter(
-            torch.utils.data.DataLoader(
-                self.dataset,
-                batch_size=batch_size,
-                sampler=sampler,
-                num_workers=workers,
-                pin_memory=self.device.type == "cuda",
-                persistent_workers=workers > 0,
-            )
-        )
-
-    def load_encoders(self, path: str):
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=self.dtype)
-        for m in (self.text_encoder, self.vae):
-            m.to(self.device).requires_grad_(False).eval()
-
-    def warn_truncation(self, captions: list[str], sample: int = 20_000):
-        """Captions longer than the text encoder's context are cut (as in SD's own training): say how many, once
-        (counted on at most `sample` distinct captions, evenly spaced)."""
-        step = max(1, len(captions) // sample)
-        lengths = [len(ids) for ids in self.tokenizer(captions[::step], verbose=False).input_ids]
-        n, limit = sum(n > self.tokenizer.model_max_length for n in lengths), self.tokenizer.model_max_length
-        if n:
-            of = f"{n} of {len(lengths)}" + (f" sampled (of {len(captions)})" if step > 1 else "")
-            print(
-                f"warning: {of} distinct captions are longer than the text encoder's {limit} tokens and are "
-                "truncated",
-                file=sys.stderr,
-            )
-
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
-
-    def posterior(self, pixels: torch.Tensor):
-        """The VAE's q(x0 | image) as (mean, std); pixels [B, 3, H, W] in [-1, 1]."""
-        latent_dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return latent_dist.mean, latent_dist.std
-
-    def __call__(self, batch: dict, gen: torch.Generator):
-        """(x0 [B, 4, h, w] float32, emb [B, L, D], emb_mismatched [B, L, D] or None)."""
-        cfg, device, b = self.cfg, self.device, len(batch["desirable"])
-        rolled = self.mismatched(b) if self.mismatched else torch.zeros(0, dtype=torch.long)
-        if self.cache:
-            flip, drop = augment_draws(b, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = (
-                batch[k].to(device, non_blocking=True)[torch.arange(b, device=device), flip.long()]
-                for k in ("mean", "std")
-            )
-            emb = batch["emb"].to(device, non_blocking=True)
-            both = torch.cat([torch.where(drop[:, None, None], self.empty_emb, emb), emb[rolled.to(device)]])
-        else:
-            captions = list(batch["caption"])
-            pixels = batch["pixel_values"].to(device, non_blocking=True)
-            pixels, captions_in = augment(pixels, captions, gen, cfg.random_flip, cfg.caption_dropout)
-            mean, std = self.posterior(pixels)
-            both = self.encode_captions(
-                captions_in + [captions[j] for j in rolled.tolist()]
-            )  # one call for both
-        x0 = mean + std * torch.randn(
-            mean.shape, generator=gen, device=device, dtype=mean.dtype
-        )  # as diffusers
-        return (x0 * self.scaling_factor).float(), both[:b], both[b:] if len(rolled) else None
 
 
 def fingerprint(table: pd.DataFrame, base_dir: Path) -> dict:

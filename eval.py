@@ -410,16 +410,14 @@ def describe_model(spec: str, flag: str) -> dict:
 
 def load_pipeline(model: dict, device: torch.device):
     """The pipeline of `model` (see describe_model): the base, with the checkpoint's UNet or LoRA adapters."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     extra = {}
     try:
         if model["unet"]:
             extra["unet"] = UNet2DConditionModel.from_pretrained(model["unet"], dtype=dtype)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model["base"], dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra
-        )
+        pipe = models.load_pipeline(model["base"], dtype=dtype, **extra)
     except OSError as e:
         raise DataError(
             f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder."
@@ -614,7 +612,7 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
 
 def export(cfg: Config, rank: int, world_size: int, device) -> Path:
     """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet, saved as one
-    diffusers folder (model card included) that StableDiffusionPipeline.from_pretrained(OUT) loads alone."""
+    diffusers folder (model card included) that DiffusionPipeline.from_pretrained(OUT) loads alone."""
     model, out = describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
     if model["unet"] is None and model["lora"] is None:
         raise DataError(
@@ -625,10 +623,10 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
         raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
     # weights as saved (float32): the exported UNet equals the checkpoint's bit for bit; LoRA adapters are fused
     if rank == 0:
-        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         unet = dict(unet=UNet2DConditionModel.from_pretrained(model["unet"])) if model["unet"] else {}
-        pipe = StableDiffusionPipeline.from_pretrained(model["base"], **unet)
+        pipe = models.load_pipeline(model["base"], **unet)
         if model["lora"]:
             pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
             pipe.fuse_lora()
@@ -640,7 +638,7 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
                 shutil.copyfile(Path(cfg.ckpt) / "README.md", tmp / "README.md")
         print(
             f"Exported {cfg.ckpt} (base model {model['base']} + its UNet) to {out}\n"
-            f"  load it with StableDiffusionPipeline.from_pretrained({str(out)!r})"
+            f"  load it with DiffusionPipeline.from_pretrained({str(out)!r})"
         )
     return out
 

@@ -1,4 +1,5 @@
-"""--cache_latents: every image's VAE posterior (both flips) and every caption's text embedding, encoded once into
+"""--cache_latents: every image's VAE posterior (both flips) and size, and every caption's text embeddings (SDXL: with
+the pooled one), encoded once into
 <cache>/latents-*.pt and text-*.pt, shared out over ranks chunk by chunk, each chunk written atomically (a killed run
 resumes the build where it stopped), and read back memory-mapped. A cache is reused only with the settings it was
 built with (settings.json)."""
@@ -37,18 +38,18 @@ def check_settings(folder: Path, settings: dict, rank: int):
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image)
-    and its caption's text embedding, memory-mapped from <cache>/latents-*.pt and text-*.pt."""
+    """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image), its
+    size (as data.FeedbackDataset's) and its caption's text embeddings (emb, and SDXL's pooled), memory-mapped from
+    <cache>/latents-*.pt and text-*.pt."""
 
     def __init__(self, folder: Path, desirable: torch.Tensor):
         self.desirable = desirable
         self.latents = [
             torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))
         ]
-        self.text = [
-            torch.load(f, mmap=True, weights_only=True)["emb"] for f in sorted(folder.glob("text-*.pt"))
-        ]
-        self.empty_emb = self.text[0][0]  # caption 0 is "" (caption dropout)
+        self.text = [torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("text-*.pt"))]
+        # Caption 0 is "" (caption dropout)
+        self.empty = {k: v[0] for k, v in self.text[0].items()}
 
     def __len__(self):
         return len(self.desirable)
@@ -56,10 +57,12 @@ class CachedLatents(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
         c = int(part["caption_id"][j])
+        text = self.text[c // CACHE_CHUNK]
         return dict(
             mean=part["mean"][j],
             std=part["std"][j],
-            emb=self.text[c // CACHE_CHUNK][c % CACHE_CHUNK],
+            size=part["size"][j],
+            **{k: v[c % CACHE_CHUNK] for k, v in text.items()},
             desirable=self.desirable[i],
             corrupt=int(part["corrupt"][j]),
         )
@@ -78,16 +81,12 @@ def build(folder: Path, dataset, captions: list[str], inputs, cfg, rank, world_s
         )
         with torch.no_grad(), inputs.autocast:
             if name.startswith("text"):
-                part = dict(
-                    emb=torch.cat(
-                        [
-                            inputs.encode_captions([captions[i] for i in rows[n : n + 64]])
-                            for n in range(0, len(rows), 64)
-                        ]
-                    )
-                )
+                parts = [
+                    inputs.text([captions[i] for i in rows[n : n + 64]]) for n in range(0, len(rows), 64)
+                ]
+                part = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
             else:
-                part = dict(mean=[], std=[], caption_id=[], corrupt=[])
+                part = dict(mean=[], std=[], size=[], caption_id=[], corrupt=[])
                 for batch in torch.utils.data.DataLoader(
                     torch.utils.data.Subset(dataset, rows),
                     batch_size=cfg.train_batch_size,
@@ -100,6 +99,7 @@ def build(folder: Path, dataset, captions: list[str], inputs, cfg, rank, world_s
                     ]
                     part["mean"].append(torch.stack([m for m, _ in views], 1))
                     part["std"].append(torch.stack([s for _, s in views], 1))
+                    part["size"].append(batch["size"])
                     part["caption_id"].append(torch.tensor([caption_id[c] for c in batch["caption"]]))
                     part["corrupt"].append(batch["corrupt"])
                 part = {key: torch.cat(v) for key, v in part.items()}

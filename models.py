@@ -2,10 +2,11 @@
 adapters on its attention projections (peft, as diffusers uses it), whose frozen reference is the same UNet with
 the adapters switched off, so that no second UNet is held. A full policy is saved as a diffusers `unet/` folder;
 a LoRA policy as `pytorch_lora_weights.safetensors` in the diffusers LoRA format, which
-`pipe.load_lora_weights(folder)` reads."""
+`pipe.load_lora_weights(folder)` reads. Also the optimizer of the trainable parameters and its step."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -74,6 +75,21 @@ class AdaptersOff(torch.nn.Module):
         """Nothing to compile: the blocks are the policy's, compiled with it."""
 
 
+def load_pipeline(path: str, **components):
+    """The base model's own pipeline class (model_index.json's: StableDiffusionPipeline, StableDiffusionXLPipeline,
+    ...), with `components` in place of its own and no safety checker."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, diffusers.DiffusionPipeline.load_config(path)["_class_name"])
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        components = dict(
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components
+        )
+    return cls.from_pretrained(path, **components)
+
+
 def save_policy(policy, folder: Path):
     """The trained weights into a checkpoint folder: unet/ (full), or the LoRA file (adapters only)."""
     if not is_lora(policy):
@@ -104,3 +120,46 @@ def load_policy(policy, folder: Path):
             f"{folder / LORA_FILE}: keys the policy's adapters do not have: {result.unexpected_keys[:3]}"
         )
     trainable_float32(policy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer of the trainable parameters
+
+
+def optimizer_class(name: str):
+    """torch's AdamW as one fused kernel, or bitsandbytes' AdamW8bit (the released code's; 2 instead of 8 bytes of
+    state per parameter), imported here, before any model loads, so that a missing package fails at once."""
+    if name == "adamw":
+        return functools.partial(torch.optim.AdamW, fused=True)
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        # utils imports this module (checkpoints hold a policy): imported here, no cycle
+        from utils import DataError
+
+        raise DataError(
+            "--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
+            "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw."
+        ) from e
+    return bitsandbytes.optim.AdamW8bit
+
+
+def make_optimizer(cfg, policy, device: torch.device, amp_dtype):
+    """Adam (AdamW, weight decay 0) over the trainable parameters, a linear learning-rate warm-up then constant,
+    and the loss scaler that fp16 gradients need (a no-op otherwise)."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = optimizer_class(cfg.optimizer)(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    return optimizer, lr_schedule, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+def update(optimizer, lr_schedule, scaler, skipped: bool):
+    """The optimizer step, unless skipped; with fp16 the scaler also skips a step whose gradients overflowed (and
+    halves its scale). The learning-rate schedule advances only when a step was taken."""
+    scale = scaler.get_scale()
+    if not skipped:
+        scaler.step(optimizer)
+    scaler.update()
+    if not skipped and scaler.get_scale() >= scale:
+        lr_schedule.step()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import LORA_FILE
+from models import LORA_FILE, load_pipeline
 from utils import DataError, atomic_path, derive_seed, is_hub_id
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,9 +333,9 @@ def write_model_card(ckpt_dir: Path, run: dict) -> Path:
         use = f"""This folder holds LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet:
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")
 image = pipe("a photo of an astronaut riding a horse").images[0]
 ```
@@ -344,10 +344,10 @@ image = pipe("a photo of an astronaut riding a horse").images[0]
         use = f"""This folder holds the fine-tuned UNet (`unet/`); the other parts come from the base model:
 
 ```python
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")
-pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)
+pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)
 image = pipe("a photo of an astronaut riding a horse").images[0]
 ```
 """
@@ -374,7 +374,7 @@ undesirable images (label policy `{policy}`).
 
 {use}
 `python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder{" (adapters fused)" if lora else ""}:
-`StableDiffusionPipeline.from_pretrained("OUT")`.
+`DiffusionPipeline.from_pretrained("OUT")`.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     with atomic_path(ckpt_dir / "README.md") as tmp:
@@ -508,6 +508,26 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
         tmp.write_text(json.dumps(run, indent=2))
 
 
+def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:
+    """One line of metrics.jsonl (names in docs/outputs.md)."""
+    n = s["n"].item()
+    return dict(
+        step=step,
+        loss=s["loss"].item() / n,
+        z=z.item(),
+        reward_desirable=s["r_desirable"].item() / max(s["n_desirable"].item(), 1),
+        reward_undesirable=s["r_undesirable"].item() / max(n - s["n_desirable"].item(), 1),
+        accuracy=s["won"].item() / n,
+        policy_err=s["policy_err"].item() / n,
+        ref_err=s["ref_err"].item() / n,
+        grad_norm=grad_norm.item(),
+        lr=lr,
+        desirable_frac=s["n_desirable"].item() / n,
+        skipped=int(skipped),
+        images_per_sec=n / seconds,
+    )
+
+
 def open_metrics(out_dir: Path, start_step: int):
     """metrics.jsonl for appending; on resume the lines after the checkpoint's step are dropped first."""
     file = out_dir / "metrics.jsonl"
@@ -563,25 +583,13 @@ class Reports:
 
     def validate(self, policy, step: int, inputs):
         """The validation prompts, one image each, seeded by (seed, prompt index) on the CPU: the training streams
-        are untouched. The policy runs in eval mode (and goes back to train mode). The VAE and text encoder are
+        are untouched. The policy runs in eval mode (and goes back to train mode). The VAE and text encoders are
         those of the training inputs where they are loaded (no --cache_latents)."""
         if not (self.enabled and self.cfg.validation_steps and step % self.cfg.validation_steps == 0):
             return
-        from diffusers import StableDiffusionPipeline
-
         if self.pipe is None:
-            shared = {
-                k: getattr(inputs, k) for k in ("vae", "text_encoder", "tokenizer") if hasattr(inputs, k)
-            }
-            self.pipe = StableDiffusionPipeline.from_pretrained(
-                self.path,
-                unet=policy,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                dtype=inputs.dtype,
-                **shared,
-            ).to(self.device)
+            self.pipe = load_pipeline(self.path, unet=policy, dtype=inputs.dtype, **inputs.components())
+            self.pipe.to(self.device)
             self.pipe.set_progress_bar_config(disable=True)
         gens = [
             torch.Generator().manual_seed(derive_seed(self.cfg.seed, i)) for i in range(len(self.prompts))

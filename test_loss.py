@@ -15,7 +15,7 @@ import fixtures
 import tiny_world
 import train_kto
 import utils
-from data import augment
+from encoders import augment
 from train_kto import DesirableRatioSampler, kto_loss, mismatched_indices, reference_point
 
 UTILITIES = ("kahneman_tversky", "loss_averse", "risk_seeking")
@@ -156,7 +156,8 @@ def tiny_unets(prediction_type="epsilon"):
 def step_inputs(b=4):
     g = torch.Generator().manual_seed(1)
     x0, emb = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 5, 8, generator=g)
-    return x0, emb, emb[mismatched_indices(b)], torch.tensor([True, False, True, False][:b])
+    cond = lambda e: dict(encoder_hidden_states=e)  # noqa: E731
+    return x0, cond(emb), cond(emb[mismatched_indices(b)]), torch.tensor([True, False, True, False][:b])
 
 
 BETA = 1e4
@@ -225,7 +226,7 @@ def test_kto_step_matches_an_independent_computation(prediction_type):
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     target = abar.sqrt() * eps - (1 - abar).sqrt() * x0 if prediction_type == "v_prediction" else eps
-    err = lambda unet, c: ((unet(x_t, t, c).sample - target) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    err = lambda unet, c: ((unet(x_t, t, **c).sample - target) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
     with torch.no_grad():
         r = err(ref, emb) - err(policy, emb)
         z = max(0.0, (err(ref, emb_m) - err(policy, emb_m)).mean().item())
@@ -325,10 +326,10 @@ def test_augment_flip_and_caption_dropout():
     pixels = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     caps = ["a", "b"]
     g = torch.Generator().manual_seed(0)
-    same, kept = augment(pixels, caps, g, random_flip=False, caption_dropout=0.0)
-    assert torch.equal(same, pixels) and kept == caps
-    _, dropped = augment(pixels, caps, g, random_flip=False, caption_dropout=1.0)
-    assert dropped == ["", ""]
+    same, kept, none = augment(pixels, caps, g, random_flip=False, caption_dropout=0.0)
+    assert torch.equal(same, pixels) and kept == caps and not none.any()
+    _, dropped, drop = augment(pixels, caps, g, random_flip=False, caption_dropout=1.0)
+    assert dropped == ["", ""] and drop.all()
     flips = [augment(pixels, caps, g, random_flip=True, caption_dropout=0.0)[0] for _ in range(40)]
     flipped = [bool(torch.equal(f[0], pixels[0].flip(-1))) for f in flips]
     assert 5 < sum(flipped) < 35 and all(torch.equal(f[0], pixels[0]) or fl for f, fl in zip(flips, flipped))

@@ -32,7 +32,8 @@ def inputs(policy, n=4):
     c = policy.config
     x0 = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
     emb = torch.randn(n, 16, c.cross_attention_dim, generator=g)
-    return x0, emb, torch.roll(emb, 1, 0), torch.tensor([True, False] * (n // 2)), g
+    cond = lambda e: dict(encoder_hidden_states=e)  # noqa: E731
+    return x0, cond(emb), cond(torch.roll(emb, 1, 0)), torch.tensor([True, False] * (n // 2)), g
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -60,8 +61,8 @@ def test_lora_reference_is_the_base_unet_and_r_is_zero_at_step_0(dtype):
     t = torch.tensor([10, 300, 600, 900])
     x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
     with autocast, torch.no_grad():
-        want, got = base(x_t, t, emb).sample, ref(x_t, t, emb).sample
-        assert torch.equal(got, want) and not torch.equal(policy(x_t, t, emb).sample, want)
+        want, got = base(x_t, t, **emb).sample, ref(x_t, t, **emb).sample
+        assert torch.equal(got, want) and not torch.equal(policy(x_t, t, **emb).sample, want)
     # and the adapters are on again after the reference's call
     assert all(m.disable_adapters is False for m in policy.modules() if hasattr(m, "lora_A"))
 

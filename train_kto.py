@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import encoders
 import models
 import pickapic
 import reports
@@ -52,7 +53,11 @@ from utils import DataError, TrainingError
 class Config:
     # data and model
     pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """base model: hub id or local diffusers folder; policy and ref both start from its UNet"""
+    """base model: hub id or local diffusers folder (SD v1-5, SD 2.1, SDXL: read from its configs, see
+    encoders.py); policy and ref both start from its UNet"""
+    pretrained_vae: str = ""
+    """a replacement VAE (hub id or folder with its config.json), e.g. madebyollin/sdxl-vae-fp16-fix ('': the base
+    model's)"""
     dataset: str = "yuvalkirstain/pickapic_v2"
     """like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet
     file with columns image, caption, label"""
@@ -215,12 +220,16 @@ def parse_config(argv=None) -> Config:
         }
 
     cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, world_paths)
-    cfg = utils.resolve_paths(cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset"))
+    cfg = utils.resolve_paths(
+        cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset", "pretrained_vae")
+    )
+    if cfg.pretrained_vae:
+        utils.resolve_model(cfg.pretrained_vae, f"--pretrained_vae {cfg.pretrained_vae}")
     if cfg.reference_point == "kl_mismatched":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
     # A missing optimizer package fails now, not after the models load
-    optimizer_class(cfg.optimizer)
+    models.optimizer_class(cfg.optimizer)
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
@@ -309,8 +318,8 @@ def kto_step(
     ref,
     scheduler,
     x0,
-    emb,
-    emb_mismatched,
+    cond,
+    cond_mismatched,
     desirable,
     gen,
     loss_fn,
@@ -323,8 +332,9 @@ def kto_step(
         L = E_{x0, t} [ lambda_y * (1 - U(w(x0) * beta * (r - z))) ]
         r = ||eps - eps_ref(x_t, t, c)||^2 - ||eps - eps_policy(x_t, t, c)||^2     (means over latent elements)
 
-    x0: latents [B, 4, h, w]; emb / emb_mismatched: embeddings of each image's own caption / of the caption of the
-    sample it is mismatched with (kl_mismatched only); desirable: bool [B]; gen: this rank's generator.
+    x0: latents [B, 4, h, w]; cond / cond_mismatched: the UNet's keyword inputs (encoders.unet_inputs) for each
+    image's own caption / for the caption of the sample it is mismatched with (kl_mismatched only); desirable: bool
+    [B]; gen: this rank's generator.
     loss_fn(policy_err, ref_err, desirable, z=z): per-sample losses (kto_loss with its settings bound, or sft_loss).
     z_from: where the reference point z comes from (kl_mismatched | batch_mean | zero; --reference_point).
     `policy` may be DDP-wrapped; `ref` is frozen. The policy's forward and backward run in `micro_batches` chunks,
@@ -339,9 +349,9 @@ def kto_step(
     # What the UNet predicts: the noise, or the velocity for v-prediction models (SD 2.1)
     target = scheduler.get_velocity(x0, eps, t) if scheduler.config.prediction_type == "v_prediction" else eps
 
-    # Denoising error of samples i under captions c
+    # Denoising error of samples i under the conditioning c (captions, and SDXL's sizes)
     def err(unet, c, i):
-        return denoising_error(unet(x_t[i], t[i], c[i]).sample, target[i])
+        return denoising_error(unet(x_t[i], t[i], **encoders.take(c, i)).sample, target[i])
 
     # ... of the whole batch, one micro-batch at a time (the batch shapes of the policy)
     def errors(unet, c):
@@ -351,13 +361,13 @@ def kto_step(
     raw_policy = getattr(policy, "module", policy)
     with torch.no_grad():
         # Reference model's denoising error
-        ref_err = errors(ref, emb)
+        ref_err = errors(ref, cond)
         # Reference point z = max(0, mean r over all ranks), detached, before any loss: on mismatched (image,
         # caption) pairs, KTO's estimate of KL(policy || ref); or on the batch itself (the released code's); or 0
         if z_from == "kl_mismatched":
-            z = reference_point(errors(ref, emb_mismatched) - errors(raw_policy, emb_mismatched))
+            z = reference_point(errors(ref, cond_mismatched) - errors(raw_policy, cond_mismatched))
         elif z_from == "batch_mean":
-            z = reference_point(ref_err - errors(raw_policy, emb))
+            z = reference_point(ref_err - errors(raw_policy, cond))
         else:
             z = torch.zeros((), device=x0.device)
     policy_err, loss = [], torch.zeros((), device=x0.device)
@@ -366,7 +376,7 @@ def kto_step(
         last = k == len(micro) - 1
         with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
             # Policy's denoising error: the only forward with gradients
-            policy_err.append(err(policy, emb, i))
+            policy_err.append(err(policy, cond, i))
             # Loss: lambda_y * (1 - U(w * beta * (r - z))), its share of the batch mean
             loss_k = loss_fn(policy_err[-1], ref_err[i], desirable[i], z=z).sum() / len(x0)
             backward(loss_k)
@@ -390,7 +400,7 @@ def objective(cfg: Config, backward):
 
 
 def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[str, torch.Tensor]:
-    """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
+    """The step's metrics as global sums and counts, reduced by name over all ranks (see reports.log_row)."""
     r, z, d = stats["r"], stats["z"], desirable.float()
     # W * (r - z) > 0: the utility is above its midpoint
     won = torch.where(desirable, r > z, r < z).float()
@@ -409,26 +419,6 @@ def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[
             # SIGTERM on any rank (utils.StopRequest)
             stop=torch.tensor(float(stop), device=r.device),
         )
-    )
-
-
-def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:
-    """One line of metrics.jsonl (names in docs/outputs.md)."""
-    n = s["n"].item()
-    return dict(
-        step=step,
-        loss=s["loss"].item() / n,
-        z=z.item(),
-        reward_desirable=s["r_desirable"].item() / max(s["n_desirable"].item(), 1),
-        reward_undesirable=s["r_undesirable"].item() / max(n - s["n_desirable"].item(), 1),
-        accuracy=s["won"].item() / n,
-        policy_err=s["policy_err"].item() / n,
-        ref_err=s["ref_err"].item() / n,
-        grad_norm=grad_norm.item(),
-        lr=lr,
-        desirable_frac=s["n_desirable"].item() / n,
-        skipped=int(skipped),
-        images_per_sec=n / seconds,
     )
 
 
@@ -507,31 +497,6 @@ def main(argv=None):
     return utils.run_main(train, cfg, (DataError, TrainingError), stopped)
 
 
-def optimizer_class(name: str):
-    """torch's AdamW as one fused kernel, or bitsandbytes' AdamW8bit (the released code's; 2 instead of 8 bytes of
-    state per parameter), imported here, before any model loads, so that a missing package fails at once."""
-    if name == "adamw":
-        return functools.partial(torch.optim.AdamW, fused=True)
-    try:
-        import bitsandbytes
-    except ImportError as e:
-        raise DataError(
-            "--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
-            "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw."
-        ) from e
-    return bitsandbytes.optim.AdamW8bit
-
-
-def make_optimizer(cfg: Config, policy, device: torch.device, amp_dtype):
-    """Adam (AdamW, weight decay 0) over the trainable parameters, a linear learning-rate warm-up then constant,
-    and the loss scaler that fp16 gradients need (a no-op otherwise)."""
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = optimizer_class(cfg.optimizer)(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    warmup = lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
-    return optimizer, lr_schedule, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-
 def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Images per rank and optimizer step
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
@@ -548,7 +513,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Ref: never wrapped
     model = torch.nn.parallel.DistributedDataParallel(policy) if world_size > 1 else policy
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    optimizer, lr_schedule, scaler = make_optimizer(cfg, policy, device, amp_dtype)
+    optimizer, lr_schedule, scaler = models.make_optimizer(cfg, policy, device, amp_dtype)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
     start_step, bad_steps = utils.load_checkpoint(
@@ -559,7 +524,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     )
 
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
-    inputs = data.Inputs(
+    inputs = encoders.Inputs(
         cfg, path, dataset, table["caption"], amp_dtype, autocast, device, rank, world_size, mismatched
     )
     sampler = DesirableRatioSampler(
@@ -581,10 +546,10 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             is_desirable = batch["desirable"].to(device)
         with phases.count_flops():
             with phases("encode"), torch.no_grad(), autocast:
-                x0, emb, emb_mismatched = inputs(batch, gen)
+                x0, cond, cond_mismatched = inputs(batch, gen)
             with phases("forward_backward"), autocast:
                 optimizer.zero_grad(set_to_none=True)
-                loss, stats = step_fn(model, ref, scheduler, x0, emb, emb_mismatched, is_desirable, gen)
+                loss, stats = step_fn(model, ref, scheduler, x0, cond, cond_mismatched, is_desirable, gen)
         with phases("clip"):
             # Fp16: the true gradients, so that clipping sees their norm
             scaler.unscale_(optimizer)
@@ -595,14 +560,17 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             sums = step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
             skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
             bad_steps = bad_steps + 1 if skipped else 0
-            update(optimizer, lr_schedule, scaler, skipped)
+            models.update(optimizer, lr_schedule, scaler, skipped)
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         # Every rank stops together
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
 
         seconds = time.perf_counter() - t0
         record.log(
-            {**log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds), **phases.report(seconds)}
+            {
+                **reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds),
+                **phases.report(seconds),
+            }
         )
         if bad_steps >= cfg.max_bad_steps:
             raise TrainingError(
@@ -622,17 +590,6 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
     record.close()
     return policy
-
-
-def update(optimizer, lr_schedule, scaler, skipped: bool):
-    """The optimizer step, unless skipped; with fp16 the scaler also skips a step whose gradients overflowed (and
-    halves its scale). The learning-rate schedule advances only when a step was taken."""
-    scale = scaler.get_scale()
-    if not skipped:
-        scaler.step(optimizer)
-    scaler.update()
-    if not skipped and scaler.get_scale() >= scale:
-        lr_schedule.step()
 
 
 if __name__ == "__main__":

@@ -542,7 +542,11 @@ def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
     return dataclasses.replace(
         cfg,
         **{k: absolute(getattr(cfg, k)) for k in local if getattr(cfg, k)},
-        **{k: absolute(getattr(cfg, k)) for k in maybe_local if Path(getattr(cfg, k)).expanduser().exists()},
+        **{
+            k: absolute(getattr(cfg, k))
+            for k in maybe_local
+            if getattr(cfg, k) and Path(getattr(cfg, k)).expanduser().exists()
+        },
     )
 
 
