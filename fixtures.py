@@ -4,10 +4,13 @@ Nothing here is part of the method or is needed to train on real data:
 - the tiny model: tiny_world.build_tiny_model's random-weight, Stable-Diffusion-shaped pipeline, built once into
   the cache; a small labelled CSV dataset of tiny-world drawings (the fast tests); perturb_norms, which moves a
   random model's norm weights off 1 and 0 so that precision tests see their rounding;
+- the tiny SDXL model: a random-weight, SDXL-shaped pipeline (two text encoders, pooled text and size
+  conditioning), built once into the cache;
 - the tiny scorers: the five paper scorers (scorers.py) with tiny random weights, each saved in the format of its
   real weights (eval.py --tiny);
 - synthetic Pick-a-Pic v2 shards and the label conversion's benchmark;
-- SD v1-5's architecture with random weights (`python fixtures.py sd15-random FOLDER`, for benchmarks only).
+- SD v1-5's and SDXL base 1.0's architectures with random weights (`python fixtures.py sd15-random FOLDER`,
+  `python fixtures.py sdxl-random FOLDER`, for benchmarks only).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from PIL import Image
 
 from scorers import METRICS, mlp_head
 from tiny_world import WORDS, build_clip_tokenizer, build_tiny_model, sample_world
-from utils import atomic_path, build_once, cache_dir
+from utils import atomic_path, build_once, cache_dir, silence_torchvision_notice
 
 # ----------------------------------------------------------------------------------------------------
 # Synthetic Pick-a-Pic v2: its columns and types, tiny images (the benchmark and data tests)
@@ -227,6 +230,161 @@ def build_sd15_random(path: Path, seed: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# SDXL base 1.0's architecture with RANDOM weights (benchmarks only): python fixtures.py sdxl-random FOLDER
+
+# SDXL base 1.0's published configs, no weights
+SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl"
+
+
+def build_sdxl_random(path: Path, seed: int = 0) -> None:
+    """SDXL base 1.0's architecture (UNet, VAE, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, scheduler),
+    RANDOM weights, diffusers layout."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    # offline tiny vocabulary (ids < 49408), SD's CLIP context; tokenizer_2 pads with "!" as SDXL's
+    tokenizer, tokenizer_2 = (
+        build_clip_tokenizer(WORDS, path / name) for name in ("tokenizer", "tokenizer_2")
+    )
+    tokenizer_2.pad_token = "!"
+    for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+        tok.model_max_length = 77
+        tok.save_pretrained(path / name)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIGS / "vae")),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig.from_json_file(SDXL_CONFIGS / "text_encoder" / "config.json")
+        ),
+        text_encoder_2=CLIPTextModelWithProjection(
+            CLIPTextConfig.from_json_file(SDXL_CONFIGS / "text_encoder_2" / "config.json")
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")),
+        scheduler=EulerDiscreteScheduler.from_config(
+            EulerDiscreteScheduler.load_config(SDXL_CONFIGS / "scheduler")
+        ),
+        # as SDXL base's model_index.json
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny SDXL model: SDXL base's shape (two CLIP text encoders, the UNet's "text_time" conditioning on the pooled
+# text embedding and the six size numbers, the VAE's fp32 decoding and scale) at the tiny model's size
+
+# bump when build_tiny_sdxl changes, so stale caches are rebuilt
+TINY_SDXL_VERSION = "v1"
+
+
+def tiny_sdxl_model_path() -> Path:
+    return build_once(cache_dir() / f"tiny-sdxl-{TINY_SDXL_VERSION}", build_tiny_sdxl)
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
+    """Save a random-weight, SDXL-shaped StableDiffusionXLPipeline (32 px images, 8x8x4 latents) in diffusers layout.
+
+    The sizes differ where SDXL's may be confused: text encoder 1 is 32 wide and text encoder 2 48, so the UNet
+    attends to 80-wide token embeddings (the two encoders' penultimate hidden states, concatenated); the pooled
+    embedding is 24 wide; each of the 6 time ids (original size, crop corner, target size) is embedded in 8, so
+    the UNet's added embedding takes 6 * 8 + 24 = 72 numbers. Norm weights are perturbed (perturb_norms)."""
+    silence_torchvision_notice()
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(WORDS, path / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(WORDS, path / "tokenizer_2")
+    # as SDXL's tokenizer_2: it pads with "!" (id 0), tokenizer pads with <|endoftext|>
+    tokenizer_2.pad_token = "!"
+    tokenizer_2.save_pretrained(path / "tokenizer_2")
+
+    def clip_config(tok, width: int, act: str, projection_dim: int):
+        return CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=projection_dim,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+
+    # SDXL: CLIP ViT-L/14's text tower (quick_gelu), then OpenCLIP ViT-bigG/14's with its projection (gelu)
+    text_encoder = CLIPTextModel(clip_config(tokenizer, 32, "quick_gelu", 32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, 48, "gelu", 24))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=32,
+        # SDXL's VAE: decoded in fp32 (it overflows in fp16), latents scaled by 0.13025
+        force_upcast=True,
+        scaling_factor=0.13025,
+    )
+    # SDXL's block layout: no attention in the first (widest) block, several transformer layers per block after it,
+    # linear projections in and out of the transformers, heads given as counts in attention_head_dim
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+    )
+    for i, module in enumerate((unet, text_encoder, text_encoder_2)):
+        perturb_norms(module, seed + i)
+    scheduler = EulerDiscreteScheduler.from_config(
+        EulerDiscreteScheduler.load_config(SDXL_CONFIGS / "scheduler")
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        # as SDXL base: without a negative prompt, guidance's unconditional embeddings are zeros, not those of ""
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Tiny scorers (eval.py --tiny)
 # The five paper scorers with tiny RANDOM weights, each saved in the format of its real weights, so that the real
 # loading code of scorers.py runs offline. Their scores test the plumbing only and say nothing about image quality.
@@ -412,25 +570,34 @@ def tiny_scorer_paths() -> dict:
 
 
 def main(argv=None):
-    """python fixtures.py sd15-random FOLDER: the folder to pass as --pretrained_model in benchmarks."""
+    """python fixtures.py {sd15-random,sdxl-random} FOLDER: the folder to pass as --pretrained_model in benchmarks."""
     import argparse
 
+    models = {
+        "sd15-random": ("SD v1-5's architecture", build_sd15_random),
+        "sdxl-random": ("SDXL base 1.0's architecture", build_sdxl_random),
+    }
     parser = argparse.ArgumentParser(
-        description="Build Stable Diffusion v1-5's architecture (configs/sd15) with "
-        "RANDOM weights into a folder, for speed and memory benchmarks: "
+        description="Build Stable Diffusion v1-5's (configs/sd15) or SDXL base 1.0's (configs/sdxl) architecture "
+        "with RANDOM weights into a folder, for speed and memory benchmarks: "
         "python train_kto.py --pretrained_model FOLDER ..."
     )
-    parser.add_argument("what", choices=["sd15-random"], help="the model to build")
-    parser.add_argument("folder", type=Path, help="where to write it (diffusers layout, about 4.3 GB)")
+    parser.add_argument("what", choices=list(models), help="the model to build")
+    parser.add_argument(
+        "folder",
+        type=Path,
+        help="where to write it (diffusers layout; about 4.3 GB for sd15, 13.9 GB for sdxl)",
+    )
     args = parser.parse_args(argv)
     if args.folder.exists():
         parser.error(f"{args.folder} exists; choose a new folder")
+    name, build = models[args.what]
     args.folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.folder) as tmp:
         tmp.mkdir()
-        build_sd15_random(tmp)
+        build(tmp)
     print(
-        f"wrote {args.folder}: SD v1-5's architecture with RANDOM weights; a model trained from it is "
+        f"wrote {args.folder}: {name} with RANDOM weights; a model trained from it is "
         "meaningless (benchmarks and memory checks only)"
     )
 
