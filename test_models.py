@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import encoders
 import eval as ev
 import fixtures
 import models
@@ -17,10 +18,13 @@ TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--data
 TINY += [str(fixtures.tiny_dataset_path()), "--validation_steps", "0"]
 
 
-def unet():
+# SD v1-5- and SDXL-shaped
+MODELS = dict(sd=fixtures.tiny_model_path(), sdxl=fixtures.tiny_sdxl_model_path())
+
+
+def unet(path=fixtures.tiny_model_path()):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    path = fixtures.tiny_model_path()
     return (
         UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
         DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
@@ -32,13 +36,22 @@ def inputs(policy, n=4):
     c = policy.config
     x0 = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=g)
     emb = torch.randn(n, 16, c.cross_attention_dim, generator=g)
-    cond = lambda e: dict(encoder_hidden_states=e)  # noqa: E731
-    return x0, cond(emb), cond(torch.roll(emb, 1, 0)), torch.tensor([True, False] * (n // 2)), g
+    # SDXL: the pooled embedding (its width: what the added embedding takes beside the 6 time ids) and sizes
+    pooled = torch.randn(
+        n, (c.projection_class_embeddings_input_dim or 0) - 6 * (c.addition_time_embed_dim or 0)
+    )
+    sizes = torch.tensor([[32, 40, 0, 4]] * n)
+    cond = lambda e, p: encoders.unet_inputs(  # noqa: E731
+        dict(emb=e, **(dict(pooled=p) if c.addition_embed_type else {})), sizes, 32
+    )
+    rolled = cond(torch.roll(emb, 1, 0), torch.roll(pooled, 1, 0))
+    return x0, cond(emb, pooled), rolled, torch.tensor([True, False] * (n // 2)), g
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_reference_is_the_base_unet_and_r_is_zero_at_step_0(dtype):
-    policy, scheduler = unet()
+def test_lora_reference_is_the_base_unet_and_r_is_zero_at_step_0(dtype, model):
+    policy, scheduler = unet(MODELS[model])
     # the reference of full fine-tuning, stored as LoRA stores the base: what AdaptersOff must compute
     base = train_kto.frozen_reference(policy, dtype)
     ref = models.AdaptersOff(models.add_lora(policy, 4, dtype, seed=0))
@@ -68,8 +81,19 @@ def test_lora_reference_is_the_base_unet_and_r_is_zero_at_step_0(dtype):
 
 
 @pytest.mark.slow
-def test_lora_trains_resumes_exactly_and_loads_into_a_pipeline(tmp_path):
-    args = [*TINY, "--lora_rank", "4", "--learning_rate", "1e-3", "--checkpointing_steps", "2"]
+@pytest.mark.parametrize("model", MODELS)
+def test_lora_trains_resumes_exactly_and_loads_into_a_pipeline(tmp_path, model):
+    args = [
+        *TINY,
+        "--pretrained_model",
+        str(MODELS[model]),
+        "--lora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--checkpointing_steps",
+        "2",
+    ]
     run = lambda out, steps, *a: train_kto.main(
         [*args, "--output_dir", str(tmp_path / out), "--max_train_steps", str(steps), *a]
     )
@@ -84,7 +108,7 @@ def test_lora_trains_resumes_exactly_and_loads_into_a_pipeline(tmp_path):
     for a, b in zip(policy.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # Only the adapters trained, in float32, also after the resume; the base weights are the base model's
-    base, _ = unet()
+    base, _ = unet(MODELS[model])
     kept = {k.replace(".base_layer", ""): v for k, v in resumed.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(kept[k], v) for k, v in base.state_dict().items())
     assert all(p.dtype == torch.float32 for p in resumed.parameters() if p.requires_grad)
@@ -108,9 +132,9 @@ def test_lora_trains_resumes_exactly_and_loads_into_a_pipeline(tmp_path):
             str(out),
         ]
     )
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(fixtures.tiny_model_path(), safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(MODELS[model])
     pipe.load_lora_weights(ckpt, weight_name=models.LORA_FILE)
     pipe.set_progress_bar_config(disable=True)
     for image in sorted((out / "images" / "checkpoint").glob("*.png")):

@@ -303,8 +303,10 @@ def mismatched_indices(n: int) -> torch.Tensor:
 def frozen_reference(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A frozen copy of the policy stored in `dtype`, except its normalisation layers, which keep the policy's
     exact float32 values. Autocast rounds conv/linear weights to bf16/fp16 for both models alike, but runs the
-    norms with their parameters as stored: rounded norms would make ref != policy at step 0 (beta * std(r) ~ 1)."""
-    return models.store_frozen(copy.deepcopy(policy).eval(), dtype)
+    norms with their parameters as stored: rounded norms would make ref != policy at step 0 (beta * std(r) ~ 1).
+    It stays in the policy's train mode: diffusers' blocks branch on it (a ResnetBlock2D makes its shortcut's input
+    contiguous only when training, which changes a CPU convolution's rounding); SD's UNets have no dropout."""
+    return models.store_frozen(copy.deepcopy(policy), dtype)
 
 
 def sft_loss(policy_err, ref_err, desirable, z):
