@@ -1,25 +1,14 @@
 """A tiny offline world in which Diffusion-KTO's effect is visible and measured on a CPU in minutes.
 
-Why a separate file: it is the repository's demo and end-to-end test fixture, not part of the method. It
-defines the world and builds, once per world seed, everything the Hugging Face hub would otherwise provide:
-  1. a procedural image-caption world: coloured shapes of random size on a plain background, captioned "a red
-     circle on a white background" (COLORS, SHAPES, BACKGROUNDS; draw_caption, sample_world);
-  2. a hidden "human utility" read off the pixels (world_utility): 0.5 if the shape has the caption's colour, plus
-     up to 0.5 for a large shape. People like big shapes in the colour they asked for; the base draws the asked
-     colour, so its likes and dislikes are about size, and a model that stops following captions loses half;
-  3. a base model that generates the world: a tiny Stable-Diffusion-shaped pipeline (build_tiny_model) whose VAE,
-     UNet and text encoder are trained here on the world's images (liked and disliked alike), saved in diffusers
-     layout and loaded by train_kto.py and eval.py through the same from_pretrained path as SD v1-5;
-  4. feedback in the Pick-a-Pic v2 schema: pairs of fresh drawings of the world for the same caption (not
-     the base's samples, as Pick-a-Pic's images come from other models than SD v1-5), the preferred one chosen
-     by the hidden utility with label noise (feedback/), and the same pairs with the labels permuted
-     (feedback-shuffled/, a control: same images and captions, no information in the labels).
-A world is a pure function of its seed (and sizes): built once into $DIFFUSION_KTO_CACHE/tiny-world-<VERSION>-
-seed<seed> by one process (utils.build_once: file lock, fixed thread count), whatever the launcher. The study of
-many worlds and training runs is study.py; fixtures.py draws the fast tests' dataset from this world.
+The repository's demo and end-to-end test fixture, not part of the method (docs/tiny_world.md describes
+it): coloured shapes captioned "a red circle on a white background" (sample_world), a hidden utility read
+off the pixels (world_utility), a tiny Stable-Diffusion-shaped base model trained on the world
+(build_tiny_model, train_base) and loaded by train_kto.py and eval.py like SD v1-5, and feedback in the
+Pick-a-Pic v2 schema on fresh drawings, with a label-shuffled control (write_feedback). A world is a pure
+function of its seed (and sizes), built once into $DIFFUSION_KTO_CACHE/tiny-world-<VERSION>-seed<seed>
+(world_path). study.py runs the study of many worlds.
 
-    python tiny_world.py [--seed 1]                        # build (or find) a world and print its folder
-    python tiny_world.py --figure runs/eval-tiny fig.png   # draw base vs KTO from an eval.py --tiny output
+    python tiny_world.py [--seed 1] [--sizes n_images=256 ...]   # build (or find) a world, print its folder
 """
 
 from __future__ import annotations
@@ -44,8 +33,8 @@ WORLD_VERSION = "v5"
 RESOLUTION = 32
 # torch threads of every build (floats depend on it): the same world whatever the launcher
 BUILD_THREADS = 2
-# The build's sizes (world_path(seed, **sizes) overrides them; the tests build small worlds quickly). asked_pct:
-# how many of the base's training images have the caption's colour (v2 had 50: docs/tiny_world.md says why not)
+# The build's sizes (world_path(seed, **sizes) overrides them). asked_pct: how many of the base's training
+# images have the caption's colour (v2 had 50: docs/tiny_world.md says why not)
 SIZES = dict(
     n_images=4096,
     vae_steps=600,
@@ -57,9 +46,8 @@ SIZES = dict(
 )
 # seconds between the progress lines of a long build stage (k/N and an ETA; the tests set 0)
 PROGRESS_SECONDS = 30.0
-# Seconds per unit of each build stage on a 2-core CPU, for the estimate a build prints first (expected_seconds):
-# steps timed at 1 thread there, scaled to the 411-439 s the default world took (docs/tiny_world.md). The
-# progress lines then measure the machine at hand.
+# Seconds per unit of each build stage on a 2-core CPU, for the estimate a build prints first
+# (expected_seconds), scaled to the 411-439 s the default world took there (docs/tiny_world.md)
 SECONDS_PER = dict(
     start=10.0,
     drawing=0.0002,
@@ -71,7 +59,7 @@ SECONDS_PER = dict(
 
 
 def say(*args):
-    """print, flushed: a build's lines reach a log file as they happen, not when Python's buffer fills."""
+    """print, flushed: a build's lines reach a log file as they happen."""
     print(*args, flush=True)
 
 
@@ -80,9 +68,8 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Lines "<stage>: k/N <unit>, <detail>, <elapsed>, about <ETA> left" while a long stage runs, at most one per
-    PROGRESS_SECONDS: plain lines through `log`, so that a log file shows them too. detail: a function giving
-    the line's middle (a loss), called only when a line is due."""
+    """Lines "<stage>: k/N <unit>, <detail>, <elapsed>, about <ETA> left" through `log`, at most one per
+    PROGRESS_SECONDS. detail: a function giving the line's middle (a loss), called only when a line is due."""
 
     def __init__(self, stage: str, total: int, unit: str, log):
         self.stage, self.total, self.unit, self.log = stage, total, unit, log
@@ -145,8 +132,7 @@ def draw_caption(rng: np.random.Generator, caption: str, resolution: int) -> tup
 
 
 def sample_world(rng: np.random.Generator, resolution: int, p_asked: float = 0.5):
-    """One (image, caption, utility) from the world: the shape has the caption's colour with probability p_asked.
-    Utility in [0, 1]: right colour and large size."""
+    """One (image, caption, utility in [0, 1]): the shape has the caption's colour with probability p_asked."""
     shape, asked, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(BACKGROUNDS))
     color = asked if rng.random() < p_asked else rng.choice([c for c in COLORS if c != asked])
     caption = f"a {asked} {shape} on a {background} background"
@@ -165,8 +151,7 @@ def train_prompts() -> list[str]:
 
 
 def eval_prompts(repeats: int = 32) -> list[str]:
-    """The held-out captions, each repeated: every entry gets its own seed in eval.py, so 8 x 32 = 256
-    paired (prompt, seed) comparisons between checkpoint and base."""
+    """The held-out captions, each repeated: eval.py gives every entry its own seed (8 x 32 = 256 pairs)."""
     return list(HELD_OUT) * repeats
 
 
@@ -195,13 +180,8 @@ def build_clip_tokenizer(words, path: Path):
     """A CLIP BPE tokenizer made offline: byte-level characters plus one merge chain per known word."""
     from transformers import CLIPTokenizer
 
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
-    chars = [chr(c) for c in cs]
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(c) for c in bs] + [chr(256 + n) for n in range(256 - len(bs))]
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     merges = []
@@ -295,40 +275,24 @@ def build_tiny_model(path: Path, seed: int = 0) -> None:
     pipe.save_pretrained(path)
 
 
-def world_images(n: int, seed: int, asked_pct: int):
-    rng = np.random.default_rng(seed)
-    images, captions = zip(*[sample_world(rng, RESOLUTION, asked_pct / 100)[:2] for _ in range(n)])
-    pixels = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images])
-    return pixels, list(captions)
-
-
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    length = tokenizer.model_max_length
     return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
+        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids
 
 
-def train_base(
-    path: Path,
-    seed: int,
-    n_images: int,
-    vae_steps: int,
-    unet_steps: int,
-    unet_batch: int,
-    asked_pct: int,
-    device="cpu",
-    log=say,
-) -> dict:
-    """Train the tiny pipeline's VAE, then its UNet and text encoder together, on n_images world images."""
+def train_base(path: Path, seed: int, sizes: dict, device="cpu", log=say) -> dict:
+    """Train the tiny pipeline's VAE, then its UNet and text encoder together, on world images."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     build_tiny_model(path, seed=seed)
-    pixels, captions = world_images(n_images, seed, asked_pct)
+    rng = np.random.default_rng(seed)
+    world = [sample_world(rng, RESOLUTION, sizes["asked_pct"] / 100) for _ in range(sizes["n_images"])]
+    pixels = torch.stack([data.image_to_tensor(image, RESOLUTION) for image, _, _ in world])
+    captions = [caption for _, caption, _ in world]
     gen = torch.Generator().manual_seed(seed)
+    vae_steps, unet_steps, unet_batch = sizes["vae_steps"], sizes["unet_steps"], sizes["unet_batch"]
 
     # VAE: reconstruction + a small KL term, as in latent diffusion
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
@@ -360,19 +324,13 @@ def train_base(
     mean, std = mean * vae.config.scaling_factor, std * vae.config.scaling_factor
     vae.save_pretrained(path / "vae")
 
-    # UNet and text encoder: the standard epsilon-prediction loss, 10% empty captions for classifier-free
-    # guidance, on latents drawn from the VAE's posterior as train_kto.py draws them (as SD was trained). Trained on
-    # the posterior means instead (v3), the base met noisier latents in fine-tuning (error x3.5, mostly at t < 100)
-    # and any fine-tuning, with shuffled labels too, learnt that noise and shrank the shapes (docs/tiny_world.md).
-    # The text encoder is trained too: a random one barely separates the captions, and then an image is denoised
-    # almost as well under another image's caption (the KL estimate z measures nothing).
+    # UNet and text encoder: the epsilon-prediction loss, 10% empty captions for classifier-free guidance,
+    # on latents drawn from the VAE's posterior as train_kto.py draws them (not its means: v3,
+    # docs/tiny_world.md). The text encoder is trained too: a random one barely separates the captions (the
+    # KL estimate z then measures nothing).
     pipe = StableDiffusionPipeline.from_pretrained(path, vae=vae)
     ids, empty = tokenize(pipe.tokenizer, captions), tokenize(pipe.tokenizer, [""])
-    unet, text_encoder, scheduler = (
-        pipe.unet.to(device).train(),
-        pipe.text_encoder.to(device).train(),
-        pipe.scheduler,
-    )
+    unet, text_encoder = pipe.unet.to(device).train(), pipe.text_encoder.to(device).train()
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -386,8 +344,8 @@ def train_base(
         c = text_encoder(torch.where(drop[:, None], empty, ids[idx]).to(device))[0]
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (unet_batch,), generator=gen)
-        x_t = scheduler.add_noise(x0, eps, t)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (unet_batch,), generator=gen)
+        x_t = pipe.scheduler.add_noise(x0, eps, t)
         loss = (unet(x_t.to(device), t.to(device), c).sample - eps.to(device)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -398,34 +356,29 @@ def train_base(
         if milestone:
             history[step + 1] = round(ema, 5)
         progress(step + 1, lambda: f"loss {ema:.4f}", force=milestone)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-    unet.save_pretrained(path / "unet")
-    text_encoder.save_pretrained(path / "text_encoder")
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        model.eval().requires_grad_(False).save_pretrained(path / name)
     return dict(unet_loss_ema=history)
 
 
 def caption_dependence(pipe, images: list, captions: list[str], seed: int, device="cpu", log=say) -> dict:
-    """The base model's mean denoising error (eps-MSE) on images with their own caption and with a different
-    caption (drawn at random among the others), same x_t, t and noise: if the second is barely larger, the
-    model ignores its captions and the paper's mismatched-pair reference point cannot estimate a KL."""
+    """The base model's mean denoising error (eps-MSE) on images with their own caption and with another one
+    drawn at random, same x_t, t and noise: if the second is barely larger, the model ignores its captions and
+    the paper's mismatched-pair reference point cannot estimate a KL."""
     gen = torch.Generator().manual_seed(seed)
     unet, vae, text_encoder = pipe.unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device)
-    all_captions = sorted(set(captions))
-    other = [c for c in captions]
-    for i, c in enumerate(captions):
-        choices = [x for x in all_captions if x != c]
-        other[i] = choices[int(torch.randint(0, len(choices), (1,), generator=gen))]
-    err = {"matched": [], "mismatched": []}
-    steps = []
+    names, other = sorted(set(captions)), []
+    for c in captions:
+        choices = [x for x in names if x != c]
+        other.append(choices[int(torch.randint(0, len(choices), (1,), generator=gen))])
+    err, steps = {"matched": [], "mismatched": []}, []
     progress = Progress("caption check", len(images), "images", log)
     with torch.no_grad():
         for i in range(0, len(images), 256):
             x = torch.stack([data.image_to_tensor(im, RESOLUTION) for im in images[i : i + 256]]).to(device)
             q = vae.encode(x).latent_dist
-            x0 = (
-                q.mean.cpu() + q.std.cpu() * torch.randn(q.mean.shape, generator=gen)
-            ) * vae.config.scaling_factor
+            noise = torch.randn(q.mean.shape, generator=gen)
+            x0 = (q.mean.cpu() + q.std.cpu() * noise) * vae.config.scaling_factor
             eps = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
             x_t = pipe.scheduler.add_noise(x0, eps, t).to(device)
@@ -453,45 +406,30 @@ def caption_dependence(pipe, images: list, captions: list[str], seed: int, devic
 # Feedback: pairs of drawings per caption, the preferred one chosen by the noisy hidden utility
 
 
-def sample_images(
-    pipe,
-    prompts: list[str],
-    seeds: list[int],
-    steps: int,
-    guidance: float,
-    batch: int = 128,
-    device="cpu",
-    progress=None,
-):
+def sample_images(pipe, prompts, seeds, steps, guidance, batch=128, device="cpu", progress=None):
     """Images from a pipeline; image i starts from noise seeded by seeds[i] alone (CPU generators). progress:
     called with the number of images times denoising steps done (a Progress over len(prompts) * steps)."""
-    pipe = pipe.to(device)
-    images = []
+    pipe, images, shape = pipe.to(device), [], (4, RESOLUTION // 4, RESOLUTION // 4)
 
-    # the pipeline's step callback: it returns no tensors, so the pipeline's own are used unchanged
-    def count(done):
-        def step_end(pipe, i, t, tensors):
-            progress(done + (i + 1) * len(tensors["latents"]))
-            return {}
-
-        return step_end if progress else None
+    # The pipeline's callback after step k of the batch that starts at image i. It returns no tensors, so the
+    # pipeline's own are used unchanged.
+    def step_end(pipe, k, t, tensors):
+        progress(i * steps + (k + 1) * len(tensors["latents"]))
+        return {}
 
     for i in range(0, len(prompts), batch):
-        latents = torch.stack(
-            [
-                torch.randn((4, RESOLUTION // 4, RESOLUTION // 4), generator=torch.Generator().manual_seed(s))
-                for s in seeds[i : i + batch]
-            ]
-        )
+        latents = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[i : i + batch]
+        ]
         out = pipe(
             prompts[i : i + batch],
             num_inference_steps=steps,
             guidance_scale=guidance,
-            latents=latents.to(device),
+            latents=torch.stack(latents).to(device),
             height=RESOLUTION,
             width=RESOLUTION,
             output_type="pil",
-            callback_on_step_end=count(i * steps),
+            callback_on_step_end=step_end if progress else None,
         )
         images += out.images
     return images
@@ -504,9 +442,9 @@ def jpeg(image: Image.Image) -> bytes:
 
 
 def feedback_table(images: list, prompts: list[str], seed: int, temperature: float = 0.1):
-    """Pick-a-Pic v2 rows for images (2k, 2k+1) of the same prompt: caption, jpg_0, jpg_1, label_0, label_1,
-    image_0_uid, ... The preferred image is drawn from a Bradley-Terry model of the hidden utility (noisy raters);
-    equal utilities are ties. Returns (pyarrow table, utilities of all images)."""
+    """Pick-a-Pic v2 rows for images (2k, 2k+1) of the same prompt, the preferred one drawn from a
+    Bradley-Terry model of the hidden utility (noisy raters; equal utilities are ties). Returns (table,
+    utilities of all images)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
@@ -515,7 +453,7 @@ def feedback_table(images: list, prompts: list[str], seed: int, temperature: flo
     p_first = 1 / (1 + np.exp(-(u[first] - u[first + 1]) / temperature))
     label_0 = (rng.random(len(first)) < p_first).astype(np.float64)
     label_0[u[first] == u[first + 1]] = 0.5
-    uid = [f"world-{seed}-{i:06d}" for i in range(len(images))]
+    uid_0, uid_1 = ([f"world-{seed}-{i:06d}" for i in first + k] for k in (0, 1))
     n = len(first)
     table = pa.table(
         {
@@ -524,9 +462,9 @@ def feedback_table(images: list, prompts: list[str], seed: int, temperature: flo
             "jpg_1": pa.array([jpeg(images[i + 1]) for i in first], pa.binary()),
             "label_0": label_0,
             "label_1": 1.0 - label_0,
-            "image_0_uid": [uid[i] for i in first],
-            "image_1_uid": [uid[i + 1] for i in first],
-            "best_image_uid": best_uids(label_0, [uid[i] for i in first], [uid[i + 1] for i in first]),
+            "image_0_uid": uid_0,
+            "image_1_uid": uid_1,
+            "best_image_uid": best_uids(label_0, uid_0, uid_1),
             "are_different": np.ones(n, bool),
             "has_label": np.ones(n, bool),
             "model_0": ["tiny-world-drawing"] * n,
@@ -547,13 +485,12 @@ def shuffle_labels(table, seed: int):
     """The control: the same pairs (images, captions) with label_0 permuted across pairs, so the number of
     first-image wins and of ties is kept and each label is independent of the images it now belongs to."""
     label_0 = np.random.default_rng([seed, 1]).permutation(table.column("label_0").to_numpy())
-    uid_0, uid_1 = table.column("image_0_uid").to_pylist(), table.column("image_1_uid").to_pylist()
-    names = table.column_names
-    table = table.set_column(names.index("label_0"), "label_0", [label_0])
-    table = table.set_column(names.index("label_1"), "label_1", [1.0 - label_0])
-    return table.set_column(
-        names.index("best_image_uid"), "best_image_uid", [best_uids(label_0, uid_0, uid_1)]
+    best = best_uids(
+        label_0, table.column("image_0_uid").to_pylist(), table.column("image_1_uid").to_pylist()
     )
+    for name, column in (("label_0", label_0), ("label_1", 1.0 - label_0), ("best_image_uid", best)):
+        table = table.set_column(table.column_names.index(name), name, [column])
+    return table
 
 
 def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
@@ -571,15 +508,14 @@ def label_stats(table, u0: np.ndarray, u1: np.ndarray) -> dict:
 
 
 def write_feedback(
-    pipe, path: Path, seed: int, pairs_per_prompt: int, sample_steps: int, device="cpu", log=say
+    pipe, path: Path, seed: int, sizes: dict, device="cpu", log=say
 ) -> tuple[dict, list, list]:
     """feedback/ (the noisy utility's labels) and feedback-shuffled/ (the control), one parquet shard each."""
     import pyarrow.parquet as pq
 
-    prompts = [p for p in train_prompts() for _ in range(2 * pairs_per_prompt)]
-    # The rated images are fresh drawings of the world, not the base's samples: Pick-a-Pic's images come from other
-    # models than the one fine-tuned (SDXL variants among them), and fine-tuning the v4 base on its own samples lowered
-    # the utility with labels that say nothing (docs/tiny_world.md, "Why v5").
+    prompts = [p for p in train_prompts() for _ in range(2 * sizes["pairs_per_prompt"])]
+    # The rated images are fresh drawings of the world, not the base's samples: Pick-a-Pic's images come from
+    # other models than the one fine-tuned (docs/tiny_world.md, "Why v5").
     rng = np.random.default_rng([seed, 2])
     images = [draw_caption(rng, p, RESOLUTION)[0] for p in prompts]
     table, u = feedback_table(images, prompts, seed)
@@ -591,16 +527,9 @@ def write_feedback(
     # every drawing has the asked colour
     stats["feedback_images"] = dict(mean_utility=float(u.mean()))
     # The base's own samples for the same captions (no guidance), for the record: does it draw the asked colour?
-    t0 = time.time()
-    samples = sample_images(
-        pipe,
-        prompts,
-        [seed * 10**6 + i for i in range(len(prompts))],
-        steps=sample_steps,
-        guidance=1.0,
-        device=device,
-        progress=Progress("base samples", len(prompts) * sample_steps, "image-steps", log),
-    )
+    t0, steps, seeds = time.time(), sizes["sample_steps"], [seed * 10**6 + i for i in range(len(prompts))]
+    progress = Progress("base samples", len(prompts) * steps, "image-steps", log)
+    samples = sample_images(pipe, prompts, seeds, steps, guidance=1.0, device=device, progress=progress)
     ub = np.array([world_utility(im, p) for im, p in zip(samples, prompts)])
     stats["base_images"] = dict(mean_utility=float(ub.mean()), color_match=float(np.mean(ub >= 0.5)))
     log(
@@ -613,23 +542,33 @@ def write_feedback(
 
 def expected_seconds(sizes: dict) -> dict[str, float]:
     """The build's stages and their expected seconds on a 2-core CPU (SECONDS_PER): an estimate."""
-    n = 2 * len(train_prompts()) * sizes["pairs_per_prompt"]
+    s, n, steps = SECONDS_PER, 2 * len(train_prompts()) * sizes["pairs_per_prompt"], sizes["sample_steps"]
+    unet_steps, unet_batch = sizes["unet_steps"], sizes["unet_batch"]
     return {
-        f"set-up and {sizes['n_images']} training images": SECONDS_PER["start"]
-        + SECONDS_PER["drawing"] * sizes["n_images"],
-        f"VAE, {sizes['vae_steps']} steps": SECONDS_PER["vae_step"] * sizes["vae_steps"],
-        f"UNet and text encoder, {sizes['unet_steps']} steps of {sizes['unet_batch']} images": (
-            SECONDS_PER["unet_image_step"] * sizes["unet_steps"] * sizes["unet_batch"]
+        f"set-up and {sizes['n_images']} training images": s["start"] + s["drawing"] * sizes["n_images"],
+        f"VAE, {sizes['vae_steps']} steps": s["vae_step"] * sizes["vae_steps"],
+        f"UNet and text encoder, {unet_steps} steps of {unet_batch} images": (
+            s["unet_image_step"] * unet_steps * unet_batch
         ),
-        f"feedback: {n // 2} pairs of drawings, and {n} base samples of {sizes['sample_steps']} steps": (
-            SECONDS_PER["drawing"] * n + SECONDS_PER["sample_image_step"] * n * sizes["sample_steps"]
+        f"feedback: {n // 2} pairs of drawings, and {n} base samples of {steps} steps": (
+            s["drawing"] * n + s["sample_image_step"] * n * steps
         ),
-        f"caption check on {n} images": SECONDS_PER["check_image"] * n,
+        f"caption check on {n} images": s["check_image"] * n,
     }
 
 
-def announce(final: Path, seed: int, device: str, sizes: dict, log):
-    """The build's first lines: where it goes, its stages and the expected time, said to be an estimate."""
+def build_world(
+    path: Path, seed: int = 0, device: str = "cpu", log=say, final: Path | None = None, **sizes
+) -> None:
+    """Base model into path/model; feedback into path/feedback and path/feedback-shuffled; path/world.json.
+    final: where the world will live once built, named by the log (path is then a temporary folder beside
+    it)."""
+    # before diffusers' import, as in build_tiny_model
+    utils.silence_torchvision_notice()
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sizes, final = {**SIZES, **sizes}, Path(final or path)
+    # the first lines: where the world goes, its stages and the expected time, said to be an estimate
     stages = expected_seconds(sizes)
     where = "a 2-core CPU" + ("" if str(device) == "cpu" else f"; on {device} it should take less")
     log(f"building the tiny world of seed {seed} (once; later runs reuse it) into {final}")
@@ -640,21 +579,6 @@ def announce(final: Path, seed: int, device: str, sizes: dict, log):
         f"  about {duration(sum(stages.values()))} in all (an estimate for {where}); the long stages print their "
         f"progress and an ETA measured here every {PROGRESS_SECONDS:.0f}s"
     )
-
-
-def build_world(
-    path: Path, seed: int = 0, device: str = "cpu", log=say, final: Path | None = None, **sizes
-) -> None:
-    """Base model into path/model; feedback into path/feedback and path/feedback-shuffled; path/world.json.
-    final: where the world will live once built (path is then a temporary folder beside it; the log names
-    final)."""
-    # diffusers' pipelines import transformers' image processors, which announce they want torchvision
-    utils.silence_torchvision_notice()
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    sizes = {**SIZES, **sizes}
-    final = Path(final or path)
-    announce(final, seed, device, sizes, log)
     t0 = time.time()
     record = dict(
         version=WORLD_VERSION,
@@ -665,29 +589,14 @@ def build_world(
         torch=torch.__version__,
         held_out=list(HELD_OUT),
     )
-    record.update(
-        train_base(
-            path / "model",
-            seed,
-            sizes["n_images"],
-            sizes["vae_steps"],
-            sizes["unet_steps"],
-            sizes["unet_batch"],
-            sizes["asked_pct"],
-            device,
-            log,
-        )
-    )
+    record.update(train_base(path / "model", seed, sizes, device, log))
     scheduler = DDIMScheduler(**sd15_scheduler_config(), set_alpha_to_one=False)
     scheduler.save_pretrained(path / "model" / "scheduler")
     pipe = StableDiffusionPipeline.from_pretrained(path / "model")
     pipe.set_progress_bar_config(disable=True)
-    stats, images, prompts = write_feedback(
-        pipe, path, seed, sizes["pairs_per_prompt"], sizes["sample_steps"], device, log
-    )
+    stats, images, prompts = write_feedback(pipe, path, seed, sizes, device, log)
     record.update(stats)
-    record["caption_dependence"] = caption_dependence(pipe, images, prompts, seed, device, log)
-    cd = record["caption_dependence"]
+    record["caption_dependence"] = cd = caption_dependence(pipe, images, prompts, seed, device, log)
     log(
         f"base denoising error on its feedback images: matched captions {cd['matched']:.4f}, mismatched "
         f"{cd['mismatched']:.4f} (x{cd['ratio']:.2f}; larger on {cd['mismatched_larger']:.0%} of images)"
@@ -703,9 +612,8 @@ def world_path(seed: int = 0, device: str = "cpu", **sizes) -> Path:
     Non-default sizes (tests) get their own folder. The device is not in the name: build where you run."""
     extra = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()) if v != SIZES[k])
     path = utils.cache_dir() / f"tiny-world-{WORLD_VERSION}-seed{seed}{extra}"
-    return utils.build_once(
-        path, functools.partial(build_world, seed=seed, device=device, final=path, **sizes), BUILD_THREADS
-    )
+    build = functools.partial(build_world, seed=seed, device=device, final=path, **sizes)
+    return utils.build_once(path, build, BUILD_THREADS)
 
 
 def world_hash(path: Path) -> str:
@@ -733,13 +641,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--seed", type=int, default=0, help="world seed (one independent world per seed)")
     parser.add_argument("--device", default="cpu", help="where to build the world (cpu | cuda)")
-    parser.add_argument(
-        "--sizes",
-        nargs="*",
-        default=[],
-        metavar="KEY=N",
-        help=f"world build sizes other than the defaults {SIZES} (own cache folder)",
-    )
+    sizes_help = f"world build sizes other than the defaults {SIZES} (own cache folder)"
+    parser.add_argument("--sizes", nargs="*", default=[], metavar="KEY=N", help=sizes_help)
     args = parser.parse_args()
     utils.quiet_libraries()
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.sizes)}
