@@ -90,6 +90,23 @@ def load_pipeline(path: str, **components):
     return cls.from_pretrained(path, **components)
 
 
+def autocast_dtype(mixed_precision: str, device: torch.device):
+    """--mixed_precision as a dtype (None: float32); auto is bf16 on GPUs that have it, fp16 on older ones."""
+    if mixed_precision == "auto":
+        no_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        mixed_precision = "no" if device.type != "cuda" else "fp16" if no_bf16 else "bf16"
+    return dict(bf16=torch.bfloat16, fp16=torch.float16).get(mixed_precision)
+
+
+def compile_blocks(policy, ref):
+    """--compile, regional: the UNet's repeated blocks (diffusers' `_repeated_blocks`), compiled in place, so that
+    state_dict keys, saving and DDP are unchanged; blocks of one shape share one compiled graph. Allows a graph per
+    block shape, weight dtype (policy float32, ref bf16) and grad mode."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    policy.compile_repeated_blocks()
+    ref.compile_repeated_blocks()
+
+
 def save_policy(policy, folder: Path):
     """The trained weights into a checkpoint folder: unet/ (full), or the LoRA file (adapters only)."""
     if not is_lora(policy):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from models import LORA_FILE, load_pipeline
-from utils import DataError, atomic_path, derive_seed, is_hub_id
+from utils import DataError, atomic_path, derive_seed, global_sums, is_hub_id
 
 # ----------------------------------------------------------------------------------------------------
 # Progress of long work
@@ -506,6 +506,29 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
     )
     with atomic_path(file) as tmp:
         tmp.write_text(json.dumps(run, indent=2))
+
+
+def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[str, torch.Tensor]:
+    """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
+    r, z, d = stats["r"], stats["z"], desirable.float()
+    # W * (r - z) > 0: the utility is above its midpoint
+    won = torch.where(desirable, r > z, r < z).float()
+    return global_sums(
+        dict(
+            loss=loss.detach() * len(r),
+            r_desirable=(r * d).sum(),
+            n_desirable=d.sum(),
+            r_undesirable=(r * (1 - d)).sum(),
+            n=torch.tensor(float(len(r)), device=r.device),
+            won=won.sum(),
+            policy_err=stats["policy_err"].sum(),
+            ref_err=stats["ref_err"].sum(),
+            not_finite=(~(torch.isfinite(loss.detach()) & grad_finite)).float(),
+            corrupt=corrupt.sum().float().to(r.device),
+            # SIGTERM on any rank (utils.StopRequest)
+            stop=torch.tensor(float(stop), device=r.device),
+        )
+    )
 
 
 def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:

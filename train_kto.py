@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -271,20 +270,12 @@ def kto_loss(policy_err, ref_err, desirable, beta, z, utility="kahneman_tversky"
     return lambda_y * one_minus_u
 
 
-def global_sums(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each named scalar over ALL ranks (one all-reduce); without a process group, the values themselves."""
-    stacked = torch.stack([v.detach().float().reshape(()) for v in named.values()])
-    if dist.is_initialized():
-        dist.all_reduce(stacked)
-    return dict(zip(named, stacked))
-
-
 def reference_point(rewards: torch.Tensor) -> torch.Tensor:
     """z = max(0, mean of the rewards over all ranks), detached: KTO's estimate of KL(policy || ref).
 
     With rewards of mismatched (image, caption) pairs this is the paper's z; with the matched batch it is the
     released code's. Identical on every rank: the sum and the count are all-reduced (unequal sizes are fine)."""
-    s = global_sums(
+    s = utils.global_sums(
         dict(sum=rewards.sum(), count=torch.tensor(float(rewards.numel()), device=rewards.device))
     )
     return (s["sum"] / s["count"]).clamp(min=0).detach()
@@ -401,29 +392,6 @@ def objective(cfg: Config, backward):
     )
 
 
-def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[str, torch.Tensor]:
-    """The step's metrics as global sums and counts, reduced by name over all ranks (see reports.log_row)."""
-    r, z, d = stats["r"], stats["z"], desirable.float()
-    # W * (r - z) > 0: the utility is above its midpoint
-    won = torch.where(desirable, r > z, r < z).float()
-    return global_sums(
-        dict(
-            loss=loss.detach() * len(r),
-            r_desirable=(r * d).sum(),
-            n_desirable=d.sum(),
-            r_undesirable=(r * (1 - d)).sum(),
-            n=torch.tensor(float(len(r)), device=r.device),
-            won=won.sum(),
-            policy_err=stats["policy_err"].sum(),
-            ref_err=stats["ref_err"].sum(),
-            not_finite=(~(torch.isfinite(loss.detach()) & grad_finite)).float(),
-            corrupt=corrupt.sum().float().to(r.device),
-            # SIGTERM on any rank (utils.StopRequest)
-            stop=torch.tensor(float(stop), device=r.device),
-        )
-    )
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data for the objective: the desirable-ratio sampler
 
@@ -458,10 +426,7 @@ def load_models(cfg: Config, path: str, device: torch.device):
     noise scheduler; the autocast dtype (None: float32) and the dtype the frozen modules are stored in."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "no" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    amp_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+    amp_dtype = models.autocast_dtype(cfg.mixed_precision, device)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).train()
     if cfg.lora_rank:
@@ -473,12 +438,7 @@ def load_models(cfg: Config, path: str, device: torch.device):
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     if cfg.compile:
-        # Regional compilation: the UNet's repeated blocks (diffusers' `_repeated_blocks`), compiled in place, so
-        # state_dict keys, saving and DDP are unchanged; blocks of one shape share one compiled graph. Allow a
-        # graph per block shape, weight dtype (policy float32, ref bf16) and grad mode
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        policy.compile_repeated_blocks()
-        ref.compile_repeated_blocks()
+        models.compile_blocks(policy, ref)
     return policy, ref, scheduler, amp_dtype
 
 
@@ -506,8 +466,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # The output folder, the data and the run to resume, checked before any model loads
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
     table, dataset, desirable, counts = data.load_data(cfg)
-    data_id = counts["fingerprint"]
-    resume_from = utils.find_resume(cfg, RESUMABLE, data_id)
+    resume_from = utils.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
 
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
@@ -559,7 +518,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         with phases("optimizer"):
             # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
             finite = torch.isfinite(grad_norm) | scaler.is_enabled()
-            sums = step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
+            sums = reports.step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
             skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
             bad_steps = bad_steps + 1 if skipped else 0
             models.update(optimizer, lr_schedule, scaler, skipped)
@@ -569,17 +528,9 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
 
         seconds = time.perf_counter() - t0
         record.log(
-            {
-                **reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds),
-                **phases.report(seconds),
-            }
+            reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(seconds)
         )
-        if bad_steps >= cfg.max_bad_steps:
-            raise TrainingError(
-                f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
-                "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
-                "--beta, check the data for broken images, or raise --max_bad_steps."
-            )
+        utils.check_bad_steps(bad_steps, cfg.max_bad_steps, step)
         record.validate(policy, step, inputs)
         # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
         preempted = sums["stop"].item() > 0

@@ -296,6 +296,24 @@ def check_pretrained(
     return str(path)
 
 
+def global_sums(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum each named scalar over ALL ranks (one all-reduce); without a process group, the values themselves."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in named.values()])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+    return dict(zip(named, stacked))
+
+
+def check_bad_steps(bad_steps: int, limit: int, step: int):
+    """Stop (TrainingError) after `limit` consecutive steps with a non-finite loss or gradient."""
+    if bad_steps >= limit:
+        raise TrainingError(
+            f"{bad_steps} consecutive steps had a non-finite loss or gradient (step {step}); "
+            "the last good weights are in the latest checkpoint. Try a lower --learning_rate or "
+            "--beta, check the data for broken images, or raise --max_bad_steps."
+        )
+
+
 def derive_seed(*keys: int) -> int:
     """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition):
     (seed, rank) for a rank's training stream, (seed, prompt, image) for an evaluation image."""
