@@ -9,6 +9,7 @@ seconds are reported apart (warm-up, and compilation with --compile). One JSON l
     python docs/bench_gpu.py --out runs/bench                 # every setting (about 8 minutes on an H200)
     python docs/bench_gpu.py --out runs/bench --only b8 b8-compile
     python docs/bench_gpu.py --out runs/bench --fusion        # also: reference matched + mismatched in one call?
+    python docs/bench_gpu.py --out runs/bench-sdxl --model sdxl-random --resolution 1024 --only b1-gc-mean b1-lora-mean
 """
 
 import argparse
@@ -47,6 +48,12 @@ SETTINGS = {
     "b64-compile": (64, ["--cache_latents", "--compile"]),
     "b2-fp32": (2, ["--cache_latents", "--mixed_precision", "no"]),
     "b8-fp32": (8, ["--cache_latents", "--mixed_precision", "no"]),
+    # SDXL (--model sdxl-random --resolution 1024): batch 1 has no mismatched partner, so its z is the batch mean
+    "b1-gc-mean": (1, ["--cache_latents", "--gradient_checkpointing", "--reference_point", "batch_mean"]),
+    "b1-lora-mean": (1, ["--cache_latents", "--lora_rank", "8", "--reference_point", "batch_mean"]),
+    "b2-gc": (2, ["--cache_latents", "--gradient_checkpointing"]),
+    "b2-lora": (2, ["--cache_latents", "--lora_rank", "8"]),
+    "b2-lora-gc": (2, ["--cache_latents", "--lora_rank", "8", "--gradient_checkpointing"]),
 }
 
 
@@ -174,9 +181,8 @@ def main():
     parser.add_argument(
         "--model",
         default="sd15-random",
-        help="model folder (default: %(default)s, SD v1-5 with "
-        "random weights, built into <out>/sd15-random on first use; a tiny model rehearses this "
-        "script on a CPU)",
+        help="model folder (default: %(default)s, SD v1-5 with random weights, built into <out>/sd15-random on "
+        "first use; sdxl-random: SDXL base 1.0's architecture, likewise; a tiny model rehearses this script on a CPU)",
     )
     parser.add_argument(
         "--resolution", type=int, default=512, help="image side in pixels (default: %(default)s)"
@@ -185,13 +191,13 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model
-    if model == "sd15-random":
-        t0, model = time.perf_counter(), str(out / "sd15-random")
+    if model in ("sd15-random", "sdxl-random"):
+        t0, name, model = time.perf_counter(), model, str(out / model)
         if not Path(model).exists():
-            # random initialisation of 1.07 B parameters: seconds on a GPU, minutes on a CPU
+            # random initialisation of 1.07 B (SDXL: 3.5 B) parameters: seconds on a GPU, minutes on a CPU
             with torch.device("cuda"):
-                fixtures.main(["sd15-random", model])
-        print(f"sd15-random ready in {time.perf_counter() - t0:.0f} s", flush=True)
+                fixtures.main([name, model])
+        print(f"{name} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     data = str(fixtures.tiny_dataset_path())
     # speed only: no 4 GB checkpoint, model card or curves at the end of each setting
     utils.save_checkpoint = lambda *args, **kwargs: None

@@ -35,9 +35,10 @@ for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for i in range(N):
             x0 = torch.randn(2, 4, S, S, generator=gen, device=dev)
             emb = torch.randn(2, 77, 768, generator=gen, device=dev).to(dtype)
+            cond, rolled = dict(encoder_hidden_states=emb), dict(encoder_hidden_states=emb.flip(0))
             with torch.autocast(dev.type, dtype=dtype):
                 desirable = torch.tensor([True, False], device=dev)
-                loss, st = train_kto.kto_step(unet, ref, sched, x0, emb, emb.flip(0), desirable, gen, loss_fn)
+                loss, st = train_kto.kto_step(unet, ref, sched, x0, cond, rolled, desirable, gen, loss_fn)
             rs.append(st["r"])
             zs.append(st["z"].item())
         r = torch.cat(rs)
