@@ -250,6 +250,17 @@ class Inputs:
             for k, v in text.items()
         }
 
+    def fixed(self, batch: dict):
+        """Inputs without random draws (heldout.py): the posterior mean of the unflipped image, its own caption."""
+        sizes = batch["size"].to(self.device)
+        if self.cache:
+            mean = batch["mean"][:, 0].to(self.device)
+            text = {k: batch[k].to(self.device) for k in self.empty}
+        else:
+            mean, _ = self.posterior(batch["pixel_values"].to(self.device))
+            text = self.text(list(batch["caption"]))
+        return (mean * self.scaling_factor).float(), unet_inputs(text, sizes, self.cfg.resolution)
+
     def __call__(self, batch: dict, gen: torch.Generator):
         """(x0 [B, 4, h, w] float32, cond, cond_mismatched or None): cond as unet_inputs."""
         cfg, device, b = self.cfg, self.device, len(batch["desirable"])

@@ -107,6 +107,9 @@ CURVES = (
     (("accuracy",), "implicit accuracy"),
     (("grad_norm",), "grad norm"),
     (("lr",), "learning rate"),
+    # Measured every --heldout_steps with fixed draws (heldout.py): points, not smoothed
+    (("heldout_reward_desirable", "heldout_reward_undesirable"), "held-out reward (fixed draws)"),
+    (("heldout_margin",), "held-out margin: liked - disliked"),
 )
 
 
@@ -147,11 +150,15 @@ def curves_figure(rows: list[dict], title: str):
 
     steps = np.array([r["step"] for r in rows])
     span = max(1.0, len(rows) / 20)  # the average covers about a twentieth of the run
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
-    for ax, (keys, name) in zip(fig.subplots(2, 3).flat, CURVES):
+    fig = Figure(figsize=(16, 8), dpi=100, layout="constrained")
+    for ax, (keys, name) in zip(fig.subplots(2, 4).flat, CURVES):
         for key, color in zip(keys, ("tab:blue", "tab:red")):
             y = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
             y[~np.isfinite(y)] = np.nan
+            if key.startswith("heldout_"):
+                seen = np.isfinite(y)
+                ax.plot(steps[seen], y[seen], color=color, marker="o", markersize=3, label=key)
+                continue
             ax.plot(steps, y, color=color, linewidth=0.8, alpha=0.35)
             ax.plot(steps, ema(y, span), color=color, linewidth=2, label=key)
         ax.set(title=name, xlabel="step")
@@ -307,7 +314,24 @@ def base_license(base: str) -> str:
     )
 
 
-def write_model_card(ckpt_dir: Path, run: dict) -> Path:
+def heldout_section(heldout: dict | None) -> str:
+    """The model card's section on the held-out reward (heldout.py), measured at step heldout["step"]."""
+    if not heldout:
+        return ""
+    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in heldout.items() if k != "step")
+    return f"""## Held-out reward at step {heldout["step"]}
+
+Images never trained on, scored with fixed draws (`heldout.py`); the margin is the mean implicit reward of the liked
+minus the disliked ones (0 for the base model).
+
+| metric | value |
+|---|---|
+{rows}
+
+"""
+
+
+def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> Path:
     """<ckpt_dir>/README.md for a checkpoint-<step> folder: Hub metadata (huggingface_hub's ModelCardData), the
     recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py. Returns the path."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -370,7 +394,7 @@ License: {terms}. The base model's license applies to these weights as to the ba
 `{cfg.get("dataset", "?")}`: {run.get("num_desirable", "?")} desirable and {run.get("num_undesirable", "?")} \
 undesirable images (label policy `{policy}`).
 
-## Use
+{heldout_section(heldout)}## Use
 
 {use}
 `python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder{" (adapters fused)" if lora else ""}:
@@ -590,7 +614,7 @@ class Reports:
             f"batch {world_size * per_rank}; device {device}"
             + (f"; resuming from {resume_from} at step {start_step}" if resume_from else "")
         )
-        self.metrics = open_metrics(self.out, start_step)
+        self.metrics, self.heldout = open_metrics(self.out, start_step), {}
         self.tracker = Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
         self.bar = Progress(cfg.max_train_steps, cfg.objective, initial=start_step)
         text = cfg.validation_prompts
@@ -598,6 +622,9 @@ class Reports:
         self.prompts = [p.strip() for p in self.prompts if p.strip()]
 
     def log(self, row: dict):
+        # The newest held-out numbers, for the model cards
+        if any(k.startswith("heldout_") for k in row):
+            self.heldout = {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("heldout_")}}
         if self.enabled:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
@@ -634,7 +661,10 @@ class Reports:
 
     def checkpoint(self, step: int):
         if self.enabled:
-            write_model_card(self.out / f"checkpoint-{step}", json.loads((self.out / "run.json").read_text()))
+            run = json.loads((self.out / "run.json").read_text())
+            write_model_card(
+                self.out / f"checkpoint-{step}", run, self.heldout if len(self.heldout) > 1 else None
+            )
             plot_curves(self.out)
 
     def close(self):

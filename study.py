@@ -193,6 +193,9 @@ def study(
                         str(int(every) if n == top else n),
                         "--output_dir",
                         str(folder),
+                        # every image trained on, as when the study's results were recorded (no held-out set)
+                        "--heldout_steps",
+                        "0",
                         *extra,
                         *flags,
                     ],

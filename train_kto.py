@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import data
 import encoders
+import heldout
 import models
 import pickapic
 import reports
@@ -163,6 +164,11 @@ class Config:
     <output_dir>/validation/step-<N>.png (0: never)"""
     validation_guidance: float = 7.5
     """classifier-free guidance scale of the validation images (25 steps)"""
+    heldout_images: int = 256
+    """images set aside from the data (at most a tenth, half liked and half disliked; never trained on) whose
+    implicit reward is measured with fixed draws every --heldout_steps: the held-out margin (heldout.py)"""
+    heldout_steps: int = 500
+    """measure the held-out reward every this many steps and at the end (0: never)"""
     report_to: str = "none"
     """also log metrics and validation grids to: none | tensorboard | wandb (WANDB_MODE=offline works without
     a network)"""
@@ -183,6 +189,7 @@ TINY = dict(
     output_dir="runs/tiny",
     validation_steps=50,
     validation_guidance=3.0,
+    heldout_steps=25,
     # the world's captions that never get feedback
     validation_prompts="|".join(tiny_world.HELD_OUT),
 )
@@ -401,8 +408,10 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
     Draw i depends only on (seed, i), so a run resumed at draw `start` continues the exact same stream."""
 
-    def __init__(self, desirable: np.ndarray, ratio: float, seed, start: int = 0, chunk: int = 4096):
-        self.d, self.u = np.flatnonzero(desirable), np.flatnonzero(~desirable)
+    def __init__(self, desirable: np.ndarray, ratio: float, seed, start=0, chunk=4096, held_out=None):
+        # Never the held-out images (heldout.py)
+        train = ~held_out if held_out is not None else np.ones(len(desirable), bool)
+        self.d, self.u = np.flatnonzero(desirable & train), np.flatnonzero(~desirable & train)
         self.ratio = (ratio if len(self.u) else 1.0) if len(self.d) else 0.0
         self.seed, self.start, self.chunk = seed, start, chunk
 
@@ -488,8 +497,13 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     inputs = encoders.Inputs(
         cfg, path, dataset, table["caption"], amp_dtype, autocast, device, rank, world_size, mismatched
     )
+    # Images never trained on, scored with fixed draws: the held-out reward margin
+    held_out = heldout.split(desirable, cfg.heldout_images if cfg.heldout_steps else 0, cfg.seed)
+    measure = heldout.HeldOut(
+        held_out, inputs, scheduler, autocast, denoising_error, cfg.seed, rank, world_size
+    )
     sampler = DesirableRatioSampler(
-        desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank
+        desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank, held_out=held_out
     )
     batches = inputs.loader(sampler, per_rank)
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
@@ -527,9 +541,12 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
 
         seconds = time.perf_counter() - t0
-        record.log(
-            reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(seconds)
+        row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
+            seconds
         )
+        if held_out.any() and (step % cfg.heldout_steps == 0 or step == cfg.max_train_steps):
+            row |= measure(policy, ref, cfg.train_batch_size)
+        record.log(row)
         utils.check_bad_steps(bad_steps, cfg.max_bad_steps, step)
         record.validate(policy, step, inputs)
         # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
