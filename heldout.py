@@ -2,13 +2,13 @@
 
 A training step scores each image at one random timestep with one noise draw, so the per-step reward is far noisier
 than what training changes. Here a few hundred images are set aside (never trained on: split) and scored every
---heldout_steps with FIXED draws: for image i, K timesteps stratified over [0, T) (one in each K-th of the range,
-jittered) and K noises, all drawn from (seed, i, k) alone, so they are the same at every evaluation, on every rank
-and after a resume. The image is the VAE posterior's mean of the unflipped image, with its own caption. For each
+--heldout_steps with FIXED draws: K timesteps stratified over [0, T) (the middle of each K-th of the range) and K
+noises drawn from the seed alone, the same for every image (so what they add to the liked and the disliked images
+alike cancels in the margin), at every evaluation, on every rank and after a resume. The image is the VAE posterior's mean of the unflipped image, with its own caption. For each
 (image, draw) the implicit reward r = ref_err - policy_err is as in training; per image it is averaged over the K
 draws. Reported: the mean r of liked and of disliked images, their difference (the margin), the implicit accuracy
 (the fraction of images with w * r > 0) and the policy's mean error. The cost: 2 x K forwards without gradient per
-held-out image and evaluation (a few seconds of a GPU for 256 images at K = 4)."""
+held-out image and evaluation (docs/outputs.md)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 
 import utils
 
-# Draws per held-out image (timesteps, one per K-th of [0, T), and noises)
-DRAWS = 4
+# Draws per held-out image: with 4, the spread of the draws was as large as the tiny world's effect (docs/tiny_world.md)
+DRAWS = 16
 
 
 def split(desirable: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -43,11 +43,13 @@ class HeldOut:
         self.inputs, self.scheduler, self.autocast, self.error = inputs, scheduler, autocast, error
         self.seed = seed
 
-    def draws(self, item: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K fixed (timesteps [K], noises [K, *shape]) of dataset item `item`."""
-        gen = torch.Generator().manual_seed(utils.derive_seed(self.seed, item))
+    def draws(self, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K fixed draws, shared by every image (common random numbers: what is common to the liked and the
+        disliked images cancels in the margin): timesteps at the middle of each K-th of [0, T), noises from the
+        seed."""
         steps = self.scheduler.config.num_train_timesteps
-        t = ((torch.arange(DRAWS) + torch.rand(DRAWS, generator=gen)) * steps / DRAWS).long()
+        t = ((torch.arange(DRAWS) + 0.5) * steps / DRAWS).long()
+        gen = torch.Generator().manual_seed(utils.derive_seed(self.seed, DRAWS))
         return t, torch.randn((DRAWS, *shape), generator=gen)
 
     @torch.no_grad()
@@ -56,22 +58,19 @@ class HeldOut:
         sums = dict(r_desirable=0.0, n_desirable=0.0, r_undesirable=0.0, n=0.0, won=0.0, policy_err=0.0)
         sums = {k: torch.zeros((), device=device) for k in sums}
         data = torch.utils.data.Subset(self.inputs.dataset, self.items)
-        start = 0
         for batch in torch.utils.data.DataLoader(data, batch_size=batch_size):
-            b, items = len(batch["desirable"]), self.items[start : start + len(batch["desirable"])]
-            start += b
+            b = len(batch["desirable"])
             with self.autocast:
                 x0, cond = self.inputs.fixed(batch)
-            t, eps = zip(*(self.draws(i, x0.shape[1:]) for i in items))
-            t, eps = torch.stack(t).to(device), torch.stack(eps).to(device)
+            steps, noises = self.draws(x0.shape[1:])
             r, policy_err = torch.zeros(b, device=device), torch.zeros(b, device=device)
-            for k in range(DRAWS):
-                x_t = self.scheduler.add_noise(x0, eps[:, k], t[:, k])
-                target = eps[:, k]
-                if self.scheduler.config.prediction_type == "v_prediction":
-                    target = self.scheduler.get_velocity(x0, eps[:, k], t[:, k])
+            for t, eps in zip(steps.tolist(), noises):
+                t, eps = torch.full((b,), t, device=device), eps.to(device).expand_as(x0)
+                x_t = self.scheduler.add_noise(x0, eps, t)
+                v = self.scheduler.config.prediction_type == "v_prediction"
+                target = self.scheduler.get_velocity(x0, eps, t) if v else eps
                 with self.autocast:
-                    err = [self.error(unet(x_t, t[:, k], **cond).sample, target) for unet in (policy, ref)]
+                    err = [self.error(unet(x_t, t, **cond).sample, target) for unet in (policy, ref)]
                 r += (err[1] - err[0]) / DRAWS
                 policy_err += err[0] / DRAWS
             d = batch["desirable"].to(device).float()

@@ -158,6 +158,8 @@ def curves_figure(rows: list[dict], title: str):
             if key.startswith("heldout_"):
                 seen = np.isfinite(y)
                 ax.plot(steps[seen], y[seen], color=color, marker="o", markersize=3, label=key)
+                # 0: the base model's value
+                ax.axhline(0, color="gray", linewidth=0.8)
                 continue
             ax.plot(steps, y, color=color, linewidth=0.8, alpha=0.35)
             ax.plot(steps, ema(y, span), color=color, linewidth=2, label=key)

@@ -296,8 +296,7 @@ def test_model_card_metadata_recipe_data_and_loading(tmp_path):
     assert "step 2500" in text and "base model's license applies" in text
     assert 'UNet2DConditionModel.from_pretrained("checkpoint-2500", subfolder="unet")' in text
     assert (
-        'DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)'
-        in text
+        'DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)' in text
     )
     # another base: license "other"; a local folder is named in the text, not as base_model (the Hub wants an id)
     card = ModelCard.load(reports.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))

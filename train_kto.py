@@ -167,8 +167,8 @@ class Config:
     heldout_images: int = 256
     """images set aside from the data (at most a tenth, half liked and half disliked; never trained on) whose
     implicit reward is measured with fixed draws every --heldout_steps: the held-out margin (heldout.py)"""
-    heldout_steps: int = 500
-    """measure the held-out reward every this many steps and at the end (0: never)"""
+    heldout_steps: int = 1000
+    """measure the held-out reward every this many steps and at the end (0: never; the cost: docs/outputs.md)"""
     report_to: str = "none"
     """also log metrics and validation grids to: none | tensorboard | wandb (WANDB_MODE=offline works without
     a network)"""
@@ -189,7 +189,7 @@ TINY = dict(
     output_dir="runs/tiny",
     validation_steps=50,
     validation_guidance=3.0,
-    heldout_steps=25,
+    heldout_steps=50,
     # the world's captions that never get feedback
     validation_prompts="|".join(tiny_world.HELD_OUT),
 )
