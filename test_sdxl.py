@@ -167,3 +167,25 @@ def test_sdxl_two_ranks_stay_in_sync_and_eval_generates_and_scores(tmp_path):
     assert report["metrics"]["utility"]["win_rate"] == report["metrics"]["clip"]["win_rate"] == 0.5
     images = sorted((out / "images" / "checkpoint").glob("*.png"))
     assert len(images) == 2 and Image.open(images[0]).size == (32, 32)
+
+
+def test_pretrained_vae_replaces_the_base_models_and_upcasts_only_where_its_config_says(tmp_path):
+    from diffusers import AutoencoderKL
+
+    # fp16: SDXL's VAE (force_upcast) stays float32; a VAE whose config says it does not overflow runs in fp16
+    assert encoders.load_vae(MODEL, "", torch.float16).dtype == torch.float32
+    assert encoders.load_vae(MODEL, "", torch.bfloat16).dtype == torch.bfloat16
+    fixed = tmp_path / "vae-fp16-fix"
+    vae = AutoencoderKL.from_pretrained(MODEL, subfolder="vae")
+    vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1.5)
+    vae.save_pretrained(fixed)
+    assert encoders.load_vae(MODEL, str(fixed), torch.float16).dtype == torch.float16
+    # --pretrained_vae: the base model's own VAE gives the same run, bit for bit; another VAE other latents
+    args = ["--max_train_steps", "1", "--learning_rate", "0"]
+    same, _ = run(tmp_path / "a", *args)
+    again, _ = run(tmp_path / "b", *args, "--pretrained_vae", str(fixtures.tiny_sdxl_model_path() / "vae"))
+    other, _ = run(tmp_path / "c", *args, "--pretrained_vae", str(fixed))
+    assert again == same and other[0]["policy_err"] != same[0]["policy_err"]
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["config"]["pretrained_vae"] == str(fixed)
