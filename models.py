@@ -151,10 +151,7 @@ def optimizer_class(name: str):
     try:
         import bitsandbytes
     except ImportError as e:
-        # utils imports this module (checkpoints hold a policy): imported here, no cycle
-        from utils import DataError
-
-        raise DataError(
+        raise ImportError(
             "--optimizer adamw8bit needs bitsandbytes, which is not installed (pip install "
             "bitsandbytes; CUDA GPUs only). Install it, or use --optimizer adamw."
         ) from e

@@ -72,7 +72,7 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
     lines = [json.dumps(r) for r in first + resumed] + ['{"step": 61, "loss": 0.']  # a line cut by a kill
     (run / "metrics.jsonl").write_text("\n".join(lines))
     path = reports.plot_curves(run)
-    assert path == run / "curves.png" and Image.open(path).size == (1200, 800)
+    assert path == run / "curves.png" and Image.open(path).size == (1600, 800)
     (fig,) = figures
     assert "kto-run-7" in fig._suptitle.get_text() and "1 skipped step" in fig._suptitle.get_text()
     titles = [ax.get_title() for ax in fig.axes]

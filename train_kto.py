@@ -13,13 +13,12 @@ Launch:
     torchrun --standalone --nproc_per_node 4 train_kto.py        # the paper's recipe: 4 GPUs x 2 images
     python train_kto.py --gradient_accumulation_steps 4          # the same batch of 8 on 1 GPU (2 x 4)
     python train_kto.py --gradient_accumulation_steps 4 --lora_rank 8   # LoRA adapters instead of the whole UNet
+    python train_kto.py --pretrained_model stabilityai/stable-diffusion-xl-base-1.0 --resolution 1024 --lora_rank 8
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
 Every flag: python train_kto.py --help. Outputs (docs/outputs.md): <output_dir>/run.json, metrics.jsonl,
 curves.png, validation/, checkpoint-<step>/ (unet/, model card).
-File map: this file is the method and its training loop; models.py what is trained (the whole UNet or LoRA) and what
-a checkpoint holds; data.py the like/dislike data and the training inputs; reports.py what a run writes and shows;
-utils.py the run time (flags, distributed set-up, checkpoints, signals); eval.py the evaluation; tiny_world.py the
-offline world of --tiny (the README's table of files).
+Other files (the README's table): models.py what is trained, encoders.py the model families' inputs, data.py the
+likes and dislikes, heldout.py the held-out margin, reports.py the run's record, utils.py the run time.
 """
 
 from __future__ import annotations
@@ -53,11 +52,9 @@ from utils import DataError, TrainingError
 class Config:
     # data and model
     pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """base model: hub id or local diffusers folder (SD v1-5, SD 2.1, SDXL: read from its configs, see
-    encoders.py); policy and ref both start from its UNet"""
+    """base model (hub id or diffusers folder; SD v1-5, SD 2.1 or SDXL, read from its configs): policy and ref"""
     pretrained_vae: str = ""
-    """a replacement VAE (hub id or folder with its config.json), e.g. madebyollin/sdxl-vae-fp16-fix ('': the base
-    model's)"""
+    """a replacement VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix ('': the base model's)"""
     dataset: str = "yuvalkirstain/pickapic_v2"
     """like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet
     file with columns image, caption, label"""
@@ -165,10 +162,9 @@ class Config:
     validation_guidance: float = 7.5
     """classifier-free guidance scale of the validation images (25 steps)"""
     heldout_images: int = 256
-    """images set aside from the data (at most a tenth, half liked and half disliked; never trained on) whose
-    implicit reward is measured with fixed draws every --heldout_steps: the held-out margin (heldout.py)"""
+    """images never trained on (at most a tenth of the data), scored every --heldout_steps (heldout.py)"""
     heldout_steps: int = 1000
-    """measure the held-out reward every this many steps and at the end (0: never; the cost: docs/outputs.md)"""
+    """measure the held-out reward every this many steps (0: never; the cost: docs/outputs.md)"""
     report_to: str = "none"
     """also log metrics and validation grids to: none | tensorboard | wandb (WANDB_MODE=offline works without
     a network)"""
@@ -214,18 +210,7 @@ RESUMABLE = set(
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
 
-    # Built on first use, and only if the run needs it
-    def world_paths(given):
-        if "dataset" in given:
-            # Bad data fail now, not after the world's build (minutes on an empty cache)
-            data.load_feedback(given["dataset"], given.get("label_policy", "won_once"))
-        world = lambda: tiny_world.world_path(given.get("world_seed", 0))  # noqa: E731
-        return {
-            **({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
-            **({} if "dataset" in given else dict(dataset=str(world() / "feedback"))),
-        }
-
-    cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, world_paths)
+    cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world.train_paths)
     cfg = utils.resolve_paths(
         cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset", "pretrained_vae")
     )
@@ -235,7 +220,10 @@ def parse_config(argv=None) -> Config:
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
     # A missing optimizer package fails now, not after the models load
-    models.optimizer_class(cfg.optimizer)
+    try:
+        models.optimizer_class(cfg.optimizer)
+    except ImportError as e:
+        raise DataError(str(e)) from e
     return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
@@ -544,7 +532,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
             seconds
         )
-        if held_out.any() and (step % cfg.heldout_steps == 0 or step == cfg.max_train_steps):
+        # Every --heldout_steps steps only (not at a run's last step): a resumed run measures where the whole one did
+        if held_out.any() and step % cfg.heldout_steps == 0:
             row |= measure(policy, ref, cfg.train_batch_size)
         record.log(row)
         utils.check_bad_steps(bad_steps, cfg.max_bad_steps, step)
