@@ -66,9 +66,9 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
     run = tmp_path / "kto-run-7"
     run.mkdir()
     first = [metrics_row(s, 1.0) for s in range(1, 41)]
-    resumed = [
-        metrics_row(s, 0.5, skipped=int(s == 45)) for s in range(31, 61)
-    ]  # resumed at 30: 31..40 again
+    # resumed at 30: 31..40 again; the held-out margin measured at steps 40 and 60 only
+    held = lambda s: dict(heldout_margin=s / 1e4) if s % 20 == 0 else {}  # noqa: E731
+    resumed = [metrics_row(s, 0.5, skipped=int(s == 45), **held(s)) for s in range(31, 61)]
     lines = [json.dumps(r) for r in first + resumed] + ['{"step": 61, "loss": 0.']  # a line cut by a kill
     (run / "metrics.jsonl").write_text("\n".join(lines))
     path = reports.plot_curves(run)
@@ -83,7 +83,13 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
         "implicit accuracy",
         "grad norm",
         "learning rate",
+        "held-out reward (fixed draws)",
+        "held-out margin: liked - disliked",
     ]
+    # the held-out margin: its measurements as points, not smoothed, and a line at 0 (the base model)
+    margin, zero = fig.axes[7].get_lines()
+    assert list(margin.get_xdata()) == [40, 60] and list(margin.get_ydata()) == [40 / 1e4, 60 / 1e4]
+    assert margin.get_marker() == "o" and list(zero.get_ydata()) == [0, 0]
     raw, smooth = fig.axes[0].get_lines()
     assert list(raw.get_xdata()) == list(range(1, 61))
     assert list(raw.get_ydata()) == [1.0] * 30 + [0.5] * 30  # steps 31..40: the resumed rows
