@@ -42,6 +42,7 @@ import encoders
 import heldout
 import models
 import pickapic
+import profiling
 import reports
 import tiny_world
 import utils
@@ -496,7 +497,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     batches = inputs.loader(sampler, per_rank)
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
     step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
-    phases, n_corrupt, n_seen = reports.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
+    phases, n_corrupt, n_seen = profiling.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
     # SIGTERM from here on: finish the step, save, stop
     stop = utils.StopRequest()
     # The baseline grid, before any update
