@@ -57,29 +57,31 @@ def zeros_for_empty_caption(path: str) -> bool:
     return bool(DiffusionPipeline.load_config(path).get("force_zeros_for_empty_prompt", False))
 
 
-def load_vae(path: str, vae_path: str, dtype: torch.dtype):
-    """The base model's VAE, or the replacement `vae_path` (--pretrained_vae); float32 under fp16 if its config
-    says it overflows there (force_upcast)."""
-    from diffusers import AutoencoderKL
-
-    where = (
+def vae_source(path: str, vae_path: str) -> dict:
+    """Where the VAE is: the replacement `vae_path` (--pretrained_vae), else the base model's vae/ folder."""
+    return (
         dict(pretrained_model_name_or_path=vae_path)
         if vae_path
         else dict(pretrained_model_name_or_path=path, subfolder="vae")
     )
-    upcast = dtype == torch.float16 and AutoencoderKL.load_config(**where).get("force_upcast", False)
-    return AutoencoderKL.from_pretrained(**where, dtype=torch.float32 if upcast else dtype)
+
+
+def load_vae(path: str, vae_path: str, dtype: torch.dtype):
+    """The VAE (vae_source) in `dtype`, or float32 under fp16 if its config says it overflows there (force_upcast)."""
+    from diffusers import AutoencoderKL
+
+    upcast = dtype == torch.float16 and AutoencoderKL.load_config(**vae_source(path, vae_path)).get(
+        "force_upcast"
+    )
+    return AutoencoderKL.from_pretrained(
+        **vae_source(path, vae_path), dtype=torch.float32 if upcast else dtype
+    )
 
 
 def vae_scaling_factor(path: str, vae_path: str) -> float:
     from diffusers import AutoencoderKL
 
-    where = (
-        dict(pretrained_model_name_or_path=vae_path)
-        if vae_path
-        else dict(pretrained_model_name_or_path=path, subfolder="vae")
-    )
-    return AutoencoderKL.load_config(**where).get("scaling_factor", 0.18215)
+    return AutoencoderKL.load_config(**vae_source(path, vae_path)).get("scaling_factor", 0.18215)
 
 
 def take(inputs: dict, i) -> dict:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from scorers import METRICS, mlp_head
-from tiny_world import WORDS, build_clip_tokenizer, build_tiny_model, sample_world
+from tiny_world import TINY_VAE, WORDS, build_clip_tokenizer, build_tiny_model, sample_world
 from utils import atomic_path, build_once, cache_dir, silence_torchvision_notice
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,20 +330,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
     # SDXL: CLIP ViT-L/14's text tower (quick_gelu), then OpenCLIP ViT-bigG/14's with its projection (gelu)
     text_encoder = CLIPTextModel(clip_config(tokenizer, 32, "quick_gelu", 32))
     text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, 48, "gelu", 24))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        sample_size=32,
-        # SDXL's VAE: decoded in fp32 (it overflows in fp16), latents scaled by 0.13025
-        force_upcast=True,
-        scaling_factor=0.13025,
-    )
+    # SDXL's VAE: decoded in fp32 (it overflows in fp16), latents scaled by 0.13025
+    vae = AutoencoderKL(**TINY_VAE, force_upcast=True, scaling_factor=0.13025)
     # SDXL's block layout: no attention in the first (widest) block, several transformer layers per block after it,
     # linear projections in and out of the transformers, heads given as counts in attention_head_dim
     time_dim = 8

@@ -216,6 +216,20 @@ def sd15_scheduler_config() -> dict:
     )
 
 
+# The tiny VAE: 32 px images to 8 x 8 x 4 latents (fixtures.py's tiny SDXL uses it too)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    sample_size=32,
+)
+
+
 def build_tiny_model(path: Path, seed: int = 0) -> None:
     """Save a random-weight, Stable-Diffusion-shaped pipeline (32 px images, 8x8x4 latents) in diffusers layout."""
     # diffusers' pipelines import transformers' image processors, which announce they want torchvision
@@ -239,17 +253,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        sample_size=32,
-    )
+    vae = AutoencoderKL(**TINY_VAE)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
