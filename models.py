@@ -132,9 +132,13 @@ def load_policy(policy, folder: Path):
     state, _ = StableDiffusionPipeline.lora_state_dict(folder, weight_name=LORA_FILE)
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     result = set_peft_model_state_dict(policy, state, adapter_name="default")
-    if result.unexpected_keys:
+    # peft loads what matches and returns the rest: an adapter left out would silently keep its initial weights
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
         raise ValueError(
-            f"{folder / LORA_FILE}: keys the policy's adapters do not have: {result.unexpected_keys[:3]}"
+            f"{folder / LORA_FILE} does not fit the policy's adapters: the policy's adapters it lacks "
+            f"{missing[:3]}, its keys the policy does not have {result.unexpected_keys[:3]}. Resume from a "
+            "checkpoint written with the same --pretrained_model and --lora_rank."
         )
     trainable_float32(policy)
 

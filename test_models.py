@@ -170,3 +170,28 @@ def test_a_v_prediction_model_trains_and_evaluates(tmp_path):
     )
     assert report["baseline_model"]["base"] == str(fixtures.tiny_vpred_model_path())
     assert report["metrics"]["utility"]["win_rate"] == 0.5
+
+
+def test_a_lora_checkpoint_that_does_not_fit_the_adapters_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def lora(seed):
+        return models.add_lora(unet()[0], 4, torch.float32, seed)
+
+    saved = lora(0)
+    for name, p in saved.named_parameters():
+        if "lora_B" in name:  # trained-looking adapters: not the zeros a fresh policy starts from
+            p.data.normal_(generator=torch.Generator().manual_seed(len(name)))
+    models.save_policy(saved, tmp_path)
+    loaded = lora(1)
+    models.load_policy(loaded, tmp_path)
+    for a, b in zip(saved.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    file = tmp_path / models.LORA_FILE
+    state = load_file(file)
+    first = next(iter(state))
+    # An adapter missing from the file would keep its initial weights; a key the policy lacks would be dropped
+    for tampered in ({k: v for k, v in state.items() if k != first}, {**state, first.replace("blocks.0", "blocks.9"): state[first].clone()}):
+        save_file(tampered, file)
+        with pytest.raises(ValueError, match="does not fit the policy's adapters"):
+            models.load_policy(lora(1), tmp_path)
