@@ -191,7 +191,10 @@ def test_a_lora_checkpoint_that_does_not_fit_the_adapters_is_refused(tmp_path):
     state = load_file(file)
     first = next(iter(state))
     # An adapter missing from the file would keep its initial weights; a key the policy lacks would be dropped
-    for tampered in ({k: v for k, v in state.items() if k != first}, {**state, first.replace("blocks.0", "blocks.9"): state[first].clone()}):
+    for tampered in (
+        {k: v for k, v in state.items() if k != first},
+        {**state, first.replace("blocks.0", "blocks.9"): state[first].clone()},
+    ):
         save_file(tampered, file)
         with pytest.raises(ValueError, match="does not fit the policy's adapters"):
             models.load_policy(lora(1), tmp_path)
