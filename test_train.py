@@ -399,6 +399,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "no_such_model_folder",
         "not_a_pipeline_folder",
         "unreachable_hub_model",
+        "zero_checkpointing_steps",
+        "ratio_above_one",
     ],
 )
 def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
@@ -423,6 +425,10 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         args += ["--pretrained_model", str(tmp_path)]
     if case == "unreachable_hub_model":  # offline here: the hub cannot be reached, and the cache lacks it
         args += ["--pretrained_model", "nobody-here/no-such-model"]
+    if case == "zero_checkpointing_steps":  # was a ZeroDivisionError after the first step
+        args += ["--checkpointing_steps", "0"]
+    if case == "ratio_above_one":
+        args += ["--desirable_ratio", "1.5"]
     args += ["--dataset", str(write_table(tmp_path, rows))]
     with pytest.raises(SystemExit) as e:
         run(tmp_path, *args)
@@ -436,6 +442,8 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "no_such_model_folder": "no such file or folder",
         "not_a_pipeline_folder": "no unet/, scheduler/",
         "unreachable_hub_model": "hf download",
+        "zero_checkpointing_steps": "--checkpointing_steps 0: must be at least 1",
+        "ratio_above_one": "--desirable_ratio 1.5: must be in [0, 1]",
     }[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started

@@ -143,11 +143,12 @@ def field_help(config_cls) -> dict[str, str]:
     }
 
 
-def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_extra=None):
+def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_extra=None, bounds=None):
     """Build argparse from a Config dataclass, parse argv, return a Config.
 
     --tiny only changes defaults (`tiny`, plus `tiny_extra()` computed only when --tiny is given, e.g. paths of
-    things built on first use); flags given explicitly always win. --help shows both defaults."""
+    things built on first use); flags given explicitly always win. --help shows both defaults. bounds: {field:
+    (lowest, highest or None)}; a value outside raises DataError, before anything loads."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n")[0],
         argument_default=argparse.SUPPRESS,
@@ -163,7 +164,13 @@ def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_ext
     cfg = config_cls()
     if given.get("tiny"):
         cfg = dataclasses.replace(cfg, **tiny, **(tiny_extra(given) if tiny_extra else {}))
-    return dataclasses.replace(cfg, **given), parser
+    cfg = dataclasses.replace(cfg, **given)
+    for name, (lo, hi) in (bounds or {}).items():
+        value = getattr(cfg, name)
+        if value < lo or (hi is not None and value > hi):
+            within = f"in [{lo}, {hi}]" if hi is not None else f"at least {lo}"
+            raise DataError(f"--{name} {value}: must be {within}.")
+    return cfg, parser
 
 
 class Stopped(Exception):
