@@ -103,6 +103,9 @@ def compile_blocks(policy, ref):
     state_dict keys, saving and DDP are unchanged; blocks of one shape share one compiled graph. Allows a graph per
     block shape, weight dtype (policy float32, ref bf16) and grad mode."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Round bf16/fp16 intermediates inside fused kernels as eager does. Otherwise the policy's training graph and the
+    # reference's inference graph round differently and r is not 0 at step 0 (docs/benchmarks.md, "Compilation")
+    torch._inductor.config.emulate_precision_casts = True
     policy.compile_repeated_blocks()
     ref.compile_repeated_blocks()
 

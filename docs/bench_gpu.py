@@ -9,6 +9,7 @@ seconds are reported apart (warm-up, and compilation with --compile). One JSON l
     python docs/bench_gpu.py --out runs/bench                 # every setting (about 8 minutes on an H200)
     python docs/bench_gpu.py --out runs/bench --only b8 b8-compile
     python docs/bench_gpu.py --out runs/bench --fusion        # also: reference matched + mismatched in one call?
+    python docs/bench_gpu.py --out runs/bench --layouts --only  # channels-last UNets, cuDNN autotuning: faster?
     python docs/bench_gpu.py --out runs/bench-sdxl --model sdxl-random --resolution 1024 --only b1-gc-mean b1-lora-mean
 """
 
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fixtures  # noqa: E402
+import models  # noqa: E402
 import reports  # noqa: E402
 import train_kto  # noqa: E402
 import utils  # noqa: E402
@@ -164,6 +166,66 @@ def fusion(model: str, batches=(2, 8), repeats: int = 20) -> list[dict]:
     return rows
 
 
+def layouts(model: str, batch: int = 8, repeats: int = 10):
+    """Would channels-last UNets or cuDNN's autotuner (torch.backends.cudnn.benchmark) make the step faster, eager
+    and compiled, and keep r exactly 0 at step 0? And what does --compile's eager-like rounding (inductor's
+    emulate_precision_casts, models.compile_blocks) cost against inductor's own? Times kto_step (kl_mismatched,
+    bf16 autocast; its forwards and the policy's backward, no optimizer) on random latents and captions, SD
+    v1-5-shaped models only. Compiled variants come last (compilation is in place); their first call's seconds
+    are the compilation."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device).train()
+    ref = train_kto.frozen_reference(policy, torch.bfloat16)
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    c = policy.config
+    gen = torch.Generator(device).manual_seed(0)
+    x0 = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=gen, device=device)
+    emb = torch.randn(batch, 77, c.cross_attention_dim, generator=gen, device=device)
+    cond, rolled = dict(encoder_hidden_states=emb), dict(encoder_hidden_states=emb.roll(1, 0))
+    desirable = torch.arange(batch, device=device) % 5 != 4
+    step = train_kto.objective(train_kto.Config(), torch.Tensor.backward)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    compiled_as = None  # None: eager; else the emulate_precision_casts the blocks were compiled with
+    for name, channels_last, autotune, compiled, emulate in [
+        ("default", False, False, False, None),
+        ("cudnn-benchmark", False, True, False, None),
+        ("channels-last", True, False, False, None),
+        ("channels-last+cudnn-benchmark", True, True, False, None),
+        ("compiled", False, False, True, True),
+        ("compiled+channels-last+cudnn-benchmark", True, True, True, True),
+        ("compiled-inductor-rounding", False, False, True, False),
+    ]:
+        torch.backends.cudnn.benchmark = autotune
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        policy.to(memory_format=fmt), ref.to(memory_format=fmt)
+        if compiled and compiled_as != emulate:
+            torch._dynamo.reset()  # compile afresh: the setting is read when inductor compiles (the first call)
+            models.compile_blocks(policy, ref)
+            torch._inductor.config.emulate_precision_casts = compiled_as = emulate
+        seconds = []
+        for _ in range(3 + repeats):
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                _, out = step(policy, ref, scheduler, x0, cond, rolled, desirable, gen)
+            policy.zero_grad(set_to_none=True)
+            sync()
+            seconds.append(time.perf_counter() - t0)
+        yield dict(
+            setting=f"layout-b{batch}-{name}",
+            ms_per_step=round(1000 * sum(seconds[3:]) / repeats, 1),
+            first_call_seconds=round(seconds[0], 2),
+            r_exactly_zero=bool((out["r"] == 0).all()),
+        )
+    torch.backends.cudnn.benchmark = False
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,12 +234,20 @@ def main():
         "--out", default="runs/bench", help="folder for bench.jsonl and the runs (default: %(default)s)"
     )
     parser.add_argument(
-        "--only", nargs="*", choices=list(SETTINGS), help="these settings only (default: all)"
+        "--only",
+        nargs="*",
+        choices=list(SETTINGS),
+        help="these settings only; none with --only alone (default: all)",
     )
     parser.add_argument(
         "--steps", type=int, default=8, help="optimizer steps per setting (default: %(default)s)"
     )
     parser.add_argument("--fusion", action="store_true", help="also time the reference's passes as one call")
+    parser.add_argument(
+        "--layouts",
+        action="store_true",
+        help="also time the step with channels-last UNets and cuDNN autotuning",
+    )
     parser.add_argument(
         "--model",
         default="sd15-random",
@@ -211,7 +281,9 @@ def main():
 
         for row in fusion(model) if args.fusion else []:
             keep(row)
-        for name in args.only or SETTINGS:
+        for row in layouts(model) if args.layouts else []:
+            keep(row)
+        for name in SETTINGS if args.only is None else args.only:
             keep(run_setting(name, model, data, args.resolution, out, args.steps))
 
 
