@@ -237,9 +237,9 @@ def check_inputs(cfg: Config):
             f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
             f"{', '.join(SCORERS)}."
         )
-    for name in ("images_per_prompt", "steps", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise DataError(f"--{name} must be >= 1 (got {getattr(cfg, name)}).")
+    for name, lowest in (("images_per_prompt", 1), ("steps", 1), ("batch_size", 1), ("num_prompts", 0)):
+        if getattr(cfg, name) < lowest:
+            raise DataError(f"--{name} must be >= {lowest} (got {getattr(cfg, name)}).")
     ckpt = describe_model(cfg.ckpt, "--ckpt")
     if not cfg.baseline:
         if ckpt["unet"] is None and ckpt["lora"] is None:

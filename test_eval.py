@@ -480,7 +480,13 @@ def test_utility_is_refused_for_prompts_outside_the_tiny_world(fake_ckpt, tmp_pa
 
 
 def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
-    for bad in (["--metrics", "fid"], ["--images_per_prompt", "0"], ["--prompts", "nope.txt"]):
+    bad_flags = (
+        ["--metrics", "fid"],
+        ["--images_per_prompt", "0"],
+        ["--num_prompts", "-3"],
+        ["--prompts", "nope.txt"],
+    )
+    for bad in bad_flags:
         fails_before_generating(
             ["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad], capsys
         )
