@@ -108,6 +108,8 @@ TINY = dict(
     out="runs/eval-tiny",
 )
 CHOICES = dict(compare=("median", "all"))
+# Ranges of the numeric flags, checked before anything loads
+BOUNDS = dict(images_per_prompt=(1, None), steps=(1, None), batch_size=(1, None), num_prompts=(0, None))
 TINY_NOTE = (
     "--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their "
     "numbers test the plumbing only and say nothing about image quality ('utility', the tiny world's own, "
@@ -125,7 +127,7 @@ def tiny_paths(given: dict) -> dict:
 
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
-    cfg, parser = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_paths)
+    cfg, parser = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_paths, BOUNDS)
     if not cfg.ckpt:
         parser.error("--ckpt is required")
     return cfg
@@ -237,9 +239,6 @@ def check_inputs(cfg: Config):
             f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
             f"{', '.join(SCORERS)}."
         )
-    for name, lowest in (("images_per_prompt", 1), ("steps", 1), ("batch_size", 1), ("num_prompts", 0)):
-        if getattr(cfg, name) < lowest:
-            raise DataError(f"--{name} must be >= {lowest} (got {getattr(cfg, name)}).")
     ckpt = describe_model(cfg.ckpt, "--ckpt")
     if not cfg.baseline:
         if ckpt["unet"] is None and ckpt["lora"] is None:
@@ -650,7 +649,8 @@ def main(argv=None):
     """Run the evaluation (or --export); returns the report (the exported folder) on rank 0, None on other ranks."""
     # first: --tiny may build the tiny scorers while parsing
     utils.quiet_libraries()
-    cfg = parse_config(argv)
+    with utils.reported((DataError,)):
+        cfg = parse_config(argv)
     return utils.run_main(export if cfg.export else evaluate, cfg, (DataError,))
 
 

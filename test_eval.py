@@ -483,6 +483,8 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
     bad_flags = (
         ["--metrics", "fid"],
         ["--images_per_prompt", "0"],
+        ["--steps", "0"],
+        ["--batch_size", "0"],
         ["--num_prompts", "-3"],
         ["--prompts", "nope.txt"],
     )
