@@ -94,7 +94,7 @@ def run_setting(name: str, model: str, data: str, resolution: int, out: Path, st
     t0 = time.perf_counter()
     result = dict(setting=name, batch=batch, flags=" ".join(flags))
     try:
-        # the final checkpoint (4 GB) is written too: its time is outside the steps measured
+        # no checkpoint is written (main() turns saving off), so the "done: checkpoint-N" line names none
         train_kto.main(argv)
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
