@@ -469,11 +469,25 @@ def fingerprint(table: pd.DataFrame, base_dir: Path) -> dict:
 
 def load_data(cfg):
     """The feedback table and its dataset, checked before any model is loaded."""
-    table = load_feedback(cfg.dataset, label_policy=cfg.label_policy)
+    table = check_feedback(load_feedback(cfg.dataset, label_policy=cfg.label_policy), cfg)
     dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     dataset.fingerprint = fingerprint(table, Path(cfg.dataset).parent)
     desirable = table["desirable"].to_numpy()
-    n_d, n_u = int(desirable.sum()), int((~desirable).sum())
+    counts = dict(
+        num_desirable=int(desirable.sum()),
+        num_undesirable=int((~desirable).sum()),
+        label_policy=cfg.label_policy,
+        data=table.attrs.get("stats"),
+        fingerprint=dataset.fingerprint,
+    )
+    return table, dataset, desirable, counts
+
+
+def check_feedback(table, cfg):
+    """What a readable table can still get wrong for this run: one class only, no desirable sample for SFT, too many
+    empty captions. Returns the table."""
+    n_d = int(table["desirable"].sum())
+    n_u = len(table) - n_d
     if min(n_d, n_u) == 0 and not cfg.allow_one_class and cfg.objective == "kto":
         raise DataError(
             f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
@@ -491,11 +505,4 @@ def load_data(cfg):
             f"{MAX_EMPTY_CAPTIONS:.0%} allowed; caption dropout already trains the unconditional case). "
             "Fill in the caption column or drop those rows."
         )
-    counts = dict(
-        num_desirable=n_d,
-        num_undesirable=n_u,
-        label_policy=cfg.label_policy,
-        data=table.attrs.get("stats"),
-        fingerprint=dataset.fingerprint,
-    )
-    return table, dataset, desirable, counts
+    return table

@@ -117,7 +117,7 @@ TINY_NOTE = (
 )
 
 
-def tiny_paths(given: dict) -> dict:
+def tiny_paths(cfg, given: dict) -> dict:
     """--tiny: the five paper metrics' weights are the tiny random-weight scorers (fixtures.py, built once). The one
     place eval.py imports the test fixtures, and only under --tiny."""
     import fixtures

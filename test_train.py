@@ -86,17 +86,33 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     assert re.search(message, err), err
 
 
-def test_tiny_checks_the_data_before_building_the_world(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "flags, rows, message",
+    [
+        ([], [{"image": "a.png", "caption": "x", "label": "maybe"}], "column 'label', row 0"),
+        ([], [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)], "--allow_one_class"),
+        (["--train_batch_size", "1"], None, "--train_batch_size >= 2"),
+        (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
+    ],
+    ids=["bad_label", "one_class", "batch_of_one", "zero_checkpointing_steps"],
+)
+def test_tiny_checks_the_data_and_flags_before_building_the_world(
+    tmp_path, monkeypatch, capsys, flags, rows, message
+):
+    from PIL import Image
+
     import tiny_world
 
     # An empty cache: --tiny would build the world (minutes) for its model
     monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tiny_world, "build_world", lambda *a, **k: pytest.fail("the world build started"))
-    path = write_table(tmp_path, [{"image": "a.png", "caption": "x", "label": "maybe"}])
+    if rows:
+        Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+        flags = [*flags, "--dataset", str(write_table(tmp_path, rows))]
     with pytest.raises(SystemExit) as e:
-        train_kto.main(["--tiny", "--dataset", str(path)])
+        train_kto.main(["--tiny", *flags])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "column 'label', row 0" in err and "Traceback" not in err, err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
 
 
 @pytest.mark.slow

@@ -611,12 +611,12 @@ def build_world(
     log(f"world built in {time.time() - t0:.0f}s: {final}")
 
 
-def train_paths(given: dict) -> dict:
+def train_paths(cfg, given: dict) -> dict:
     """train_kto.py --tiny's base model and data, those of world --world_seed unless given, built only if needed. A
     given --dataset is checked first: bad data fail now, not after the world's build (minutes on an empty cache)."""
     if "dataset" in given:
-        data.load_feedback(given["dataset"], given.get("label_policy", "won_once"))
-    world = lambda: world_path(given.get("world_seed", 0))  # noqa: E731
+        data.check_feedback(data.load_feedback(cfg.dataset, cfg.label_policy), cfg)
+    world = lambda: world_path(cfg.world_seed)  # noqa: E731
     return {
         **({} if "pretrained_model" in given else dict(pretrained_model=str(world() / "model"))),
         **({} if "dataset" in given else dict(dataset=str(world() / "feedback"))),

@@ -216,13 +216,19 @@ RESUMABLE = set(
 
 def parse_config(argv=None) -> Config:
     """Flags come from Config's fields. --tiny only changes defaults: flags given explicitly always win."""
-
-    cfg, _ = utils.parse_config(Config, argv, __doc__, CHOICES, TINY, tiny_world.train_paths, BOUNDS)
+    cfg, _ = utils.parse_config(
+        Config, argv, __doc__, CHOICES, TINY, tiny_world.train_paths, BOUNDS, check_flags
+    )
     cfg = utils.resolve_paths(
         cfg, ("output_dir", "cache_dir"), ("pretrained_model", "dataset", "pretrained_vae")
     )
     if cfg.pretrained_vae:
         utils.resolve_model(cfg.pretrained_vae, f"--pretrained_vae {cfg.pretrained_vae}")
+    return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
+
+
+def check_flags(cfg: Config):
+    """Flags that cannot work together, refused before anything is loaded or built (--tiny's world)."""
     if cfg.reference_point == "kl_mismatched":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
@@ -231,7 +237,6 @@ def parse_config(argv=None) -> Config:
         models.optimizer_class(cfg.optimizer)
     except ImportError as e:
         raise DataError(str(e)) from e
-    return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -143,12 +143,15 @@ def field_help(config_cls) -> dict[str, str]:
     }
 
 
-def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_extra=None, bounds=None):
+def parse_config(
+    config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_extra=None, bounds=None, check=None
+):
     """Build argparse from a Config dataclass, parse argv, return a Config.
 
-    --tiny only changes defaults (`tiny`, plus `tiny_extra()` computed only when --tiny is given, e.g. paths of
-    things built on first use); flags given explicitly always win. --help shows both defaults. bounds: {field:
-    (lowest, highest or None)}; a value outside raises DataError, before anything loads."""
+    --tiny only changes defaults (`tiny`, plus `tiny_extra(cfg, given)` computed only when --tiny is given, e.g.
+    paths of things built on first use); flags given explicitly always win. --help shows both defaults. bounds:
+    {field: (lowest, highest or None)}; a value outside raises DataError. Both it and check(cfg) (flags that
+    contradict each other) run first: bad flags fail before anything loads or is built."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n")[0],
         argument_default=argparse.SUPPRESS,
@@ -161,15 +164,16 @@ def parse_config(config_cls, argv, doc: str, choices: dict, tiny: dict, tiny_ext
         default = f" (default: {f.default!r}" + (f"; --tiny: {tiny[f.name]!r})" if f.name in tiny else ")")
         parser.add_argument(f"--{f.name}", help=helps[f.name] + default, choices=choices.get(f.name), **kind)
     given = vars(parser.parse_args(argv))
-    cfg = config_cls()
-    if given.get("tiny"):
-        cfg = dataclasses.replace(cfg, **tiny, **(tiny_extra(given) if tiny_extra else {}))
-    cfg = dataclasses.replace(cfg, **given)
+    cfg = dataclasses.replace(config_cls(), **{**(tiny if given.get("tiny") else {}), **given})
     for name, (lo, hi) in (bounds or {}).items():
         value = getattr(cfg, name)
         if value < lo or (hi is not None and value > hi):
             within = f"in [{lo}, {hi}]" if hi is not None else f"at least {lo}"
             raise DataError(f"--{name} {value}: must be {within}.")
+    if check:
+        check(cfg)
+    if given.get("tiny") and tiny_extra:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in tiny_extra(cfg, given).items() if k not in given})
     return cfg, parser
 
 
