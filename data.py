@@ -218,7 +218,7 @@ def read_table(path: Path) -> pd.DataFrame:
         except (pa.ArrowException, OSError) as e:
             raise unreadable(path, f"a damaged parquet file ({e})") from None
     raise DataError(
-        f"--dataset {path}: unsupported file type '{suffix}'. Expected a .csv, .jsonl or .parquet file "
+        f"--dataset {path}: unsupported file type '{suffix}'. Expected a .csv, .jsonl, .json or .parquet file "
         f"with columns {', '.join(REQUIRED_COLUMNS)}."
     )
 
@@ -226,7 +226,7 @@ def read_table(path: Path) -> pd.DataFrame:
 def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFrame:
     """Read and check a like/dislike table. Returns columns caption, desirable (bool) and where the image is.
 
-    A .csv/.jsonl/.parquet file with columns image, caption, label: `image` is a path relative to the
+    A .csv/.jsonl/.json/.parquet file with columns image, caption, label: `image` is a path relative to the
     table's folder (or absolute), or the image's encoded bytes; `label` is 1/0, true/false or
     desirable/undesirable. Raises DataError naming the file, the column or row, and what was expected.
     A folder (or a single shard) with Pick-a-Pic v2 columns, or a hub dataset id: pairwise preferences turned
@@ -245,7 +245,7 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
     ):
         return load_pickapic(path, label_policy)
     if not path.exists():
-        raise DataError(f"--dataset {path}: no such file. Pass a .csv, .jsonl or .parquet file.")
+        raise DataError(f"--dataset {path}: no such file. Pass a .csv, .jsonl, .json or .parquet file.")
     table = read_table(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:

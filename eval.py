@@ -11,12 +11,14 @@ Launch:
     torchrun --standalone --nproc_per_node 8 eval.py --ckpt runs/kto/checkpoint-10000 --prompts pickapic_test
     python eval.py --ckpt runs/kto/checkpoint-10000 --export runs/kto-pipeline  # a full diffusers folder; no eval
 Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
-results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png and images/index.csv. A rerun with the
+results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png, images/index.csv and
+images/generation.json. A rerun with the
 same --out skips finished images. A checkpoint-<step> folder's model card (README.md) gets the results table.
 
 This file is the protocol: the flags, evaluate() (check, generate, score, compare, report), the win rate, the
-scoring interface (SCORERS), generation with shared noise, the prompt sets, the report and --export. The five
-scorers' weights, models and upstream preprocessing are in scorers.py; the tiny world's utility in tiny_world.py.
+scoring interface (SCORERS), generation with shared noise, the report and --export. The prompt sets are in
+prompt_sets.py; the five scorers' weights, models and upstream preprocessing in scorers.py; the tiny world's
+utility in tiny_world.py.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
                 f"--dataset {spec}: {f} is not a Pick-a-Pic v2 shard: missing column(s) {', '.join(missing)}. "
                 f"Found columns: {', '.join(names)}. A folder or hub id must hold parquet shards with columns "
                 f"{', '.join(PICKAPIC_LABEL_COLUMNS + PICKAPIC_IMAGE_COLUMNS)}; a like/dislike table must be a "
-                ".csv, .jsonl or .parquet file with columns image, caption, label."
+                ".csv, .jsonl, .json or .parquet file with columns image, caption, label."
             )
     return root, files
 

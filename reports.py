@@ -1,4 +1,5 @@
-"""What a run shows a person: progress lines, training curves, image grids, experiment trackers and model cards."""
+"""What a run shows a person: progress lines, training curves, image grids, experiment trackers, model cards and
+the run's record (run.json, metrics.jsonl)."""
 
 from __future__ import annotations
 

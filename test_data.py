@@ -395,6 +395,30 @@ ROWS = "image,caption,label\na.png,a café,1\nb.png,a dog,0\n"
 JSONL = '{"image": "a.png", "caption": "x", "label": 1}\n{"image": "b.png", "caption": "y", "label": 0}\n'
 
 
+def test_every_table_format_reads_the_same_rows(tmp_path):
+    """The four table formats load_feedback reads (.csv, .jsonl, .json, .parquet) give the same table."""
+    import pandas as pd
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = pd.DataFrame(
+        {
+            "image": ["a.png", "b.png", "a.png"],
+            "caption": ["a café", "a dog", "x"],
+            "label": [1, 0, "desirable"],
+        }
+    )
+    rows.astype({"label": str}).to_csv(tmp_path / "t.csv", index=False)
+    rows.to_json(tmp_path / "t.jsonl", orient="records", lines=True, force_ascii=False)
+    rows.to_json(tmp_path / "t.json", orient="records", force_ascii=False)
+    rows.astype({"label": str}).to_parquet(tmp_path / "t.parquet")
+    tables = [data.load_feedback(tmp_path / f"t.{kind}") for kind in ("csv", "jsonl", "json", "parquet")]
+    for table in tables:
+        assert table["caption"].tolist() == ["a café", "a dog", "x"]
+        assert table["desirable"].tolist() == [True, False, True]
+        assert [Path(str(v)).name for v in table["image"]] == ["a.png", "b.png", "a.png"]
+
+
 @pytest.mark.parametrize(
     "name, content, problem",
     [

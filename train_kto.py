@@ -57,7 +57,7 @@ class Config:
     pretrained_vae: str = ""
     """a replacement VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix ('': the base model's)"""
     dataset: str = "yuvalkirstain/pickapic_v2"
-    """like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.parquet
+    """like/dislike data: Pick-a-Pic v2 (hub id or folder of its parquet shards), or a .csv/.jsonl/.json/.parquet
     file with columns image, caption, label"""
     label_policy: str = "won_once"
     """how Pick-a-Pic pairs become per-image labels (ties dropped, each image uid counted once): won_once =
