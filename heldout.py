@@ -23,12 +23,15 @@ DRAWS = 16
 
 def split(desirable: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A bool mask of the held-out images: at most n and a tenth of the data, half liked and half disliked where
-    there are enough of each, chosen by `seed` (the same for every rank and every launch)."""
+    each class can spare it, chosen by `seed` (the same for every rank and every launch). A class gives at most a
+    tenth of its images (rounded up; none of a class under 10), so training always keeps both classes."""
     n = min(n, len(desirable) // 10)
     rng = np.random.default_rng([seed, 20_240_404])
     liked, disliked = np.flatnonzero(desirable), np.flatnonzero(~desirable)
-    n_liked = min(len(liked), max(n - len(disliked), n // 2))
-    chosen = [rng.choice(liked, n_liked, replace=False), rng.choice(disliked, n - n_liked, replace=False)]
+    spare = lambda k: -(-k // 10) if k >= 10 else 0  # noqa: E731
+    n_liked = min(spare(len(liked)), max(n - spare(len(disliked)), n // 2))
+    n_disliked = min(spare(len(disliked)), n - n_liked)
+    chosen = [rng.choice(liked, n_liked, replace=False), rng.choice(disliked, n_disliked, replace=False)]
     mask = np.zeros(len(desirable), bool)
     mask[np.concatenate(chosen).astype(int)] = True
     return mask

@@ -26,8 +26,18 @@ def run(out, *args):
 def test_split_holds_out_both_classes_and_the_sampler_never_draws_them():
     desirable = np.arange(1000) % 3 == 0
     mask = heldout.split(desirable, 256, seed=0)
-    # at most a tenth of the data, half liked and half disliked, the same for the same seed
-    assert mask.sum() == 100 and desirable[mask].sum() == 50
+    # at most a tenth of the data, and of each class (334 liked: 34), the rest disliked; the same for the same seed
+    assert mask.sum() == 100 and desirable[mask].sum() == 34
+    balanced = np.arange(950) % 2 == 0  # the tiny world's 475 liked + 475 disliked: 47 + 48
+    assert (
+        heldout.split(balanced, 256, seed=0).sum() == 95
+        and balanced[heldout.split(balanced, 256, 0)].sum() == 47
+    )
+    # a small class is never emptied: 50 disliked of 1000 give 5 (95 liked fill the rest); 6 liked of 1000 give none
+    held = heldout.split(np.arange(1000) < 950, 256, seed=0)
+    assert held.sum() == 100 and held[950:].sum() == 5
+    held = heldout.split(np.arange(1000) < 6, 256, seed=0)
+    assert held.sum() == 100 and held[:6].sum() == 0
     assert (heldout.split(desirable, 256, seed=0) == mask).all() and not (
         heldout.split(desirable, 256, 1) == mask
     ).all()
