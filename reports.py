@@ -113,6 +113,18 @@ CURVES = (
 )
 
 
+def metric_lines(text: str):
+    """(line, row) for each line of a metrics.jsonl that is a JSON row with a step; a line that is not (a run killed
+    while writing it) is skipped."""
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            yield line, row
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl, one per step (the last one written wins), in step order. A line that is not
     JSON (a run killed while writing it) is skipped."""
@@ -120,14 +132,7 @@ def read_metrics(path: Path) -> list[dict]:
         raise DataError(
             f"{path}: no such file. Pass the --output_dir of a train_kto.py run (it holds metrics.jsonl)."
         )
-    rows = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows[int(row["step"])] = row
+    rows = {int(row["step"]): row for _, row in metric_lines(Path(path).read_text())}
     if not rows:
         raise DataError(f"{path}: no metrics yet (no complete line with a step).")
     return [rows[s] for s in sorted(rows)]
@@ -504,11 +509,12 @@ def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds:
 
 
 def open_metrics(out_dir: Path, start_step: int):
-    """metrics.jsonl for appending; on resume the lines after the checkpoint's step are dropped first."""
+    """metrics.jsonl for appending; on resume the lines after the checkpoint's step (and any line cut short by a
+    crash) are dropped first."""
     file = out_dir / "metrics.jsonl"
-    old = file.read_text().splitlines() if start_step and file.exists() else []
+    old = metric_lines(file.read_text()) if start_step and file.exists() else []
     with atomic_path(file) as tmp:
-        tmp.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start_step))
+        tmp.write_text("".join(line + "\n" for line, row in old if row["step"] <= start_step))
     return open(file, "a")
 
 

@@ -101,6 +101,21 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
     assert list(fig.axes[1].get_lines()[2].get_ydata()) == pytest.approx([-0.1 * s for s in range(1, 61)])
 
 
+def test_a_resume_keeps_the_rows_up_to_its_step_and_drops_a_line_cut_by_a_crash(tmp_path):
+    lines = [json.dumps(metrics_row(s, 1.0)) for s in range(1, 6)] + [
+        '{"step": 6, "loss": 0.'
+    ]  # killed mid-line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    with reports.open_metrics(tmp_path, 3) as f:  # resumed from checkpoint-3
+        f.write(json.dumps(metrics_row(4, 0.5)) + "\n")
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(
+        lines[:3] + [json.dumps(metrics_row(4, 0.5))]
+    ) + "\n"
+    with reports.open_metrics(tmp_path, 0):  # a fresh start: nothing kept
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def test_ema_is_debiased_and_steps_over_skipped_values():
     # debiased: no pull towards 0 (float64 division by the bias correction: a few 1e-16)
     assert reports.ema(np.array([3.0, 3.0, 3.0]), span=10) == pytest.approx([3.0, 3.0, 3.0])
