@@ -561,7 +561,10 @@ def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
     assert all(r["desirable_frac"] == 1 for r in rows)
     # the same float32 sum of the same 8 errors (divided by 8, exactly, for the loss): 1e-6 is headroom
     assert all(r["loss"] == pytest.approx(r["policy_err"], rel=1e-6) for r in rows)
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["desirable_ratio"] == 1.0
+    config = json.loads((tmp_path / "out" / "run.json").read_text())["config"]
+    # no reference point: the step skips z's UNet forwards (with kl_mismatched, z > 0 from step 2)
+    assert config["desirable_ratio"] == 1.0 and config["reference_point"] == "zero"
+    assert all(r["z"] == 0 for r in rows)
 
 
 def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path, capsys):

@@ -83,7 +83,7 @@ class Config:
     # the objective
     objective: str = "kto"
     """kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on desirable images only (same
-    loop; --desirable_ratio is then 1)"""
+    loop; --desirable_ratio is then 1 and --reference_point zero: SFT has no z)"""
     beta: float = 5000.0
     """scale of the implicit reward inside the utility (paper: 5000; released code: 1000)"""
     utility: str = "kahneman_tversky"
@@ -225,12 +225,17 @@ def parse_config(argv=None) -> Config:
     )
     if cfg.pretrained_vae:
         utils.resolve_model(cfg.pretrained_vae, f"--pretrained_vae {cfg.pretrained_vae}")
-    return dataclasses.replace(cfg, desirable_ratio=1.0) if cfg.objective == "sft" else cfg
+    # SFT: desirable images only, and no reference point to compute
+    return (
+        dataclasses.replace(cfg, desirable_ratio=1.0, reference_point="zero")
+        if cfg.objective == "sft"
+        else cfg
+    )
 
 
 def check_flags(cfg: Config):
     """Flags that cannot work together, refused before anything is loaded or built (--tiny's world)."""
-    if cfg.reference_point == "kl_mismatched":
+    if cfg.reference_point == "kl_mismatched" and cfg.objective == "kto":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
     # A missing optimizer package fails now, not after the models load
