@@ -26,7 +26,8 @@ def cache_files(n_images: int, n_captions: int) -> list[str]:
 
 
 def check_settings(folder: Path, settings: dict, rank: int):
-    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them."""
+    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them, atomically
+    (another rank reading at that moment sees no file or the whole one)."""
     file = folder / "settings.json"
     if file.exists() and json.loads(file.read_text()) != settings:
         raise DataError(
@@ -34,7 +35,8 @@ def check_settings(folder: Path, settings: dict, rank: int):
             f"delete it or choose another --cache_dir. Wanted: {settings}"
         )
     if rank == 0 and not file.exists():
-        file.write_text(json.dumps(settings, indent=2))
+        with atomic_path(file) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
 
 
 class CachedLatents(torch.utils.data.Dataset):
