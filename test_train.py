@@ -411,6 +411,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "empty_captions",
         "batch_of_one",
         "foreign_output_dir",
+        "older_checkpoint_than_the_output_dirs",
         "bad_resume",
         "no_such_model_folder",
         "not_a_pipeline_folder",
@@ -433,6 +434,14 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         args += ["--train_batch_size", "1"]
     if case == "foreign_output_dir":
         (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
+    if case == "older_checkpoint_than_the_output_dirs":
+        (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
+        other = tmp_path / "other" / "checkpoint-5"
+        other.mkdir(parents=True)
+        torch.save(dict(step=5), other / "training_state.pt")
+        for name in ("optimizer.pt", "data.json"):
+            (other / name).write_text("{}")
+        args += ["--resume", str(other)]
     if case == "bad_resume":
         args += ["--resume", str(tmp_path)]
     if case == "no_such_model_folder":
@@ -454,6 +463,7 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "empty_captions": "10% of the captions are empty",
         "batch_of_one": "--train_batch_size >= 2",
         "foreign_output_dir": "--resume latest",
+        "older_checkpoint_than_the_output_dirs": "holds checkpoint-7, newer than this checkpoint (step 5)",
         "bad_resume": "not a checkpoint folder",
         "no_such_model_folder": "no such file or folder",
         "not_a_pipeline_folder": "no unet/, scheduler/",

@@ -529,6 +529,15 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
     ):
         if not (path / name).exists():
             raise DataError(f"--resume {path}: {why}")
+    # The run saves into --output_dir: a newer checkpoint there would be overwritten or deleted, or taken by 'latest'
+    step = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)["step"]
+    newer = [c.name for c in list_checkpoints(out) if int(c.name.split("-")[1]) > step]
+    if newer:
+        raise DataError(
+            f"--resume {path}: --output_dir {out} holds {newer[-1]}, newer than this checkpoint (step {step}), "
+            "which the resumed run would overwrite or delete, and which --resume latest would take. Choose "
+            "another --output_dir, or resume the newer checkpoint (--resume latest)."
+        )
     saved = json.loads((path / "config.json").read_text())
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
