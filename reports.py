@@ -549,16 +549,22 @@ class Reports:
             + (f"; resuming from {resume_from} at step {start_step}" if resume_from else "")
         )
         self.metrics, self.heldout = open_metrics(self.out, start_step), {}
+        # Resumed: the model cards start from the last held-out measurement kept, as the whole run's would
+        for _, row in metric_lines((self.out / "metrics.jsonl").read_text()):
+            self.note_heldout(row)
         self.tracker = Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
         self.bar = Progress(cfg.max_train_steps, cfg.objective, initial=start_step)
         text = cfg.validation_prompts
         self.prompts = Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|")
         self.prompts = [p.strip() for p in self.prompts if p.strip()]
 
-    def log(self, row: dict):
-        # The newest held-out numbers, for the model cards
+    def note_heldout(self, row: dict):
+        """Keeps the newest held-out numbers, for the model cards."""
         if any(k.startswith("heldout_") for k in row):
             self.heldout = {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("heldout_")}}
+
+    def log(self, row: dict):
+        self.note_heldout(row)
         if self.enabled:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()

@@ -70,6 +70,10 @@ def test_heldout_reward_is_the_same_after_a_resume_and_on_two_ranks(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]  # noqa: E731
     # trained, so the margin moved; a resume measures the identical thing
     assert strip(split) == strip(whole) and whole[-1]["heldout_margin"] != 0
+    # a checkpoint after a resume, before the next measurement: its model card has the one before the resume
+    run(tmp_path / "short", "--max_train_steps", "2", *args)
+    run(tmp_path / "short", "--max_train_steps", "3", "--resume", "latest", *args)
+    assert "## Held-out reward at step 2" in (tmp_path / "short" / "checkpoint-3" / "README.md").read_text()
     # two ranks score half the held-out images each; the sums are all-reduced: at lr 0 the same policy error as
     # one rank's, up to the order of a float32 sum over 25 images (~1e-7 relative; 1e-6 is headroom)
     one = run(tmp_path / "one", "--max_train_steps", "2", "--learning_rate", "0")
