@@ -186,10 +186,12 @@ def raise_stopped(signum, frame):
 
 
 @contextlib.contextmanager
-def reported(errors: tuple, rank: int = 0, on_stop=lambda: ""):
+def reported(errors: tuple, rank: int | None = None, on_stop=lambda: ""):
     """An error of a type in `errors` (bad input, or a run that cannot go on: the message says what and how to
     fix) is printed by rank 0 alone (every rank checks the same things), without a traceback; the exit code is the
-    error's exit_code. Ctrl-C and SIGTERM end with one line, on_stop()'s (what was saved, how to go on)."""
+    error's exit_code. Ctrl-C and SIGTERM end with one line, on_stop()'s (what was saved, how to go on). rank: by
+    default torchrun's RANK (0 without torchrun), for errors before the process group starts (the flags)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     try:
         yield
     except errors as e:
