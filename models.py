@@ -175,12 +175,14 @@ def make_optimizer(cfg, policy, device: torch.device, amp_dtype):
     return optimizer, lr_schedule, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
-def update(optimizer, lr_schedule, scaler, skipped: bool):
+def update(optimizer, lr_schedule, scaler, skipped: bool) -> bool:
     """The optimizer step, unless skipped; with fp16 the scaler also skips a step whose gradients overflowed (and
-    halves its scale). The learning-rate schedule advances only when a step was taken."""
+    halves its scale). The learning-rate schedule advances only when a step was taken. Returns whether it was."""
     scale = scaler.get_scale()
     if not skipped:
         scaler.step(optimizer)
     scaler.update()
-    if not skipped and scaler.get_scale() >= scale:
+    taken = not skipped and scaler.get_scale() >= scale
+    if taken:
         lr_schedule.step()
+    return taken

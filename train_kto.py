@@ -541,7 +541,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             sums = reports.step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
             skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
             bad_steps = bad_steps + 1 if skipped else 0
-            models.update(optimizer, lr_schedule, scaler, skipped)
+            # fp16: the loss scaler also skips a step whose gradients overflowed (not a bad step: it lowers the scale)
+            skipped = not models.update(optimizer, lr_schedule, scaler, skipped)
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         # Every rank stops together
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
