@@ -294,9 +294,9 @@ class FeedbackDataset(torch.utils.data.Dataset):
 
     A Pick-a-Pic table (columns shard, row, column) holds no image bytes, only where they are: each worker
     process keeps its own few open parquet files and reads one row group of one jpg column per image.
-    A corrupt image never raises: the next image of the same class (table order, wrapping around) replaces
-    it, and the sample's "corrupt" field counts the images skipped (0 almost always) so the training loop
-    can sum them and call check_corrupt.
+    A corrupt image never raises: the next image of the same class (table order, wrapping around; on the same
+    side of the held-out split, see keep_apart) replaces it, and the sample's "corrupt" field counts the images
+    skipped (0 almost always) so the training loop can sum them and call check_corrupt.
     """
 
     max_open_files = 64  # parquet files kept open per worker process
@@ -306,10 +306,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
         desirable = np.array(table["desirable"].to_numpy(dtype=bool))  # a writable copy
         self.desirable = torch.as_tensor(desirable, dtype=torch.bool)
         self.base_dir, self.resolution = Path(base_dir), resolution
-        self.by_class = (
-            np.flatnonzero(~desirable),
-            np.flatnonzero(desirable),
-        )  # for corrupt-image replacement
+        # for corrupt-image replacement: the groups of images that may stand in for each other
+        self.keep_apart(np.zeros(len(desirable), bool))
         if (
             "shard" in table.columns
         ):  # Pick-a-Pic: numpy/arrow arrays, so forked workers copy no Python objects
@@ -363,6 +361,12 @@ class FeedbackDataset(torch.utils.data.Dataset):
         column = pf.read_row_group(g, columns=[self.image_column[self.column[i]]]).column(0)
         return column[row - int(starts[g])].as_py()
 
+    def keep_apart(self, held_out: np.ndarray):
+        """A corrupt image is replaced only by one of its class on its own side of `held_out` (heldout.split): a
+        held-out image never stands in for a training one, nor the reverse."""
+        self.group = self.desirable.numpy().astype(np.int64) + 2 * np.asarray(held_out, np.int64)
+        self.groups = [np.flatnonzero(self.group == g) for g in range(4)]
+
     def _where(self, i: int) -> str:
         if self.images is not None:
             return f"row {i} ({self.images[i] if isinstance(self.images[i], str) else 'bytes'})"
@@ -383,7 +387,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 corrupt += 1
                 self.n_corrupt += 1
-                same = self.by_class[int(self.desirable[i])]
+                same = self.groups[int(self.group[i])]
                 nxt = int(same[(np.searchsorted(same, i, side="right")) % len(same)])
                 if self.n_corrupt <= 20 or self.n_corrupt % 100 == 0:
                     warnings.warn(

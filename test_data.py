@@ -274,6 +274,12 @@ def test_corrupt_image_is_replaced_counted_and_warned(folder):
     assert sum(int(b["corrupt"].sum()) for b in batches) == len(CORRUPT)
     assert sum(len(b["caption"]) for b in batches) == len(dataset)
     assert batches[0]["pixel_values"].shape == (3, 3, 32, 32)
+    # held out (heldout.split), F is not a stand-in for C: the next desirable image on C's side is
+    dataset.keep_apart(np.array(uids) == "F")
+    with pytest.warns(RuntimeWarning, match="corrupt image"):
+        sample = dataset[i]
+    others = [k for k in desirable_order if uids[k] != "F"]
+    assert sample["caption"] == CAPTION[uids[others[(others.index(i) + 1) % len(others)]]] != CAPTION["F"]
 
 
 def test_all_corrupt_class_raises(tmp_path):

@@ -499,12 +499,13 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
 
+    # Images never trained on, scored with fixed draws: the held-out reward margin
+    held_out = heldout.split(desirable, cfg.heldout_images if cfg.heldout_steps else 0, cfg.seed)
+    dataset.keep_apart(held_out)
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
     inputs = encoders.Inputs(
         cfg, path, dataset, table["caption"], amp_dtype, autocast, device, rank, world_size, mismatched
     )
-    # Images never trained on, scored with fixed draws: the held-out reward margin
-    held_out = heldout.split(desirable, cfg.heldout_images if cfg.heldout_steps else 0, cfg.seed)
     measure = heldout.HeldOut(
         held_out, inputs, scheduler, autocast, denoising_error, cfg.seed, rank, world_size
     )
