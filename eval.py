@@ -112,6 +112,7 @@ TINY = dict(
 CHOICES = dict(compare=("median", "all"))
 # Ranges of the numeric flags, checked before anything loads
 BOUNDS = dict(images_per_prompt=(1, None), steps=(1, None), batch_size=(1, None), num_prompts=(0, None))
+BOUNDS |= dict(seed=(0, None))
 TINY_NOTE = (
     "--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their "
     "numbers test the plumbing only and say nothing about image quality ('utility', the tiny world's own, "
@@ -149,23 +150,32 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     cfg, metrics, pair, prompts, ids = check_inputs(cfg)
     items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
     out = Path(cfg.out)
+    # Everything an image depends on; a rerun into the same --out reuses the images only if all of it is the same
     generation = dict(
         ckpt=pair["checkpoint"],
         baseline=pair["baseline"],
         prompts=cfg.prompts,
+        prompt_texts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         steps=cfg.steps,
         guidance=cfg.guidance,
         seed=cfg.seed,
+        dtype=str(generation_dtype(device)),
     )
-    settings_file = out / "images" / "generation.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != generation:
-        raise DataError(
-            f"--out {out}: holds images made with other settings ({settings_file}). Use a new --out, "
-            f"or delete {out / 'images'} to regenerate."
-        )
+    settings_file, problem = out / "images" / "generation.json", None
     if rank == 0:
         settings_file.parent.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(generation, indent=2))
+        if not settings_file.exists():
+            with utils.atomic_path(settings_file) as tmp:
+                tmp.write_text(json.dumps(generation, indent=2))
+        elif settings_file.read_text() != json.dumps(generation, indent=2):
+            problem = (
+                f"--out {out}: holds images made with other settings or prompt texts ({settings_file}). Use a "
+                f"new --out, or delete {out / 'images'} to regenerate."
+            )
+    # rank 0 alone reads and writes it; every rank stops together
+    problem = utils.agree(problem, world_size)
+    if problem:
+        raise DataError(problem)
 
     # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------------
     folders = {tag: out / "images" / tag for tag in pair}
@@ -223,6 +233,10 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     # a checkpoint-<step> folder of train_kto.py: its model card gets the table
     if pair["checkpoint"]["unet"] or pair["checkpoint"]["lora"]:
         written.append(add_to_model_card(cfg, out / "results.md", results))
+    # Last, and whole: results.json says the evaluation finished (study.py skips those that have one)
+    with utils.atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    written.insert(0, out / "results.json")
     print((out / "results.md").read_text())
     if random_scorers(cfg):
         print(TINY_NOTE)
@@ -409,11 +423,16 @@ def describe_model(spec: str, flag: str) -> dict:
     return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
 
 
+def generation_dtype(device: torch.device) -> torch.dtype:
+    """Images are generated in fp16 on GPUs, in fp32 on CPUs."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def load_pipeline(model: dict, device: torch.device):
     """The pipeline of `model` (see describe_model): the base, with the checkpoint's UNet or LoRA adapters."""
     from diffusers import UNet2DConditionModel
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = generation_dtype(device)
     extra = {}
     try:
         if model["unet"]:
@@ -577,12 +596,11 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
 def write_reports(
     cfg: Config, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path
 ) -> list:
-    """results.json, results.md, win_rates.png and grid_<prompt>.png for the first 4 prompts; returns their paths."""
+    """results.md, win_rates.png and grid_<prompt>.png for the first 4 prompts; returns their paths."""
     results = report["metrics"]
-    (out / "results.json").write_text(json.dumps(report, indent=2))
     write_markdown(results, out / "results.md", cfg)
     draw_win_rates(results, out / "win_rates.png", cfg)
-    written = [out / "results.json", out / "results.md", out / "win_rates.png"]
+    written = [out / "results.md", out / "win_rates.png"]
     for row, p in enumerate(ids[:4]):
         images = {
             tag: [Image.open(paths[(tag, p, k)]) for k in range(cfg.images_per_prompt)]

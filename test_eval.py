@@ -486,6 +486,7 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
         ["--steps", "0"],
         ["--batch_size", "0"],
         ["--num_prompts", "-3"],
+        ["--seed", "-1"],
         ["--prompts", "nope.txt"],
     )
     for bad in bad_flags:
@@ -714,7 +715,7 @@ def test_same_model_gives_exactly_half_and_swap_gives_complement(ckpt, tmp_path)
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     args = ["--ckpt", str(ckpt), *FAST, "--batch_size", "1", "--metrics", "clip", "--out", str(out)]
     spy(monkeypatch, fail_after=4)
@@ -740,6 +741,15 @@ def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatc
     assert all(np.abs(other[k].astype(int) - again[k].astype(int)).max() <= 1 for k in other)
     with pytest.raises(SystemExit):  # other generation settings in the same --out are refused
         ev.main(args + ["--steps", "3"])
+    # ... and so are other prompt texts under the same --prompts (an edited file)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    mine = ["--ckpt", str(ckpt), *FAST, "--prompts", str(tmp_path / "p.txt"), "--metrics", "clip"]
+    ev.main([*mine, "--num_prompts", "1", "--images_per_prompt", "1", "--out", str(tmp_path / "p")])
+    (tmp_path / "p.txt").write_text("a blue square\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        ev.main([*mine, "--num_prompts", "1", "--images_per_prompt", "1", "--out", str(tmp_path / "p")])
+    assert "other settings or prompt texts" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -418,6 +418,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "unreachable_hub_model",
         "zero_checkpointing_steps",
         "ratio_above_one",
+        "negative_seed",
     ],
 )
 def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
@@ -454,6 +455,8 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         args += ["--checkpointing_steps", "0"]
     if case == "ratio_above_one":
         args += ["--desirable_ratio", "1.5"]
+    if case == "negative_seed":  # was a ValueError traceback from numpy
+        args += ["--seed", "-1"]
     args += ["--dataset", str(write_table(tmp_path, rows))]
     with pytest.raises(SystemExit) as e:
         run(tmp_path, *args)
@@ -470,6 +473,7 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "unreachable_hub_model": "hf download",
         "zero_checkpointing_steps": "--checkpointing_steps 0: must be at least 1",
         "ratio_above_one": "--desirable_ratio 1.5: must be in [0, 1]",
+        "negative_seed": "--seed -1: must be at least 0",
     }[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started

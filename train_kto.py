@@ -203,7 +203,7 @@ CHOICES = dict(
 # Ranges of the numeric flags, checked before anything loads
 AT_LEAST_1 = "resolution train_batch_size gradient_accumulation_steps max_train_steps checkpointing_steps max_bad_steps"
 AT_LEAST_0 = """dataloader_workers lora_rank lr_warmup_steps checkpoints_total_limit validation_steps heldout_images
-    heldout_steps beta learning_rate max_grad_norm lambda_d lambda_u peak_tflops validation_guidance"""
+    heldout_steps beta learning_rate max_grad_norm lambda_d lambda_u peak_tflops validation_guidance seed"""
 BOUNDS = dict.fromkeys(AT_LEAST_1.split(), (1, None)) | dict.fromkeys(AT_LEAST_0.split(), (0, None))
 BOUNDS |= dict(caption_dropout=(0, 1), desirable_ratio=(0, 1))
 # What may differ between a run and its resumption; anything else is refused. The data are compared by content
