@@ -265,7 +265,7 @@ def check_inputs(cfg: Config):
     pair = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
     prompts = prompt_sets.load_prompts(cfg.prompts)
     # prompt ids are indices in the full set: seeds follow them
-    ids = prompt_sets.subset_indices(len(prompts), cfg.num_prompts)
+    ids = prompt_sets.subset_indices(prompts, cfg.num_prompts)
     if "utility" in metrics:
         captions = tiny_world.all_captions()
         others = [prompts[p] for p in ids if prompts[p] not in set(captions)]

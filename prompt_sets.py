@@ -102,8 +102,24 @@ def load_prompts(spec: str) -> list[str]:
     return prompts
 
 
-def subset_indices(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n) (all of them when k is 0 or >= n): deterministic, covers every style."""
+def subset_indices(prompts: list[str], k: int) -> list[int]:
+    """k prompt ids spread evenly over the set (all of them when k is 0 or >= its size): deterministic, covers every
+    style. Every distinct text comes before a repeat of any: a set of repeated prompts (the tiny one: 8 captions x 32)
+    would otherwise give the same caption k times."""
+    n = len(prompts)
     if k <= 0 or k >= n:
         return list(range(n))
-    return [(i * n) // k for i in range(k)]
+    # each prompt's repeat number: 0 for its text's first appearance, 1 for the second, ...
+    counts: dict[str, int] = {}
+    repeat = []
+    for p in prompts:
+        repeat.append(counts.get(p, 0))
+        counts[p] = repeat[-1] + 1
+    chosen: list[int] = []
+    for r in range(max(repeat) + 1):
+        group, left = [i for i in range(n) if repeat[i] == r], k - len(chosen)
+        if left <= len(group):
+            return sorted(chosen + [group[(j * len(group)) // left] for j in range(left)])
+        chosen += group
+    raise AssertionError("unreachable: k < n")
+    return sorted(chosen)

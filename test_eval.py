@@ -132,10 +132,16 @@ def test_named_prompt_set_offline_fails_clearly(monkeypatch):
 
 
 def test_subset_is_deterministic_and_spread():
-    assert prompt_sets.subset_indices(10, 0) == list(range(10)) and prompt_sets.subset_indices(
-        10, 20
-    ) == list(range(10))
-    assert prompt_sets.subset_indices(3200, 4) == [0, 800, 1600, 2400]  # one per HPS style
+    ten = [f"p{i}" for i in range(10)]
+    assert prompt_sets.subset_indices(ten, 0) == list(range(10)) == prompt_sets.subset_indices(ten, 20)
+    hps = [f"p{i}" for i in range(3200)]
+    assert prompt_sets.subset_indices(hps, 4) == [0, 800, 1600, 2400]  # one per HPS style
+    # the tiny set, 8 captions x 32: every caption before any repeats (evenly spaced ids alone gave one caption)
+    tiny = tiny_world.eval_prompts()
+    for k, each in ((8, 1), (32, 4), (64, 8)):
+        picked = [tiny[i] for i in prompt_sets.subset_indices(tiny, k)]
+        assert len(picked) == k and all(picked.count(c) == each for c in tiny_world.HELD_OUT)
+    assert len(set(tiny[i] for i in prompt_sets.subset_indices(tiny, 3))) == 3
 
 
 # ----------------------------------------------------------------------------------------------------
