@@ -14,6 +14,7 @@ in eval.SCORERS and an --<metric>_path flag in eval.Config.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -58,7 +59,8 @@ def download(url: str, dest: Path) -> Path:
 
 
 def resolve_file(spec: str, filename: str, what: str) -> Path:
-    """A weights file given as the file, a folder holding it, a URL (downloaded once into the cache) or a hub repo."""
+    """A weights file given as the file, a folder holding it, a URL of the file (downloaded once into the cache, one
+    folder per URL) or a hub repo."""
     path = Path(spec)
     if path.is_file():
         return path
@@ -67,7 +69,12 @@ def resolve_file(spec: str, filename: str, what: str) -> Path:
             return path / filename
         raise DataError(f"{what}: the folder has no {filename}.")
     if spec.startswith(("http://", "https://")):
-        dest = utils.cache_dir() / "scorers" / filename
+        if spec.rsplit("/", 1)[-1] != filename:
+            raise DataError(
+                f"{what}: a URL must name the file {filename} itself; or pass a folder or hub repo that holds it."
+            )
+        # one folder per URL: two URLs of files with the same name are two files
+        dest = utils.cache_dir() / "scorers" / hashlib.sha256(spec.encode()).hexdigest()[:16] / filename
         try:
             return dest if dest.exists() else download(spec, dest)
         except Exception as e:
@@ -434,6 +441,11 @@ def locate_imagereward(cfg) -> dict:
     weights = resolve_file(cfg.imagereward_path, "ImageReward.pt", what)
     # the BERT config beside the weights (a local copy), else from the same repo
     med = weights.parent / "med_config.json"
+    if not med.exists() and cfg.imagereward_path.startswith(("http://", "https://")):
+        raise DataError(
+            f"{what}: ImageReward also needs med_config.json (its BERT's config), which a URL of the weights does "
+            "not give: pass a folder or hub repo that holds ImageReward.pt and med_config.json."
+        )
     # a tokenizer beside the weights: the tiny scorer's (the real repo has none: BERT's)
     local_tokenizer = (weights.parent / "tokenizer_config.json").exists()
     return dict(

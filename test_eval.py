@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -462,6 +463,28 @@ def test_every_scorer_is_found_before_any_image_is_generated(fake_ckpt, tmp_path
         )
     fails_before_generating(common, capsys, "--aesthetic_path")  # all five: the first missing one is named
     assert not (tmp_path / "o").exists()
+
+
+def test_weights_from_a_url_are_cached_per_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
+    fetched = []
+
+    def download(url, dest):  # stands in for the network: the file's bytes are its URL
+        fetched.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(url)
+        return dest
+
+    monkeypatch.setattr(scorers, "download", download)
+    a, b = "https://a.example/x/head.pth", "https://b.example/y/head.pth"
+    for url in (a, b, a):
+        assert scorers.resolve_file(url, "head.pth", "--aesthetic_path").read_text() == url
+    assert fetched == [a, b]  # each URL once; the same name from another URL is another file
+    with pytest.raises(utils.DataError, match="a URL must name the file med_config.json"):
+        scorers.resolve_file("https://a.example/ImageReward.pt", "med_config.json", "--imagereward_path")
+    cfg = types.SimpleNamespace(imagereward_path="https://a.example/ImageReward.pt")
+    with pytest.raises(utils.DataError, match="also needs med_config.json"):
+        scorers.locate_imagereward(cfg)
 
 
 def test_utility_is_refused_for_prompts_outside_the_tiny_world(fake_ckpt, tmp_path, capsys, no_generation):
