@@ -4,6 +4,7 @@ the run's record (run.json, metrics.jsonl)."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import platform
@@ -415,12 +416,22 @@ undesirable images (label policy `{policy}`).
 
 def append_to_model_card(ckpt_dir: Path, section: str) -> None:
     """Add a markdown `section` to <ckpt_dir>/README.md; a section with the same first (heading) line is replaced,
-    up to the next heading of the same or a higher level."""
-    from huggingface_hub import ModelCard
-
+    up to the next heading of the same or a higher level. Evaluations running at once (study.py --jobs) take turns:
+    a lock on the folder, so that no one's section is lost."""
     file = Path(ckpt_dir) / "README.md"
     if not file.is_file():
         raise DataError(f"{file}: no model card to add to (train_kto.py writes one with each checkpoint).")
+    folder = os.open(ckpt_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        replace_section(file, section)
+    finally:
+        os.close(folder)
+
+
+def replace_section(file: Path, section: str) -> None:
+    from huggingface_hub import ModelCard
+
     card = ModelCard.load(file)
     heading, section = section.strip().splitlines()[0].strip(), section.strip()
     level = len(heading) - len(heading.lstrip("#"))

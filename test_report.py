@@ -346,6 +346,22 @@ def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path)
     )  # in place; the old one wholly gone
 
 
+def add_section(args):
+    reports.append_to_model_card(*args)
+
+
+def test_evaluations_adding_to_one_card_at_once_lose_no_section(tmp_path):
+    import multiprocessing
+
+    reports.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    sections = [(tmp_path, f"## Evaluation {i}\n\nresult {i}\n") for i in range(8)]
+    # separate processes, as study.py's parallel evaluations are
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.map(add_section, sections)
+    text = (tmp_path / "README.md").read_text()
+    assert all(f"## Evaluation {i}\n\nresult {i}" in text for i in range(8)), text
+
+
 # ----------------------------------------------------------------------------------------------------
 # eval.py: --export and the model card of an evaluated checkpoint (a real one-step train_kto.py run)
 
