@@ -12,8 +12,8 @@ Launch:
     python eval.py --ckpt runs/kto/checkpoint-10000 --export runs/kto-pipeline  # a full diffusers folder; no eval
 Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
 results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png, images/index.csv and
-images/generation.json. A rerun with the
-same --out skips finished images. A checkpoint-<step> folder's model card (README.md) gets the results table.
+images/generation.json. A rerun with the same --out skips finished images. A checkpoint-<step> folder's model card
+(README.md) gets the results table.
 
 This file is the protocol: the flags, evaluate() (check, generate, score, compare, report), the win rate, the
 scoring interface (SCORERS), generation with shared noise, the report and --export. The prompt sets are in
