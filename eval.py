@@ -601,6 +601,9 @@ def write_reports(
     write_markdown(results, out / "results.md", cfg)
     draw_win_rates(results, out / "win_rates.png", cfg)
     written = [out / "results.md", out / "win_rates.png"]
+    # a rerun's grids replace the earlier run's, whose prompts may differ
+    for old in out.glob("grid_*.png"):
+        old.unlink()
     for row, p in enumerate(ids[:4]):
         images = {
             tag: [Image.open(paths[(tag, p, k)]) for k in range(cfg.images_per_prompt)]

@@ -708,6 +708,9 @@ def test_tiny_run_writes_every_output(ckpt, tmp_path, monkeypatch, capsys):
     ev.main(["--ckpt", str(ckpt), *FAST, "--metrics", "clip", "--out", str(tmp_path / "default-guidance")])
     default = pixels(tmp_path / "default-guidance/images/checkpoint")
     assert not any(np.array_equal(v, default[k]) for k, v in pixels(out / "images/checkpoint").items())
+    # a rerun on fewer prompts leaves the grids of its own prompts only
+    ev.main(["--ckpt", str(ckpt), *FAST, "--guidance", "5.0", "--num_prompts", "2", "--out", str(out)])
+    assert sorted(p.name for p in out.glob("grid_*.png")) == ["grid_00000.png", "grid_00004.png"]
 
 
 @pytest.mark.slow
