@@ -147,6 +147,8 @@ def random_scorers(cfg: Config) -> bool:
 
 def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
+    why = "Every rank writes its share of the images, which rank 0 then scores"
+    utils.check_shared_folder(Path(cfg.out), rank, world_size, ("--out", why))
     cfg, metrics, pair, prompts, ids = check_inputs(cfg)
     items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
     out = Path(cfg.out)

@@ -35,7 +35,7 @@ def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def two_nodes(outs, *argv, script="train_kto.py"):
+def two_nodes(outs, *argv, script="train_kto.py", args=lambda out: [*TINY, "--output_dir", str(out)]):
     """Two torchrun agents on this machine, one process each, meeting by a c10d rendezvous on localhost."""
     port, jobs = free_port(), []
     for node, out in enumerate(outs):
@@ -43,7 +43,7 @@ def two_nodes(outs, *argv, script="train_kto.py"):
         launcher += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "test"]
         jobs.append(
             subprocess.Popen(
-                [*launcher, script, *TINY, "--output_dir", str(out), *argv],
+                [*launcher, script, *args(out), *argv],
                 cwd=HERE,
                 env=ENV,
                 stderr=subprocess.PIPE,
@@ -98,6 +98,18 @@ def test_a_node_that_does_not_see_the_output_folder_stops_the_run(tmp_path):
         not (tmp_path / "node0" / "metrics.jsonl").exists()
         and not (tmp_path / "node1" / "metrics.jsonl").exists()
     )
+    # eval.py too, before any image is generated
+    base = str(fixtures.tiny_model_path())
+    evals = two_nodes(
+        [tmp_path / "eval0", tmp_path / "eval1"],
+        script="eval.py",
+        args=lambda out: ["--ckpt", base, "--baseline", base, "--tiny", "--out", str(out)],
+    )
+    assert all(code != 0 for code, _ in evals)
+    assert "--out" in evals[0][1] and "does not see what rank 0 wrote there" in evals[0][1], evals[0][1][
+        -3000:
+    ]
+    assert not list(tmp_path.glob("eval*/images"))
 
 
 SLOW_STEPS = """

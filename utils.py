@@ -233,9 +233,12 @@ def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
             dist.destroy_process_group()
 
 
-def check_shared_folder(folder: Path, rank: int, world_size: int):
-    """Every rank must see what global rank 0 writes in the output folder: rank 0 saves the checkpoints that every
-    rank reads on resume. A node-local disk stops the run here, before any training, on every rank."""
+TRAINING_FOLDER = ("--output_dir", "Rank 0 saves the checkpoints and every rank reads them on resume")
+
+
+def check_shared_folder(folder: Path, rank: int, world_size: int, flag_and_why=TRAINING_FOLDER):
+    """Every rank must see what global rank 0 writes in the output folder (training: rank 0 saves the checkpoints
+    that every rank reads on resume). A node-local disk stops the run here, before any work, on every rank."""
     if world_size == 1:
         return
     token = [f"{os.uname().nodename}:{os.getpid()}:{time.time()}" if rank == 0 else None]
@@ -247,10 +250,11 @@ def check_shared_folder(folder: Path, rank: int, world_size: int):
     sees = mark.exists() and mark.read_text() == token[0]
     problem = agree(None if sees else f"rank {rank} on {os.uname().nodename}", world_size)
     if problem:
+        flag, why = flag_and_why
         raise DataError(
-            f"--output_dir {folder}: {problem} does not see what rank 0 wrote there (a disk local to each node?). "
-            "Rank 0 saves the checkpoints and every rank reads them on resume: put --output_dir on a file system "
-            "that every node shares (NFS, Lustre, a cluster's scratch), with the same path on every node."
+            f"{flag} {folder}: {problem} does not see what rank 0 wrote there (a disk local to each node?). "
+            f"{why}: put {flag} on a file system that every node shares (NFS, Lustre, a cluster's scratch), with "
+            "the same path on every node."
         )
 
 
