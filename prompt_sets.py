@@ -115,11 +115,9 @@ def subset_indices(prompts: list[str], k: int) -> list[int]:
     for p in prompts:
         repeat.append(counts.get(p, 0))
         counts[p] = repeat[-1] + 1
+    # whole rounds of repeats while they fit, then the next round's prompts evenly spaced
     chosen: list[int] = []
     for r in range(max(repeat) + 1):
         group, left = [i for i in range(n) if repeat[i] == r], k - len(chosen)
-        if left <= len(group):
-            return sorted(chosen + [group[(j * len(group)) // left] for j in range(left)])
-        chosen += group
-    raise AssertionError("unreachable: k < n")
+        chosen += group if left >= len(group) else [group[(j * len(group)) // left] for j in range(left)]
     return sorted(chosen)

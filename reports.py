@@ -430,6 +430,7 @@ def append_to_model_card(ckpt_dir: Path, section: str) -> None:
 
 
 def replace_section(file: Path, section: str) -> None:
+    """append_to_model_card's edit, under its lock."""
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(file)
