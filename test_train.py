@@ -579,6 +579,10 @@ def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
     # no reference point: the step skips z's UNet forwards (with kl_mismatched, z > 0 from step 2)
     assert config["desirable_ratio"] == 1.0 and config["reference_point"] == "zero"
     assert all(r["z"] == 0 for r in rows)
+    # no mismatched partner needed, so a batch of one is fine (KTO's default kl_mismatched refuses it)
+    assert (
+        train_kto.parse_config([*TINY, "--objective", "sft", "--train_batch_size", "1"]).train_batch_size == 1
+    )
 
 
 def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path, capsys):
