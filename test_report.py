@@ -102,9 +102,8 @@ def test_curves_keep_the_last_row_per_step_and_draw_every_panel(tmp_path, figure
 
 
 def test_a_resume_keeps_the_rows_up_to_its_step_and_drops_a_line_cut_by_a_crash(tmp_path):
-    lines = [json.dumps(metrics_row(s, 1.0)) for s in range(1, 6)] + [
-        '{"step": 6, "loss": 0.'
-    ]  # killed mid-line
+    killed_mid_line = '{"step": 6, "loss": 0.'
+    lines = [json.dumps(metrics_row(s, 1.0)) for s in range(1, 6)] + [killed_mid_line]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     with reports.open_metrics(tmp_path, 3) as f:  # resumed from checkpoint-3
         f.write(json.dumps(metrics_row(4, 0.5)) + "\n")
