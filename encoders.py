@@ -67,7 +67,8 @@ def vae_source(path: str, vae_path: str) -> dict:
 
 
 def load_vae(path: str, vae_path: str, dtype: torch.dtype):
-    """The VAE (vae_source) in `dtype`, or float32 under fp16 if its config says it overflows there (force_upcast)."""
+    """The VAE (vae_source) in `dtype`, or float32 under fp16 if its config says it overflows there (force_upcast).
+    A config without the key (SD v1-5's) counts as no, as in diffusers' SD training scripts."""
     from diffusers import AutoencoderKL
 
     upcast = dtype == torch.float16 and AutoencoderKL.load_config(**vae_source(path, vae_path)).get(
@@ -97,7 +98,8 @@ def unet_inputs(text: dict, sizes: torch.Tensor, resolution: int) -> dict:
     target = torch.tensor([resolution, resolution], dtype=sizes.dtype, device=sizes.device).expand(
         len(sizes), 2
     )
-    time_ids = torch.cat([sizes, target], 1).to(text["pooled"].dtype)
+    # float32, whatever the embeddings' dtype: bf16 holds integers exactly only up to 256 (1365 would become 1368)
+    time_ids = torch.cat([sizes, target], 1).float()
     return dict(
         encoder_hidden_states=text["emb"],
         added_cond_kwargs=dict(text_embeds=text["pooled"], time_ids=time_ids),
@@ -174,7 +176,7 @@ class Inputs:
     ):
         # The distinct captions, "" first: the dropped-out caption
         captions = list(dict.fromkeys(["", *captions]))
-        self.cfg, self.device, self.dtype = cfg, device, dtype or torch.float32
+        self.cfg, self.path, self.device, self.dtype = cfg, path, device, dtype or torch.float32
         self.autocast, self.mismatched = autocast, mismatched
         self.scaling_factor = vae_scaling_factor(path, cfg.pretrained_vae)
         self.zero_uncond = zeros_for_empty_caption(path)
@@ -233,8 +235,15 @@ class Inputs:
         )
 
     def components(self) -> dict:
-        """The loaded VAE and text encoders by their pipeline names (none with a built latent cache)."""
-        return dict(vae=self.vae, **self.text.components()) if hasattr(self, "vae") else {}
+        """The VAE and text encoders by their pipeline names: those loaded, or with a built latent cache only
+        --pretrained_vae's VAE (loaded now; the base model's own parts are the pipeline's defaults)."""
+        if hasattr(self, "vae"):
+            return dict(vae=self.vae, **self.text.components())
+        return (
+            dict(vae=load_vae(self.path, self.cfg.pretrained_vae, self.dtype))
+            if self.cfg.pretrained_vae
+            else {}
+        )
 
     def posterior(self, pixels: torch.Tensor):
         """The VAE's q(x0 | image) as (mean, std); pixels [B, 3, H, W] in [-1, 1]."""

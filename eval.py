@@ -95,7 +95,7 @@ class Config:
     hps_path: str = DEFAULT_PATHS["hps"]
     """HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo"""
     export: str = ""
-    """write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its UNet) to this
+    """write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its UNet and VAE) to this
     new folder, then exit: no images, no scores"""
 
 
@@ -403,8 +403,9 @@ def score_images(
 
 def describe_model(spec: str, flag: str) -> dict:
     """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None, 'lora': checkpoint folder holding a LoRA
-    file or None}, checked to exist. A checkpoint-<step> folder holds only unet/ (or the LoRA file); its base model
-    is config.pretrained_model in the run.json above."""
+    file or None, 'vae': the VAE trained with (--pretrained_vae) or None}, checked to exist. A checkpoint-<step>
+    folder holds only unet/ (or the LoRA file); its base model and VAE are config.pretrained_model and
+    config.pretrained_vae in the run.json above."""
     path = Path(spec)
     lora = (path / models.LORA_FILE).exists()
     if (lora or (path / "unet" / "config.json").exists()) and not (path / "model_index.json").exists():
@@ -414,15 +415,22 @@ def describe_model(spec: str, flag: str) -> dict:
                 f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
                 f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id."
             )
-        base = json.loads(run_json.read_text())["config"]["pretrained_model"]
+        config = json.loads(run_json.read_text())["config"]
+        base, vae = config["pretrained_model"], config.get("pretrained_vae") or None
         utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
-        return dict(base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None)
+        if vae:
+            utils.resolve_model(vae, f"{flag} {spec}: the VAE it was trained with, {vae} (in {run_json})")
+        return dict(
+            base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None, vae=vae
+        )
     if path.is_dir() and not (path / "model_index.json").exists():
         raise DataError(
             f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/ or {models.LORA_FILE}) nor a "
             "diffusers model folder (with model_index.json)."
         )
-    return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
+    return dict(
+        base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None, vae=None
+    )
 
 
 def generation_dtype(device: torch.device) -> torch.dtype:
@@ -431,15 +439,10 @@ def generation_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: dict, device: torch.device):
-    """The pipeline of `model` (see describe_model): the base, with the checkpoint's UNet or LoRA adapters."""
-    from diffusers import UNet2DConditionModel
-
+    """The pipeline of `model` (see describe_model): the base, with the checkpoint's UNet or LoRA adapters and VAE."""
     dtype = generation_dtype(device)
-    extra = {}
     try:
-        if model["unet"]:
-            extra["unet"] = UNet2DConditionModel.from_pretrained(model["unet"], dtype=dtype)
-        pipe = models.load_pipeline(model["base"], dtype=dtype, **extra)
+        pipe = models.load_pipeline(model["base"], dtype=dtype, **trained_components(model, dtype))
     except OSError as e:
         raise DataError(
             f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder."
@@ -448,6 +451,15 @@ def load_pipeline(model: dict, device: torch.device):
         pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def trained_components(model: dict, dtype=None) -> dict:
+    """The parts of `model` (describe_model) that replace its base model's: the checkpoint's UNet, the VAE trained
+    with. LoRA adapters are loaded into the pipeline afterwards."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    parts = dict(unet=(UNet2DConditionModel, model["unet"]), vae=(AutoencoderKL, model["vae"]))
+    return {name: cls.from_pretrained(path, dtype=dtype) for name, (cls, path) in parts.items() if path}
 
 
 def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: str, rank: int, device):
@@ -635,7 +647,7 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
 
 
 def export(cfg: Config, rank: int, world_size: int, device) -> Path:
-    """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet, saved as one
+    """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet and VAE, saved as one
     diffusers folder (model card included) that DiffusionPipeline.from_pretrained(OUT) loads alone."""
     model, out = describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
     if model["unet"] is None and model["lora"] is None:
@@ -647,10 +659,7 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
         raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
     # weights as saved (float32): the exported UNet equals the checkpoint's bit for bit; LoRA adapters are fused
     if rank == 0:
-        from diffusers import UNet2DConditionModel
-
-        unet = dict(unet=UNet2DConditionModel.from_pretrained(model["unet"])) if model["unet"] else {}
-        pipe = models.load_pipeline(model["base"], **unet)
+        pipe = models.load_pipeline(model["base"], **trained_components(model))
         if model["lora"]:
             pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
             pipe.fuse_lora()
@@ -661,7 +670,7 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
             if (Path(cfg.ckpt) / "README.md").exists():
                 shutil.copyfile(Path(cfg.ckpt) / "README.md", tmp / "README.md")
         print(
-            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet) to {out}\n"
+            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet and VAE) to {out}\n"
             f"  load it with DiffusionPipeline.from_pretrained({str(out)!r})"
         )
     return out

@@ -361,26 +361,36 @@ def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> 
     policy = run.get("label_policy", cfg.get("label_policy", "?"))
     lora = cfg.get("lora_rank", 0)
     what = f"Rank-{lora} LoRA adapters of the UNet" if lora else "The UNet"
+    # the VAE it was trained with (--pretrained_vae) replaces the base model's
+    vae = cfg.get("pretrained_vae")
+    imports = [
+        "DiffusionPipeline",
+        *(["UNet2DConditionModel"] if not lora else []),
+        *(["AutoencoderKL"] if vae else []),
+    ]
+    lines = [f"from diffusers import {', '.join(sorted(imports))}", ""]
+    parts = []
+    if vae:
+        lines.append(f'vae = AutoencoderKL.from_pretrained("{vae}")  # the VAE it was trained with')
+        parts.append("vae=vae")
+    if not lora:
+        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")')
+        parts.append("unet=unet")
+    lines.append("pipe = DiffusionPipeline.from_pretrained(" + ", ".join([f'"{base}"', *parts]) + ")")
     if lora:
-        use = f"""This folder holds LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet:
+        lines.append(f'pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")')
+    lines.append('image = pipe("a photo of an astronaut riding a horse").images[0]')
+    code = "\n".join(lines)
+    held = (
+        f"LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet"
+        if lora
+        else "the fine-tuned UNet (`unet/`); the other parts come from the base model"
+        + (" and the VAE it was trained with" if vae else "")
+    )
+    use = f"""This folder holds {held}:
 
 ```python
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base}")
-pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")
-image = pipe("a photo of an astronaut riding a horse").images[0]
-```
-"""
-    else:
-        use = f"""This folder holds the fine-tuned UNet (`unet/`); the other parts come from the base model:
-
-```python
-from diffusers import DiffusionPipeline, UNet2DConditionModel
-
-unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")
-pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)
-image = pipe("a photo of an astronaut riding a horse").images[0]
+{code}
 ```
 """
     body = f"""

@@ -433,6 +433,39 @@ def test_export_writes_a_pipeline_that_loads_alone(checkpoint, tmp_path, monkeyp
         assert message in capsys.readouterr().err
 
 
+def test_the_vae_trained_with_replaces_the_base_models_in_eval_export_and_the_model_card(
+    checkpoint, tmp_path, monkeypatch
+):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    # A run trained with --pretrained_vae: a VAE whose decoder differs from the base model's
+    vae = AutoencoderKL.from_pretrained(fixtures.tiny_model_path(), subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1.5)
+    vae.save_pretrained(tmp_path / "vae")
+    ckpt = copy_run(checkpoint, tmp_path / "run")
+    run = json.loads((ckpt.parent / "run.json").read_text())
+    run["config"]["pretrained_vae"] = str(tmp_path / "vae")
+    (ckpt.parent / "run.json").write_text(json.dumps(run))
+
+    def same_as_trained(v):
+        return all(
+            torch.equal(a, b.to(a.dtype)) for a, b in zip(vae.state_dict().values(), v.state_dict().values())
+        )
+
+    assert ev.describe_model(str(ckpt), "--ckpt")["vae"] == str(tmp_path / "vae")
+    assert same_as_trained(ev.load_pipeline(ev.describe_model(str(ckpt), "--ckpt"), torch.device("cpu")).vae)
+    assert ev.main(["--ckpt", str(ckpt), "--export", str(tmp_path / "exported")]) == tmp_path / "exported"
+    assert same_as_trained(StableDiffusionPipeline.from_pretrained(tmp_path / "exported").vae)
+    # The model card's loading code, run as written from the run's folder, loads that VAE too
+    text = Path(reports.write_model_card(ckpt, run)).read_text()
+    code = text.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(ckpt.parent)
+    scope = {}
+    exec(code.replace('image = pipe("a photo of an astronaut riding a horse").images[0]', ""), scope)
+    assert same_as_trained(scope["pipe"].vae) and "unet=unet" in code
+
+
 def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
     from huggingface_hub import ModelCard
 

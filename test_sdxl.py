@@ -182,3 +182,18 @@ def test_pretrained_vae_replaces_the_base_models_and_upcasts_only_where_its_conf
     other, _ = run(tmp_path / "c", *args, "--pretrained_vae", str(fixed))
     assert again == same and other[0]["policy_err"] != same[0]["policy_err"]
     assert json.loads((tmp_path / "c" / "run.json").read_text())["config"]["pretrained_vae"] == str(fixed)
+    # With a built latent cache the training VAE is gone: validation's pipeline gets --pretrained_vae's, not the base's
+    cached = inputs(tmp_path, 0.0)
+    cached.cfg.pretrained_vae = str(fixed)
+    del cached.vae, cached.text
+    assert torch.equal(cached.components()["vae"].encoder.conv_in.weight, vae.encoder.conv_in.weight)
+
+
+def test_sdxl_time_ids_are_exact_whatever_the_embeddings_dtype():
+    # bf16 holds integers exactly only up to 256: 1023 and 1365 would become 1024 and 1368
+    sizes = torch.tensor([[1023, 1365, 0, 170], [512, 683, 0, 85]])
+    text = dict(
+        emb=torch.zeros(2, 3, 8, dtype=torch.bfloat16), pooled=torch.zeros(2, 8, dtype=torch.bfloat16)
+    )
+    ids = encoders.unet_inputs(text, sizes, 1024)["added_cond_kwargs"]["time_ids"]
+    assert ids.tolist() == [[1023, 1365, 0, 170, 1024, 1024], [512, 683, 0, 85, 1024, 1024]]

@@ -16,7 +16,7 @@ Launch:
     python train_kto.py --pretrained_model stabilityai/stable-diffusion-xl-base-1.0 --resolution 1024 --lora_rank 8
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
 Every flag: python train_kto.py --help. Outputs (docs/outputs.md): <output_dir>/run.json, metrics.jsonl,
-curves.png, validation/, checkpoint-<step>/ (unet/, model card).
+curves.png, validation/, checkpoint-<step>/ (unet/ or the LoRA file, model card).
 Other files (the README's table): models.py what is trained, encoders.py the model families' inputs, data.py the
 likes and dislikes, heldout.py the held-out margin, reports.py the run's record, utils.py the run time.
 """
