@@ -235,15 +235,12 @@ class Inputs:
         )
 
     def components(self) -> dict:
-        """The VAE and text encoders by their pipeline names: those loaded, or with a built latent cache only
-        --pretrained_vae's VAE (loaded now; the base model's own parts are the pipeline's defaults)."""
+        """The VAE and text encoders by their pipeline names: those loaded, or with a built latent cache the VAE alone
+        (loaded now as training loads it: --pretrained_vae's, float32 where fp16 overflows; the text encoders are
+        the pipeline's defaults)."""
         if hasattr(self, "vae"):
             return dict(vae=self.vae, **self.text.components())
-        return (
-            dict(vae=load_vae(self.path, self.cfg.pretrained_vae, self.dtype))
-            if self.cfg.pretrained_vae
-            else {}
-        )
+        return dict(vae=load_vae(self.path, self.cfg.pretrained_vae, self.dtype))
 
     def posterior(self, pixels: torch.Tensor):
         """The VAE's q(x0 | image) as (mean, std); pixels [B, 3, H, W] in [-1, 1]."""

@@ -540,6 +540,21 @@ def open_metrics(out_dir: Path, start_step: int):
     return open(file, "a")
 
 
+def decode_images(pipe, latents: torch.Tensor) -> list:
+    """The pipeline's last step, latents -> PIL images, outside autocast: the policy needs autocast, but under fp16 it
+    would run a float32 VAE (force_upcast: SDXL's overflows in fp16) in fp16, as training avoids (Inputs.posterior)."""
+    vae, config = pipe.vae, pipe.vae.config
+    z = latents.to(vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:  # VAEs whose latents are standardised per channel
+        mean, std = (torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1) for v in (mean, std))
+        z = z * std / config.scaling_factor + mean
+    else:
+        z = z / config.scaling_factor
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+        return pipe.image_processor.postprocess(vae.decode(z).sample, output_type="pil")
+
+
 class Reports:
     """Rank 0's record of a run as it goes: run.json (written at the start), metrics.jsonl, the progress line, the
     tracker (--report_to), validation grids of the same prompts and seeds (--validation_steps), curves.png and a
@@ -608,12 +623,14 @@ class Reports:
         ]
         policy.eval()
         with torch.no_grad(), self.autocast:
-            images = self.pipe(
+            latents = self.pipe(
                 self.prompts,
                 num_inference_steps=25,
                 guidance_scale=self.cfg.validation_guidance,
                 generator=gens,
+                output_type="latent",
             ).images
+        images = decode_images(self.pipe, latents)
         policy.train()
         (self.out / "validation").mkdir(exist_ok=True)
         grid = save_image_grid(

@@ -479,3 +479,32 @@ def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
     table = (tmp_path / "e" / "results.md").read_text()
     assert card.text.count(heading) == 1 and card.text.rstrip().endswith(heading + "\n\n" + table.rstrip())
     assert "| win rate (%) |" in table and card.data.library_name == "diffusers" and "## Recipe" in card.text
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_validation_decodes_as_the_pipeline_and_outside_autocast(family):
+    import models
+
+    path = fixtures.tiny_sdxl_model_path() if family == "sdxl" else fixtures.tiny_model_path()
+    pipe = models.load_pipeline(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt=["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=2.0)
+    latents = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    # the same images as the pipeline's own decoding (float32, no autocast: the same operations)
+    got = reports.decode_images(pipe, latents)
+    assert [np.asarray(i).tolist() for i in got] == [np.asarray(i).tolist() for i in expected]
+    if family == "sdxl":  # VAEs with per-channel latent statistics (SDXL's pipeline reads them)
+        channels = pipe.vae.config.latent_channels
+        pipe.vae.register_to_config(
+            latents_mean=[0.1 * c for c in range(channels)], latents_std=[0.5] * channels
+        )
+        expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        got = reports.decode_images(pipe, latents)
+        assert [np.asarray(i).tolist() for i in got] == [np.asarray(i).tolist() for i in expected]
+    # under the fp16 autocast that the policy needs, a float32 VAE still decodes in float32
+    seen = []
+    pipe.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.float16):
+        reports.decode_images(pipe, latents)
+    assert seen == [torch.float32]
