@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic
 from utils import DataError
@@ -29,15 +29,16 @@ from utils import DataError
 
 
 def load_image(source, base_dir: Path | None = None) -> Image.Image:
-    """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...)."""
+    """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...), turned upright
+    as its EXIF orientation says (phone photos are often stored sideways with such a tag)."""
     if isinstance(source, dict) and "bytes" in source:  # datasets' Image feature stored in parquet
         source = source["bytes"]
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source))).convert("RGB")
+        return ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(source)))).convert("RGB")
     path = Path(source)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    return Image.open(path).convert("RGB")
+    return ImageOps.exif_transpose(Image.open(path)).convert("RGB")
 
 
 def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:

@@ -521,3 +521,20 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     counts = (int(expected.desirable.sum()), int((~expected.desirable).sum()))
     assert (run["num_desirable"], run["num_undesirable"]) == counts
     assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag (6: rotate 90 degrees clockwise) is turned upright."""
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))  # stored: blue left half, red right half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=95)
+    buf.seek(0)
+    (tmp_path / "photo.jpg").write_bytes(buf.getvalue())
+    for source in (buf.getvalue(), "photo.jpg"):
+        upright = data.load_image(source, tmp_path)
+        assert upright.size == (20, 40)  # portrait
+        top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+        assert top[0] < 50 < top[2] and bottom[0] > 200  # blue on top after a clockwise turn, red below
