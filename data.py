@@ -173,14 +173,14 @@ def read_csv(path: Path) -> pd.DataFrame:
 def read_json(path: Path, lines: bool) -> pd.DataFrame:
     check_text_file(path)
     try:
-        return pd.read_json(path, lines=lines, dtype=False)
+        return pd.read_json(path, lines=lines, dtype=False, encoding="utf-8-sig")  # with or without a BOM
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except ValueError as e:
         problem = f"not valid JSON ({e})"
     if lines:
         # name the first line that is not JSON
-        text = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8-sig").splitlines()
         for n, line in enumerate(text, 1):
             try:
                 json.loads(line or "{}")

@@ -523,6 +523,18 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()
 
 
+def test_json_tables_with_a_byte_order_mark(tmp_path):
+    """Windows tools write UTF-8 with a BOM; .jsonl and .json read like .csv does, with or without one."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "t.jsonl").write_bytes(bom + JSONL.encode())
+    (tmp_path / "t.json").write_bytes(bom + b"[" + b",".join(JSONL.encode().splitlines()) + b"]")
+    for name in ("t.jsonl", "t.json"):
+        table = data.load_feedback(tmp_path / name)
+        assert table["caption"].tolist() == ["x", "y"] and table["desirable"].tolist() == [True, False]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A photo stored sideways with an EXIF orientation tag (6: rotate 90 degrees clockwise) is turned upright."""
     image = Image.new("RGB", (40, 20), (255, 0, 0))
