@@ -214,8 +214,8 @@ def read_table(path: Path) -> pd.DataFrame:
         return read_json(path, lines=suffix == ".jsonl")
     if suffix == ".parquet":
         read_parquet_schema(path)
-        try:
-            return pd.read_parquet(path)
+        try:  # rows by position: a DataFrame saved filtered or shuffled keeps its index in the file
+            return pd.read_parquet(path).reset_index(drop=True)
         except (pa.ArrowException, OSError) as e:
             raise unreadable(path, f"a damaged parquet file ({e})") from None
     raise DataError(

@@ -523,6 +523,22 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()
 
 
+def test_parquet_saved_with_a_shuffled_index_names_the_row_by_position(tmp_path):
+    """A parquet written from a filtered or shuffled DataFrame keeps its index; rows are still counted by position."""
+    import pandas as pd
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = pd.DataFrame(
+        {"image": ["a.png", "a.png", "missing.png"], "caption": "x", "label": ["1", "0", "1"]}
+    )
+    rows.index = [40, 7, 12]
+    rows.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"column 'image', row 2: image file 'missing.png' does not exist"):
+        data.load_feedback(tmp_path / "t.parquet")
+    rows.iloc[:2].to_parquet(tmp_path / "t.parquet")
+    assert data.load_feedback(tmp_path / "t.parquet")["desirable"].tolist() == [True, False]
+
+
 def test_json_tables_with_a_byte_order_mark(tmp_path):
     """Windows tools write UTF-8 with a BOM; .jsonl and .json read like .csv does, with or without one."""
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
