@@ -154,7 +154,7 @@ def wrong_delimiter(path: Path, header: str) -> DataError | None:
 def read_csv(path: Path) -> pd.DataFrame:
     check_text_file(path)
     try:
-        table = pd.read_csv(path, keep_default_na=False, dtype={"caption": str, "label": str})
+        table = pd.read_csv(path, keep_default_na=False, dtype={"image": str, "caption": str, "label": str})
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except pd.errors.ParserError as e:
@@ -224,11 +224,30 @@ def read_table(path: Path) -> pd.DataFrame:
     )
 
 
+def image_cell(v, path: Path, row: int) -> str | bytes:
+    """A table's image cell as a path (str) or encoded bytes. A datasets Image dict {"bytes", "path"} gives its
+    bytes, or its path when the bytes are null. Anything else (an empty or missing cell, a number) is a DataError
+    naming the row (0-based)."""
+    if isinstance(v, dict) and ("bytes" in v or "path" in v):
+        v = v.get("bytes") if v.get("bytes") is not None else v.get("path")
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, str) and v.strip():
+        return v
+    missing = v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) or isinstance(v, str)
+    what = "empty" if missing else f"a {type(v).__name__} ({str(v)[:40]!r})"
+    raise DataError(
+        f"--dataset {path}: column 'image', row {row} (0-based) is {what}. Expected the image's path (relative "
+        f"to {path.parent}, or absolute) or its encoded bytes; fill in the cell or drop the row."
+    )
+
+
 def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFrame:
     """Read and check a like/dislike table. Returns columns caption, desirable (bool) and where the image is.
 
     A .csv/.jsonl/.json/.parquet file with columns image, caption, label: `image` is a path relative to the
-    table's folder (or absolute), or the image's encoded bytes; `label` is 1/0, true/false or
+    table's folder (or absolute), or the image's encoded bytes (a datasets Image dict gives its bytes, or its
+    path); rows are counted from 0 by position; `label` is 1/0, true/false or
     desirable/undesirable. Raises DataError naming the file, the column or row, and what was expected.
     A folder (or a single shard) with Pick-a-Pic v2 columns, or a hub dataset id: pairwise preferences turned
     into per-image labels by `label_policy`, see load_pickapic. attrs["stats"] holds the counts.
@@ -265,18 +284,19 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
             f"--dataset {path}: column 'label', row {row} (0-based, {int(bad.sum())} bad rows in all) has "
             f"value {table['label'].iloc[row]!r}. Expected 1/0, true/false or desirable/undesirable."
         )
-    images = table["image"]
-    is_path = images.map(lambda v: isinstance(v, str))
+    images = pd.Series([image_cell(v, path, row) for row, v in enumerate(table["image"])], dtype=object)
+    is_path = images.map(lambda v: isinstance(v, str)).to_numpy()
     if is_path.any():
         base = path.parent
-        exists = images[is_path].map(
-            lambda p: Path(p).is_absolute() and Path(p).exists() or (base / p).exists()
-        )
+        exists = np.ones(len(images), bool)
+        # base / an absolute path is that path
+        exists[is_path] = [(base / p).is_file() for p in images[is_path]]
         if not exists.all():
-            row = int(exists.index[~exists.to_numpy()][0])
+            row = int(np.flatnonzero(~exists)[0])
             raise DataError(
                 f"--dataset {path}: column 'image', row {row}: image file {images.iloc[row]!r} does not exist "
-                f"(paths are relative to {base}). {int((~exists).sum())} image path(s) are missing in all."
+                f"or is not a file (paths are relative to {base}). {int((~exists).sum())} image path(s) are "
+                "missing in all."
             )
     captions = table["caption"].map(
         lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)

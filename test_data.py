@@ -523,6 +523,55 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()
 
 
+def test_image_cells_datasets_dicts_and_bad_cells(tmp_path):
+    """A parquet column of datasets' Image dicts reads as the bytes (or the path when the bytes are null), and the
+    table's fingerprint and dataset work on it; a missing, empty or numeric image cell is a DataError naming the
+    row, not a TypeError when the data are fingerprinted."""
+    import pandas as pd
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
+    cells = [{"bytes": png_bytes(), "path": None}, {"bytes": None, "path": "red.png"}]
+    pd.DataFrame({"image": cells, "caption": ["a", "b"], "label": ["1", "0"]}).to_parquet(
+        tmp_path / "t.parquet"
+    )
+    table = data.load_feedback(tmp_path / "t.parquet")
+    assert table["image"].tolist() == [png_bytes(), "red.png"]
+    assert data.fingerprint(table, tmp_path)["rows"] == 2
+    dataset = data.FeedbackDataset(table, tmp_path, 8)
+    assert dataset[1]["pixel_values"][0].mean() > 0.5  # the red file
+    for n, (rows, problem) in enumerate(
+        [
+            ('{"caption": "x", "label": 1}\n', "row 1 .* is empty"),  # no "image" key: NaN
+            ('{"image": null, "caption": "x", "label": 1}\n', "row 1 .* is empty"),
+            ('{"image": "", "caption": "x", "label": 1}\n', "row 1 .* is empty"),
+            ('{"image": 7, "caption": "x", "label": 1}\n', r"row 1 .* is a int \('7'\)"),
+        ]
+    ):
+        path = tmp_path / f"bad{n}.jsonl"
+        path.write_text('{"image": "red.png", "caption": "x", "label": 0}\n' + rows)
+        with pytest.raises(DataError, match=f"column 'image', {problem}.*fill in the cell or drop the row"):
+            data.load_feedback(path)
+
+
+def test_csv_image_names_are_paths_and_must_be_files(tmp_path):
+    """A CSV's image column is text: files named 0 and 1 are paths (not numbers taken for bytes); an empty cell
+    or a folder is refused with the row."""
+    for name in ("0", "1"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG")
+    (tmp_path / "t.csv").write_text("image,caption,label\n0,a,1\n1,b,0\n")
+    table = data.load_feedback(tmp_path / "t.csv")
+    assert table["image"].tolist() == ["0", "1"]
+    assert data.fingerprint(table, tmp_path)["rows"] == 2
+    (tmp_path / "folder").mkdir()
+    for rows, problem in [
+        ("0,a,1\n,b,0\n", "row 1 .* is empty"),
+        ("0,a,1\nfolder,b,0\n", "row 1: .*not a file"),
+    ]:
+        (tmp_path / "t.csv").write_text("image,caption,label\n" + rows)
+        with pytest.raises(DataError, match=f"column 'image', {problem}"):
+            data.load_feedback(tmp_path / "t.csv")
+
+
 def test_parquet_saved_with_a_shuffled_index_names_the_row_by_position(tmp_path):
     """A parquet written from a filtered or shuffled DataFrame keeps its index; rows are still counted by position."""
     import pandas as pd
