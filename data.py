@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
-from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic
+from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic, read_schema
 from utils import DataError
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
             self.column = table["column"].cat.codes.to_numpy(np.int8)
             self.captions = pa.array(table["caption"])
             for s in np.unique(self.shard):
-                names = pq.read_schema(self.shards[s]).names
+                names = read_schema(self.shards[s])
                 missing = [c for c in self.image_column if c not in names]
                 if missing:
                     raise DataError(

@@ -45,8 +45,24 @@ def is_hub_dataset(spec: str) -> bool:
     return is_hub_id(spec) and Path(spec).suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet")
 
 
+def damaged_shard(path, e: Exception) -> DataError:
+    """The DataError for a parquet shard that pyarrow cannot read (a truncated download or copy, a damaged file)."""
+    return DataError(
+        f"{path}: a damaged parquet shard ({type(e).__name__}: {' '.join(str(e).split())}); it may be truncated "
+        "(an interrupted download or copy). Re-download this shard (or remove it from the folder) and restart."
+    )
+
+
+def read_schema(path) -> list[str]:
+    """The column names of a shard; a DataError naming it if it cannot be read."""
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise damaged_shard(path, e) from None
+
+
 def is_pickapic_parquet(path: Path) -> bool:
-    names = pq.read_schema(path).names
+    names = read_schema(path)
     return "label" not in names and all(c in names for c in PICKAPIC_LABEL_COLUMNS)
 
 
@@ -96,7 +112,7 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
                     f"but none of split '{split}' (named {split}-*.parquet or under {split}/)."
                 )
     for f in files:
-        names = pq.read_schema(f).names
+        names = read_schema(f)
         missing = [c for c in PICKAPIC_LABEL_COLUMNS if c not in names]
         if missing:
             raise DataError(
@@ -151,7 +167,10 @@ def _read_label_columns(files: list[Path]) -> pa.Table:
     )
 
     def read(k):
-        t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
+        try:
+            t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
+        except (pa.ArrowException, OSError) as e:
+            raise damaged_shard(files[k], e) from None
         n = t.num_rows
         cols = {c: t.column(c).cast(types[c]) for c in PICKAPIC_LABEL_COLUMNS}
         return pa.table({**cols, "shard": np.full(n, k, np.int32), "row": np.arange(n, dtype=np.int64)})

@@ -615,3 +615,28 @@ def test_exif_orientation_is_applied(tmp_path):
         assert upright.size == (20, 40)  # portrait
         top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
         assert top[0] < 50 < top[2] and bottom[0] > 200  # blue on top after a clockwise turn, red below
+
+
+def test_a_damaged_shard_is_named_with_what_to_do(folder):
+    """A truncated shard, or one whose label columns are damaged, stops with a DataError naming the shard and
+    saying to re-download it (not pyarrow's bare ArrowInvalid); so does a shard damaged after the labels were read."""
+    shard = folder / "train-00001-of-00002.parquet"
+    whole = shard.read_bytes()
+    table = data.load_feedback(folder)
+    expected = rf"{re.escape(str(shard))}: a damaged parquet shard .*Re-download this shard"
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=expected):
+        data.FeedbackDataset(table, folder, 32)
+    with pytest.raises(DataError, match=expected):
+        data.load_feedback(folder)
+    # the footer intact, the caption column's bytes overwritten
+    raw, meta = bytearray(whole), pq.ParquetFile(io.BytesIO(whole)).metadata
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            if col.path_in_schema == "caption":
+                start = col.dictionary_page_offset or col.data_page_offset
+                raw[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=expected):
+        data.load_feedback(folder)
