@@ -640,3 +640,22 @@ def test_a_damaged_shard_is_named_with_what_to_do(folder):
     shard.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=expected):
         data.load_feedback(folder)
+
+
+def test_a_folder_missing_shards_warns_and_counts_them(tmp_path):
+    """A folder with 2 of the 3 shards its names promise (train-*-of-00003) trains on those (a subset may be on
+    purpose) with a warning that says how many are missing; the stats record both counts. No warning when all
+    are there, nor for a single shard given on purpose."""
+    shards = SHARDS + [[("a fox", "H", "E", 1.0, 0.0)]]
+    for k in (0, 2):
+        write_shard(tmp_path / f"train-{k:05d}-of-00003-abc.parquet", shards[k])
+    with pytest.warns(UserWarning, match=r"2 of the 3 shards .* 1 are missing.*download the rest"):
+        table = data.load_feedback(tmp_path)
+    assert (table.attrs["stats"]["shards"], table.attrs["stats"]["shards_expected"]) == (2, 3)
+    assert set(table["uid"]) == {"A", "B", "C", "H", "E"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load_feedback(tmp_path / "train-00000-of-00003-abc.parquet")
+        write_shard(tmp_path / "train-00001-of-00003-abc.parquet", shards[1])
+        stats = data.load_feedback(tmp_path).attrs["stats"]
+    assert (stats["shards"], stats["shards_expected"]) == (3, 3)
