@@ -492,6 +492,15 @@ def fingerprint(table: pd.DataFrame, base_dir: Path) -> dict:
     )
 
 
+def image_keys(table: pd.DataFrame, base_dir: Path) -> list[str] | None:
+    """One key per row, the same for rows of the same image (heldout.split keeps them on one side): the resolved
+    path of a path cell, the sha256 of the bytes of a bytes cell. None for Pick-a-Pic: one row per image uid."""
+    if "shard" in table.columns:
+        return None
+    key = lambda v: str((base_dir / v).resolve()) if isinstance(v, str) else hashlib.sha256(v).hexdigest()
+    return [key(v) for v in table["image"]]
+
+
 def load_data(cfg):
     """The feedback table and its dataset, checked before any model is loaded."""
     table = check_feedback(load_feedback(cfg.dataset, label_policy=cfg.label_policy), cfg)
