@@ -6,9 +6,9 @@ split) and scored every --heldout_steps with FIXED draws: K timesteps stratified
 noises drawn from the seed alone, the same for every image (so what they add to the liked and the disliked images
 alike cancels in the margin), at every evaluation, on every rank and after a resume. The image is the VAE posterior's mean of the unflipped image, with its own caption. For each
 (image, draw) the implicit reward r = ref_err - policy_err is as in training; per image it is averaged over the K
-draws. Reported: the mean r of liked and of disliked images, their difference (the margin), the implicit accuracy
-(the fraction of images with w * r > 0) and the policy's mean error. The cost: 2 x K forwards without gradient per
-held-out image and evaluation (docs/outputs.md)."""
+draws. Reported: the mean r of liked and of disliked images, their difference (the margin; None for a class without
+held-out images, and then the margin too), the implicit accuracy (the fraction of images with w * r > 0) and the
+policy's mean error. The cost: 2 x K forwards without gradient per held-out image and evaluation (docs/outputs.md)."""
 
 from __future__ import annotations
 
@@ -98,12 +98,15 @@ class HeldOut:
             sums["won"] += ((2 * d - 1) * r > 0).float().sum()
             sums["policy_err"] += policy_err.sum()
         s = {k: v.item() for k, v in utils.global_sums(sums).items()}
-        liked = s["r_desirable"] / max(s["n_desirable"], 1)
-        disliked = s["r_undesirable"] / max(s["n"] - s["n_desirable"], 1)
+        # a class with no held-out image (split spares none of a class under 10) has no mean: None (null in
+        # metrics.jsonl), and so has the margin, rather than 0 and a margin that is the other class's reward
+        n_liked, n_disliked = s["n_desirable"], s["n"] - s["n_desirable"]
+        liked = s["r_desirable"] / n_liked if n_liked else None
+        disliked = s["r_undesirable"] / n_disliked if n_disliked else None
         return dict(
             heldout_reward_desirable=liked,
             heldout_reward_undesirable=disliked,
-            heldout_margin=liked - disliked,
+            heldout_margin=None if liked is None or disliked is None else liked - disliked,
             heldout_accuracy=s["won"] / max(s["n"], 1),
             heldout_policy_err=s["policy_err"] / max(s["n"], 1),
         )

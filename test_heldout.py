@@ -168,3 +168,27 @@ def test_training_holds_out_every_row_of_an_image(tmp_path, monkeypatch):
     train_kto.main([*TINY[:4], str(tmp_path / "t.csv"), *flags, "--output_dir", str(tmp_path / "out")])
     (mask,) = masks
     assert mask.sum() == 20 and (mask[0::2] == mask[1::2]).all()  # 10 images (a tenth), both rows of each
+
+
+def test_a_class_without_held_out_images_has_no_reward_and_no_margin(tmp_path):
+    """6 liked images of 100: split holds out none of them. The liked reward and the margin are null in
+    metrics.jsonl (strict JSON), not 0 and the disliked reward; the curves and the model card say so, no crash."""
+    from PIL import Image
+
+    import reports
+
+    rows = ["image,caption,label"]
+    for k in range(100):
+        Image.new("RGB", (16, 16), (k, 0, 0)).save(tmp_path / f"{k}.png")
+        rows.append(f"{k}.png,picture {k},{int(k < 6)}")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    flags = "--validation_steps 0 --heldout_steps 1 --max_train_steps 1 --resolution 16".split()
+    train_kto.main([*TINY[:4], str(tmp_path / "t.csv"), *flags, "--output_dir", str(tmp_path / "out")])
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))  # noqa: E731
+    (row,) = [strict(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert row["heldout_reward_desirable"] is None and row["heldout_margin"] is None
+    assert isinstance(row["heldout_reward_undesirable"], float) and row["heldout_accuracy"] >= 0
+    card = (tmp_path / "out" / "checkpoint-1" / "README.md").read_text()
+    assert "`heldout_margin` | n/a (no held-out image of the class) |" in card
+    reports.plot_curves(tmp_path / "out")
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
