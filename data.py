@@ -314,7 +314,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
     """Decodes one image at a time (in DataLoader workers); nothing is held decoded in memory.
 
     A Pick-a-Pic table (columns shard, row, column) holds no image bytes, only where they are: each worker
-    process keeps its own few open parquet files and reads one row group of one jpg column per image.
+    process keeps its own few open parquet files and reads one row group of one jpg column per image, keeping the
+    last row group's columns read (images read in table order, as the latent cache is built, read each once).
     A corrupt image never raises: the next image of the same class (table order, wrapping around; on the same
     side of the held-out split, see keep_apart) replaces it, and the sample's "corrupt" field counts the images
     skipped (0 almost always) so the training loop can sum them and call check_corrupt.
@@ -351,9 +352,10 @@ class FeedbackDataset(torch.utils.data.Dataset):
             self.images = table["image"].tolist()
             self.captions = table["caption"].tolist()
         self._files, self._pid, self.n_corrupt = OrderedDict(), None, 0
+        self._group = (None, {})  # (shard, row group), {column name: its values} of the last row group read
 
-    def __getstate__(self):  # open parquet files stay in the process that opened them
-        return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
+    def __getstate__(self):  # open parquet files and what was read stay in the process that read them
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None, "_group": (None, {})}
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -361,7 +363,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
     def _parquet(self, s: int):
         """(ParquetFile, first row of each row group + total) of shard s, opened once per process (LRU)."""
         if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
-            self._files, self._pid = OrderedDict(), os.getpid()
+            self._files, self._pid, self._group = OrderedDict(), os.getpid(), (None, {})
         if s in self._files:
             self._files.move_to_end(s)
             return self._files[s]
@@ -379,8 +381,13 @@ class FeedbackDataset(torch.utils.data.Dataset):
         pf, starts = self._parquet(int(self.shard[i]))
         row = int(self.row[i])
         g = int(np.searchsorted(starts, row, side="right")) - 1
-        column = pf.read_row_group(g, columns=[self.image_column[self.column[i]]]).column(0)
-        return column[row - int(starts[g])].as_py()
+        # a row group's column is read whole (one image costs as much as all of them): kept until the next group
+        if self._group[0] != (self.shard[i], g):
+            self._group = ((self.shard[i], g), {})
+        columns, name = self._group[1], self.image_column[self.column[i]]
+        if name not in columns:
+            columns[name] = pf.read_row_group(g, columns=[name]).column(0)
+        return columns[name][row - int(starts[g])].as_py()
 
     def keep_apart(self, held_out: np.ndarray):
         """A corrupt image is replaced only by one of its class on its own side of `held_out` (heldout.split): a

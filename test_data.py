@@ -659,3 +659,27 @@ def test_a_folder_missing_shards_warns_and_counts_them(tmp_path):
         write_shard(tmp_path / "train-00001-of-00003-abc.parquet", shards[1])
         stats = data.load_feedback(tmp_path).attrs["stats"]
     assert (stats["shards"], stats["shards_expected"]) == (3, 3)
+
+
+def test_images_in_table_order_read_each_row_group_column_once(folder, monkeypatch):
+    """Read in table order (as the latent cache is built), each (shard, row group, jpg column) is read from the
+    file once, not once per image; every image is still its own (its colour), and a pickled dataset (a worker's
+    copy) carries nothing that was read."""
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda pf, g, columns: reads.append((g, *columns)) or real(pf, g, columns),
+    )
+    table = data.load_feedback(folder)
+    dataset = data.FeedbackDataset(table, folder, 32)
+    for i, uid in enumerate(table["uid"]):
+        source = dataset._source(i)
+        if uid not in CORRUPT:
+            assert data.load_image(source).getpixel((5, 5)) == pytest.approx(COLOR[uid], abs=3)
+    wanted = {
+        (s, r // 2, c) for s, r, c in zip(table["shard"], table["row"], table["column"])
+    }  # groups of 2 rows
+    assert len(reads) == len(wanted) < len(table)
+    assert pickle.loads(pickle.dumps(dataset))._group == (None, {})
