@@ -8,7 +8,7 @@ Nothing here is part of the method or is needed to train on real data:
   conditioning), built once into the cache;
 - the tiny scorers: the five paper scorers (scorers.py) with tiny random weights, each saved in the format of its
   real weights (eval.py --tiny);
-- synthetic Pick-a-Pic v2 shards and the label conversion's benchmark;
+- synthetic Pick-a-Pic v2 shards and the benchmarks of the label conversion and of the image reads;
 - SD v1-5's and SDXL base 1.0's architectures with random weights (`python fixtures.py sd15-random FOLDER`,
   `python fixtures.py sdxl-random FOLDER`, for benchmarks only).
 """
