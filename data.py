@@ -30,15 +30,24 @@ from utils import DataError
 
 def load_image(source, base_dir: Path | None = None) -> Image.Image:
     """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...), turned upright
-    as its EXIF orientation says (phone photos are often stored sideways with such a tag)."""
+    as its EXIF orientation says (phone photos are often stored sideways with such a tag): to_rgb."""
     if isinstance(source, dict) and "bytes" in source:  # datasets' Image feature stored in parquet
         source = source["bytes"]
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(source)))).convert("RGB")
+        return to_rgb(Image.open(io.BytesIO(bytes(source))))
     path = Path(source)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    return ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    return to_rgb(Image.open(path))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright (EXIF orientation) and RGB; 16-bit greyscale (a 16-bit PNG) scaled to 8 bits, which convert("RGB")
+    would clip at 255 instead."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:

@@ -683,3 +683,12 @@ def test_images_in_table_order_read_each_row_group_column_once(folder, monkeypat
     }  # groups of 2 rows
     assert len(reads) == len(wanted) < len(table)
     assert pickle.loads(pickle.dumps(dataset))._group == (None, {})
+
+
+def test_a_16_bit_png_keeps_its_greys(tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (value >> 8), not clipped at 255 by convert("RGB")."""
+    values = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(1, 16).repeat(4, 0)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    rgb = np.asarray(data.load_image("deep.png", tmp_path))
+    assert (rgb[..., 0] == values >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()
