@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic
+from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic, read_schema
 from utils import DataError
 
 # ----------------------------------------------------------------------------------------------------
@@ -29,15 +29,25 @@ from utils import DataError
 
 
 def load_image(source, base_dir: Path | None = None) -> Image.Image:
-    """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...)."""
+    """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...), turned upright
+    as its EXIF orientation says (phone photos are often stored sideways with such a tag): to_rgb."""
     if isinstance(source, dict) and "bytes" in source:  # datasets' Image feature stored in parquet
         source = source["bytes"]
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source))).convert("RGB")
+        return to_rgb(Image.open(io.BytesIO(bytes(source))))
     path = Path(source)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    return Image.open(path).convert("RGB")
+    return to_rgb(Image.open(path))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright (EXIF orientation) and RGB; 16-bit greyscale (a 16-bit PNG) scaled to 8 bits, which convert("RGB")
+    would clip at 255 instead."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def crop_box(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
@@ -153,7 +163,7 @@ def wrong_delimiter(path: Path, header: str) -> DataError | None:
 def read_csv(path: Path) -> pd.DataFrame:
     check_text_file(path)
     try:
-        table = pd.read_csv(path, keep_default_na=False, dtype={"caption": str, "label": str})
+        table = pd.read_csv(path, keep_default_na=False, dtype={"image": str, "caption": str, "label": str})
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except pd.errors.ParserError as e:
@@ -172,14 +182,14 @@ def read_csv(path: Path) -> pd.DataFrame:
 def read_json(path: Path, lines: bool) -> pd.DataFrame:
     check_text_file(path)
     try:
-        return pd.read_json(path, lines=lines, dtype=False)
+        return pd.read_json(path, lines=lines, dtype=False, encoding="utf-8-sig")  # with or without a BOM
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except ValueError as e:
         problem = f"not valid JSON ({e})"
     if lines:
         # name the first line that is not JSON
-        text = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8-sig").splitlines()
         for n, line in enumerate(text, 1):
             try:
                 json.loads(line or "{}")
@@ -213,8 +223,8 @@ def read_table(path: Path) -> pd.DataFrame:
         return read_json(path, lines=suffix == ".jsonl")
     if suffix == ".parquet":
         read_parquet_schema(path)
-        try:
-            return pd.read_parquet(path)
+        try:  # rows by position: a DataFrame saved filtered or shuffled keeps its index in the file
+            return pd.read_parquet(path).reset_index(drop=True)
         except (pa.ArrowException, OSError) as e:
             raise unreadable(path, f"a damaged parquet file ({e})") from None
     raise DataError(
@@ -223,11 +233,30 @@ def read_table(path: Path) -> pd.DataFrame:
     )
 
 
+def image_cell(v, path: Path, row: int) -> str | bytes:
+    """A table's image cell as a path (str) or encoded bytes. A datasets Image dict {"bytes", "path"} gives its
+    bytes, or its path when the bytes are null. Anything else (an empty or missing cell, a number) is a DataError
+    naming the row (0-based)."""
+    if isinstance(v, dict) and ("bytes" in v or "path" in v):
+        v = v.get("bytes") if v.get("bytes") is not None else v.get("path")
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, str) and v.strip():
+        return v
+    missing = v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) or isinstance(v, str)
+    what = "empty" if missing else f"a {type(v).__name__} ({str(v)[:40]!r})"
+    raise DataError(
+        f"--dataset {path}: column 'image', row {row} (0-based) is {what}. Expected the image's path (relative "
+        f"to {path.parent}, or absolute) or its encoded bytes; fill in the cell or drop the row."
+    )
+
+
 def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFrame:
     """Read and check a like/dislike table. Returns columns caption, desirable (bool) and where the image is.
 
     A .csv/.jsonl/.json/.parquet file with columns image, caption, label: `image` is a path relative to the
-    table's folder (or absolute), or the image's encoded bytes; `label` is 1/0, true/false or
+    table's folder (or absolute), or the image's encoded bytes (a datasets Image dict gives its bytes, or its
+    path); rows are counted from 0 by position; `label` is 1/0, true/false or
     desirable/undesirable. Raises DataError naming the file, the column or row, and what was expected.
     A folder (or a single shard) with Pick-a-Pic v2 columns, or a hub dataset id: pairwise preferences turned
     into per-image labels by `label_policy`, see load_pickapic. attrs["stats"] holds the counts.
@@ -264,18 +293,19 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
             f"--dataset {path}: column 'label', row {row} (0-based, {int(bad.sum())} bad rows in all) has "
             f"value {table['label'].iloc[row]!r}. Expected 1/0, true/false or desirable/undesirable."
         )
-    images = table["image"]
-    is_path = images.map(lambda v: isinstance(v, str))
+    images = pd.Series([image_cell(v, path, row) for row, v in enumerate(table["image"])], dtype=object)
+    is_path = images.map(lambda v: isinstance(v, str)).to_numpy()
     if is_path.any():
         base = path.parent
-        exists = images[is_path].map(
-            lambda p: Path(p).is_absolute() and Path(p).exists() or (base / p).exists()
-        )
+        exists = np.ones(len(images), bool)
+        # base / an absolute path is that path
+        exists[is_path] = [(base / p).is_file() for p in images[is_path]]
         if not exists.all():
-            row = int(exists.index[~exists.to_numpy()][0])
+            row = int(np.flatnonzero(~exists)[0])
             raise DataError(
                 f"--dataset {path}: column 'image', row {row}: image file {images.iloc[row]!r} does not exist "
-                f"(paths are relative to {base}). {int((~exists).sum())} image path(s) are missing in all."
+                f"or is not a file (paths are relative to {base}). {int((~exists).sum())} image path(s) are "
+                "missing in all."
             )
     captions = table["caption"].map(
         lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
@@ -293,7 +323,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
     """Decodes one image at a time (in DataLoader workers); nothing is held decoded in memory.
 
     A Pick-a-Pic table (columns shard, row, column) holds no image bytes, only where they are: each worker
-    process keeps its own few open parquet files and reads one row group of one jpg column per image.
+    process keeps its own few open parquet files and reads one row group of one jpg column per image, keeping the
+    last row group's columns read (images read in table order, as the latent cache is built, read each once).
     A corrupt image never raises: the next image of the same class (table order, wrapping around; on the same
     side of the held-out split, see keep_apart) replaces it, and the sample's "corrupt" field counts the images
     skipped (0 almost always) so the training loop can sum them and call check_corrupt.
@@ -319,7 +350,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
             self.column = table["column"].cat.codes.to_numpy(np.int8)
             self.captions = pa.array(table["caption"])
             for s in np.unique(self.shard):
-                names = pq.read_schema(self.shards[s]).names
+                names = read_schema(self.shards[s])
                 missing = [c for c in self.image_column if c not in names]
                 if missing:
                     raise DataError(
@@ -330,9 +361,10 @@ class FeedbackDataset(torch.utils.data.Dataset):
             self.images = table["image"].tolist()
             self.captions = table["caption"].tolist()
         self._files, self._pid, self.n_corrupt = OrderedDict(), None, 0
+        self._group = (None, {})  # (shard, row group), {column name: its values} of the last row group read
 
-    def __getstate__(self):  # open parquet files stay in the process that opened them
-        return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
+    def __getstate__(self):  # open parquet files and what was read stay in the process that read them
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None, "_group": (None, {})}
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -340,7 +372,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
     def _parquet(self, s: int):
         """(ParquetFile, first row of each row group + total) of shard s, opened once per process (LRU)."""
         if self._pid != os.getpid():  # a forked worker must not share the parent's file offsets
-            self._files, self._pid = OrderedDict(), os.getpid()
+            self._files, self._pid, self._group = OrderedDict(), os.getpid(), (None, {})
         if s in self._files:
             self._files.move_to_end(s)
             return self._files[s]
@@ -358,8 +390,13 @@ class FeedbackDataset(torch.utils.data.Dataset):
         pf, starts = self._parquet(int(self.shard[i]))
         row = int(self.row[i])
         g = int(np.searchsorted(starts, row, side="right")) - 1
-        column = pf.read_row_group(g, columns=[self.image_column[self.column[i]]]).column(0)
-        return column[row - int(starts[g])].as_py()
+        # a row group's column is read whole (one image costs as much as all of them): kept until the next group
+        if self._group[0] != (self.shard[i], g):
+            self._group = ((self.shard[i], g), {})
+        columns, name = self._group[1], self.image_column[self.column[i]]
+        if name not in columns:
+            columns[name] = pf.read_row_group(g, columns=[name]).column(0)
+        return columns[name][row - int(starts[g])].as_py()
 
     def keep_apart(self, held_out: np.ndarray):
         """A corrupt image is replaced only by one of its class on its own side of `held_out` (heldout.split): a
@@ -469,6 +506,15 @@ def fingerprint(table: pd.DataFrame, base_dir: Path) -> dict:
         captions=digest(dict(caption=table["caption"])),
         images=digest(images),
     )
+
+
+def image_keys(table: pd.DataFrame, base_dir: Path) -> list[str] | None:
+    """One key per row, the same for rows of the same image (heldout.split keeps them on one side): the resolved
+    path of a path cell, the sha256 of the bytes of a bytes cell. None for Pick-a-Pic: one row per image uid."""
+    if "shard" in table.columns:
+        return None
+    key = lambda v: str((base_dir / v).resolve()) if isinstance(v, str) else hashlib.sha256(v).hexdigest()
+    return [key(v) for v in table["image"]]
 
 
 def load_data(cfg):

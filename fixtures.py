@@ -8,7 +8,7 @@ Nothing here is part of the method or is needed to train on real data:
   conditioning), built once into the cache;
 - the tiny scorers: the five paper scorers (scorers.py) with tiny random weights, each saved in the format of its
   real weights (eval.py --tiny);
-- synthetic Pick-a-Pic v2 shards and the label conversion's benchmark;
+- synthetic Pick-a-Pic v2 shards and the benchmarks of the label conversion and of the image reads;
 - SD v1-5's and SDXL base 1.0's architectures with random weights (`python fixtures.py sd15-random FOLDER`,
   `python fixtures.py sdxl-random FOLDER`, for benchmarks only).
 """
@@ -100,6 +100,44 @@ def write_synthetic_pickapic(
         pq.write_table(t, path)
         paths.append(path)
     return paths
+
+
+def benchmark_image_reads(
+    folder: str | Path = "/tmp/pickapic-reads", n_rows: int = 2000, kb: int = 250
+) -> dict:
+    """Time FeedbackDataset._source on Pick-a-Pic-like shards of n_rows comparisons with two image columns of kb KB
+    of random (incompressible, as JPEG is) bytes each, written with row groups of 1,000 and of 100 rows: 400 images
+    read in table order (as the latent cache is built: a comparison's jpg_0 then its jpg_1, row after row) and 400
+    at random (as training draws them). Prints and returns ms per image. Command:
+        python -c "import fixtures; fixtures.benchmark_image_reads()"
+    """
+    import data
+
+    rng, result = np.random.default_rng(0), {}
+    for group in (1000, 100):
+        path = Path(folder) / f"train-00000-of-00001-rg{group}.parquet"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            images = [pa.array([rng.bytes(kb * 1024) for _ in range(n_rows)], pa.binary()) for _ in range(2)]
+            pq.write_table(pa.table({"jpg_0": images[0], "jpg_1": images[1]}), path, row_group_size=group)
+        table = pd.DataFrame(
+            {
+                "caption": "x",
+                "desirable": np.arange(2 * n_rows) % 2 == 0,
+                "shard": pd.Categorical([str(path)] * (2 * n_rows)),
+                "row": np.arange(2 * n_rows) // 2,
+                "column": pd.Categorical.from_codes(np.arange(2 * n_rows) % 2, categories=["jpg_0", "jpg_1"]),
+            }
+        )
+        for order, items in [("table order", range(400)), ("random", rng.integers(0, 2 * n_rows, 400))]:
+            dataset = data.FeedbackDataset(table, path.parent, 64)
+            dataset._source(2 * n_rows - 1)  # open the file and warm up, in the last row group
+            t0 = time.perf_counter()
+            for i in items:
+                dataset._source(int(i))
+            result[f"rows per group {group}, {order}"] = ms = (time.perf_counter() - t0) / len(items) * 1000
+            print(f"row groups of {group} rows, {order}: {ms:.1f} ms per image")
+    return result
 
 
 def benchmark_pickapic_labels(n_rows: int = 1_000_000, folder: str | Path | None = None) -> dict:

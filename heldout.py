@@ -1,14 +1,14 @@
 """The held-out reward margin: progress a user can read during training.
 
 A training step scores each image at one random timestep with one noise draw, so the per-step reward is far noisier
-than what training changes. Here a few hundred images are set aside (never trained on: split) and scored every
---heldout_steps with FIXED draws: K timesteps stratified over [0, T) (the middle of each K-th of the range) and K
+than what training changes. Here a few hundred images are set aside (never trained on, in none of their rows:
+split) and scored every --heldout_steps with FIXED draws: K timesteps stratified over [0, T) (the middle of each K-th of the range) and K
 noises drawn from the seed alone, the same for every image (so what they add to the liked and the disliked images
 alike cancels in the margin), at every evaluation, on every rank and after a resume. The image is the VAE posterior's mean of the unflipped image, with its own caption. For each
 (image, draw) the implicit reward r = ref_err - policy_err is as in training; per image it is averaged over the K
-draws. Reported: the mean r of liked and of disliked images, their difference (the margin), the implicit accuracy
-(the fraction of images with w * r > 0) and the policy's mean error. The cost: 2 x K forwards without gradient per
-held-out image and evaluation (docs/outputs.md)."""
+draws. Reported: the mean r of liked and of disliked images, their difference (the margin; None for a class without
+held-out images, and then the margin too), the implicit accuracy (the fraction of images with w * r > 0) and the
+policy's mean error. The cost: 2 x K forwards without gradient per held-out image and evaluation (docs/outputs.md)."""
 
 from __future__ import annotations
 
@@ -21,19 +21,33 @@ import utils
 DRAWS = 16
 
 
-def split(desirable: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """A bool mask of the held-out images: at most n and a tenth of the data, half liked and half disliked where
+def split(desirable: np.ndarray, n: int, seed: int, keys=None) -> np.ndarray:
+    """A bool mask of the held-out rows: at most n images and a tenth of them, half liked and half disliked where
     each class can spare it, chosen by `seed` (the same for every rank and every launch). A class gives at most a
-    tenth of its images (rounded up; none of a class under 10), so training always keeps both classes."""
-    n = min(n, len(desirable) // 10)
+    tenth of its images (rounded up; none of a class under 10), so training always keeps both classes.
+
+    keys (one per row, equal for rows of the same image; None: every row is its own image): an image in several
+    rows (several raters, duplicates) is one image, of the class of its first row, and all its rows are held out
+    together, so no training row shares an image with a held-out one. Where every image is in one row only, the
+    mask is the same as without keys."""
+    desirable = np.asarray(desirable, bool)
+    image = first = np.arange(len(desirable))  # each row's image, each image's first row
+    if keys is not None:  # images numbered in order of first appearance
+        _, first, inverse = np.unique(np.asarray(keys, dtype=object), return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        image, first = np.argsort(order)[inverse.ravel()], first[order]
+    liked_image = desirable[first]
+    n = min(n, len(liked_image) // 10)
     rng = np.random.default_rng([seed, 20_240_404])
-    liked, disliked = np.flatnonzero(desirable), np.flatnonzero(~desirable)
+    liked, disliked = np.flatnonzero(liked_image), np.flatnonzero(~liked_image)
     spare = lambda k: -(-k // 10) if k >= 10 else 0  # noqa: E731
     n_liked = min(spare(len(liked)), max(n - spare(len(disliked)), n // 2))
     n_disliked = min(spare(len(disliked)), n - n_liked)
     chosen = [rng.choice(liked, n_liked, replace=False), rng.choice(disliked, n_disliked, replace=False)]
-    mask = np.zeros(len(desirable), bool)
-    mask[np.concatenate(chosen).astype(int)] = True
+    mask = np.isin(image, np.concatenate(chosen).astype(int))
+    for c in (True, False):  # rows of a class only in held-out images of the other class: give those back
+        if (desirable == c).any() and not (desirable[~mask] == c).any():
+            mask &= ~np.isin(image, image[desirable == c])
     return mask
 
 
@@ -84,12 +98,15 @@ class HeldOut:
             sums["won"] += ((2 * d - 1) * r > 0).float().sum()
             sums["policy_err"] += policy_err.sum()
         s = {k: v.item() for k, v in utils.global_sums(sums).items()}
-        liked = s["r_desirable"] / max(s["n_desirable"], 1)
-        disliked = s["r_undesirable"] / max(s["n"] - s["n_desirable"], 1)
+        # a class with no held-out image (split spares none of a class under 10) has no mean: None (null in
+        # metrics.jsonl), and so has the margin, rather than 0 and a margin that is the other class's reward
+        n_liked, n_disliked = s["n_desirable"], s["n"] - s["n_desirable"]
+        liked = s["r_desirable"] / n_liked if n_liked else None
+        disliked = s["r_undesirable"] / n_disliked if n_disliked else None
         return dict(
             heldout_reward_desirable=liked,
             heldout_reward_undesirable=disliked,
-            heldout_margin=liked - disliked,
+            heldout_margin=None if liked is None or disliked is None else liked - disliked,
             heldout_accuracy=s["won"] / max(s["n"], 1),
             heldout_policy_err=s["policy_err"] / max(s["n"], 1),
         )

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,8 +46,24 @@ def is_hub_dataset(spec: str) -> bool:
     return is_hub_id(spec) and Path(spec).suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet")
 
 
+def damaged_shard(path, e: Exception) -> DataError:
+    """The DataError for a parquet shard that pyarrow cannot read (a truncated download or copy, a damaged file)."""
+    return DataError(
+        f"{path}: a damaged parquet shard ({type(e).__name__}: {' '.join(str(e).split())}); it may be truncated "
+        "(an interrupted download or copy). Re-download this shard (or remove it from the folder) and restart."
+    )
+
+
+def read_schema(path) -> list[str]:
+    """The column names of a shard; a DataError naming it if it cannot be read."""
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise damaged_shard(path, e) from None
+
+
 def is_pickapic_parquet(path: Path) -> bool:
-    names = pq.read_schema(path).names
+    names = read_schema(path)
     return "label" not in names and all(c in names for c in PICKAPIC_LABEL_COLUMNS)
 
 
@@ -96,7 +113,7 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
                     f"but none of split '{split}' (named {split}-*.parquet or under {split}/)."
                 )
     for f in files:
-        names = pq.read_schema(f).names
+        names = read_schema(f)
         missing = [c for c in PICKAPIC_LABEL_COLUMNS if c not in names]
         if missing:
             raise DataError(
@@ -106,6 +123,18 @@ def pickapic_shards(spec: str | Path, split: str = "train") -> tuple[Path, list[
                 ".csv, .jsonl, .json or .parquet file with columns image, caption, label."
             )
     return root, files
+
+
+def shard_counts(files: list[Path]) -> dict:
+    """The shards read and the number their names promise: names such as train-00001-of-00645[-hash].parquet say
+    645; a folder with only 600 of them is missing 45. Returns {shards, shards_expected}."""
+    numbered = {}
+    for f in files:
+        m = re.search(r"-(\d+)-of-(\d+)", f.name)
+        if m:
+            numbered.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    missing = sum(max(n - len(present), 0) for n, present in numbered.items())
+    return dict(shards=len(files), shards_expected=len(files) + missing)
 
 
 def _hub_snapshot(repo_id: str, split: str) -> Path:
@@ -151,7 +180,10 @@ def _read_label_columns(files: list[Path]) -> pa.Table:
     )
 
     def read(k):
-        t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
+        try:
+            t = pq.read_table(files[k], columns=list(PICKAPIC_LABEL_COLUMNS))
+        except (pa.ArrowException, OSError) as e:
+            raise damaged_shard(files[k], e) from None
         n = t.num_rows
         cols = {c: t.column(c).cast(types[c]) for c in PICKAPIC_LABEL_COLUMNS}
         return pa.table({**cols, "shard": np.full(n, k, np.int32), "row": np.arange(n, dtype=np.int64)})
@@ -248,8 +280,9 @@ def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str =
     """Per-image like/dislike table of a Pick-a-Pic v2 copy (folder, shard or hub id), computed once and cached.
 
     Columns: uid, caption, desirable, shard (categorical: path of the parquet file), row (in that file),
-    column (categorical: jpg_0 or jpg_1), n_won, n_lost. attrs["stats"]: counts (see pickapic_labels) and the
-    cache file. The cache is keyed by the policy and invalidated when any shard's size or mtime changes."""
+    column (categorical: jpg_0 or jpg_1), n_won, n_lost. attrs["stats"]: counts (see pickapic_labels), the shards
+    read and expected (shard_counts: a warning when some are missing) and the cache file. The cache is keyed by
+    the policy and invalidated when any shard's size or mtime changes."""
     if label_policy not in LABEL_POLICIES:
         raise DataError(f"--label_policy {label_policy!r}: expected one of {', '.join(LABEL_POLICIES)}.")
     root, files = pickapic_shards(spec, split)
@@ -285,5 +318,14 @@ def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str =
             "n_lost": table.column("n_lost").to_numpy(),
         }
     )
-    df.attrs["stats"] = dict(meta["stats"], source=str(spec), label_cache=str(cache))
+    counts = shard_counts(files)
+    missing = counts["shards_expected"] - counts["shards"]
+    if missing and not Path(spec).is_file():  # a single shard is a subset on purpose
+        warnings.warn(
+            f"--dataset {spec}: {counts['shards']} of the {counts['shards_expected']} shards that the names "
+            f"(*-NNNNN-of-NNNNN.parquet) promise are in {root}; {missing} are missing (an unfinished download?). "
+            "Training uses those present; if that is not on purpose, download the rest.",
+            UserWarning,
+        )
+    df.attrs["stats"] = dict(meta["stats"], **counts, source=str(spec), label_cache=str(cache))
     return df

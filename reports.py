@@ -326,7 +326,8 @@ def heldout_section(heldout: dict | None) -> str:
     """The model card's section on the held-out reward (heldout.py), measured at step heldout["step"]."""
     if not heldout:
         return ""
-    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in heldout.items() if k != "step")
+    value = lambda v: "n/a (no held-out image of the class)" if v is None else f"{v:.4g}"  # noqa: E731
+    rows = "\n".join(f"| `{k}` | {value(v)} |" for k, v in heldout.items() if k != "step")
     return f"""## Held-out reward at step {heldout["step"]}
 
 Images never trained on, scored with fixed draws (`heldout.py`); the margin is the mean implicit reward of the liked

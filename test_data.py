@@ -521,3 +521,174 @@ def test_train_kto_on_a_pickapic_folder(tmp_path):
     counts = (int(expected.desirable.sum()), int((~expected.desirable).sum()))
     assert (run["num_desirable"], run["num_undesirable"]) == counts
     assert (tmp_path / "out" / "checkpoint-2" / "unet").is_dir()
+
+
+def test_image_cells_datasets_dicts_and_bad_cells(tmp_path):
+    """A parquet column of datasets' Image dicts reads as the bytes (or the path when the bytes are null), and the
+    table's fingerprint and dataset work on it; a missing, empty or numeric image cell is a DataError naming the
+    row, not a TypeError when the data are fingerprinted."""
+    import pandas as pd
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
+    cells = [{"bytes": png_bytes(), "path": None}, {"bytes": None, "path": "red.png"}]
+    pd.DataFrame({"image": cells, "caption": ["a", "b"], "label": ["1", "0"]}).to_parquet(
+        tmp_path / "t.parquet"
+    )
+    table = data.load_feedback(tmp_path / "t.parquet")
+    assert table["image"].tolist() == [png_bytes(), "red.png"]
+    assert data.fingerprint(table, tmp_path)["rows"] == 2
+    dataset = data.FeedbackDataset(table, tmp_path, 8)
+    assert dataset[1]["pixel_values"][0].mean() > 0.5  # the red file
+    for n, (rows, problem) in enumerate(
+        [
+            ('{"caption": "x", "label": 1}\n', "row 1 .* is empty"),  # no "image" key: NaN
+            ('{"image": null, "caption": "x", "label": 1}\n', "row 1 .* is empty"),
+            ('{"image": "", "caption": "x", "label": 1}\n', "row 1 .* is empty"),
+            ('{"image": 7, "caption": "x", "label": 1}\n', r"row 1 .* is a int \('7'\)"),
+        ]
+    ):
+        path = tmp_path / f"bad{n}.jsonl"
+        path.write_text('{"image": "red.png", "caption": "x", "label": 0}\n' + rows)
+        with pytest.raises(DataError, match=f"column 'image', {problem}.*fill in the cell or drop the row"):
+            data.load_feedback(path)
+
+
+def test_csv_image_names_are_paths_and_must_be_files(tmp_path):
+    """A CSV's image column is text: files named 0 and 1 are paths (not numbers taken for bytes); an empty cell
+    or a folder is refused with the row."""
+    for name in ("0", "1"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG")
+    (tmp_path / "t.csv").write_text("image,caption,label\n0,a,1\n1,b,0\n")
+    table = data.load_feedback(tmp_path / "t.csv")
+    assert table["image"].tolist() == ["0", "1"]
+    assert data.fingerprint(table, tmp_path)["rows"] == 2
+    (tmp_path / "folder").mkdir()
+    for rows, problem in [
+        ("0,a,1\n,b,0\n", "row 1 .* is empty"),
+        ("0,a,1\nfolder,b,0\n", "row 1: .*not a file"),
+    ]:
+        (tmp_path / "t.csv").write_text("image,caption,label\n" + rows)
+        with pytest.raises(DataError, match=f"column 'image', {problem}"):
+            data.load_feedback(tmp_path / "t.csv")
+
+
+def test_parquet_saved_with_a_shuffled_index_names_the_row_by_position(tmp_path):
+    """A parquet written from a filtered or shuffled DataFrame keeps its index; rows are still counted by position."""
+    import pandas as pd
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = pd.DataFrame(
+        {"image": ["a.png", "a.png", "missing.png"], "caption": "x", "label": ["1", "0", "1"]}
+    )
+    rows.index = [40, 7, 12]
+    rows.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"column 'image', row 2: image file 'missing.png' does not exist"):
+        data.load_feedback(tmp_path / "t.parquet")
+    rows.iloc[:2].to_parquet(tmp_path / "t.parquet")
+    assert data.load_feedback(tmp_path / "t.parquet")["desirable"].tolist() == [True, False]
+
+
+def test_json_tables_with_a_byte_order_mark(tmp_path):
+    """Windows tools write UTF-8 with a BOM; .jsonl and .json read like .csv does, with or without one."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "t.jsonl").write_bytes(bom + JSONL.encode())
+    (tmp_path / "t.json").write_bytes(bom + b"[" + b",".join(JSONL.encode().splitlines()) + b"]")
+    for name in ("t.jsonl", "t.json"):
+        table = data.load_feedback(tmp_path / name)
+        assert table["caption"].tolist() == ["x", "y"] and table["desirable"].tolist() == [True, False]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag (6: rotate 90 degrees clockwise) is turned upright."""
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))  # stored: blue left half, red right half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif, quality=95)
+    buf.seek(0)
+    (tmp_path / "photo.jpg").write_bytes(buf.getvalue())
+    for source in (buf.getvalue(), "photo.jpg"):
+        upright = data.load_image(source, tmp_path)
+        assert upright.size == (20, 40)  # portrait
+        top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+        assert top[0] < 50 < top[2] and bottom[0] > 200  # blue on top after a clockwise turn, red below
+
+
+def test_a_damaged_shard_is_named_with_what_to_do(folder):
+    """A truncated shard, or one whose label columns are damaged, stops with a DataError naming the shard and
+    saying to re-download it (not pyarrow's bare ArrowInvalid); so does a shard damaged after the labels were read."""
+    shard = folder / "train-00001-of-00002.parquet"
+    whole = shard.read_bytes()
+    table = data.load_feedback(folder)
+    expected = rf"{re.escape(str(shard))}: a damaged parquet shard .*Re-download this shard"
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=expected):
+        data.FeedbackDataset(table, folder, 32)
+    with pytest.raises(DataError, match=expected):
+        data.load_feedback(folder)
+    # the footer intact, the caption column's bytes overwritten
+    raw, meta = bytearray(whole), pq.ParquetFile(io.BytesIO(whole)).metadata
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            if col.path_in_schema == "caption":
+                start = col.dictionary_page_offset or col.data_page_offset
+                raw[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=expected):
+        data.load_feedback(folder)
+
+
+def test_a_folder_missing_shards_warns_and_counts_them(tmp_path):
+    """A folder with 2 of the 3 shards its names promise (train-*-of-00003) trains on those (a subset may be on
+    purpose) with a warning that says how many are missing; the stats record both counts. No warning when all
+    are there, nor for a single shard given on purpose."""
+    shards = SHARDS + [[("a fox", "H", "E", 1.0, 0.0)]]
+    for k in (0, 2):
+        write_shard(tmp_path / f"train-{k:05d}-of-00003-abc.parquet", shards[k])
+    with pytest.warns(UserWarning, match=r"2 of the 3 shards .* 1 are missing.*download the rest"):
+        table = data.load_feedback(tmp_path)
+    assert (table.attrs["stats"]["shards"], table.attrs["stats"]["shards_expected"]) == (2, 3)
+    assert set(table["uid"]) == {"A", "B", "C", "H", "E"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load_feedback(tmp_path / "train-00000-of-00003-abc.parquet")
+        write_shard(tmp_path / "train-00001-of-00003-abc.parquet", shards[1])
+        stats = data.load_feedback(tmp_path).attrs["stats"]
+    assert (stats["shards"], stats["shards_expected"]) == (3, 3)
+
+
+def test_images_in_table_order_read_each_row_group_column_once(folder, monkeypatch):
+    """Read in table order (as the latent cache is built), each (shard, row group, jpg column) is read from the
+    file once, not once per image; every image is still its own (its colour), and a pickled dataset (a worker's
+    copy) carries nothing that was read."""
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda pf, g, columns: reads.append((g, *columns)) or real(pf, g, columns),
+    )
+    table = data.load_feedback(folder)
+    dataset = data.FeedbackDataset(table, folder, 32)
+    for i, uid in enumerate(table["uid"]):
+        source = dataset._source(i)
+        if uid not in CORRUPT:
+            assert data.load_image(source).getpixel((5, 5)) == pytest.approx(COLOR[uid], abs=3)
+    wanted = {
+        (s, r // 2, c) for s, r, c in zip(table["shard"], table["row"], table["column"])
+    }  # groups of 2 rows
+    assert len(reads) == len(wanted) < len(table)
+    assert pickle.loads(pickle.dumps(dataset))._group == (None, {})
+
+
+def test_a_16_bit_png_keeps_its_greys(tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (value >> 8), not clipped at 255 by convert("RGB")."""
+    values = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(1, 16).repeat(4, 0)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    rgb = np.asarray(data.load_image("deep.png", tmp_path))
+    assert (rgb[..., 0] == values >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()

@@ -94,3 +94,101 @@ def test_heldout_reward_is_the_same_after_a_resume_and_on_two_ranks(tmp_path):
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert two[-1]["heldout_policy_err"] == pytest.approx(one[-1]["heldout_policy_err"], rel=1e-6)
     assert all(two[-1][k] == 0 for k in KEYS)
+
+
+def split_by_rows(desirable, n, seed):
+    """heldout.split's rule before images in several rows were grouped (rows are images): the reference."""
+    n = min(n, len(desirable) // 10)
+    rng = np.random.default_rng([seed, 20_240_404])
+    liked, disliked = np.flatnonzero(desirable), np.flatnonzero(~desirable)
+    spare = lambda k: -(-k // 10) if k >= 10 else 0  # noqa: E731
+    n_liked = min(spare(len(liked)), max(n - spare(len(disliked)), n // 2))
+    n_disliked = min(spare(len(disliked)), n - n_liked)
+    chosen = [rng.choice(liked, n_liked, replace=False), rng.choice(disliked, n_disliked, replace=False)]
+    mask = np.zeros(len(desirable), bool)
+    mask[np.concatenate(chosen).astype(int)] = True
+    return mask
+
+
+def test_split_of_distinct_images_is_the_row_rule():
+    """Where every image is in one row (the tiny world, Pick-a-Pic), the mask is the one recorded runs used, with
+    keys or without (keys in an order unlike the rows')."""
+    rng = np.random.default_rng(0)
+    for size, n in [(950, 256), (1000, 256), (37, 5), (5000, 256), (120, 1000)]:
+        desirable = rng.random(size) < rng.uniform(0.05, 0.95)
+        keys = [f"/data/{k:06d}.png" for k in rng.permutation(size)]
+        for seed in (0, 1, 7):
+            reference = split_by_rows(desirable, n, seed)
+            assert (heldout.split(desirable, n, seed) == reference).all()
+            assert (heldout.split(desirable, n, seed, keys) == reference).all()
+
+
+def test_split_never_trains_on_a_held_out_image_in_several_rows():
+    """500 images in 2 rows each (two raters, who may disagree): every row of a held-out image is held out, at
+    most n images and a tenth of each class's images; both classes keep training rows."""
+    rng = np.random.default_rng(1)
+    image = rng.permutation(np.repeat(np.arange(500), 2))
+    desirable = rng.random(1000) < 0.4
+    keys = [f"img-{k}" for k in image]
+    mask = heldout.split(desirable, 256, 0, keys)
+    held = set(image[mask])
+    assert not held & set(image[~mask])  # no training row shares an image with a held-out row
+    assert 0 < len(held) <= 50  # a tenth of the 500 images
+    first = {k: d for k, d in zip(image[::-1], desirable[::-1])}  # each image's class: that of its first row
+    for c in (True, False):
+        k = sum(v == c for v in first.values())
+        assert sum(first[i] == c for i in held) <= -(-k // 10)
+        assert (desirable[~mask] == c).any()
+    # the liked rows only on one image, whose first row is disliked: held out, it is given back to training
+    desirable = np.zeros(40, bool)
+    keys = [f"img-{k}" for k in range(20)] * 2
+    chosen = np.flatnonzero(split_by_rows(desirable[:20], 256, 0))
+    desirable[20 + chosen[0]] = True
+    mask = heldout.split(desirable, 256, 0, keys)
+    assert desirable[~mask].any() and not mask[[chosen[0], 20 + chosen[0]]].any() and mask.any()
+
+
+def test_training_holds_out_every_row_of_an_image(tmp_path, monkeypatch):
+    """train_kto passes each row's image (data.image_keys: the resolved path, or the bytes' hash) to the split: an
+    image in two rows, written a.png and ./a.png, is held out in both or in neither."""
+    from PIL import Image
+
+    import data
+
+    rows = ["image,caption,label"]
+    for k in range(100):
+        Image.new("RGB", (16, 16), (k, 2 * k, 0)).save(tmp_path / f"{k}.png")
+        rows += [f"{k}.png,picture {k},{k % 2}", f"./{k}.png,picture {k},{(k // 2) % 2}"]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    keys = data.image_keys(data.load_feedback(tmp_path / "t.csv"), tmp_path)
+    assert keys[0] == keys[1] == str((tmp_path / "0.png").resolve()) and len(set(keys)) == 100
+    masks, real = [], heldout.split
+    monkeypatch.setattr(heldout, "split", lambda *a: masks.append(real(*a)) or masks[-1])
+    flags = "--validation_steps 0 --heldout_steps 1 --max_train_steps 1 --resolution 16".split()
+    train_kto.main([*TINY[:4], str(tmp_path / "t.csv"), *flags, "--output_dir", str(tmp_path / "out")])
+    (mask,) = masks
+    assert mask.sum() == 20 and (mask[0::2] == mask[1::2]).all()  # 10 images (a tenth), both rows of each
+
+
+def test_a_class_without_held_out_images_has_no_reward_and_no_margin(tmp_path):
+    """6 liked images of 100: split holds out none of them. The liked reward and the margin are null in
+    metrics.jsonl (strict JSON), not 0 and the disliked reward; the curves and the model card say so, no crash."""
+    from PIL import Image
+
+    import reports
+
+    rows = ["image,caption,label"]
+    for k in range(100):
+        Image.new("RGB", (16, 16), (k, 0, 0)).save(tmp_path / f"{k}.png")
+        rows.append(f"{k}.png,picture {k},{int(k < 6)}")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    flags = "--validation_steps 0 --heldout_steps 1 --max_train_steps 1 --resolution 16".split()
+    train_kto.main([*TINY[:4], str(tmp_path / "t.csv"), *flags, "--output_dir", str(tmp_path / "out")])
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))  # noqa: E731
+    (row,) = [strict(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert row["heldout_reward_desirable"] is None and row["heldout_margin"] is None
+    assert isinstance(row["heldout_reward_undesirable"], float) and row["heldout_accuracy"] >= 0
+    card = (tmp_path / "out" / "checkpoint-1" / "README.md").read_text()
+    assert "`heldout_margin` | n/a (no held-out image of the class) |" in card
+    reports.plot_curves(tmp_path / "out")
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
