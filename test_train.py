@@ -159,6 +159,30 @@ def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_na
     assert [launch["start_step"] for launch in launches] == [0, step]
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_exits_75(tmp_path):
+    import signal
+    import time
+
+    # torchrun and SLURM signal the whole process group: the DataLoader's workers get SIGTERM too
+    out = tmp_path / "out"
+    argv = [*TINY, "--output_dir", str(out), "--max_train_steps", "500", "--checkpointing_steps", "2"]
+    job = subprocess.Popen(
+        [sys.executable, "train_kto.py", *argv, "--dataloader_workers", "2"],
+        cwd=HERE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, not this test's
+    )
+    while not (out / "checkpoint-2").exists() and job.poll() is None:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate(timeout=120)[1]
+    step = int(utils.list_checkpoints(out)[-1].name.split("-")[1])
+    assert job.returncode == 75 and "Traceback" not in err, err
+    assert f"preempted: SIGTERM at step {step}" in err and step > 2, err
+
+
 def test_sigterm_before_training_stops_at_once_with_one_line(capsys):
     # what run_main installs until the training loop takes SIGTERM over (utils.StopRequest)
     with pytest.raises(SystemExit) as e:
