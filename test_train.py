@@ -436,6 +436,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "batch_of_one",
         "foreign_output_dir",
         "older_checkpoint_than_the_output_dirs",
+        "resume_into_another_runs_folder",
         "bad_resume",
         "no_such_model_folder",
         "not_a_pipeline_folder",
@@ -461,6 +462,10 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
     if case == "older_checkpoint_than_the_output_dirs":
         (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
+    if case == "resume_into_another_runs_folder":  # no checkpoint there yet, but another run's record
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "run.json").write_text("{}")
+    if case in ("older_checkpoint_than_the_output_dirs", "resume_into_another_runs_folder"):
         other = tmp_path / "other" / "checkpoint-5"
         other.mkdir(parents=True)
         torch.save(dict(step=5), other / "training_state.pt")
@@ -491,6 +496,7 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "batch_of_one": "--train_batch_size >= 2",
         "foreign_output_dir": "--resume latest",
         "older_checkpoint_than_the_output_dirs": "holds checkpoint-7, newer than this checkpoint (step 5)",
+        "resume_into_another_runs_folder": "already holds another run (run.json)",
         "bad_resume": "not a checkpoint folder",
         "no_such_model_folder": "no such file or folder",
         "not_a_pipeline_folder": "no unet/, scheduler/",

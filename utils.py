@@ -502,9 +502,9 @@ def save_checkpoint(
 
 
 def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume, and
-    to resume a checkpoint whose data (by content: `data_id`, see data.fingerprint), model or objective differ
-    from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
+    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume or with
+    a checkpoint of another folder, and to resume a checkpoint whose data (by content: `data_id`, see
+    data.fingerprint), model or objective differ from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
     out = Path(cfg.output_dir)
     if not cfg.resume:
         if list_checkpoints(out):
@@ -544,6 +544,17 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
             "which the resumed run would overwrite or delete, and which --resume latest would take. Choose "
             "another --output_dir, or resume the newer checkpoint (--resume latest)."
         )
+    # A checkpoint of another folder continues its run here: a different run's record there would be mixed in
+    if out.resolve() not in path.resolve().parents:
+        record = [
+            p.name for p in (*list_checkpoints(out), out / "metrics.jsonl", out / "run.json") if p.exists()
+        ]
+        if record:
+            raise DataError(
+                f"--resume {path}: --output_dir {out} already holds another run ({', '.join(record)}), whose "
+                "record and checkpoints the resumed run would mix with its own. Choose an empty or new "
+                "--output_dir, or copy the checkpoint's whole run folder and resume inside it."
+            )
     saved = json.loads((path / "config.json").read_text())
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
