@@ -443,6 +443,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "unreachable_hub_model",
         "zero_checkpointing_steps",
         "ratio_above_one",
+        "nan_ratio",
+        "infinite_learning_rate",
         "negative_seed",
     ],
 )
@@ -484,6 +486,10 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         args += ["--checkpointing_steps", "0"]
     if case == "ratio_above_one":
         args += ["--desirable_ratio", "1.5"]
+    if case == "nan_ratio":  # NaN passed the bounds: the sampler then drew undesirable images only
+        args += ["--desirable_ratio", "nan"]
+    if case == "infinite_learning_rate":
+        args += ["--learning_rate", "inf"]
     if case == "negative_seed":  # was a ValueError traceback from numpy
         args += ["--seed", "-1"]
     args += ["--dataset", str(write_table(tmp_path, rows))]
@@ -503,6 +509,8 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "unreachable_hub_model": "hf download",
         "zero_checkpointing_steps": "--checkpointing_steps 0: must be at least 1",
         "ratio_above_one": "--desirable_ratio 1.5: must be in [0, 1]",
+        "nan_ratio": "--desirable_ratio nan: must be a finite number",
+        "infinite_learning_rate": "--learning_rate inf: must be a finite number",
         "negative_seed": "--seed -1: must be at least 0",
     }[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err

@@ -150,7 +150,7 @@ def parse_config(
 
     --tiny only changes defaults (`tiny`, plus `tiny_extra(cfg, given)` computed only when --tiny is given, e.g.
     paths of things built on first use); flags given explicitly always win. --help shows both defaults. bounds:
-    {field: (lowest, highest or None)}; a value outside raises DataError. Both it and check(cfg) (flags that
+    {field: (lowest, highest or None)}; a value outside, or a float flag that is NaN or infinite, raises DataError. Both it and check(cfg) (flags that
     contradict each other) run first: bad flags fail before anything loads or is built."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n")[0],
@@ -165,6 +165,9 @@ def parse_config(
         parser.add_argument(f"--{f.name}", help=helps[f.name] + default, choices=choices.get(f.name), **kind)
     given = vars(parser.parse_args(argv))
     cfg = dataclasses.replace(config_cls(), **{**(tiny if given.get("tiny") else {}), **given})
+    for f in dataclasses.fields(config_cls):  # NaN passes any bound (every comparison is False)
+        if f.type == "float" and not np.isfinite(getattr(cfg, f.name)):
+            raise DataError(f"--{f.name} {getattr(cfg, f.name)}: must be a finite number.")
     for name, (lo, hi) in (bounds or {}).items():
         value = getattr(cfg, name)
         if value < lo or (hi is not None and value > hi):
