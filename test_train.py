@@ -93,8 +93,14 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         ([], [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)], "--allow_one_class"),
         (["--train_batch_size", "1"], None, "--train_batch_size >= 2"),
         (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
+        (["--report_to", "wandb"], None, "--report_to wandb needs the wandb package: pip install wandb"),
+        (
+            ["--validation_prompts", "/no/such/prompts.txt"],
+            None,
+            "--validation_prompts /no/such/prompts.txt: cannot",
+        ),
     ],
-    ids=["bad_label", "one_class", "batch_of_one", "zero_checkpointing_steps"],
+    ids=["bad_label", "one_class", "batch_of_one", "zero_checkpointing_steps", "no_wandb", "no_prompts_file"],
 )
 def test_tiny_checks_the_data_and_flags_before_building_the_world(
     tmp_path, monkeypatch, capsys, flags, rows, message
@@ -106,6 +112,7 @@ def test_tiny_checks_the_data_and_flags_before_building_the_world(
     # An empty cache: --tiny would build the world (minutes) for its model
     monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tiny_world, "build_world", lambda *a, **k: pytest.fail("the world build started"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
     if rows:
         Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
         flags = [*flags, "--dataset", str(write_table(tmp_path, rows))]

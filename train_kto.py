@@ -238,11 +238,13 @@ def check_flags(cfg: Config):
     if cfg.reference_point == "kl_mismatched" and cfg.objective == "kto":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
-    # A missing optimizer package fails now, not after the models load
+    # A missing optimizer or tracker package, or prompts file, fails now, not after the models load
     try:
         models.optimizer_class(cfg.optimizer)
     except ImportError as e:
         raise DataError(str(e)) from e
+    reports.tracker_backend(cfg.report_to)
+    reports.read_prompts(cfg.validation_prompts)
 
 
 # ----------------------------------------------------------------------------------------------------
