@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -370,12 +371,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSION_KTO_CACHE", Path.home() / ".cache" / "diffusion_kto"))
 
 
+# This machine's name in temporary names: letters, digits and '-' only, so that the names parse back
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
+
+
+def temp_name(name: str) -> str:
+    """<name>.<host>.<pid>.<8 random hex digits>.tmp: unique per write, also across the nodes of a shared file
+    system whose containers reuse pids (every rank may write the same cache file)."""
+    return f"{name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def temp_writer(name: str, candidate: str) -> tuple[str | None, int] | None:
+    """(host, pid) of the process that named `candidate` with temp_name(name); host None for the <name>.<pid>.tmp
+    of older versions; None if `candidate` is no temporary name of `name`."""
+    m = re.fullmatch(
+        re.escape(name) + r"\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}|(?P<old_pid>\d+))\.tmp",
+        candidate,
+    )
+    return m and (m["host"], int(m["pid"] or m["old_pid"]))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; when the block ends without an error, rename it to `path` (a file
-    or a folder, replacing an old one). A crash leaves `path` as it was and only a *.tmp beside it."""
+    """Yield a temporary path beside `path` (temp_name); when the block ends without an error, rename it to `path`
+    (a file or a folder, replacing an old one). A crash leaves `path` as it was and only a *.tmp beside it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temp_name(path.name))
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
@@ -389,10 +410,10 @@ def atomic_path(path: Path):
 
 
 def remove_stopped_builds(path: Path):
-    """Remove the <name>.<pid>.tmp folders (or files) that builds of `path` stopped before their rename left
+    """Remove the temporary folders (or files, temp_name) that builds of `path` stopped before their rename left
     (killed, out of memory, the machine rebooted). Call with the build lock held: then no build is under way."""
     for stale in path.parent.iterdir():
-        if re.fullmatch(re.escape(path.name) + r"\.\d+\.tmp", stale.name):
+        if temp_writer(path.name, stale.name):
             print(f"removing {stale}, left by a stopped build", flush=True)
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
@@ -430,7 +451,8 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp and is ignored."""
+    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp (temp_name) and is
+    ignored."""
     found = [
         p
         for p in Path(output_dir).glob("checkpoint-*")
