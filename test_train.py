@@ -410,6 +410,32 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert [p.name for p in utils.list_checkpoints(out)] == ["checkpoint-2"]
     _, rows = run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume", "latest")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the killed save's partial folder (its writer gone) was removed at start-up
+    assert not list(out.glob("checkpoint-4.*.tmp"))
+
+
+def test_start_up_removes_partial_saves_whose_writer_is_gone(tmp_path, capsys):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead, alive = int(gone.stdout), os.getpid()
+    removed = [
+        f"checkpoint-4.{utils.HOST}.{dead}.0a1b2c3d.tmp",
+        f"checkpoint-6.{dead}.tmp",
+    ]  # and older versions'
+    kept = [
+        f"checkpoint-8.{utils.HOST}.{alive}.0a1b2c3d.tmp",  # a save under way in the same folder
+        f"checkpoint-9.other-node.{dead}.0a1b2c3d.tmp",  # another machine's: its writer cannot be checked
+        "checkpoint-2",
+        "checkpoint-10.notes.tmp",
+    ]
+    for name in removed + kept:
+        (tmp_path / name / "unet").mkdir(parents=True)
+    utils.remove_stopped_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    out = capsys.readouterr().out
+    assert all(f"removing {tmp_path / name}, left by a stopped save" in out for name in removed)
+    assert f"note: {tmp_path / kept[1]} is a checkpoint save of other-node" in out
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):

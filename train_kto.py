@@ -484,6 +484,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
     table, dataset, desirable, counts = data.load_data(cfg)
     resume_from = utils.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
+    if rank == 0:  # what saves killed midway left (checkpoint-<step>.*.tmp, as large as a checkpoint)
+        utils.remove_stopped_saves(Path(cfg.output_dir))
 
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")

@@ -461,6 +461,39 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def is_running(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (os.kill with signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stopped_saves(output_dir: Path):
+    """Remove the checkpoint-<step>.*.tmp folders that saves killed before their rename left (SIGKILL, out of
+    memory; each the size of a checkpoint), when their writer, named in the folder (temp_name), is no process on
+    this machine: a run saving into the same folder keeps its own. Those of other machines are only named: this
+    one cannot tell whether they are still being written. Rank 0 calls this at start-up."""
+    for tmp in sorted(Path(output_dir).glob("checkpoint-*.tmp")):
+        name = tmp.name.split(".")[0]
+        writer = re.fullmatch(r"checkpoint-\d+", name) and temp_writer(name, tmp.name)
+        if not writer or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        host, pid = writer
+        if host in (None, HOST) and not is_running(pid):
+            print(f"removing {tmp}, left by a stopped save", flush=True)
+            shutil.rmtree(tmp)
+        elif host not in (None, HOST):
+            print(
+                f"note: {tmp} is a checkpoint save of {host}, stopped or under way; if no run on {host} is "
+                "saving into this folder, remove it to free its space.",
+                flush=True,
+            )
+
+
 def fsync_tree(path: Path):
     """Flush a folder's files to disk: the rename that follows is atomic, but durable only for data on disk."""
     for p in [*path.rglob("*"), path]:
