@@ -470,6 +470,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "foreign_output_dir",
         "older_checkpoint_than_the_output_dirs",
         "resume_into_another_runs_folder",
+        "resume_with_no_step_left",
         "bad_resume",
         "no_such_model_folder",
         "not_a_pipeline_folder",
@@ -500,13 +501,21 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
     if case == "resume_into_another_runs_folder":  # no checkpoint there yet, but another run's record
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "run.json").write_text("{}")
-    if case in ("older_checkpoint_than_the_output_dirs", "resume_into_another_runs_folder"):
-        other = tmp_path / "other" / "checkpoint-5"
+    # a checkpoint (its step and the files that find_resume looks for) in this folder, to resume
+    folder = dict(
+        older_checkpoint_than_the_output_dirs="other",
+        resume_into_another_runs_folder="other",
+        resume_with_no_step_left="out",
+    ).get(case)
+    if folder:
+        other = tmp_path / folder / "checkpoint-5"
         other.mkdir(parents=True)
         torch.save(dict(step=5), other / "training_state.pt")
         for name in ("optimizer.pt", "data.json"):
             (other / name).write_text("{}")
         args += ["--resume", str(other)]
+    if case == "resume_with_no_step_left":  # was: no step, "done: .../checkpoint-5", run.json rewritten
+        args += ["--max_train_steps", "5"]
     if case == "bad_resume":
         args += ["--resume", str(tmp_path)]
     if case == "no_such_model_folder":
@@ -536,6 +545,7 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "foreign_output_dir": "--resume latest",
         "older_checkpoint_than_the_output_dirs": "holds checkpoint-7, newer than this checkpoint (step 5)",
         "resume_into_another_runs_folder": "already holds another run (run.json)",
+        "resume_with_no_step_left": "at step 5, so --max_train_steps 5 leaves no step to train",
         "bad_resume": "not a checkpoint folder",
         "no_such_model_folder": "no such file or folder",
         "not_a_pipeline_folder": "no unet/, scheduler/",

@@ -613,6 +613,12 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
                 "record and checkpoints the resumed run would mix with its own. Choose an empty or new "
                 "--output_dir, or copy the checkpoint's whole run folder and resume inside it."
             )
+    if cfg.max_train_steps <= step:
+        raise DataError(
+            f"--resume {path}: this checkpoint is at step {step}, so --max_train_steps {cfg.max_train_steps} "
+            "leaves no step to train. Its weights are the run's result; to train on, pass a --max_train_steps "
+            f"above {step}."
+        )
     saved = json.loads((path / "config.json").read_text())
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
