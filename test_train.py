@@ -461,6 +461,52 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert [r["skipped"] for r in rows] == [1, 1, 1]
 
 
+def test_the_corrupt_image_count_goes_on_after_a_resume(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    # 4 of 20 images cannot be decoded; the 1% rule judges once 32 images were read (4 steps of 8)
+    rows = []
+    for i in range(20):
+        name = f"{i}.png"
+        if i < 4:
+            (tmp_path / name).write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (8, 8), (12 * i, 0, 0)).save(tmp_path / name)
+        rows.append({"image": name, "caption": f"c{i}", "label": i % 2})
+    args = [
+        "--dataset",
+        str(write_table(tmp_path, rows)),
+        "--heldout_steps",
+        "0",
+        "--checkpointing_steps",
+        "2",
+    ]
+    monkeypatch.setattr(data, "MIN_IMAGES_TO_JUDGE", 32)
+
+    def stopped(*more, out):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, *args, *more, out=out)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "could not be decoded" in err, err
+        return err.strip().splitlines()[-1]
+
+    whole = stopped("--max_train_steps", "8", out="whole")
+    run(tmp_path, *args, "--max_train_steps", "2", out="split")
+    # the resumed run counts on from the checkpoint's counts: it stops where the whole run did, with its counts
+    assert stopped("--max_train_steps", "8", "--resume", "latest", out="split") == whole
+    steps = lambda out: [
+        json.loads(x)["step"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps("split") == steps("whole")
+    # a checkpoint of an older version, without the counts, resumes with them at 0
+    run(tmp_path, *args, "--max_train_steps", "2", out="old")
+    state_file = tmp_path / "old" / "checkpoint-2" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("n_corrupt", "n_seen")}, state_file)
+    monkeypatch.setattr(data, "MIN_IMAGES_TO_JUDGE", 10**6)
+    run(tmp_path, *args, "--max_train_steps", "3", "--resume", "latest", out="old")
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -496,9 +496,11 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     optimizer, lr_schedule, scaler = models.make_optimizer(cfg, policy, device, amp_dtype)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
-    start_step, bad_steps = utils.load_checkpoint(
+    start_step, counters = utils.load_checkpoint(
         resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
     )
+    # Non-finite steps in a row; corrupt images and images read, for the 1% rule (data.check_corrupt)
+    bad_steps, n_corrupt, n_seen = (counters[name] for name in utils.COUNTERS)
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
@@ -519,7 +521,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     batches = inputs.loader(sampler, per_rank)
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
     step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
-    phases, n_corrupt, n_seen = profiling.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
+    phases = profiling.Phases(cfg.profile, device, cfg.peak_tflops)
     # SIGTERM from here on: finish the step, save, stop
     stop = utils.StopRequest()
     # The baseline grid, before any update
@@ -551,6 +553,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         # Every rank stops together
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
+        counters = dict(zip(utils.COUNTERS, (bad_steps, n_corrupt, n_seen)))  # saved with each checkpoint
 
         seconds = time.perf_counter() - t0
         row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
@@ -566,7 +569,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         preempted = sums["stop"].item() > 0
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
             utils.save_checkpoint(
-                cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
+                cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
             )
             record.checkpoint(step)
         if preempted:

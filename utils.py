@@ -505,10 +505,10 @@ def fsync_tree(path: Path):
 
 
 def save_checkpoint(
-    cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
+    cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
 ):
     """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt, rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
+    training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
     `data_id`). Rank 0 writes it to a temporary folder, flushes it to disk, then renames it; a full disk removes the
     partial folder and stops every rank with TrainingError. All ranks call this."""
     rng_states = [gen.get_state()]
@@ -526,8 +526,8 @@ def save_checkpoint(
                     dict(
                         lr_schedule=lr_schedule.state_dict(),
                         step=step,
-                        bad_steps=bad_steps,
                         scaler=scaler.state_dict(),
+                        **counters,
                     ),
                     tmp / "training_state.pt",
                 )
@@ -669,6 +669,11 @@ def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
     )
 
 
+# Counts that run through a run, saved in training_state.pt: non-finite steps in a row (check_bad_steps), corrupt
+# images and images read (data.check_corrupt)
+COUNTERS = ("bad_steps", "n_corrupt", "n_seen")
+
+
 def load_checkpoint(
     path: Path | None,
     policy,
@@ -682,9 +687,10 @@ def load_checkpoint(
     device,
 ) -> tuple[int, int]:
     """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
-    fp16 loss scale and this rank's generator. Returns (step, consecutive bad steps); (0, 0) without a path."""
+    fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name in
+    COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
     if path is None:
-        return 0, 0
+        return 0, dict.fromkeys(COUNTERS, 0)
     models.load_policy(policy, path)
     state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
@@ -701,4 +707,4 @@ def load_checkpoint(
                 f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
                 "restart, so the run will not match an uninterrupted one exactly"
             )
-    return state["step"], state["bad_steps"]
+    return state["step"], {name: state.get(name, 0) for name in COUNTERS}
