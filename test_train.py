@@ -190,6 +190,24 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_exits_75
     assert f"preempted: SIGTERM at step {step}" in err and step > 2, err
 
 
+def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):
+    (tmp_path / "checkpoint-4").mkdir()
+    cfg = train_kto.Config(output_dir=str(tmp_path))
+    command = lambda: utils.resume_command(cfg, "train_kto.py", ["--beta", "5", "--resume", "x"])
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert command().endswith("To resume: python train_kto.py --beta 5 --resume latest")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert command().endswith("To resume: torchrun --nproc_per_node 4 train_kto.py --beta 5 --resume latest")
+    # 2 nodes x 8: each node's torchrun starts 8 processes, not 16
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert "torchrun --nnodes 2 --nproc_per_node 8 with the first launch's rendezvous flags" in command()
+    assert command().endswith("then train_kto.py --beta 5 --resume latest")
+
+
 def test_sigterm_before_training_stops_at_once_with_one_line(capsys):
     # what run_main installs until the training loop takes SIGTERM over (utils.StopRequest)
     with pytest.raises(SystemExit) as e:

@@ -648,9 +648,20 @@ def resume_command(cfg, script: str, argv: list[str]) -> str:
     if not last:
         return f"No checkpoint was saved in {cfg.output_dir}: run the same command to start again."
     kept = [a for i, a in enumerate(argv) if not a.startswith("--resume") and argv[i - 1 : i] != ["--resume"]]
+    command = shlex.join([script, *kept, "--resume", "latest"])
+    # torchrun's: all processes, those of this node, the nodes
     ranks = int(os.environ.get("WORLD_SIZE", 1))
-    launcher = f"torchrun --nproc_per_node {ranks}" if ranks > 1 else "python"
-    return f"The last checkpoint is {last[-1]}. To resume: {launcher} {shlex.join([script, *kept, '--resume', 'latest'])}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", ranks // per_node))
+    if ranks == 1:
+        return f"The last checkpoint is {last[-1]}. To resume: python {command}"
+    if nodes == 1:
+        return f"The last checkpoint is {last[-1]}. To resume: torchrun --nproc_per_node {per_node} {command}"
+    return (
+        f"The last checkpoint is {last[-1]}. To resume, relaunch with the same launcher (e.g. the same SLURM script) "
+        f"on {nodes} nodes: on each, torchrun --nnodes {nodes} --nproc_per_node {per_node} with the first launch's "
+        f"rendezvous flags (--rdzv_endpoint ...), then {command}"
+    )
 
 
 def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
