@@ -227,7 +227,15 @@ def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
     signal.signal(signal.SIGTERM, raise_stopped)
     try:
         with reported(errors, rank, lambda: on_stop(cfg)):
-            result = work(cfg, rank, world_size, device)
+            try:
+                result = work(cfg, rank, world_size, device)
+            except Preempted:
+                # Every rank stops at the same step, after the save: rank 0 finishes writing (the model card,
+                # the curves) before any rank exits and the launcher stops the others
+                with contextlib.suppress(Exception):  # a rank already gone: the checkpoint is saved anyway
+                    if dist.is_initialized():
+                        dist.barrier()
+                raise
             if dist.is_initialized():
                 dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
             return result
