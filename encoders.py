@@ -17,6 +17,7 @@ sample and calls unet(x_t, t, **cond): it never asks which family it trains."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -166,6 +167,13 @@ class TextEncoders:
             )
 
 
+def ignore_sigterm(worker_id: int):
+    """A DataLoader worker's start: ignore SIGTERM. torchrun and SLURM signal the whole process group on
+    preemption; a worker that died of it would fail the step that the training loop finishes and saves. The main
+    process stops its workers when it exits. Module-level: picklable for the spawn start method."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Inputs:
     """Turns a loader batch into the objective's inputs (x0, cond, cond_mismatched; see the module docstring), from
     images through the VAE and text encoders, or from the --cache_latents files (built here on first use); both
@@ -231,6 +239,7 @@ class Inputs:
                 num_workers=workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0,
+                worker_init_fn=ignore_sigterm,
             )
         )
 

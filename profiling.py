@@ -8,12 +8,21 @@ import time
 
 import torch
 
+# Dense bf16 TFLOP/s per GPU, from NVIDIA's datasheets, by a part of the name torch.cuda.get_device_name gives
+# ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", ...). The first that matches wins: the variants before their family
 PEAK_TFLOPS = {
     "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H200": 989.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,  # SXM
+    "H200 NVL": 835.0,
+    "H200": 989.0,  # SXM, GH200
     "A100": 312.0,
-}  # dense bf16, vendor datasheets
+}
+
+
+def peak_tflops_of(name: str) -> float:
+    """The dense bf16 peak of the GPU named `name` (PEAK_TFLOPS), 0 if unknown."""
+    return next((tflops for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
 
 
 def attention_flops_cpu():
@@ -41,8 +50,7 @@ class Phases:
     def __init__(self, enabled: bool, device: torch.device, peak_tflops: float = 0.0):
         self.enabled, self.cuda, self.times, self.flops = enabled, device.type == "cuda", {}, None
         if self.cuda and not peak_tflops:
-            name = torch.cuda.get_device_name(device)
-            peak_tflops = next((tflops for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
+            peak_tflops = peak_tflops_of(torch.cuda.get_device_name(device))
         self.peak_tflops = peak_tflops
 
     @contextlib.contextmanager

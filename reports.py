@@ -228,6 +228,48 @@ def is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
+def tracker_backend(kind: str):
+    """The module a --report_to tracker logs through (None for "none"), or a DataError that says what to install:
+    train_kto.check_flags calls it, so that a missing package fails before any model loads."""
+    if kind not in TRACKERS:
+        raise DataError(f"tracker {kind!r}: choose from {', '.join(TRACKERS)}.")
+    try:
+        if kind == "tensorboard":
+            import torch.utils.tensorboard as tensorboard
+
+            return tensorboard
+        if kind == "wandb":
+            import wandb
+
+            return wandb
+    except ImportError as e:
+        raise DataError(
+            {
+                "tensorboard": "--report_to tensorboard needs the tensorboard package: pip install tensorboard",
+                "wandb": "--report_to wandb needs the wandb package: pip install wandb (then `wandb login`, "
+                "or WANDB_MODE=offline to keep the run on disk)",
+            }[kind]
+        ) from e
+    return None
+
+
+def read_prompts(text: str) -> list[str]:
+    """--validation_prompts: a .txt file with one prompt per line, or prompts separated by '|' (blanks dropped).
+    A missing or unreadable file is a DataError (train_kto.check_flags reads it before any model loads)."""
+    if text.endswith(".txt"):
+        try:
+            text = Path(text).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(
+                f"--validation_prompts {text}: cannot read it ({e.__class__.__name__}: {e}). Pass a UTF-8 .txt "
+                "file with one prompt per line, or the prompts themselves separated by '|'."
+            ) from e
+        prompts = text.splitlines()
+    else:
+        prompts = text.split("|")
+    return [p.strip() for p in prompts if p.strip()]
+
+
 class Tracker:
     """Metrics and images to TensorBoard (<run_dir>/tensorboard) or Weights & Biases, or nowhere ("none").
 
@@ -236,25 +278,12 @@ class Tracker:
 
     def __init__(self, kind: str, run_dir: Path, config: dict):
         self.kind, self.writer, self.run = kind, None, None
-        if kind not in TRACKERS:
-            raise DataError(f"tracker {kind!r}: choose from {', '.join(TRACKERS)}.")
+        backend = tracker_backend(kind)
         if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise DataError(
-                    "TensorBoard logging needs the tensorboard package: pip install tensorboard"
-                ) from e
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.writer = backend.SummaryWriter(str(Path(run_dir) / "tensorboard"))
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
         elif kind == "wandb":
-            try:
-                import wandb
-            except ImportError as e:
-                raise DataError(
-                    "Weights & Biases logging needs the wandb package: pip install wandb (then `wandb "
-                    "login`, or WANDB_MODE=offline to keep the run on disk)"
-                ) from e
+            wandb = backend
             mode = os.environ.get("WANDB_MODE", "online")
             try:
                 self.run = wandb.init(project="diffusion-kto", dir=str(run_dir), config=config, mode=mode)
@@ -592,9 +621,7 @@ class Reports:
             self.note_heldout(row)
         self.tracker = Tracker(cfg.report_to, self.out, dataclasses.asdict(cfg))
         self.bar = Progress(cfg.max_train_steps, cfg.objective, initial=start_step)
-        text = cfg.validation_prompts
-        self.prompts = Path(text).read_text().splitlines() if text.endswith(".txt") else text.split("|")
-        self.prompts = [p.strip() for p in self.prompts if p.strip()]
+        self.prompts = read_prompts(cfg.validation_prompts)
 
     def note_heldout(self, row: dict):
         """Keeps the newest held-out numbers, for the model cards."""

@@ -123,6 +123,43 @@ SLOW_STEPS = """
 
 
 @pytest.mark.slow
+def test_on_preemption_no_rank_exits_before_rank_0_has_written_the_model_card(tmp_path):
+    out, script = tmp_path / "out", tmp_path / "preempted.py"
+    patch = f"""
+        import atexit, os, sys, time
+        sys.path.insert(0, {str(HERE)!r})
+        import reports, train_kto, utils
+        out, rank = {str(out)!r}, os.environ["RANK"]
+
+        class StopRequest(utils.StopRequest):  # SIGTERM before step 1: it is finished, saved, and the run stops
+            def __init__(self):
+                super().__init__()
+                self.requested = True
+        utils.StopRequest = StopRequest
+        real = reports.Reports.checkpoint
+        def checkpoint(self, step):
+            if self.enabled:  # rank 0 writes the model card slowly
+                time.sleep(2)
+            real(self, step)
+        reports.Reports.checkpoint = checkpoint
+        # what rank 1 sees as it exits
+        atexit.register(lambda: rank == "1" and open(out + "/rank1.txt", "w").write(
+            str(os.path.exists(out + "/checkpoint-1/README.md"))))
+        train_kto.main(sys.argv[1:])
+    """
+    script.write_text(textwrap.dedent(patch))
+    job = subprocess.run(
+        [*torchrun("--standalone", "--nproc_per_node", "2"), str(script), *TINY, "--output_dir", str(out)],
+        cwd=HERE,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert "preempted: SIGTERM at step 1" in job.stderr, job.stderr[-3000:]
+    assert (out / "rank1.txt").read_text() == "True"
+
+
+@pytest.mark.slow
 def test_preemption_saves_the_step_and_the_relaunch_resumes_exactly(tmp_path):
     out, script = tmp_path / "out", tmp_path / "slow.py"
     script.write_text(

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fixtures
+import profiling
 import train_kto
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,6 +289,15 @@ def test_adamw8bit_needs_bitsandbytes(tmp_path, plain, monkeypatch, capsys):
     rows, _ = run(tmp_path / "standin", "--optimizer", "adamw8bit")
     assert made == [dict(lr=train_kto.TINY["learning_rate"], weight_decay=0.0)]
     assert_close(rows, plain[0], 0.0)  # the same computation as the plain run: bit for bit
+
+
+def test_each_gpu_variant_gets_its_own_peak():
+    # torch.cuda.get_device_name's names; an NVL or PCIe card is not the SXM part of its family
+    assert profiling.peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert profiling.peak_tflops_of("NVIDIA H100 NVL") == 835.0
+    assert profiling.peak_tflops_of("NVIDIA H100 PCIe") == 756.0
+    assert profiling.peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0
+    assert profiling.peak_tflops_of("NVIDIA GeForce RTX 4090") == 0.0
 
 
 def test_sd15_configs_are_stable_diffusion_v1_5():

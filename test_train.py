@@ -93,8 +93,14 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         ([], [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)], "--allow_one_class"),
         (["--train_batch_size", "1"], None, "--train_batch_size >= 2"),
         (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
+        (["--report_to", "wandb"], None, "--report_to wandb needs the wandb package: pip install wandb"),
+        (
+            ["--validation_prompts", "/no/such/prompts.txt"],
+            None,
+            "--validation_prompts /no/such/prompts.txt: cannot",
+        ),
     ],
-    ids=["bad_label", "one_class", "batch_of_one", "zero_checkpointing_steps"],
+    ids=["bad_label", "one_class", "batch_of_one", "zero_checkpointing_steps", "no_wandb", "no_prompts_file"],
 )
 def test_tiny_checks_the_data_and_flags_before_building_the_world(
     tmp_path, monkeypatch, capsys, flags, rows, message
@@ -106,6 +112,7 @@ def test_tiny_checks_the_data_and_flags_before_building_the_world(
     # An empty cache: --tiny would build the world (minutes) for its model
     monkeypatch.setenv("DIFFUSION_KTO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tiny_world, "build_world", lambda *a, **k: pytest.fail("the world build started"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
     if rows:
         Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
         flags = [*flags, "--dataset", str(write_table(tmp_path, rows))]
@@ -157,6 +164,48 @@ def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_na
     )
     launches = json.loads((out / "run.json").read_text())["launches"]
     assert [launch["start_step"] for launch in launches] == [0, step]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_exits_75(tmp_path):
+    import signal
+    import time
+
+    # torchrun and SLURM signal the whole process group: the DataLoader's workers get SIGTERM too
+    out = tmp_path / "out"
+    argv = [*TINY, "--output_dir", str(out), "--max_train_steps", "500", "--checkpointing_steps", "2"]
+    job = subprocess.Popen(
+        [sys.executable, "train_kto.py", *argv, "--dataloader_workers", "2"],
+        cwd=HERE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, not this test's
+    )
+    while not (out / "checkpoint-2").exists() and job.poll() is None:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    err = job.communicate(timeout=120)[1]
+    step = int(utils.list_checkpoints(out)[-1].name.split("-")[1])
+    assert job.returncode == 75 and "Traceback" not in err, err
+    assert f"preempted: SIGTERM at step {step}" in err and step > 2, err
+
+
+def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):
+    (tmp_path / "checkpoint-4").mkdir()
+    cfg = train_kto.Config(output_dir=str(tmp_path))
+    command = lambda: utils.resume_command(cfg, "train_kto.py", ["--beta", "5", "--resume", "x"])
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert command().endswith("To resume: python train_kto.py --beta 5 --resume latest")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert command().endswith("To resume: torchrun --nproc_per_node 4 train_kto.py --beta 5 --resume latest")
+    # 2 nodes x 8: each node's torchrun starts 8 processes, not 16
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert "torchrun --nnodes 2 --nproc_per_node 8 with the first launch's rendezvous flags" in command()
+    assert command().endswith("then train_kto.py --beta 5 --resume latest")
 
 
 def test_sigterm_before_training_stops_at_once_with_one_line(capsys):
@@ -379,6 +428,32 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert [p.name for p in utils.list_checkpoints(out)] == ["checkpoint-2"]
     _, rows = run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume", "latest")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # the killed save's partial folder (its writer gone) was removed at start-up
+    assert not list(out.glob("checkpoint-4.*.tmp"))
+
+
+def test_start_up_removes_partial_saves_whose_writer_is_gone(tmp_path, capsys):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead, alive = int(gone.stdout), os.getpid()
+    removed = [
+        f"checkpoint-4.{utils.HOST}.{dead}.0a1b2c3d.tmp",
+        f"checkpoint-6.{dead}.tmp",
+    ]  # and older versions'
+    kept = [
+        f"checkpoint-8.{utils.HOST}.{alive}.0a1b2c3d.tmp",  # a save under way in the same folder
+        f"checkpoint-9.other-node.{dead}.0a1b2c3d.tmp",  # another machine's: its writer cannot be checked
+        "checkpoint-2",
+        "checkpoint-10.notes.tmp",
+    ]
+    for name in removed + kept:
+        (tmp_path / name / "unet").mkdir(parents=True)
+    utils.remove_stopped_saves(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    out = capsys.readouterr().out
+    assert all(f"removing {tmp_path / name}, left by a stopped save" in out for name in removed)
+    assert f"note: {tmp_path / kept[1]} is a checkpoint save of other-node" in out
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
@@ -404,6 +479,52 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert [r["skipped"] for r in rows] == [1, 1, 1]
 
 
+def test_the_corrupt_image_count_goes_on_after_a_resume(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    # 4 of 20 images cannot be decoded; the 1% rule judges once 32 images were read (4 steps of 8)
+    rows = []
+    for i in range(20):
+        name = f"{i}.png"
+        if i < 4:
+            (tmp_path / name).write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (8, 8), (12 * i, 0, 0)).save(tmp_path / name)
+        rows.append({"image": name, "caption": f"c{i}", "label": i % 2})
+    args = [
+        "--dataset",
+        str(write_table(tmp_path, rows)),
+        "--heldout_steps",
+        "0",
+        "--checkpointing_steps",
+        "2",
+    ]
+    monkeypatch.setattr(data, "MIN_IMAGES_TO_JUDGE", 32)
+
+    def stopped(*more, out):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, *args, *more, out=out)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "could not be decoded" in err, err
+        return err.strip().splitlines()[-1]
+
+    whole = stopped("--max_train_steps", "8", out="whole")
+    run(tmp_path, *args, "--max_train_steps", "2", out="split")
+    # the resumed run counts on from the checkpoint's counts: it stops where the whole run did, with its counts
+    assert stopped("--max_train_steps", "8", "--resume", "latest", out="split") == whole
+    steps = lambda out: [
+        json.loads(x)["step"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps("split") == steps("whole")
+    # a checkpoint of an older version, without the counts, resumes with them at 0
+    run(tmp_path, *args, "--max_train_steps", "2", out="old")
+    state_file = tmp_path / "old" / "checkpoint-2" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("n_corrupt", "n_seen")}, state_file)
+    monkeypatch.setattr(data, "MIN_IMAGES_TO_JUDGE", 10**6)
+    run(tmp_path, *args, "--max_train_steps", "3", "--resume", "latest", out="old")
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -412,12 +533,16 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
         "batch_of_one",
         "foreign_output_dir",
         "older_checkpoint_than_the_output_dirs",
+        "resume_into_another_runs_folder",
+        "resume_with_no_step_left",
         "bad_resume",
         "no_such_model_folder",
         "not_a_pipeline_folder",
         "unreachable_hub_model",
         "zero_checkpointing_steps",
         "ratio_above_one",
+        "nan_ratio",
+        "infinite_learning_rate",
         "negative_seed",
     ],
 )
@@ -437,12 +562,24 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
     if case == "older_checkpoint_than_the_output_dirs":
         (tmp_path / "out" / "checkpoint-7").mkdir(parents=True)
-        other = tmp_path / "other" / "checkpoint-5"
+    if case == "resume_into_another_runs_folder":  # no checkpoint there yet, but another run's record
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "run.json").write_text("{}")
+    # a checkpoint (its step and the files that find_resume looks for) in this folder, to resume
+    folder = dict(
+        older_checkpoint_than_the_output_dirs="other",
+        resume_into_another_runs_folder="other",
+        resume_with_no_step_left="out",
+    ).get(case)
+    if folder:
+        other = tmp_path / folder / "checkpoint-5"
         other.mkdir(parents=True)
         torch.save(dict(step=5), other / "training_state.pt")
         for name in ("optimizer.pt", "data.json"):
             (other / name).write_text("{}")
         args += ["--resume", str(other)]
+    if case == "resume_with_no_step_left":  # was: no step, "done: .../checkpoint-5", run.json rewritten
+        args += ["--max_train_steps", "5"]
     if case == "bad_resume":
         args += ["--resume", str(tmp_path)]
     if case == "no_such_model_folder":
@@ -455,6 +592,10 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         args += ["--checkpointing_steps", "0"]
     if case == "ratio_above_one":
         args += ["--desirable_ratio", "1.5"]
+    if case == "nan_ratio":  # NaN passed the bounds: the sampler then drew undesirable images only
+        args += ["--desirable_ratio", "nan"]
+    if case == "infinite_learning_rate":
+        args += ["--learning_rate", "inf"]
     if case == "negative_seed":  # was a ValueError traceback from numpy
         args += ["--seed", "-1"]
     args += ["--dataset", str(write_table(tmp_path, rows))]
@@ -467,12 +608,16 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "batch_of_one": "--train_batch_size >= 2",
         "foreign_output_dir": "--resume latest",
         "older_checkpoint_than_the_output_dirs": "holds checkpoint-7, newer than this checkpoint (step 5)",
+        "resume_into_another_runs_folder": "already holds another run (run.json)",
+        "resume_with_no_step_left": "at step 5, so --max_train_steps 5 leaves no step to train",
         "bad_resume": "not a checkpoint folder",
         "no_such_model_folder": "no such file or folder",
         "not_a_pipeline_folder": "no unet/, scheduler/",
         "unreachable_hub_model": "hf download",
         "zero_checkpointing_steps": "--checkpointing_steps 0: must be at least 1",
         "ratio_above_one": "--desirable_ratio 1.5: must be in [0, 1]",
+        "nan_ratio": "--desirable_ratio nan: must be a finite number",
+        "infinite_learning_rate": "--learning_rate inf: must be a finite number",
         "negative_seed": "--seed -1: must be at least 0",
     }[case]
     assert e.value.code == 2 and expected in err and "Traceback" not in err, err

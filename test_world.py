@@ -249,15 +249,24 @@ def build_in_subprocess(cache: Path, launcher: list, threads: str, seed: int = 0
 
 
 def test_a_build_removes_what_stopped_builds_left(tmp_path, capsys):
-    """A build killed before its rename leaves <name>.<pid>.tmp beside the target; the next build of that target
-    (holding the lock, so no other build is under way) removes it, and nothing else."""
+    """A build killed before its rename leaves <name>.<host>.<pid>.<random>.tmp (older versions <name>.<pid>.tmp)
+    beside the target; the next build of that target (holding the lock, so no other build is under way) removes
+    it, and nothing else."""
     target = tmp_path / "tiny-world-v5-seed0"
-    leftovers = [tmp_path / f"{target.name}.4242.tmp", tmp_path / f"{target.name}.77.tmp"]
+    leftovers = [
+        tmp_path / f"{target.name}.4242.tmp",
+        tmp_path / f"{target.name}.77.tmp",
+        tmp_path / f"{target.name}.node-3.4242.0a1b2c3d.tmp",
+    ]
     for stale in leftovers:
         (stale / "model" / "vae").mkdir(parents=True)
         (stale / "model" / "vae" / "config.json").write_text("{}")
     # another target's stopped build and files that only look alike are kept
-    kept = [tmp_path / "tiny-world-v5-seed0-unet_steps4.4242.tmp", tmp_path / f"{target.name}.notes.tmp"]
+    kept = [
+        tmp_path / "tiny-world-v5-seed0-unet_steps4.4242.tmp",
+        tmp_path / f"{target.name}.notes.tmp",
+        tmp_path / f"{target.name}.v2.node-3.4242.0a1b2c3d.tmp",  # of a target named <name>.v2
+    ]
     for other in kept:
         other.mkdir()
     built = utils.build_once(target, lambda folder: (folder / "done").write_text("ok"))
@@ -267,6 +276,19 @@ def test_a_build_removes_what_stopped_builds_left(tmp_path, capsys):
         p.name for p in kept
     )
     assert str(leftovers[0]) in capsys.readouterr().out
+
+
+def test_two_writers_of_one_file_in_one_process_get_their_own_temporary_files(tmp_path):
+    """As writers on two nodes of a shared file system whose containers reuse pids (pickapic.py: every rank
+    writes the label cache): each write has its own temporary file, named after the host, and the last rename
+    wins with a whole file."""
+    target = tmp_path / "labels.parquet"
+    with utils.atomic_path(target) as first, utils.atomic_path(target) as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        assert utils.temp_writer(target.name, first.name) == (utils.HOST, os.getpid())
+        first.write_text("first writer")
+        second.write_text("second writer")
+    assert target.read_text() == "first writer" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 @pytest.mark.slow

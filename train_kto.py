@@ -238,11 +238,13 @@ def check_flags(cfg: Config):
     if cfg.reference_point == "kl_mismatched" and cfg.objective == "kto":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
-    # A missing optimizer package fails now, not after the models load
+    # A missing optimizer or tracker package, or prompts file, fails now, not after the models load
     try:
         models.optimizer_class(cfg.optimizer)
     except ImportError as e:
         raise DataError(str(e)) from e
+    reports.tracker_backend(cfg.report_to)
+    reports.read_prompts(cfg.validation_prompts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,6 +484,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
     table, dataset, desirable, counts = data.load_data(cfg)
     resume_from = utils.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
+    if rank == 0:  # what saves killed midway left (checkpoint-<step>.*.tmp, as large as a checkpoint)
+        utils.remove_stopped_saves(Path(cfg.output_dir))
 
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
@@ -492,9 +496,11 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     optimizer, lr_schedule, scaler = models.make_optimizer(cfg, policy, device, amp_dtype)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
-    start_step, bad_steps = utils.load_checkpoint(
+    start_step, counters = utils.load_checkpoint(
         resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
     )
+    # Non-finite steps in a row; corrupt images and images read, for the 1% rule (data.check_corrupt)
+    bad_steps, n_corrupt, n_seen = (counters[name] for name in utils.COUNTERS)
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
@@ -516,7 +522,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     batches = inputs.loader(sampler, per_rank)
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
     step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
-    phases, n_corrupt, n_seen = profiling.Phases(cfg.profile, device, cfg.peak_tflops), 0, 0
+    phases = profiling.Phases(cfg.profile, device, cfg.peak_tflops)
     # SIGTERM from here on: finish the step, save, stop
     stop = utils.StopRequest()
     # The baseline grid, before any update
@@ -548,6 +554,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         # Every rank stops together
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
+        counters = dict(zip(utils.COUNTERS, (bad_steps, n_corrupt, n_seen)))  # saved with each checkpoint
 
         seconds = time.perf_counter() - t0
         row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
@@ -563,7 +570,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         preempted = sums["stop"].item() > 0
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
             utils.save_checkpoint(
-                cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
+                cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
             )
             record.checkpoint(step)
         if preempted:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -150,7 +151,7 @@ def parse_config(
 
     --tiny only changes defaults (`tiny`, plus `tiny_extra(cfg, given)` computed only when --tiny is given, e.g.
     paths of things built on first use); flags given explicitly always win. --help shows both defaults. bounds:
-    {field: (lowest, highest or None)}; a value outside raises DataError. Both it and check(cfg) (flags that
+    {field: (lowest, highest or None)}; a value outside, or a float flag that is NaN or infinite, raises DataError. Both it and check(cfg) (flags that
     contradict each other) run first: bad flags fail before anything loads or is built."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n")[0],
@@ -165,6 +166,9 @@ def parse_config(
         parser.add_argument(f"--{f.name}", help=helps[f.name] + default, choices=choices.get(f.name), **kind)
     given = vars(parser.parse_args(argv))
     cfg = dataclasses.replace(config_cls(), **{**(tiny if given.get("tiny") else {}), **given})
+    for f in dataclasses.fields(config_cls):  # NaN passes any bound (every comparison is False)
+        if f.type == "float" and not np.isfinite(getattr(cfg, f.name)):
+            raise DataError(f"--{f.name} {getattr(cfg, f.name)}: must be a finite number.")
     for name, (lo, hi) in (bounds or {}).items():
         value = getattr(cfg, name)
         if value < lo or (hi is not None and value > hi):
@@ -223,7 +227,15 @@ def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
     signal.signal(signal.SIGTERM, raise_stopped)
     try:
         with reported(errors, rank, lambda: on_stop(cfg)):
-            result = work(cfg, rank, world_size, device)
+            try:
+                result = work(cfg, rank, world_size, device)
+            except Preempted:
+                # Every rank stops at the same step, after the save: rank 0 finishes writing (the model card,
+                # the curves) before any rank exits and the launcher stops the others
+                with contextlib.suppress(Exception):  # a rank already gone: the checkpoint is saved anyway
+                    if dist.is_initialized():
+                        dist.barrier()
+                raise
             if dist.is_initialized():
                 dist.barrier()  # rank 0 finishes writing before any rank tears down its connections
             return result
@@ -367,12 +379,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSION_KTO_CACHE", Path.home() / ".cache" / "diffusion_kto"))
 
 
+# This machine's name in temporary names: letters, digits and '-' only, so that the names parse back
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
+
+
+def temp_name(name: str) -> str:
+    """<name>.<host>.<pid>.<8 random hex digits>.tmp: unique per write, also across the nodes of a shared file
+    system whose containers reuse pids (every rank may write the same cache file)."""
+    return f"{name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def temp_writer(name: str, candidate: str) -> tuple[str | None, int] | None:
+    """(host, pid) of the process that named `candidate` with temp_name(name); host None for the <name>.<pid>.tmp
+    of older versions; None if `candidate` is no temporary name of `name`."""
+    m = re.fullmatch(
+        re.escape(name) + r"\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}|(?P<old_pid>\d+))\.tmp",
+        candidate,
+    )
+    return m and (m["host"], int(m["pid"] or m["old_pid"]))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; when the block ends without an error, rename it to `path` (a file
-    or a folder, replacing an old one). A crash leaves `path` as it was and only a *.tmp beside it."""
+    """Yield a temporary path beside `path` (temp_name); when the block ends without an error, rename it to `path`
+    (a file or a folder, replacing an old one). A crash leaves `path` as it was and only a *.tmp beside it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temp_name(path.name))
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
@@ -386,10 +418,10 @@ def atomic_path(path: Path):
 
 
 def remove_stopped_builds(path: Path):
-    """Remove the <name>.<pid>.tmp folders (or files) that builds of `path` stopped before their rename left
+    """Remove the temporary folders (or files, temp_name) that builds of `path` stopped before their rename left
     (killed, out of memory, the machine rebooted). Call with the build lock held: then no build is under way."""
     for stale in path.parent.iterdir():
-        if re.fullmatch(re.escape(path.name) + r"\.\d+\.tmp", stale.name):
+        if temp_writer(path.name, stale.name):
             print(f"removing {stale}, left by a stopped build", flush=True)
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
@@ -427,13 +459,47 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp and is ignored."""
+    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp (temp_name) and is
+    ignored."""
     found = [
         p
         for p in Path(output_dir).glob("checkpoint-*")
         if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()
     ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (os.kill with signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stopped_saves(output_dir: Path):
+    """Remove the checkpoint-<step>.*.tmp folders that saves killed before their rename left (SIGKILL, out of
+    memory; each the size of a checkpoint), when their writer, named in the folder (temp_name), is no process on
+    this machine: a run saving into the same folder keeps its own. Those of other machines are only named: this
+    one cannot tell whether they are still being written. Rank 0 calls this at start-up."""
+    for tmp in sorted(Path(output_dir).glob("checkpoint-*.tmp")):
+        name = tmp.name.split(".")[0]
+        writer = re.fullmatch(r"checkpoint-\d+", name) and temp_writer(name, tmp.name)
+        if not writer or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        host, pid = writer
+        if host in (None, HOST) and not is_running(pid):
+            print(f"removing {tmp}, left by a stopped save", flush=True)
+            shutil.rmtree(tmp)
+        elif host not in (None, HOST):
+            print(
+                f"note: {tmp} is a checkpoint save of {host}, stopped or under way; if no run on {host} is "
+                "saving into this folder, remove it to free its space.",
+                flush=True,
+            )
 
 
 def fsync_tree(path: Path):
@@ -447,10 +513,10 @@ def fsync_tree(path: Path):
 
 
 def save_checkpoint(
-    cfg, policy, optimizer, lr_schedule, scaler, gen, step, bad_steps, rank, world_size, data_id
+    cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
 ):
     """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt, rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
+    training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
     `data_id`). Rank 0 writes it to a temporary folder, flushes it to disk, then renames it; a full disk removes the
     partial folder and stops every rank with TrainingError. All ranks call this."""
     rng_states = [gen.get_state()]
@@ -468,8 +534,8 @@ def save_checkpoint(
                     dict(
                         lr_schedule=lr_schedule.state_dict(),
                         step=step,
-                        bad_steps=bad_steps,
                         scaler=scaler.state_dict(),
+                        **counters,
                     ),
                     tmp / "training_state.pt",
                 )
@@ -502,9 +568,9 @@ def save_checkpoint(
 
 
 def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume, and
-    to resume a checkpoint whose data (by content: `data_id`, see data.fingerprint), model or objective differ
-    from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
+    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume or with
+    a checkpoint of another folder, and to resume a checkpoint whose data (by content: `data_id`, see
+    data.fingerprint), model or objective differ from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
     out = Path(cfg.output_dir)
     if not cfg.resume:
         if list_checkpoints(out):
@@ -544,6 +610,23 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
             "which the resumed run would overwrite or delete, and which --resume latest would take. Choose "
             "another --output_dir, or resume the newer checkpoint (--resume latest)."
         )
+    # A checkpoint of another folder continues its run here: a different run's record there would be mixed in
+    if out.resolve() not in path.resolve().parents:
+        record = [
+            p.name for p in (*list_checkpoints(out), out / "metrics.jsonl", out / "run.json") if p.exists()
+        ]
+        if record:
+            raise DataError(
+                f"--resume {path}: --output_dir {out} already holds another run ({', '.join(record)}), whose "
+                "record and checkpoints the resumed run would mix with its own. Choose an empty or new "
+                "--output_dir, or copy the checkpoint's whole run folder and resume inside it."
+            )
+    if cfg.max_train_steps <= step:
+        raise DataError(
+            f"--resume {path}: this checkpoint is at step {step}, so --max_train_steps {cfg.max_train_steps} "
+            "leaves no step to train. Its weights are the run's result; to train on, pass a --max_train_steps "
+            f"above {step}."
+        )
     saved = json.loads((path / "config.json").read_text())
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
@@ -573,9 +656,20 @@ def resume_command(cfg, script: str, argv: list[str]) -> str:
     if not last:
         return f"No checkpoint was saved in {cfg.output_dir}: run the same command to start again."
     kept = [a for i, a in enumerate(argv) if not a.startswith("--resume") and argv[i - 1 : i] != ["--resume"]]
+    command = shlex.join([script, *kept, "--resume", "latest"])
+    # torchrun's: all processes, those of this node, the nodes
     ranks = int(os.environ.get("WORLD_SIZE", 1))
-    launcher = f"torchrun --nproc_per_node {ranks}" if ranks > 1 else "python"
-    return f"The last checkpoint is {last[-1]}. To resume: {launcher} {shlex.join([script, *kept, '--resume', 'latest'])}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", ranks // per_node))
+    if ranks == 1:
+        return f"The last checkpoint is {last[-1]}. To resume: python {command}"
+    if nodes == 1:
+        return f"The last checkpoint is {last[-1]}. To resume: torchrun --nproc_per_node {per_node} {command}"
+    return (
+        f"The last checkpoint is {last[-1]}. To resume, relaunch with the same launcher (e.g. the same SLURM script) "
+        f"on {nodes} nodes: on each, torchrun --nnodes {nodes} --nproc_per_node {per_node} with the first launch's "
+        f"rendezvous flags (--rdzv_endpoint ...), then {command}"
+    )
 
 
 def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
@@ -594,6 +688,11 @@ def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
     )
 
 
+# Counts that run through a run, saved in training_state.pt: non-finite steps in a row (check_bad_steps), corrupt
+# images and images read (data.check_corrupt)
+COUNTERS = ("bad_steps", "n_corrupt", "n_seen")
+
+
 def load_checkpoint(
     path: Path | None,
     policy,
@@ -607,9 +706,10 @@ def load_checkpoint(
     device,
 ) -> tuple[int, int]:
     """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
-    fp16 loss scale and this rank's generator. Returns (step, consecutive bad steps); (0, 0) without a path."""
+    fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name in
+    COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
     if path is None:
-        return 0, 0
+        return 0, dict.fromkeys(COUNTERS, 0)
     models.load_policy(policy, path)
     state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
@@ -626,4 +726,4 @@ def load_checkpoint(
                 f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
                 "restart, so the run will not match an uninterrupted one exactly"
             )
-    return state["step"], state["bad_steps"]
+    return state["step"], {name: state.get(name, 0) for name in COUNTERS}
