@@ -190,6 +190,24 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_exits_75
     assert f"preempted: SIGTERM at step {step}" in err and step > 2, err
 
 
+def test_sigterm_at_the_last_step_ends_the_run_as_complete(tmp_path, monkeypatch):
+    import signal
+
+    # SIGTERM during the last step: that step is saved as always, and the run is complete (exit 0, not 75: a
+    # relaunch would have nothing left to train)
+    class SignalledNow(utils.StopRequest):
+        def __init__(self):
+            super().__init__()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(utils, "StopRequest", SignalledNow)
+    try:
+        policy = train_kto.main([*TINY, "--output_dir", str(tmp_path), "--max_train_steps", "1"])
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert policy is not None and [c.name for c in utils.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
 def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):
     (tmp_path / "checkpoint-4").mkdir()
     cfg = train_kto.Config(output_dir=str(tmp_path))

@@ -573,7 +573,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
             )
             record.checkpoint(step)
-        if preempted:
+        if preempted and step < cfg.max_train_steps:  # at the last step the run is complete: it ends as usual
             raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
     record.close()
     return policy
