@@ -542,13 +542,15 @@ def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[
 
 def log_row(step: int, s: dict, z, grad_norm, lr: float, skipped: bool, seconds: float) -> dict:
     """One line of metrics.jsonl (names in docs/outputs.md)."""
-    n = s["n"].item()
+    n, n_desirable = s["n"].item(), s["n_desirable"].item()
+    # a class with no image in this step's batch (often: 80% of it desirable) has no mean reward: null, not 0
+    mean = lambda total, count: total.item() / count if count else None
     return dict(
         step=step,
         loss=s["loss"].item() / n,
         z=z.item(),
-        reward_desirable=s["r_desirable"].item() / max(s["n_desirable"].item(), 1),
-        reward_undesirable=s["r_undesirable"].item() / max(n - s["n_desirable"].item(), 1),
+        reward_desirable=mean(s["r_desirable"], n_desirable),
+        reward_undesirable=mean(s["r_undesirable"], n - n_desirable),
         accuracy=s["won"].item() / n,
         policy_err=s["policy_err"].item() / n,
         ref_err=s["ref_err"].item() / n,

@@ -508,3 +508,15 @@ def test_validation_decodes_as_the_pipeline_and_outside_autocast(family):
     with torch.autocast("cpu", dtype=torch.float16):
         reports.decode_images(pipe, latents)
     assert seen == [torch.float32]
+
+
+def test_a_class_absent_from_the_steps_batch_has_no_mean_reward():
+    # 3 desirable images, no undesirable one (at batch 2 and 80% desirable, 64% of the steps): null, not 0.0
+    r, desirable = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([True, True, True])
+    stats = dict(r=r, z=torch.tensor(0.1), policy_err=torch.ones(3), ref_err=torch.ones(3))
+    sums = reports.step_sums(torch.tensor(0.4), stats, desirable, torch.tensor(True), torch.zeros(3), False)
+    row = reports.log_row(7, sums, stats["z"], torch.tensor(1.0), 1e-7, False, 1.0)
+    assert row["reward_desirable"] == pytest.approx(0.5) and row["reward_undesirable"] is None
+    assert json.loads(json.dumps(row))["reward_undesirable"] is None  # valid JSON: null
+    fig = reports.curves_figure([row, dict(row, step=8, reward_undesirable=-0.3)], "run")  # a gap, no error
+    assert fig is not None

@@ -99,7 +99,8 @@ def test_sdxl_inputs_are_its_pipelines_and_mismatched_pairs_roll_every_caption_i
 def test_sdxl_reward_is_exactly_zero_at_learning_rate_0(tmp_path, precision):
     rows, _ = run(tmp_path, "--max_train_steps", "2", "--learning_rate", "0", "--mixed_precision", precision)
     # policy == reference: the two UNets run the same code on the same inputs (bf16 autocast included)
-    assert all(r["reward_desirable"] == r["reward_undesirable"] == r["z"] == 0 for r in rows)
+    # (80% desirable: a step's batch may hold no undesirable image, whose mean reward is then null)
+    assert all(r["reward_desirable"] == r["z"] == 0 and r["reward_undesirable"] in (0, None) for r in rows)
     assert all(r["policy_err"] == r["ref_err"] > 0 for r in rows)
 
 
