@@ -223,8 +223,8 @@ def read_table(path: Path) -> pd.DataFrame:
         return read_json(path, lines=suffix == ".jsonl")
     if suffix == ".parquet":
         read_parquet_schema(path)
-        try:  # rows by position: a DataFrame saved filtered or shuffled keeps its index in the file
-            return pd.read_parquet(path).reset_index(drop=True)
+        try:
+            return pd.read_parquet(path)
         except (pa.ArrowException, OSError) as e:
             raise unreadable(path, f"a damaged parquet file ({e})") from None
     raise DataError(
@@ -275,7 +275,8 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
         return load_pickapic(path, label_policy)
     if not path.exists():
         raise DataError(f"--dataset {path}: no such file. Pass a .csv, .jsonl, .json or .parquet file.")
-    table = read_table(path)
+    # rows by position: a DataFrame saved filtered or shuffled (parquet, pandas' .json) keeps its index in the file
+    table = read_table(path).reset_index(drop=True)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(

@@ -572,20 +572,35 @@ def test_csv_image_names_are_paths_and_must_be_files(tmp_path):
             data.load_feedback(tmp_path / "t.csv")
 
 
-def test_parquet_saved_with_a_shuffled_index_names_the_row_by_position(tmp_path):
-    """A parquet written from a filtered or shuffled DataFrame keeps its index; rows are still counted by position."""
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_a_table_saved_with_a_shuffled_index_is_read_by_position(tmp_path, suffix):
+    """A parquet or pandas .json written from a filtered or shuffled DataFrame keeps its index; rows are still
+    counted by position, and each image keeps its own caption and label."""
     import pandas as pd
 
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    save = lambda t: (
+        t.to_parquet(tmp_path / f"t{suffix}") if suffix == ".parquet" else t.to_json(tmp_path / "t.json")
+    )
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
     rows = pd.DataFrame(
-        {"image": ["a.png", "a.png", "missing.png"], "caption": "x", "label": ["1", "0", "1"]}
+        {
+            "image": ["a.png", "b.png", "missing.png"],
+            "caption": ["of a", "of b", "x"],
+            "label": ["1", "0", "1"],
+        }
     )
     rows.index = [40, 7, 12]
-    rows.to_parquet(tmp_path / "t.parquet")
+    save(rows)
     with pytest.raises(DataError, match=r"column 'image', row 2: image file 'missing.png' does not exist"):
-        data.load_feedback(tmp_path / "t.parquet")
-    rows.iloc[:2].to_parquet(tmp_path / "t.parquet")
-    assert data.load_feedback(tmp_path / "t.parquet")["desirable"].tolist() == [True, False]
+        data.load_feedback(tmp_path / f"t{suffix}")
+    shuffled = pd.DataFrame(
+        {"image": ["c.png", "a.png", "b.png"], "caption": ["of c", "of a", "of b"], "label": [0, 1, 0]}
+    )
+    save(shuffled.sample(frac=1, random_state=1))  # index 2, 0, 1 (or another order): saved with the rows
+    table = data.load_feedback(tmp_path / f"t{suffix}")
+    pairs = {(i, c, d) for i, c, d in zip(table["image"], table["caption"], table["desirable"])}
+    assert pairs == {("c.png", "of c", False), ("a.png", "of a", True), ("b.png", "of b", False)}
 
 
 def test_json_tables_with_a_byte_order_mark(tmp_path):
