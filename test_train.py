@@ -208,6 +208,42 @@ def test_sigterm_at_the_last_step_ends_the_run_as_complete(tmp_path, monkeypatch
     assert policy is not None and [c.name for c in utils.list_checkpoints(tmp_path)] == ["checkpoint-1"]
 
 
+def test_a_resume_into_a_new_folder_stopped_before_its_first_save_runs_again_as_launched(
+    tmp_path, monkeypatch
+):
+    run(tmp_path, "--max_train_steps", "2", out="a")
+    again = ["--resume", str(tmp_path / "a" / "checkpoint-2"), "--max_train_steps", "3"]
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    # the first launch into b writes its record (run.json, step 3 in metrics.jsonl), then dies in the save
+    with monkeypatch.context() as m:
+        m.setattr(utils, "save_checkpoint", killed)
+        with pytest.raises(SystemExit):
+            run(tmp_path, *again, out="b")
+    assert (tmp_path / "b" / "run.json").exists() and not utils.list_checkpoints(tmp_path / "b")
+    # the same command again: its own record, not another run's
+    _, rows = run(tmp_path, *again, out="b")
+    assert [r["step"] for r in rows] == [3] and utils.list_checkpoints(tmp_path / "b")[
+        -1
+    ].name == "checkpoint-3"
+
+
+def test_a_relaunch_of_a_finished_run_trains_nothing_and_exits_0(tmp_path, capsys):
+    run(tmp_path, "--max_train_steps", "2")
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    # a torchrun restart or a requeue after the last save: the same command, --resume latest
+    assert (
+        train_kto.main(
+            [*TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--resume", "latest"]
+        )
+        is None
+    )
+    assert "nothing to train: " in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+
+
 def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):
     (tmp_path / "checkpoint-4").mkdir()
     cfg = train_kto.Config(output_dir=str(tmp_path))

@@ -615,6 +615,11 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
         record = [
             p.name for p in (*list_checkpoints(out), out / "metrics.jsonl", out / "run.json") if p.exists()
         ]
+        # unless it is this very resume, stopped before its first save and launched again as it was
+        if record and not list_checkpoints(out) and (out / "run.json").exists():
+            with contextlib.suppress(ValueError, AttributeError):
+                earlier = json.loads((out / "run.json").read_text()).get("config", {}).get("resume")
+                record = [] if earlier and Path(earlier).resolve() == path.resolve() else record
         if record:
             raise DataError(
                 f"--resume {path}: --output_dir {out} already holds another run ({', '.join(record)}), whose "
