@@ -403,7 +403,7 @@ def score_images(
 
 def describe_model(spec: str, flag: str) -> dict:
     """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None, 'lora': checkpoint folder holding a LoRA
-    file or None, 'vae': the VAE trained with (--pretrained_vae) or None}, checked to exist. A checkpoint-<step>
+    file or None, 'vae': the VAE trained with (--pretrained_vae), only where there is one}, checked to exist. A checkpoint-<step>
     folder holds only unet/ (or the LoRA file); its base model and VAE are config.pretrained_model and
     config.pretrained_vae in the run.json above."""
     path = Path(spec)
@@ -420,17 +420,16 @@ def describe_model(spec: str, flag: str) -> dict:
         utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
         if vae:
             utils.resolve_model(vae, f"{flag} {spec}: the VAE it was trained with, {vae} (in {run_json})")
+        # 'vae' only where one was trained with: images/generation.json of earlier runs stays the same
         return dict(
-            base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None, vae=vae
-        )
+            base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None
+        ) | (dict(vae=vae) if vae else {})
     if path.is_dir() and not (path / "model_index.json").exists():
         raise DataError(
             f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/ or {models.LORA_FILE}) nor a "
             "diffusers model folder (with model_index.json)."
         )
-    return dict(
-        base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None, vae=None
-    )
+    return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
 
 
 def generation_dtype(device: torch.device) -> torch.dtype:
@@ -458,7 +457,7 @@ def trained_components(model: dict, dtype=None) -> dict:
     with. LoRA adapters are loaded into the pipeline afterwards."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    parts = dict(unet=(UNet2DConditionModel, model["unet"]), vae=(AutoencoderKL, model["vae"]))
+    parts = dict(unet=(UNet2DConditionModel, model["unet"]), vae=(AutoencoderKL, model.get("vae")))
     return {name: cls.from_pretrained(path, dtype=dtype) for name, (cls, path) in parts.items() if path}
 
 
