@@ -14,6 +14,11 @@ import torch
 
 from utils import DataError, TrainingError, agree, atomic_path, disk_full_message, is_disk_full, torch_save
 
+# How images and captions become cache entries (data.FeedbackDataset's decoding, the encoders); raised whenever that
+# code changes what a cache holds, so a cache built by older code is refused, not reused.
+# 2: EXIF orientation applied, 16-bit PNGs scaled to 8 bits (2026-12-06)
+FORMAT = 2
+
 CACHE_CHUNK = (
     256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
 )
@@ -26,8 +31,9 @@ def cache_files(n_images: int, n_captions: int) -> list[str]:
 
 
 def check_settings(folder: Path, settings: dict, rank: int):
-    """A cache is reused only for the same model, data, resolution, flips and dtype; rank 0 records them, atomically
-    (another rank reading at that moment sees no file or the whole one)."""
+    """A cache is reused only for the same model, data, resolution, flips, dtype and FORMAT; rank 0 records them,
+    atomically (another rank reading at that moment sees no file or the whole one)."""
+    settings = dict(settings, format=FORMAT)
     file = folder / "settings.json"
     if file.exists() and json.loads(file.read_text()) != settings:
         raise DataError(

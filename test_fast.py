@@ -154,6 +154,18 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
     assert e.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
+def test_a_cache_built_by_older_code_is_refused(tmp_path, monkeypatch):
+    import latent_cache
+
+    settings = dict(pretrained_model="m", resolution=16)
+    latent_cache.check_settings(tmp_path, settings, rank=0)
+    latent_cache.check_settings(tmp_path, settings, rank=0)  # the same code and settings: reused
+    # images decoded differently since (latent_cache.FORMAT raised): the cache holds what the data no longer gives
+    monkeypatch.setattr(latent_cache, "FORMAT", latent_cache.FORMAT + 1)
+    with pytest.raises(utils.DataError, match="other settings"):
+        latent_cache.check_settings(tmp_path, settings, rank=0)
+
+
 @pytest.mark.slow
 def test_cache_latents_without_flip_with_batch_mean_and_dropout(tmp_path):
     args = [
