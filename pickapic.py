@@ -320,7 +320,8 @@ def load_pickapic(spec: str | Path, label_policy: str = "won_once", split: str =
     )
     counts = shard_counts(files)
     missing = counts["shards_expected"] - counts["shards"]
-    if missing and not Path(spec).is_file():  # a single shard is a subset on purpose
+    # a single shard is a subset on purpose; under torchrun, rank 0 alone says it
+    if missing and not Path(spec).is_file() and os.environ.get("RANK", "0") == "0":
         warnings.warn(
             f"--dataset {spec}: {counts['shards']} of the {counts['shards_expected']} shards that the names "
             f"(*-NNNNN-of-NNNNN.parquet) promise are in {root}; {missing} are missing (an unfinished download?). "

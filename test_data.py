@@ -657,10 +657,10 @@ def test_a_damaged_shard_is_named_with_what_to_do(folder):
         data.load_feedback(folder)
 
 
-def test_a_folder_missing_shards_warns_and_counts_them(tmp_path):
+def test_a_folder_missing_shards_warns_and_counts_them(tmp_path, monkeypatch):
     """A folder with 2 of the 3 shards its names promise (train-*-of-00003) trains on those (a subset may be on
-    purpose) with a warning that says how many are missing; the stats record both counts. No warning when all
-    are there, nor for a single shard given on purpose."""
+    purpose) with a warning that says how many are missing (rank 0's); the stats record both counts. No warning when
+    all are there, nor for a single shard given on purpose."""
     shards = SHARDS + [[("a fox", "H", "E", 1.0, 0.0)]]
     for k in (0, 2):
         write_shard(tmp_path / f"train-{k:05d}-of-00003-abc.parquet", shards[k])
@@ -670,6 +670,9 @@ def test_a_folder_missing_shards_warns_and_counts_them(tmp_path):
     assert set(table["uid"]) == {"A", "B", "C", "H", "E"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        with monkeypatch.context() as m:  # under torchrun only rank 0 says it, not once per rank
+            m.setenv("RANK", "1")
+            assert data.load_feedback(tmp_path).attrs["stats"]["shards_expected"] == 3
         data.load_feedback(tmp_path / "train-00000-of-00003-abc.parquet")
         write_shard(tmp_path / "train-00001-of-00003-abc.parquet", shards[1])
         stats = data.load_feedback(tmp_path).attrs["stats"]
