@@ -411,12 +411,10 @@ def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> 
         lines.append(f'pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")')
     lines.append('image = pipe("a photo of an astronaut riding a horse").images[0]')
     code = "\n".join(lines)
-    held = (
-        f"LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet"
-        if lora
-        else "the fine-tuned UNet (`unet/`); the other parts come from the base model"
-        + (" and the VAE it was trained with" if vae else "")
-    )
+    held = "the fine-tuned UNet (`unet/`)"
+    if lora:
+        held = f"LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet"
+    held += "; the other parts come from the base model" + (" and the VAE it was trained with" if vae else "")
     use = f"""This folder holds {held}:
 
 ```python

@@ -454,6 +454,8 @@ def test_the_vae_trained_with_replaces_the_base_models_in_eval_export_and_the_mo
         )
 
     assert ev.describe_model(str(ckpt), "--ckpt")["vae"] == str(tmp_path / "vae")
+    # without one, no 'vae' key: the images/generation.json of an --out begun before --pretrained_vae still matches
+    assert "vae" not in ev.describe_model(str(checkpoint), "--ckpt")
     assert same_as_trained(ev.load_pipeline(ev.describe_model(str(ckpt), "--ckpt"), torch.device("cpu")).vae)
     assert ev.main(["--ckpt", str(ckpt), "--export", str(tmp_path / "exported")]) == tmp_path / "exported"
     assert same_as_trained(StableDiffusionPipeline.from_pretrained(tmp_path / "exported").vae)
@@ -464,6 +466,10 @@ def test_the_vae_trained_with_replaces_the_base_models_in_eval_export_and_the_mo
     scope = {}
     exec(code.replace('image = pipe("a photo of an astronaut riding a horse").images[0]', ""), scope)
     assert same_as_trained(scope["pipe"].vae) and "unet=unet" in code
+    # ... and its text says so, for a LoRA run too
+    for cfg in (run["config"], dict(run["config"], lora_rank=4)):
+        card = Path(reports.write_model_card(ckpt, dict(run, config=cfg))).read_text()
+        assert "; the other parts come from the base model and the VAE it was trained with" in card, cfg
 
 
 def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
