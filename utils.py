@@ -709,7 +709,7 @@ def load_checkpoint(
     rank: int,
     world_size: int,
     device,
-) -> tuple[int, int]:
+) -> tuple[int, dict]:
     """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
     fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name in
     COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
