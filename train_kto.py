@@ -515,7 +515,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
 
     # Images never trained on, scored with fixed draws: the held-out reward margin
     n_held_out = cfg.heldout_images if cfg.heldout_steps else 0
-    keys = data.image_keys(table, Path(cfg.dataset).parent) if n_held_out else None  # an image's rows: one side
+    # an image in several rows is held out in all of them or in none
+    keys = data.image_keys(table, Path(cfg.dataset).parent) if n_held_out else None
     held_out = heldout.split(desirable, n_held_out, cfg.seed, keys)
     dataset.keep_apart(held_out)
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
