@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import platform
 import re
@@ -631,7 +632,9 @@ class Reports:
     def log(self, row: dict):
         self.note_heldout(row)
         if self.enabled:
-            self.metrics.write(json.dumps(row) + "\n")
+            # strict JSON (jq, pandas, browsers): a non-finite number, a skipped step's loss or norm, is null
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            self.metrics.write(json.dumps(finite, allow_nan=False) + "\n")
             self.metrics.flush()
             self.tracker.log(row, row["step"])
             self.bar.update(loss=f"{row['loss']:.4f}", z=f"{row['z']:.2e}", acc=f"{row['accuracy']:.2f}")

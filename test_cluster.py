@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import fixtures
-import utils
 
 HERE = Path(__file__).parent
 TINY = ["--tiny", "--pretrained_model", str(fixtures.tiny_model_path()), "--dataset"]
@@ -183,7 +183,7 @@ def test_preemption_saves_the_step_and_the_relaunch_resumes_exactly(tmp_path):
     # what SLURM or a cloud scheduler does before it kills a job: SIGTERM to the launcher, which passes it on
     job.send_signal(signal.SIGTERM)
     err = job.communicate(timeout=120)[1]
-    [ckpt] = utils.list_checkpoints(out)
+    [ckpt] = checkpoints.list_checkpoints(out)
     step = int(ckpt.name.split("-")[1])
     assert f"preempted: SIGTERM at step {step}: the step was finished and saved." in err, err[-3000:]
     assert "Traceback" not in err.split("preempted:")[0] and len(metrics(out)) == step

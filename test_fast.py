@@ -10,7 +10,6 @@ Run: HF_HUB_OFFLINE=1 python -m pytest -q test_fast.py
 """
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -19,6 +18,7 @@ import types
 import pytest
 import torch
 
+import checkpoints
 import fixtures
 import profiling
 import train_kto
@@ -201,22 +201,22 @@ def test_mixed_precision_is_close_to_float32(tmp_path, plain, precision, monkeyp
     # rounded to it, their sums kept in float32, so e moves by a few such roundings; 5e-2 is 25 of bf16's
     assert_close(rows[:3], plain[0], 5e-2, keys=("policy_err", "ref_err"))
     # skipped: exactly the steps whose gradients were not finite
-    assert [r["skipped"] for r in rows] == [int(not math.isfinite(r["grad_norm"])) for r in rows]
+    assert [r["skipped"] for r in rows] == [int(r["grad_norm"] is None) for r in rows]  # inf: written null
     if (
         precision == "fp16"
     ):  # the first steps overflow at the initial scale 2**16 and are skipped by the scaler ...
-        assert not math.isfinite(rows[0]["grad_norm"]) and scalers[0].get_scale() < 2**16
+        assert rows[0]["grad_norm"] is None and scalers[0].get_scale() < 2**16
         assert rows[0]["skipped"] == 1
-    assert math.isfinite(rows[-1]["grad_norm"])  # ... until the scale fits; the weights then move
+    assert rows[-1]["grad_norm"] > 0  # ... until the scale fits; the weights then move
     from diffusers import UNet2DConditionModel
 
     start = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
     assert any((weights[k] - start[k]).abs().max() > 0 for k in weights)
     if precision == "fp16":  # a resume restores the loss scale reached, not the initial 2**16
-        scale, loaded, load = scalers[0].get_scale(), [], utils.load_checkpoint
+        scale, loaded, load = scalers[0].get_scale(), [], checkpoints.load_checkpoint
         # the scale right after loading, before the step that follows can move it
         monkeypatch.setattr(
-            utils, "load_checkpoint", lambda *a: (load(*a), loaded.append(scalers[-1].get_scale()))[0]
+            checkpoints, "load_checkpoint", lambda *a: (load(*a), loaded.append(scalers[-1].get_scale()))[0]
         )
         run(tmp_path / "out", "--mixed_precision", precision, "--max_train_steps", "13", "--resume", "latest")
         assert loaded == [scale] and scale < 2**16

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoints
 import data
 import fixtures
 import train_kto
@@ -148,7 +149,7 @@ def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_na
         time.sleep(0.2)
     job.send_signal(getattr(signal, signal_name))
     err = job.communicate(timeout=120)[1]
-    last = utils.list_checkpoints(out)[-1]
+    last = checkpoints.list_checkpoints(out)[-1]
     step = int(last.name.split("-")[1])
     assert job.returncode == code and "Traceback" not in err, err
     # Ctrl-C: at once, the last checkpoint named; SIGTERM (preemption): the step finished and saved (issue 29)
@@ -185,7 +186,7 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_exits_75
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGTERM)
     err = job.communicate(timeout=120)[1]
-    step = int(utils.list_checkpoints(out)[-1].name.split("-")[1])
+    step = int(checkpoints.list_checkpoints(out)[-1].name.split("-")[1])
     assert job.returncode == 75 and "Traceback" not in err, err
     assert f"preempted: SIGTERM at step {step}" in err and step > 2, err
 
@@ -205,7 +206,7 @@ def test_sigterm_at_the_last_step_ends_the_run_as_complete(tmp_path, monkeypatch
         policy = train_kto.main([*TINY, "--output_dir", str(tmp_path), "--max_train_steps", "1"])
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert policy is not None and [c.name for c in utils.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert policy is not None and [c.name for c in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-1"]
 
 
 def test_a_resume_into_a_new_folder_stopped_before_its_first_save_runs_again_as_launched(
@@ -219,13 +220,13 @@ def test_a_resume_into_a_new_folder_stopped_before_its_first_save_runs_again_as_
 
     # the first launch into b writes its record (run.json, step 3 in metrics.jsonl), then dies in the save
     with monkeypatch.context() as m:
-        m.setattr(utils, "save_checkpoint", killed)
+        m.setattr(checkpoints, "save_checkpoint", killed)
         with pytest.raises(SystemExit):
             run(tmp_path, *again, out="b")
-    assert (tmp_path / "b" / "run.json").exists() and not utils.list_checkpoints(tmp_path / "b")
+    assert (tmp_path / "b" / "run.json").exists() and not checkpoints.list_checkpoints(tmp_path / "b")
     # the same command again: its own record, not another run's
     _, rows = run(tmp_path, *again, out="b")
-    assert [r["step"] for r in rows] == [3] and utils.list_checkpoints(tmp_path / "b")[
+    assert [r["step"] for r in rows] == [3] and checkpoints.list_checkpoints(tmp_path / "b")[
         -1
     ].name == "checkpoint-3"
 
@@ -247,7 +248,7 @@ def test_a_relaunch_of_a_finished_run_trains_nothing_and_exits_0(tmp_path, capsy
 def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):
     (tmp_path / "checkpoint-4").mkdir()
     cfg = train_kto.Config(output_dir=str(tmp_path))
-    command = lambda: utils.resume_command(cfg, "train_kto.py", ["--beta", "5", "--resume", "x"])
+    command = lambda: checkpoints.resume_command(cfg, "train_kto.py", ["--beta", "5", "--resume", "x"])
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert command().endswith("To resume: python train_kto.py --beta 5 --resume latest")
@@ -458,13 +459,13 @@ def run_script(tmp_path, body, *argv, torchrun=None, check=True):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     out = tmp_path / "out"
     die_in_save = """
-        import utils
-        real = utils.fsync_tree
+        import checkpoints
+        real = checkpoints.fsync_tree
         def fsync_tree(path):
             if path.name.startswith("checkpoint-4.") and path.name.endswith(".tmp"):
                 os._exit(9)  # killed mid-save: unet/ written, not yet renamed
             real(path)
-        utils.fsync_tree = fsync_tree
+        checkpoints.fsync_tree = fsync_tree
     """
     proc = run_script(
         tmp_path,
@@ -479,7 +480,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     )
     assert proc.returncode == 9
     assert (out / "checkpoint-2" / "training_state.pt").exists() and list(out.glob("checkpoint-4.*.tmp"))
-    assert [p.name for p in utils.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2"]
     _, rows = run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume", "latest")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # the killed save's partial folder (its writer gone) was removed at start-up
@@ -503,7 +504,7 @@ def test_start_up_removes_partial_saves_whose_writer_is_gone(tmp_path, capsys):
     ]
     for name in removed + kept:
         (tmp_path / name / "unet").mkdir(parents=True)
-    utils.remove_stopped_saves(tmp_path)
+    checkpoints.remove_stopped_saves(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     out = capsys.readouterr().out
     assert all(f"removing {tmp_path / name}, left by a stopped save" in out for name in removed)
@@ -521,7 +522,14 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train_kto, "kto_loss", nan_at_step_2)
     _, rows = run(tmp_path, "--max_train_steps", "3", "--lr_warmup_steps", "4", out="one")
-    assert [r["skipped"] for r in rows] == [0, 1, 0] and math.isnan(rows[1]["loss"])
+    assert [r["skipped"] for r in rows] == [0, 1, 0] and rows[1]["loss"] is None
+
+    # strict JSON: the NaN loss is null, not the NaN that Python alone reads
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    for line in (tmp_path / "one/metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)
     lr = train_kto.TINY["learning_rate"]  # the skipped step did not advance the warm-up
     # float64 schedule arithmetic: approx's default rel 1e-6 is headroom
     assert [r["lr"] for r in rows] == pytest.approx([lr / 4, lr / 2, lr / 2])

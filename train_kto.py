@@ -18,7 +18,8 @@ Launch:
 Every flag: python train_kto.py --help. Outputs (docs/outputs.md): <output_dir>/run.json, metrics.jsonl,
 curves.png, validation/, checkpoint-<step>/ (unet/ or the LoRA file, model card).
 Other files (the README's table): models.py what is trained, encoders.py the model families' inputs, data.py the
-likes and dislikes, heldout.py the held-out margin, reports.py the run's record, utils.py the run time.
+likes and dislikes, heldout.py the held-out margin, reports.py the run's record, checkpoints.py the checkpoints,
+utils.py the run time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import encoders
 import heldout
@@ -435,7 +437,7 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: the models, the optimizer, the loop (inputs: data.py; checkpoints: utils.py; the record: reports.py)
+# Plumbing: the models, the optimizer, the loop (inputs: data.py; checkpoints: checkpoints.py; the record: reports.py)
 
 
 def load_models(cfg: Config, path: str, device: torch.device):
@@ -472,7 +474,7 @@ def main(argv=None):
     if cfg.plot:
         print(f"wrote {reports.plot_curves(Path(cfg.plot))}")
         return None
-    stopped = lambda cfg: utils.resume_command(cfg, os.path.relpath(__file__), argv)
+    stopped = lambda cfg: checkpoints.resume_command(cfg, os.path.relpath(__file__), argv)
     return utils.run_main(train, cfg, (DataError, TrainingError), stopped)
 
 
@@ -483,7 +485,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # The output folder, the data and the run to resume, checked before any model loads
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
     done = Path(cfg.output_dir) / f"checkpoint-{cfg.max_train_steps}"
-    if cfg.resume == "latest" and done in utils.list_checkpoints(Path(cfg.output_dir)):
+    if cfg.resume == "latest" and done in checkpoints.list_checkpoints(Path(cfg.output_dir)):
         # A relaunch of a finished run (a restart or requeue after its last save): nothing to train, nothing written
         print(
             f"nothing to train: {done} is the run's last step, --max_train_steps {cfg.max_train_steps}",
@@ -491,9 +493,9 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         )
         return None
     table, dataset, desirable, counts = data.load_data(cfg)
-    resume_from = utils.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
+    resume_from = checkpoints.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
     if rank == 0:  # what saves killed midway left (checkpoint-<step>.*.tmp, as large as a checkpoint)
-        utils.remove_stopped_saves(Path(cfg.output_dir))
+        checkpoints.remove_stopped_saves(Path(cfg.output_dir))
 
     # The trainable policy and a separate frozen reference, both from the base model's UNet
     path = utils.check_pretrained(cfg.pretrained_model, "--pretrained_model")
@@ -504,11 +506,11 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     optimizer, lr_schedule, scaler = models.make_optimizer(cfg, policy, device, amp_dtype)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
-    start_step, counters = utils.load_checkpoint(
+    start_step, counters = checkpoints.load_checkpoint(
         resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
     )
     # Non-finite steps in a row; corrupt images and images read, for the 1% rule (data.check_corrupt)
-    bad_steps, n_corrupt, n_seen = (counters[name] for name in utils.COUNTERS)
+    bad_steps, n_corrupt, n_seen = (counters[name] for name in checkpoints.COUNTERS)
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
@@ -564,7 +566,9 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         # Every rank stops together
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
-        counters = dict(zip(utils.COUNTERS, (bad_steps, n_corrupt, n_seen)))  # saved with each checkpoint
+        counters = dict(
+            zip(checkpoints.COUNTERS, (bad_steps, n_corrupt, n_seen))
+        )  # saved with each checkpoint
 
         seconds = time.perf_counter() - t0
         row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
@@ -579,7 +583,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
         preempted = sums["stop"].item() > 0
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
-            utils.save_checkpoint(
+            checkpoints.save_checkpoint(
                 cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
             )
             record.checkpoint(step)

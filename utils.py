@@ -1,7 +1,7 @@
 """The run time shared by train_kto.py and eval.py: flags from a config dataclass, torchrun-aware distributed
 set-up and tear-down, errors and signals (one line, no traceback; Ctrl-C, SIGTERM as preemption), the check that
-every rank sees the output folder, hub ids and local folders, derived seeds, files written atomically and a cache of
-things built once, a full disk, and the training checkpoints (save, find, load, side by side)."""
+every rank sees the output folder, hub ids and local folders, paths made absolute, derived seeds, files written
+atomically and a cache of things built once, a full disk. The training checkpoints are checkpoints.py's."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import dataclasses
 import errno
 import fcntl
 import inspect
-import json
 import logging
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
 import sys
@@ -28,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-import models
 
 
 def init_distributed():
@@ -454,229 +450,6 @@ def build_once(path: Path, build, threads: int = 2) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: save, find and load, side by side
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A save in progress lives in checkpoint-<step>.*.tmp (temp_name) and is
-    ignored."""
-    found = [
-        p
-        for p in Path(output_dir).glob("checkpoint-*")
-        if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def is_running(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (os.kill with signal 0 only asks)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def remove_stopped_saves(output_dir: Path):
-    """Remove the checkpoint-<step>.*.tmp folders that saves killed before their rename left (SIGKILL, out of
-    memory; each the size of a checkpoint), when their writer, named in the folder (temp_name), is no process on
-    this machine: a run saving into the same folder keeps its own. Those of other machines are only named: this
-    one cannot tell whether they are still being written. Rank 0 calls this at start-up."""
-    for tmp in sorted(Path(output_dir).glob("checkpoint-*.tmp")):
-        name = tmp.name.split(".")[0]
-        writer = re.fullmatch(r"checkpoint-\d+", name) and temp_writer(name, tmp.name)
-        if not writer or not tmp.is_dir() or tmp.is_symlink():
-            continue
-        host, pid = writer
-        if host in (None, HOST) and not is_running(pid):
-            print(f"removing {tmp}, left by a stopped save", flush=True)
-            shutil.rmtree(tmp)
-        elif host not in (None, HOST):
-            print(
-                f"note: {tmp} is a checkpoint save of {host}, stopped or under way; if no run on {host} is "
-                "saving into this folder, remove it to free its space.",
-                flush=True,
-            )
-
-
-def fsync_tree(path: Path):
-    """Flush a folder's files to disk: the rename that follows is atomic, but durable only for data on disk."""
-    for p in [*path.rglob("*"), path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(
-    cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
-):
-    """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
-    `data_id`). Rank 0 writes it to a temporary folder, flushes it to disk, then renames it; a full disk removes the
-    partial folder and stops every rank with TrainingError. All ranks call this."""
-    rng_states = [gen.get_state()]
-    if world_size > 1:
-        rng_states = [None] * world_size
-        dist.all_gather_object(rng_states, gen.get_state())
-    failed = None
-    if rank == 0:
-        folder = Path(cfg.output_dir) / f"checkpoint-{step}"
-        try:
-            with atomic_path(folder) as tmp:
-                models.save_policy(policy, tmp)
-                torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch_save(
-                    dict(
-                        lr_schedule=lr_schedule.state_dict(),
-                        step=step,
-                        scaler=scaler.state_dict(),
-                        **counters,
-                    ),
-                    tmp / "training_state.pt",
-                )
-                torch_save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
-                (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-                (tmp / "data.json").write_text(json.dumps(data_id, indent=2))
-                fsync_tree(tmp)
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            # the weights that are saved, and AdamW's two float32 moments per trainable parameter
-            trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-            saved = (
-                trainable * 4
-                if models.is_lora(policy)
-                else sum(t.nbytes for t in policy.state_dict().values())
-            )
-            failed = disk_full_message(e, folder, saved + 8 * trainable, "a checkpoint")
-        else:
-            *older, _ = list_checkpoints(cfg.output_dir)
-            for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
-                (old / "optimizer.pt").unlink(missing_ok=True)
-            if cfg.checkpoints_total_limit > 0:
-                for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-    # every rank learns whether the save worked (a barrier too)
-    failed = agree(failed, world_size)
-    if failed:
-        raise TrainingError(failed)
-
-
-def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
-    """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume or with
-    a checkpoint of another folder, and to resume a checkpoint whose data (by content: `data_id`, see
-    data.fingerprint), model or objective differ from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
-    out = Path(cfg.output_dir)
-    if not cfg.resume:
-        if list_checkpoints(out):
-            raise DataError(
-                f"--output_dir {out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...) "
-                "of another run. Pass --resume latest to continue it, or choose another --output_dir."
-            )
-        return None
-    path = (list_checkpoints(out) or [None])[-1] if cfg.resume == "latest" else Path(cfg.resume)
-    if path is None:
-        return None
-    for name, why in (
-        (
-            "training_state.pt",
-            "not a checkpoint folder of train_kto.py (no training_state.pt). Pass a "
-            "checkpoint-<step> folder or 'latest'.",
-        ),
-        (
-            "optimizer.pt",
-            "this checkpoint keeps the weights but not the optimizer state, which only the newest "
-            "checkpoint of a run keeps. Resume from the newest one (--resume latest).",
-        ),
-        (
-            "data.json",
-            "this checkpoint has no data.json (the fingerprint of its training data), so it cannot "
-            "be checked against this launch's data: it was saved by an older version. Start a new run.",
-        ),
-    ):
-        if not (path / name).exists():
-            raise DataError(f"--resume {path}: {why}")
-    # The run saves into --output_dir: a newer checkpoint there would be overwritten or deleted, or taken by 'latest'
-    step = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)["step"]
-    newer = [c.name for c in list_checkpoints(out) if int(c.name.split("-")[1]) > step]
-    if newer:
-        raise DataError(
-            f"--resume {path}: --output_dir {out} holds {newer[-1]}, newer than this checkpoint (step {step}), "
-            "which the resumed run would overwrite or delete, and which --resume latest would take. Choose "
-            "another --output_dir, or resume the newer checkpoint (--resume latest)."
-        )
-    # A checkpoint of another folder continues its run here: a different run's record there would be mixed in
-    if out.resolve() not in path.resolve().parents:
-        record = [
-            p.name for p in (*list_checkpoints(out), out / "metrics.jsonl", out / "run.json") if p.exists()
-        ]
-        # unless it is this very resume, stopped before its first save and launched again as it was
-        if record and not list_checkpoints(out) and (out / "run.json").exists():
-            with contextlib.suppress(ValueError, AttributeError):
-                earlier = json.loads((out / "run.json").read_text()).get("config", {}).get("resume")
-                record = [] if earlier and Path(earlier).resolve() == path.resolve() else record
-        if record:
-            raise DataError(
-                f"--resume {path}: --output_dir {out} already holds another run ({', '.join(record)}), whose "
-                "record and checkpoints the resumed run would mix with its own. Choose an empty or new "
-                "--output_dir, or copy the checkpoint's whole run folder and resume inside it."
-            )
-    if cfg.max_train_steps <= step:
-        raise DataError(
-            f"--resume {path}: this checkpoint is at step {step}, so --max_train_steps {cfg.max_train_steps} "
-            "leaves no step to train. Its weights are the run's result; to train on, pass a --max_train_steps "
-            f"above {step}."
-        )
-    saved = json.loads((path / "config.json").read_text())
-    now = dataclasses.asdict(cfg)
-    differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
-    if differ:
-        raise DataError(
-            f"--resume {path}: this launch differs from the checkpoint's run in "
-            + ", ".join(f"--{k} ({saved[k]!r} there, {now[k]!r} here)" for k in differ)
-            + ". Resuming would mix two runs in one record: pass the checkpoint's values, or start a new "
-            "run with another --output_dir (and --pretrained_model pointing at the checkpoint's unet)."
-        )
-    then = json.loads((path / "data.json").read_text())
-    changed = [k for k in ("rows", "labels", "captions", "images") if then.get(k) != data_id[k]]
-    if changed:
-        counts = lambda d: f"{d['rows']} rows, {d['desirable']} desirable"
-        raise DataError(
-            f"--resume {path}: the data of --dataset {cfg.dataset} differ from the data the checkpoint was "
-            f"trained on: changed {', '.join(changed)} ({counts(then)} there, {counts(data_id)} here). "
-            "Resuming would mix two datasets in one run: restore the checkpoint's data, or start a new run "
-            "with another --output_dir."
-        )
-    return path
-
-
-def resume_command(cfg, script: str, argv: list[str]) -> str:
-    """What was saved last in cfg.output_dir, and the command that goes on from it (argv with --resume latest)."""
-    last = list_checkpoints(cfg.output_dir)
-    if not last:
-        return f"No checkpoint was saved in {cfg.output_dir}: run the same command to start again."
-    kept = [a for i, a in enumerate(argv) if not a.startswith("--resume") and argv[i - 1 : i] != ["--resume"]]
-    command = shlex.join([script, *kept, "--resume", "latest"])
-    # torchrun's: all processes, those of this node, the nodes
-    ranks = int(os.environ.get("WORLD_SIZE", 1))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
-    nodes = int(os.environ.get("GROUP_WORLD_SIZE", ranks // per_node))
-    if ranks == 1:
-        return f"The last checkpoint is {last[-1]}. To resume: python {command}"
-    if nodes == 1:
-        return f"The last checkpoint is {last[-1]}. To resume: torchrun --nproc_per_node {per_node} {command}"
-    return (
-        f"The last checkpoint is {last[-1]}. To resume, relaunch with the same launcher (e.g. the same SLURM script) "
-        f"on {nodes} nodes: on each, torchrun --nnodes {nodes} --nproc_per_node {per_node} with the first launch's "
-        f"rendezvous flags (--rdzv_endpoint ...), then {command}"
-    )
-
-
 def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
     """cfg with absolute paths: `local` fields always name local paths, `maybe_local` ones only when a file or
     folder of that name exists here (otherwise they are hub ids). So that a run is compared and resumed by what
@@ -691,44 +464,3 @@ def resolve_paths(cfg, local: tuple[str, ...], maybe_local: tuple[str, ...]):
             if getattr(cfg, k) and Path(getattr(cfg, k)).expanduser().exists()
         },
     )
-
-
-# Counts that run through a run, saved in training_state.pt: non-finite steps in a row (check_bad_steps), corrupt
-# images and images read (data.check_corrupt)
-COUNTERS = ("bad_steps", "n_corrupt", "n_seen")
-
-
-def load_checkpoint(
-    path: Path | None,
-    policy,
-    optimizer,
-    lr_schedule,
-    scaler,
-    gen,
-    seed: int,
-    rank: int,
-    world_size: int,
-    device,
-) -> tuple[int, dict]:
-    """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
-    fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name in
-    COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
-    if path is None:
-        return 0, dict.fromkeys(COUNTERS, 0)
-    models.load_policy(policy, path)
-    state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    if state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    rng_states = torch.load(path / "rng_state.pt", weights_only=True)
-    if len(rng_states) == world_size:
-        gen.set_state(rng_states[rank])
-    else:  # a different number of ranks: same weights and optimizer, new per-rank streams
-        gen.manual_seed(derive_seed(seed + state["step"], rank))
-        if rank == 0:
-            print(
-                f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
-                "restart, so the run will not match an uninterrupted one exactly"
-            )
-    return state["step"], {name: state.get(name, 0) for name in COUNTERS}

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
 import fixtures  # noqa: E402
 import models  # noqa: E402
 import reports  # noqa: E402
 import train_kto  # noqa: E402
-import utils  # noqa: E402
 
 # name: (per-GPU batch, extra flags). All: kl_mismatched, bf16 autocast, fused AdamW, 512 px
 SETTINGS = {
@@ -270,7 +270,7 @@ def main():
         print(f"{name} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     data = str(fixtures.tiny_dataset_path())
     # speed only: no 4 GB checkpoint, model card or curves at the end of each setting
-    utils.save_checkpoint = lambda *args, **kwargs: None
+    checkpoints.save_checkpoint = lambda *args, **kwargs: None
     reports.Reports.checkpoint = lambda self, step: None
     with open(out / "bench.jsonl", "a") as record:
 
