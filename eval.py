@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import model_card
 import models
 import prompt_sets
 import reports
@@ -633,9 +634,9 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
     with the same prompts, number of prompts and baseline. A checkpoint without a card gets one from its run.json."""
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "README.md").exists():
-        reports.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
+        model_card.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
     n = next(iter(results.values()))["n_prompts"]
-    reports.append_to_model_card(
+    model_card.append_to_model_card(
         ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n" + results_md.read_text()
     )
     return ckpt / "README.md"

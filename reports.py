@@ -1,15 +1,13 @@
-"""What a run shows a person: progress lines, training curves, image grids, experiment trackers, model cards and
-the run's record (run.json, metrics.jsonl)."""
+"""What a run shows a person: progress lines, training curves, image grids, experiment trackers and the run's record
+(run.json, metrics.jsonl); the checkpoints' model cards are model_card.py's."""
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 import warnings
@@ -19,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import LORA_FILE, load_pipeline
-from utils import DataError, atomic_path, derive_seed, global_sums, is_hub_id
+from model_card import write_model_card
+from models import load_pipeline
+from utils import DataError, atomic_path, derive_seed, global_sums
 
 # ----------------------------------------------------------------------------------------------------
 # Progress of long work
@@ -319,175 +318,6 @@ class Tracker:
         elif self.run is not None:
             self.run.finish()
         self.writer = self.run = None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model cards
-
-CARD_TAGS = ["diffusion-kto", "text-to-image", "stable-diffusion", "diffusers"]
-
-
-RECIPE = (
-    "objective",
-    "beta",
-    "utility",
-    "reference_point",
-    "learning_rate",
-    "lr_warmup_steps",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "world_size",
-    "max_train_steps",
-    "desirable_ratio",
-    "lora_rank",
-)
-
-
-def base_license(base: str) -> str:
-    """creativeml-openrail-m for Stable Diffusion v1-5 (any owner's copy: the name is the model), else other."""
-    return (
-        "creativeml-openrail-m"
-        if base.rstrip("/").rsplit("/", 1)[-1].lower() == "stable-diffusion-v1-5"
-        else "other"
-    )
-
-
-def heldout_section(heldout: dict | None) -> str:
-    """The model card's section on the held-out reward (heldout.py), measured at step heldout["step"]."""
-    if not heldout:
-        return ""
-    value = lambda v: "n/a (no held-out image of the class)" if v is None else f"{v:.4g}"  # noqa: E731
-    rows = "\n".join(f"| `{k}` | {value(v)} |" for k, v in heldout.items() if k != "step")
-    return f"""## Held-out reward at step {heldout["step"]}
-
-Images never trained on, scored with fixed draws (`heldout.py`); the margin is the mean implicit reward of the liked
-minus the disliked ones (0 for the base model).
-
-| metric | value |
-|---|---|
-{rows}
-
-"""
-
-
-def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> Path:
-    """<ckpt_dir>/README.md for a checkpoint-<step> folder: Hub metadata (huggingface_hub's ModelCardData), the
-    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py. Returns the path."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    ckpt_dir, cfg = Path(ckpt_dir), run.get("config", {})
-    base = str(cfg.get("pretrained_model", "?"))
-    found = re.match(r"checkpoint-(\d+)", ckpt_dir.name)
-    step = int(found.group(1)) if found else run.get("step", "?")
-    terms = base_license(base)
-    data = ModelCardData(
-        base_model=base if is_hub_id(base) else None,
-        tags=[*CARD_TAGS, *(["lora"] if cfg.get("lora_rank") else [])],
-        library_name="diffusers",
-        license=terms,
-        pipeline_tag="text-to-image",
-    )
-    recipe = dict(cfg, world_size=run.get("world_size", "?"))
-    rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
-    policy = run.get("label_policy", cfg.get("label_policy", "?"))
-    lora = cfg.get("lora_rank", 0)
-    what = f"Rank-{lora} LoRA adapters of the UNet" if lora else "The UNet"
-    # the VAE it was trained with (--pretrained_vae) replaces the base model's
-    vae = cfg.get("pretrained_vae")
-    imports = [
-        "DiffusionPipeline",
-        *(["UNet2DConditionModel"] if not lora else []),
-        *(["AutoencoderKL"] if vae else []),
-    ]
-    lines = [f"from diffusers import {', '.join(sorted(imports))}", ""]
-    parts = []
-    if vae:
-        lines.append(f'vae = AutoencoderKL.from_pretrained("{vae}")  # the VAE it was trained with')
-        parts.append("vae=vae")
-    if not lora:
-        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")')
-        parts.append("unet=unet")
-    lines.append("pipe = DiffusionPipeline.from_pretrained(" + ", ".join([f'"{base}"', *parts]) + ")")
-    if lora:
-        lines.append(f'pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")')
-    lines.append('image = pipe("a photo of an astronaut riding a horse").images[0]')
-    code = "\n".join(lines)
-    held = "the fine-tuned UNet (`unet/`)"
-    if lora:
-        held = f"LoRA adapters of the UNet (`{LORA_FILE}`, the diffusers LoRA format), not a UNet"
-    held += "; the other parts come from the base model" + (" and the VAE it was trained with" if vae else "")
-    use = f"""This folder holds {held}:
-
-```python
-{code}
-```
-"""
-    body = f"""
-# Diffusion-KTO: {ckpt_dir.parent.name}, step {step}
-
-{what} of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
-labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
-
-License: {terms}. The base model's license applies to these weights as to the base model itself.
-
-## Recipe
-
-| setting | value |
-|---|---|
-{rows}
-
-## Data
-
-`{cfg.get("dataset", "?")}`: {run.get("num_desirable", "?")} desirable and {run.get("num_undesirable", "?")} \
-undesirable images (label policy `{policy}`).
-
-{heldout_section(heldout)}## Use
-
-{use}
-`python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder{" (adapters fused)" if lora else ""}:
-`DiffusionPipeline.from_pretrained("OUT")`.
-"""
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    with atomic_path(ckpt_dir / "README.md") as tmp:
-        card.save(tmp)
-    return ckpt_dir / "README.md"
-
-
-def append_to_model_card(ckpt_dir: Path, section: str) -> None:
-    """Add a markdown `section` to <ckpt_dir>/README.md; a section with the same first (heading) line is replaced,
-    up to the next heading of the same or a higher level. Evaluations running at once (study.py --jobs) take turns:
-    a lock on the folder, so that no one's section is lost."""
-    file = Path(ckpt_dir) / "README.md"
-    if not file.is_file():
-        raise DataError(f"{file}: no model card to add to (train_kto.py writes one with each checkpoint).")
-    folder = os.open(ckpt_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        replace_section(file, section)
-    finally:
-        os.close(folder)
-
-
-def replace_section(file: Path, section: str) -> None:
-    """append_to_model_card's edit, under its lock."""
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(file)
-    heading, section = section.strip().splitlines()[0].strip(), section.strip()
-    level = len(heading) - len(heading.lstrip("#"))
-    out, replaced, skipping, fenced = [], False, False, False
-    for line in card.text.strip().splitlines():
-        fenced ^= line.startswith("```")
-        depth = len(line) - len(line.lstrip("#"))
-        if line.strip() == heading and not replaced:
-            out, replaced, skipping = out + [section, ""], True, True
-        elif skipping and not fenced and 0 < depth <= level and line[depth : depth + 1] == " ":
-            skipping = False
-        if not skipping:
-            out.append(line)
-    text = "\n".join(out).strip() + ("\n" if replaced else "\n\n" + section + "\n")
-    with atomic_path(file) as tmp:
-        ModelCard(f"---\n{card.data.to_yaml()}\n---\n\n{text}").save(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from PIL import Image
 
 import eval as ev
 import fixtures
+import model_card
 import reports
 from utils import DataError
 
@@ -288,7 +289,7 @@ def test_model_card_metadata_recipe_data_and_loading(tmp_path):
     ckpt = tmp_path / "kto" / "checkpoint-2500"
     ckpt.mkdir(parents=True)
     card = ModelCard.load(
-        reports.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+        model_card.write_model_card(ckpt, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
     )
     meta = card.data.to_dict()
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -319,9 +320,9 @@ def test_model_card_metadata_recipe_data_and_loading(tmp_path):
         'DiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", unet=unet)' in text
     )
     # another base: license "other"; a local folder is named in the text, not as base_model (the Hub wants an id)
-    card = ModelCard.load(reports.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))
+    card = ModelCard.load(model_card.write_model_card(ckpt, run_record("CompVis/stable-diffusion-v1-4")))
     assert card.data.license == "other" and card.data.base_model == "CompVis/stable-diffusion-v1-4"
-    card = ModelCard.load(reports.write_model_card(ckpt, run_record(str(tmp_path))))
+    card = ModelCard.load(model_card.write_model_card(ckpt, run_record(str(tmp_path))))
     assert card.data.base_model is None and f"`{tmp_path}` (a local folder)" in card.text
 
 
@@ -329,14 +330,14 @@ def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path)
     from huggingface_hub import ModelCard
 
     with pytest.raises(DataError, match="no model card"):
-        reports.append_to_model_card(tmp_path, "## A\n")
-    reports.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+        model_card.append_to_model_card(tmp_path, "## A\n")
+    model_card.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
     before = ModelCard.load(tmp_path / "README.md")
-    reports.append_to_model_card(
+    model_card.append_to_model_card(
         tmp_path, "## Evaluation (tiny)\n\nold\n\n### detail\n\n```\n# not a heading\n```\n"
     )
-    reports.append_to_model_card(tmp_path, "## Notes\n\nkept\n")
-    reports.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nnew\n")
+    model_card.append_to_model_card(tmp_path, "## Notes\n\nkept\n")
+    model_card.append_to_model_card(tmp_path, "## Evaluation (tiny)\n\nnew\n")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.to_dict() == before.data.to_dict() and card.text.strip().startswith(before.text.strip())
     tail = card.text.strip()[len(before.text.strip()) :]
@@ -346,13 +347,13 @@ def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path)
 
 
 def add_section(args):
-    reports.append_to_model_card(*args)
+    model_card.append_to_model_card(*args)
 
 
 def test_evaluations_adding_to_one_card_at_once_lose_no_section(tmp_path):
     import multiprocessing
 
-    reports.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    model_card.write_model_card(tmp_path, run_record("stable-diffusion-v1-5/stable-diffusion-v1-5"))
     sections = [(tmp_path, f"## Evaluation {i}\n\nresult {i}\n") for i in range(8)]
     # separate processes, as study.py's parallel evaluations are
     with multiprocessing.get_context("fork").Pool(8) as pool:
@@ -412,7 +413,7 @@ def test_export_writes_a_pipeline_that_loads_alone(checkpoint, tmp_path, monkeyp
 
     monkeypatch.setattr(ev, "evaluate", lambda *a: pytest.fail("--export generated or scored images"))
     ckpt = copy_run(checkpoint, tmp_path / "run")
-    reports.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
+    model_card.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
     out = tmp_path / "exported" / "sd"
     assert ev.main(["--ckpt", str(ckpt), "--export", str(out)]) == out
     assert str(out) in capsys.readouterr().out
@@ -460,7 +461,7 @@ def test_the_vae_trained_with_replaces_the_base_models_in_eval_export_and_the_mo
     assert ev.main(["--ckpt", str(ckpt), "--export", str(tmp_path / "exported")]) == tmp_path / "exported"
     assert same_as_trained(StableDiffusionPipeline.from_pretrained(tmp_path / "exported").vae)
     # The model card's loading code, run as written from the run's folder, loads that VAE too
-    text = Path(reports.write_model_card(ckpt, run)).read_text()
+    text = Path(model_card.write_model_card(ckpt, run)).read_text()
     code = text.split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(ckpt.parent)
     scope = {}
@@ -468,7 +469,7 @@ def test_the_vae_trained_with_replaces_the_base_models_in_eval_export_and_the_mo
     assert same_as_trained(scope["pipe"].vae) and "unet=unet" in code
     # ... and its text says so, for a LoRA run too
     for cfg in (run["config"], dict(run["config"], lora_rank=4)):
-        card = Path(reports.write_model_card(ckpt, dict(run, config=cfg))).read_text()
+        card = Path(model_card.write_model_card(ckpt, dict(run, config=cfg))).read_text()
         assert "; the other parts come from the base model and the VAE it was trained with" in card, cfg
 
 
