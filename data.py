@@ -413,9 +413,8 @@ class FeedbackDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         corrupt = 0
         while True:
-            source = self._source(
-                i
-            )  # a missing shard or unreadable parquet raises: that is not a corrupt image
+            # a missing shard or unreadable parquet raises: that is not a corrupt image
+            source = self._source(i)
             try:
                 if source is None:
                     raise ValueError("no image bytes (null)")

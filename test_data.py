@@ -326,13 +326,11 @@ def test_folder_without_pickapic_columns(tmp_path):
 
 
 def test_split_filter_and_single_shard(folder):
-    write_shard(
-        folder / "test-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)]
-    )  # must be ignored for train
+    # must be ignored for train
+    write_shard(folder / "test-00000-of-00001.parquet", [("a cat", "A", "B", 0.0, 1.0)])
     assert set(data.load_feedback(folder)["uid"]) == EXPECTED["won_once"][0] | EXPECTED["won_once"][1]
-    single = data.load_feedback(
-        folder / "train-00000-of-00002.parquet"
-    )  # one shard, recognised by its columns
+    # one shard, recognised by its columns
+    single = data.load_feedback(folder / "train-00000-of-00002.parquet")
     assert dict(zip(single["uid"], single["desirable"])) == {"A": True, "B": False, "C": True}
 
 
@@ -484,9 +482,8 @@ def test_first_caption_wins_and_conflicts_are_counted():
     table, stats = pickapic.pickapic_labels(comparisons, "won_once")
     assert table.column("uid").to_pylist() == ["A", "B", "C"]
     assert table.column("caption").to_pylist() == ["first", "first", "second"]
-    assert (
-        stats["images_with_several_captions"] == 1
-    )  # A: "first" and "second"; the tie's caption is not counted
+    # A: "first" and "second"; the tie's caption is not counted
+    assert stats["images_with_several_captions"] == 1
 
 
 def test_train_kto_on_a_pickapic_folder(tmp_path):

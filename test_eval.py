@@ -367,9 +367,8 @@ def test_imagereward_mapping_fills_every_weight_and_uses_the_prompt(scorer_cfg):
         sd["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"],
     )
     assert set(head) == {f"layers.{i}.{k}" for i in (0, 2, 4, 6, 7) for k in ("weight", "bias")}
-    score = scorers.load_imagereward(
-        cfg, torch.device("cpu")
-    )  # loads with strict=True: every weight is mapped
+    # loads with strict=True: every weight is mapped
+    score = scorers.load_imagereward(cfg, torch.device("cpu"))
     images = sample_images(2)
     a, b = score(images, ["a red circle", "a red circle"]), score(images, ["a blue square", "a blue square"])
     assert not torch.allclose(a, b)  # the text (35-token BERT) cross-attends to the image
@@ -522,12 +521,13 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
         fails_before_generating(
             ["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad], capsys
         )
+    # no recorded base
     fails_before_generating(
         ["--ckpt", str(fixtures.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")],
         capsys,
         "is a full model",
         "pass --baseline",
-    )  # no recorded base
+    )
     out = subprocess.run([sys.executable, "-c", "import eval"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
     # no import cycle: neither the scorers nor the fixtures load eval.py (which --tiny would then load twice)
@@ -844,13 +844,14 @@ def test_prompts_file_seed_and_paths(ckpt, tmp_path, scorer_cfg):
     aesthetic = shifted_copy(
         paths["aesthetic"], tmp_path / "aesthetic", "sac+logos+ava1-l14-linearMSE.pth", "layers.7.bias", 1.0
     )
+    # ImageReward divides by this: +1 after normalisation
     imagereward = shifted_copy(
         paths["imagereward"],
         tmp_path / "imagereward",
         "ImageReward.pt",
         "mlp.layers.7.bias",
         1.0333394966054072,
-    )  # ImageReward divides by this: +1 after normalisation
+    )
     moved = ev.main(
         common
         + [

@@ -113,9 +113,8 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
     rows, _ = run(tmp_path / "a", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
     assert_same_inputs(rows, still[0])
     first = torch.load(cache / "latents-000000.pt", weights_only=True)
-    assert (
-        first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape
-    )  # both flips
+    # both flips
+    assert first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape
     text = torch.load(cache / "text-000000.pt", weights_only=True)["emb"]
     assert text.shape[0] == 1 + len(
         set(__import__("pandas").read_csv(fixtures.tiny_dataset_path())["caption"])
@@ -135,9 +134,8 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
     (cache / "latents-000000.pt").unlink()
     run(tmp_path / "c", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
     rebuilt = torch.load(cache / "latents-000000.pt", weights_only=True)
-    assert all(
-        torch.equal(first[k], rebuilt[k]) for k in first
-    )  # the same images, the same VAE batches: bitwise
+    # the same images, the same VAE batches: bitwise
+    assert all(torch.equal(first[k], rebuilt[k]) for k in first)
 
     # a cache made with other settings is refused, not silently reused
     with pytest.raises(SystemExit) as e:

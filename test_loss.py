@@ -205,9 +205,8 @@ def test_kto_step_policy_equal_to_ref(reference_point):
     loss, stats = step(policy, ref, scheduler, x0, emb, emb_m, d, reference_point)
     # bitwise: policy and reference are the same weights through the same computation on the same batch
     assert torch.equal(stats["r"], torch.zeros(4)) and stats["z"].item() == 0.0
-    assert loss.item() == pytest.approx(
-        (2.0 + 0.5 + 2.0 + 0.5) / 4 / 2
-    )  # lambda_y / 2 for the sigmoid utility
+    # lambda_y / 2 for the sigmoid utility
+    assert loss.item() == pytest.approx((2.0 + 0.5 + 2.0 + 0.5) / 4 / 2)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -341,9 +341,8 @@ def test_append_to_model_card_replaces_a_section_with_the_same_heading(tmp_path)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.to_dict() == before.data.to_dict() and card.text.strip().startswith(before.text.strip())
     tail = card.text.strip()[len(before.text.strip()) :]
-    assert (
-        tail.split() == "## Evaluation (tiny) new ## Notes kept".split()
-    )  # in place; the old one wholly gone
+    # in place; the old one wholly gone
+    assert tail.split() == "## Evaluation (tiny) new ## Notes kept".split()
 
 
 def add_section(args):

@@ -188,9 +188,10 @@ def test_t_interval_covers_the_mean_95_percent_of_the_time():
         hits = [
             lo <= 0.6 <= hi for lo, hi in (study.t_interval(rng.normal(0.6, 0.1, n))[1:] for _ in range(4000))
         ]
+        # a normal quantile (1.96) gives ~0.83 at n=3
         assert 0.935 < np.mean(hits) < 0.965, (
             n,
             np.mean(hits),
-        )  # a normal quantile (1.96) gives ~0.83 at n=3
+        )
     with pytest.raises(ValueError, match="covers 2 to 31 runs"):
         study.t_interval(np.ones(32))

@@ -751,9 +751,8 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     a0, a1 = (json.loads((tmp_path / f"acc/rank{r}.json").read_text()) for r in (0, 1))
     # bitwise, as above
     assert a0 == a1
-    assert (
-        a0["z"][0::2] == a0["z"][1::2] and len(a0["z"]) == 10
-    )  # 2 passes per step, both with the step's one z
+    # 2 passes per step, both with the step's one z
+    assert a0["z"][0::2] == a0["z"][1::2] and len(a0["z"]) == 10
     # the gradients are all-reduced once per step, in the last pass: as many all-reduces, at each step, as without
     # accumulation (all-reducing every pass gives the same sums, so only the count shows it)
     assert a0["all_reduces"] == r0["all_reduces"] and set(r0["all_reduces"]) == {1, 2, 3, 4, 5}
@@ -804,9 +803,8 @@ def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path,
         err = capsys.readouterr().err
         assert e.value.code == 2 and flag in err and "another --output_dir" in err, err
     record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert (
-        record["config"]["max_train_steps"] == 2 and len(record["launches"]) == 1
-    )  # the refusals wrote nothing
+    # the refusals wrote nothing
+    assert record["config"]["max_train_steps"] == 2 and len(record["launches"]) == 1
     _, rows = run(tmp_path, "--max_train_steps", "3", "--resume", "latest", "--checkpointing_steps", "5")
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert [launch["start_step"] for launch in record["launches"]] == [0, 2]
@@ -974,9 +972,8 @@ def test_torchrun_failure_is_reported_once_and_in_the_summary(tmp_path):
     message = "--allow_one_class to train anyway"
     assert proc.returncode != 0 and proc.stderr.count("error: --dataset") == 1, proc.stderr[-3000:]
     summary = proc.stderr[proc.stderr.index("Root Cause") :]
-    assert message in summary, (
-        summary
-    )  # torchrun's failure summary carries the message, not only an exit code
+    # torchrun's failure summary carries the message, not only an exit code
+    assert message in summary, summary
 
 
 # float32's unit roundoff: every float32 operation is exact up to a relative error of at most U

@@ -390,9 +390,8 @@ def test_the_quick_start_trains_evaluates_and_draws(quick_start):
         utility["n_prompts"] == 256
         and 0 <= utility["ci95"][0] <= utility["win_rate"] <= utility["ci95"][1] <= 1
     )
-    assert (
-        sorted(p.name for p in (tmp / "run" / "validation").iterdir())[0] == "step-000000.png"
-    )  # baseline grid
+    # baseline grid
+    assert sorted(p.name for p in (tmp / "run" / "validation").iterdir())[0] == "step-000000.png"
     tiles = study.make_figure(tmp / "eval", tmp / "figure.png")  # the docs' figure
     check_figure(tmp / "eval", tmp / "figure.png", tiles)
 

@@ -170,9 +170,10 @@ def run_seed(seed: int, cfg: Config) -> tuple[dict, dict, tuple]:
     """Pretrain, draw feedback, fine-tune every method; returns per-method metrics, samples, and the feedback."""
     from diffusers import DDPMScheduler
 
+    # points live outside [-1, 1]: no clipping
     scheduler = DDPMScheduler(
         num_train_timesteps=cfg.timesteps, beta_schedule="squaredcos_cap_v2", clip_sample=False
-    )  # points live outside [-1, 1]: no clipping
+    )
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # MLP initialisation
     base = pretrain(cfg, scheduler, gen)

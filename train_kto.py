@@ -566,9 +566,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
         # Every rank stops together
         data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
-        counters = dict(
-            zip(checkpoints.COUNTERS, (bad_steps, n_corrupt, n_seen))
-        )  # saved with each checkpoint
+        # saved with each checkpoint
+        counters = dict(zip(checkpoints.COUNTERS, (bad_steps, n_corrupt, n_seen)))
 
         seconds = time.perf_counter() - t0
         row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
