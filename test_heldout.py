@@ -97,17 +97,18 @@ def test_heldout_reward_is_the_same_after_a_resume_and_on_two_ranks(tmp_path):
 
 
 def split_by_rows(desirable, n, seed):
-    """heldout.split's rule before images in several rows were grouped (rows are images): the reference."""
-    n = min(n, len(desirable) // 10)
+    """heldout.split's rule before images in several rows were grouped (rows are images), frozen as the reference
+    that a split of distinct images must keep (a run resumed across the change holds out the same images)."""
     rng = np.random.default_rng([seed, 20_240_404])
     liked, disliked = np.flatnonzero(desirable), np.flatnonzero(~desirable)
-    spare = lambda k: -(-k // 10) if k >= 10 else 0  # noqa: E731
-    n_liked = min(spare(len(liked)), max(n - spare(len(disliked)), n // 2))
-    n_disliked = min(spare(len(disliked)), n - n_liked)
-    chosen = [rng.choice(liked, n_liked, replace=False), rng.choice(disliked, n_disliked, replace=False)]
-    mask = np.zeros(len(desirable), bool)
-    mask[np.concatenate(chosen).astype(int)] = True
-    return mask
+    # each class spares a tenth of its images, rounded up; a class under 10 spares none
+    can_liked, can_disliked = (-(-len(c) // 10) * (len(c) >= 10) for c in (liked, disliked))
+    n = min(n, len(desirable) // 10)
+    # half each, the liked taking what the disliked cannot spare
+    take_liked = min(can_liked, max(n // 2, n - can_disliked))
+    held = [*rng.choice(liked, take_liked, replace=False)]
+    held += [*rng.choice(disliked, min(can_disliked, n - take_liked), replace=False)]
+    return np.isin(np.arange(len(desirable)), held)
 
 
 def test_split_of_distinct_images_is_the_row_rule():
