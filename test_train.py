@@ -541,6 +541,29 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert [r["skipped"] for r in rows] == [1, 1, 1]
 
 
+def test_a_data_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    # every disliked image is corrupt: the worker that draws them gives up with a DataError
+    rows = []
+    for i in range(20):
+        if i % 2:
+            (tmp_path / f"{i}.png").write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (8, 8), (12 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"c{i}", "label": i % 2})
+    args = ["--dataset", str(write_table(tmp_path, rows)), "--heldout_steps", "0", "--max_train_steps", "2"]
+    for workers in ("0", "1"):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, *args, "--dataloader_workers", workers, out=f"w{workers}")
+        err = capsys.readouterr().err.strip().splitlines()
+        # the error's own message, as without workers: not the worker's traceback that torch passes on
+        assert e.value.code == 2 and err[-1].startswith("error: 10 corrupt images in a row (last: row "), err[
+            -3:
+        ]
+        assert not any(line.startswith(("Original Traceback", "  File ")) for line in err), workers
+
+
 def test_the_corrupt_image_count_goes_on_after_a_resume(tmp_path, monkeypatch, capsys):
     from PIL import Image
 

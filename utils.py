@@ -195,6 +195,10 @@ def reported(errors: tuple, rank: int | None = None, on_stop=lambda: ""):
     try:
         yield
     except errors as e:
+        # One raised in a DataLoader worker arrives as torch's copy, whose message is the worker's whole traceback
+        # ending in "<type>: <the error's own message>": keep that message
+        if str(e).startswith("Caught ") and "Original Traceback" in str(e):
+            e = type(e)(str(e).rstrip().rsplit(f"{type(e).__name__}: ", 1)[-1])
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun: its failure summary then carries the message
