@@ -413,8 +413,14 @@ class FeedbackDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         corrupt = 0
         while True:
-            # a missing shard or unreadable parquet raises: that is not a corrupt image
-            source = self._source(i)
+            # a shard gone or damaged since the start is not a corrupt image: the run stops, resumable
+            try:
+                source = self._source(i)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(
+                    f"{self._where(i)}: cannot be read ({type(e).__name__}: {e}). Was the shard moved, deleted or "
+                    "damaged during the run? Restore it and go on with --resume latest."
+                ) from e
             try:
                 if source is None:
                     raise ValueError("no image bytes (null)")

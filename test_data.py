@@ -282,6 +282,16 @@ def test_corrupt_image_is_replaced_counted_and_warned(folder):
     assert sample["caption"] == CAPTION[uids[others[(others.index(i) + 1) % len(others)]]] != CAPTION["F"]
 
 
+def test_a_shard_gone_during_the_run_stops_with_a_data_error(folder):
+    table = data.load_feedback(folder)
+    dataset = data.FeedbackDataset(table, folder, 32)
+    shard = Path(dataset.shards[int(dataset.shard[0])])
+    shard.rename(shard.with_suffix(".moved"))
+    # not a corrupt image replaced by another: the shard is named, and how to go on
+    with pytest.raises(DataError, match=rf"{shard.name} row .*cannot be read.*--resume latest"):
+        dataset[0]
+
+
 def test_all_corrupt_class_raises(tmp_path):
     CORRUPT.add("F")
     try:
