@@ -140,6 +140,13 @@ def save_checkpoint(
         raise TrainingError(failed)
 
 
+def finished(cfg) -> Path | None:
+    """checkpoint-<max_train_steps> when `--resume latest` relaunches a run that saved its last step (a restart or
+    requeue after the end): there is nothing to train."""
+    last = Path(cfg.output_dir) / f"checkpoint-{cfg.max_train_steps}"
+    return last if cfg.resume == "latest" and last in list_checkpoints(Path(cfg.output_dir)) else None
+
+
 def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
     """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume or with
     a checkpoint of another folder, and to resume a checkpoint whose data (by content: `data_id`, see

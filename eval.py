@@ -421,10 +421,9 @@ def describe_model(spec: str, flag: str) -> dict:
         utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
         if vae:
             utils.resolve_model(vae, f"{flag} {spec}: the VAE it was trained with, {vae} (in {run_json})")
+        model = dict(base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None)
         # 'vae' only where one was trained with: images/generation.json of earlier runs stays the same
-        return dict(
-            base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None
-        ) | (dict(vae=vae) if vae else {})
+        return model | {"vae": vae} if vae else model
     if path.is_dir() and not (path / "model_index.json").exists():
         raise DataError(
             f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/ or {models.LORA_FILE}) nor a "

@@ -226,9 +226,8 @@ def test_a_resume_into_a_new_folder_stopped_before_its_first_save_runs_again_as_
     assert (tmp_path / "b" / "run.json").exists() and not checkpoints.list_checkpoints(tmp_path / "b")
     # the same command again: its own record, not another run's
     _, rows = run(tmp_path, *again, out="b")
-    assert [r["step"] for r in rows] == [3] and checkpoints.list_checkpoints(tmp_path / "b")[
-        -1
-    ].name == "checkpoint-3"
+    last = checkpoints.list_checkpoints(tmp_path / "b")[-1]
+    assert [r["step"] for r in rows] == [3] and last.name == "checkpoint-3"
 
 
 def test_a_relaunch_of_a_finished_run_trains_nothing_and_exits_0(tmp_path, capsys):
@@ -558,9 +557,8 @@ def test_a_data_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
             run(tmp_path, *args, "--dataloader_workers", workers, out=f"w{workers}")
         err = capsys.readouterr().err.strip().splitlines()
         # the error's own message, as without workers: not the worker's traceback that torch passes on
-        assert e.value.code == 2 and err[-1].startswith("error: 10 corrupt images in a row (last: row "), err[
-            -3:
-        ]
+        one_line = err[-1].startswith("error: 10 corrupt images in a row (last: row ")
+        assert e.value.code == 2 and one_line, err[-3:]
         assert not any(line.startswith(("Original Traceback", "  File ")) for line in err), workers
 
 

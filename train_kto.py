@@ -484,9 +484,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
     # The output folder, the data and the run to resume, checked before any model loads
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
-    done = Path(cfg.output_dir) / f"checkpoint-{cfg.max_train_steps}"
-    if cfg.resume == "latest" and done in checkpoints.list_checkpoints(Path(cfg.output_dir)):
-        # A relaunch of a finished run (a restart or requeue after its last save): nothing to train, nothing written
+    # A relaunch of a finished run (a restart or requeue after its last save): nothing to train, nothing written
+    if done := checkpoints.finished(cfg):
         print(
             f"nothing to train: {done} is the run's last step, --max_train_steps {cfg.max_train_steps}",
             flush=True,
