@@ -229,9 +229,10 @@ class Inputs:
             self.dataset = dataset
 
     def loader(self, sampler, batch_size: int):
-        """An endless iterator of batches of `batch_size` in the sampler's order (decoded in worker processes)."""
+        """An endless iterator of batches of `batch_size` in the sampler's order (decoded in worker processes).
+        Close it on every way out (contextlib.closing): that stops its workers."""
         workers = self.cfg.dataloader_workers
-        return iter(
+        batches = iter(
             torch.utils.data.DataLoader(
                 self.dataset,
                 batch_size=batch_size,
@@ -242,6 +243,14 @@ class Inputs:
                 worker_init_fn=ignore_sigterm,
             )
         )
+        try:
+            yield from batches
+        finally:
+            # What the iterator does when garbage-collected, done now: an error's traceback can keep it alive
+            # until the process exits, and then multiprocessing's exit handler, whose SIGTERM the workers
+            # ignore, waits for them forever
+            if workers:
+                batches._shutdown_workers()
 
     def components(self) -> dict:
         """The VAE and text encoders by their pipeline names: those loaded, or with a built latent cache the VAE alone

@@ -7,6 +7,7 @@ Run: python -m pytest -q test_train.py   (offline; the fast layer: -m "not slow"
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -534,8 +535,19 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert [r["lr"] for r in rows] == pytest.approx([lr / 4, lr / 2, lr / 2])
     monkeypatch.setattr(train_kto, "kto_loss", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--max_train_steps", "10", "--max_bad_steps", "3", out="always")
+        run(
+            tmp_path,
+            "--max_train_steps",
+            "10",
+            "--max_bad_steps",
+            "3",
+            "--dataloader_workers",
+            "1",
+            out="always",
+        )
     assert e.value.code == 3 and "3 consecutive steps" in capsys.readouterr().err
+    # a stop outside the loader also stops its workers (which ignore SIGTERM), though the traceback is still held
+    assert not multiprocessing.active_children()
     rows = [json.loads(x) for x in (tmp_path / "always/metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [1, 1, 1]
 
@@ -560,6 +572,19 @@ def test_a_data_error_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
         one_line = err[-1].startswith("error: 10 corrupt images in a row (last: row ")
         assert e.value.code == 2 and one_line, err[-3:]
         assert not any(line.startswith(("Original Traceback", "  File ")) for line in err), workers
+        # the workers ignore SIGTERM: stopped on the way out, not left for multiprocessing's exit handler, which
+        # would wait for them forever (the error's traceback, still held here, keeps their DataLoader alive)
+        assert not multiprocessing.active_children(), workers
+    # as a command, the run ends (it hung after printing the error)
+    cli = subprocess.run(
+        [sys.executable, "train_kto.py", *TINY, "--output_dir", str(tmp_path / "cli"), *args]
+        + ["--dataloader_workers", "1"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 2 and "error: 10 corrupt images in a row" in cli.stderr, cli.stderr[-2000:]
 
 
 def test_the_corrupt_image_count_goes_on_after_a_resume(tmp_path, monkeypatch, capsys):

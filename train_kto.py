@@ -530,7 +530,6 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     sampler = DesirableRatioSampler(
         desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank, held_out=held_out
     )
-    batches = inputs.loader(sampler, per_rank)
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
     step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
     phases = profiling.Phases(cfg.profile, device, cfg.peak_tflops)
@@ -539,54 +538,67 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # The baseline grid, before any update
     record.validate(policy, start_step, inputs)
 
-    for step in range(start_step + 1, cfg.max_train_steps + 1):
-        t0 = time.perf_counter()
-        with phases("data"):
-            batch = next(batches)
-            is_desirable = batch["desirable"].to(device)
-        with phases.count_flops():
-            with phases("encode"), torch.no_grad(), autocast:
-                x0, cond, cond_mismatched = inputs(batch, gen)
-            with phases("forward_backward"), autocast:
-                optimizer.zero_grad(set_to_none=True)
-                loss, stats = step_fn(model, ref, scheduler, x0, cond, cond_mismatched, is_desirable, gen)
-        with phases("clip"):
-            # Fp16: the true gradients, so that clipping sees their norm
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm)
-        with phases("optimizer"):
-            # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows are the scaler's business)
-            finite = torch.isfinite(grad_norm) | scaler.is_enabled()
-            sums = reports.step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
-            skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
-            bad_steps = bad_steps + 1 if skipped else 0
-            # fp16: the loss scaler also skips a step whose gradients overflowed (not a bad step: it lowers the scale)
-            skipped = not models.update(optimizer, lr_schedule, scaler, skipped)
-        n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
-        # Every rank stops together
-        data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
-        # saved with each checkpoint
-        counters = dict(zip(checkpoints.COUNTERS, (bad_steps, n_corrupt, n_seen)))
+    # The batches' worker processes (which ignore SIGTERM: encoders.ignore_sigterm) stop on every way out
+    with contextlib.closing(inputs.loader(sampler, per_rank)) as batches:
+        for step in range(start_step + 1, cfg.max_train_steps + 1):
+            t0 = time.perf_counter()
+            with phases("data"):
+                batch = next(batches)
+                is_desirable = batch["desirable"].to(device)
+            with phases.count_flops():
+                with phases("encode"), torch.no_grad(), autocast:
+                    x0, cond, cond_mismatched = inputs(batch, gen)
+                with phases("forward_backward"), autocast:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, stats = step_fn(model, ref, scheduler, x0, cond, cond_mismatched, is_desirable, gen)
+            with phases("clip"):
+                # Fp16: the true gradients, so that clipping sees their norm
+                scaler.unscale_(optimizer)
+                trained = optimizer.param_groups[0]["params"]
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+            with phases("optimizer"):
+                # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows: the scaler's business)
+                finite = torch.isfinite(grad_norm) | scaler.is_enabled()
+                sums = reports.step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
+                skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
+                bad_steps = bad_steps + 1 if skipped else 0
+                # fp16: the scaler also skips a step whose gradients overflowed (not a bad step: it lowers the scale)
+                skipped = not models.update(optimizer, lr_schedule, scaler, skipped)
+            n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
+            # Every rank stops together
+            data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
+            # saved with each checkpoint
+            counters = dict(zip(checkpoints.COUNTERS, (bad_steps, n_corrupt, n_seen)))
 
-        seconds = time.perf_counter() - t0
-        row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds) | phases.report(
-            seconds
-        )
-        # Every --heldout_steps steps only (not at a run's last step): a resumed run measures where the whole one did
-        if held_out.any() and step % cfg.heldout_steps == 0:
-            row |= measure(policy, ref, cfg.train_batch_size)
-        record.log(row)
-        utils.check_bad_steps(bad_steps, cfg.max_bad_steps, step)
-        record.validate(policy, step, inputs)
-        # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
-        preempted = sums["stop"].item() > 0
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
-            checkpoints.save_checkpoint(
-                cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
-            )
-            record.checkpoint(step)
-        if preempted and step < cfg.max_train_steps:  # at the last step the run is complete: it ends as usual
-            raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
+            seconds = time.perf_counter() - t0
+            row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds)
+            row |= phases.report(seconds)
+            # Every --heldout_steps steps only (not at a run's last step): a resumed run measures where the whole did
+            if held_out.any() and step % cfg.heldout_steps == 0:
+                row |= measure(policy, ref, cfg.train_batch_size)
+            record.log(row)
+            utils.check_bad_steps(bad_steps, cfg.max_bad_steps, step)
+            record.validate(policy, step, inputs)
+            # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
+            preempted = sums["stop"].item() > 0
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
+                checkpoints.save_checkpoint(
+                    cfg,
+                    policy,
+                    optimizer,
+                    lr_schedule,
+                    scaler,
+                    gen,
+                    step,
+                    counters,
+                    rank,
+                    world_size,
+                    data_id,
+                )
+                record.checkpoint(step)
+            # (at the last step the run is complete: it ends as usual)
+            if preempted and step < cfg.max_train_steps:
+                raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
     record.close()
     return policy
 
