@@ -77,6 +77,7 @@ def test_two_nodes_train_as_one_node_of_two_processes(tmp_path):
         env=ENV,
         capture_output=True,
         text=True,
+        timeout=600,
     )
     assert one.returncode == 0, one.stderr[-3000:]
     for code, err in two_nodes([tmp_path / "two"] * 2, *argv):
@@ -154,6 +155,7 @@ def test_on_preemption_no_rank_exits_before_rank_0_has_written_the_model_card(tm
         env=ENV,
         capture_output=True,
         text=True,
+        timeout=600,
     )
     assert "preempted: SIGTERM at step 1" in job.stderr, job.stderr[-3000:]
     assert (out / "rank1.txt").read_text() == "True"
@@ -197,6 +199,7 @@ def test_preemption_saves_the_step_and_the_relaunch_resumes_exactly(tmp_path):
             env=ENV,
             capture_output=True,
             text=True,
+            timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]
     assert metrics(out) == metrics(tmp_path / "whole")
@@ -214,6 +217,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_is_needed(tmp_path)
         capture_output=True,
         text=True,
         **kw,
+        timeout=600,
     )
     assert run(2).returncode == 0
     before = unet(out / "checkpoint-2")
@@ -244,6 +248,7 @@ def test_a_full_disk_while_caching_latents_stops_with_what_is_needed(tmp_path):
         capture_output=True,
         text=True,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16)),
+        timeout=600,
     )
     assert full.returncode == 3 and "Traceback" not in full.stderr, full.stderr[-3000:]
     assert f"no space left writing {cache}" in full.stderr and "the latent cache needs about" in full.stderr

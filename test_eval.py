@@ -889,6 +889,7 @@ def test_cli_output_reads_well_in_a_log_file(ckpt, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "\r" not in run.stderr and "torchvision" not in run.stderr and "arning" not in run.stderr, (
@@ -914,7 +915,12 @@ def test_torchrun_two_ranks_gloo(ckpt, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for launcher, out in ((torchrun, tmp_path / "ddp"), ([sys.executable], tmp_path / "one")):
         run = subprocess.run(
-            [*launcher, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env
+            [*launcher, *args, "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
         )
         assert run.returncode == 0, run.stderr[-3000:]
     ddp, single = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("ddp", "one"))

@@ -162,7 +162,10 @@ def test_a_stopped_run_says_what_was_saved_and_how_to_resume(tmp_path, signal_na
     command = lines[-1].split("To resume: ")[1]
     assert command.startswith("python train_kto.py ") and command.endswith(" --resume latest"), command
     subprocess.run(
-        [sys.executable, *shlex.split(command)[1:], "--max_train_steps", str(step + 1)], cwd=HERE, check=True
+        [sys.executable, *shlex.split(command)[1:], "--max_train_steps", str(step + 1)],
+        cwd=HERE,
+        check=True,
+        timeout=600,
     )
     launches = json.loads((out / "run.json").read_text())["launches"]
     assert [launch["start_step"] for launch in launches] == [0, step]
@@ -951,6 +954,7 @@ def test_same_metrics_and_weights_as_before_the_redesign(tmp_path):
             capture_output=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
             cwd=old,
+            timeout=600,
         )
         # the code before had no held-out set: every image trained on, no held-out columns
         _, rows = run(tmp_path, *args, *extra, "--heldout_steps", "0", out=f"new-{n}")
