@@ -1,8 +1,8 @@
 """What pytest does around the tests of this folder, so that a hang fails the suite with the place where it waits,
 instead of running into CI's time limit:
   - a test that leaves child processes running fails, and they are killed. Left running, they would hang the suite
-    at its end, after its summary: multiprocessing's exit handler waits for its children, and the DataLoader workers
-    of train_kto.py ignore the SIGTERM it sends them first;
+    at its end, after its summary: multiprocessing's exit handler waits for its children, and training's DataLoader
+    workers ignore the SIGTERM it sends them first (encoders.ignore_sigterm);
   - a suite that has not ended 2 minutes after its summary prints every thread's stack and exits with 1.
 (A test still running after 15 minutes prints every thread's stack: pytest.ini's faulthandler_timeout.)"""
 

@@ -596,7 +596,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                     data_id,
                 )
                 record.checkpoint(step)
-            # (at the last step the run is complete: it ends as usual)
+            # Preempted at the last step: the run is complete and ends as usual
             if preempted and step < cfg.max_train_steps:
                 raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
     record.close()
