@@ -170,7 +170,8 @@ class TextEncoders:
 def ignore_sigterm(worker_id: int):
     """A DataLoader worker's start: ignore SIGTERM. torchrun and SLURM signal the whole process group on
     preemption; a worker that died of it would fail the step that the training loop finishes and saves. The loop
-    stops its workers itself, on every way out (closing Inputs.loader). Module-level: picklable for the spawn start method."""
+    stops its workers itself, on every way out (closing Inputs.loader). Module-level: picklable for the spawn start
+    method."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
