@@ -224,9 +224,11 @@ def test_eval_prompts_are_the_held_out_captions():
 # ----------------------------------------------------------------------------------------------------
 # One world per seed, whatever the launcher
 
+# The HASH line in one write: two ranks share the pipe, and unbuffered (PYTHONUNBUFFERED) print() writes each of its
+# pieces on its own, so the ranks' lines could interleave
 BUILD = (
     "import sys, tiny_world; p = tiny_world.world_path({seed}, **{sizes}); "
-    "print('HASH', tiny_world.world_hash(p), p.name, flush=True)"
+    "sys.stdout.write(f'HASH {{tiny_world.world_hash(p)}} {{p.name}}\\n'); sys.stdout.flush()"
 )
 
 
