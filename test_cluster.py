@@ -144,10 +144,9 @@ def test_on_preemption_no_rank_exits_before_rank_0_has_written_the_model_card(tm
             real(self, step)
         reports.Reports.checkpoint = checkpoint
         # what rank 1 sees as it exits. Once a rank has exited the launcher stops the others with SIGTERM, and a
-        # rank stopped so would not run its atexit: rank 1 ignores SIGTERM here (it is already told to stop)
-        real_signal = signal.signal
+        # rank stopped so would not run its atexit: rank 1 blocks SIGTERM here (it is already told to stop)
         if rank == "1":
-            signal.signal = lambda sig, handler: real_signal(sig, signal.SIG_IGN if sig == signal.SIGTERM else handler)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
         atexit.register(lambda: rank == "1" and open(out + "/rank1.txt", "w").write(
             str(os.path.exists(out + "/checkpoint-1/README.md"))))
         train_kto.main(sys.argv[1:])
