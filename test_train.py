@@ -537,8 +537,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     # float64 schedule arithmetic: approx's default rel 1e-6 is headroom
     assert [r["lr"] for r in rows] == pytest.approx([lr / 4, lr / 2, lr / 2])
     monkeypatch.setattr(train_kto, "kto_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    one_worker = ["--dataloader_workers", "1"]
     with pytest.raises(SystemExit) as e:
-        one_worker = ["--dataloader_workers", "1"]
         run(tmp_path, "--max_train_steps", "10", "--max_bad_steps", "3", *one_worker, out="always")
     assert e.value.code == 3 and "3 consecutive steps" in capsys.readouterr().err
     # a stop outside the loader also stops its workers (which ignore SIGTERM), though the traceback is still held
