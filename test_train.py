@@ -389,17 +389,25 @@ def test_same_seed_same_run_and_workers_do_not_change_it(tmp_path):
     assert strip(a) != strip(c) and strip(a) != strip(d)
 
 
-def test_max_grad_norm_clips(tmp_path):
+def test_max_grad_norm_clips_and_0_turns_clipping_off(tmp_path):
     from diffusers import UNet2DConditionModel
 
     base = UNet2DConditionModel.from_pretrained(fixtures.tiny_model_path(), subfolder="unet").state_dict()
-    free, _ = run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", out="free")
-    tight, _ = run(
-        tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", "--max_grad_norm", "1e-12", out="tight"
-    )
+    runs = {
+        bound: run(tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "1", *flag, out=bound)[0]
+        for bound, flag in dict(
+            free=[],
+            tight=["--max_grad_norm", "1e-12"],
+            off=["--max_grad_norm", "0"],
+            huge=["--max_grad_norm", "1e30"],
+        ).items()
+    }
     change = lambda m: max((m.state_dict()[k] - base[k]).abs().max().item() for k in base)
     # Adam normalises the gradient's scale, so only a norm far below its eps (1e-8) slows it down
-    assert change(tight) < 0.01 * change(free)
+    assert change(runs["tight"]) < 0.01 * change(runs["free"])
+    # 0: no clipping, the same run as a bound that the gradient never reaches (the tiny world's norms are ~10)
+    assert change(runs["off"]) > 0
+    assert all(torch.equal(runs["off"].state_dict()[k], runs["huge"].state_dict()[k]) for k in base)
 
 
 # ---------------------------------------------------------------------------------------------------

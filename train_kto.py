@@ -114,7 +114,7 @@ class Config:
     lr_warmup_steps: int = 1000
     """steps of linear learning-rate warm-up from 0, then constant"""
     max_grad_norm: float = 1.0
-    """clip the global gradient norm to this (released code: 1.0)"""
+    """clip the global gradient norm to this (released code: 1.0; 0: no clipping, the norm is still logged)"""
     seed: int = 0
     """seed for everything; ranks derive their own streams from (seed, rank)"""
     checkpointing_steps: int = 1000
@@ -555,7 +555,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 # Fp16: the true gradients, so that clipping sees their norm
                 scaler.unscale_(optimizer)
                 trained = optimizer.param_groups[0]["params"]
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+                # 0: no clipping (a bound of inf scales by exactly 1); the norm is still computed and logged
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm or float("inf"))
             with phases("optimizer"):
                 # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows: the scaler's business)
                 finite = torch.isfinite(grad_norm) | scaler.is_enabled()
