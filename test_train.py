@@ -95,6 +95,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         ([], [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)], "--allow_one_class"),
         (["--train_batch_size", "1"], None, "--train_batch_size >= 2"),
         (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
+        (["--beta", "0"], None, "--beta 0: the utility is then the same for every image"),
         (["--report_to", "wandb"], None, "--report_to wandb needs the wandb package: pip install wandb"),
         (
             ["--validation_prompts", "/no/such/prompts.txt"],
@@ -102,7 +103,15 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
             "--validation_prompts /no/such/prompts.txt: cannot",
         ),
     ],
-    ids=["bad_label", "one_class", "batch_of_one", "zero_checkpointing_steps", "no_wandb", "no_prompts_file"],
+    ids=[
+        "bad_label",
+        "one_class",
+        "batch_of_one",
+        "zero_checkpointing_steps",
+        "zero_beta",
+        "no_wandb",
+        "no_prompts_file",
+    ],
 )
 def test_tiny_checks_the_data_and_flags_before_building_the_world(
     tmp_path, monkeypatch, capsys, flags, rows, message

@@ -237,6 +237,10 @@ def parse_config(argv=None) -> Config:
 
 def check_flags(cfg: Config):
     """Flags that cannot work together, refused before anything is loaded or built (--tiny's world)."""
+    if cfg.beta == 0:
+        raise DataError(
+            "--beta 0: the utility is then the same for every image and nothing trains; beta must be > 0"
+        )
     if cfg.reference_point == "kl_mismatched" and cfg.objective == "kto":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
         mismatched_indices(cfg.train_batch_size * cfg.gradient_accumulation_steps)
