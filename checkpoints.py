@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -85,13 +86,25 @@ def fsync_tree(path: Path):
             os.close(fd)
 
 
-def save_checkpoint(
-    cfg, policy, optimizer, lr_schedule, scaler, gen, step, counters, rank, world_size, data_id
-):
+class State(NamedTuple):
+    """What a checkpoint saves and a resume restores, besides the step and the counters."""
+
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    # fp16's loss scaler (disabled otherwise)
+    scaler: torch.amp.GradScaler
+    # this rank's generator: noise, timesteps, flips, caption dropout
+    gen: torch.Generator
+
+
+def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id):
     """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every rank's generator), config.json and data.json (the data's fingerprint,
-    `data_id`). Rank 0 writes it to a temporary folder, flushes it to disk, then renames it; a full disk removes the
-    partial folder and stops every rank with TrainingError. All ranks call this."""
+    training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every
+    rank's generator), config.json and data.json (the data's fingerprint, `data_id`). Rank 0 writes it to a
+    temporary folder, flushes it to disk, then renames it; a full disk removes the partial folder and stops every
+    rank with TrainingError. All ranks call this."""
+    policy, optimizer, lr_schedule, scaler, gen = state
     rng_states = [gen.get_state()]
     if world_size > 1:
         rng_states = [None] * world_size
@@ -263,22 +276,14 @@ COUNTERS = ("bad_steps", "n_corrupt", "n_seen")
 
 
 def load_checkpoint(
-    path: Path | None,
-    policy,
-    optimizer,
-    lr_schedule,
-    scaler,
-    gen,
-    seed: int,
-    rank: int,
-    world_size: int,
-    device,
+    path: Path | None, state: State, seed: int, rank: int, world_size: int, device
 ) -> tuple[int, dict]:
-    """Restore what save_checkpoint wrote: the policy's weights, the optimizer, the learning-rate schedule, the
-    fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name in
-    COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
+    """Restore what save_checkpoint wrote into `state`: the policy's weights, the optimizer, the learning-rate
+    schedule, the fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name
+    in COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
     if path is None:
         return 0, dict.fromkeys(COUNTERS, 0)
+    policy, optimizer, lr_schedule, scaler, gen = state
     models.load_policy(policy, path)
     state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

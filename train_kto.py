@@ -491,8 +491,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # A relaunch of a finished run (a restart or requeue after its last save): nothing to train, nothing written
     if done := checkpoints.finished(cfg):
         print(
-            f"nothing to train: {done} is the run's last step, --max_train_steps {cfg.max_train_steps}",
-            flush=True,
+            f"nothing to train: {done} is the last step (--max_train_steps {cfg.max_train_steps})", flush=True
         )
         return None
     table, dataset, desirable, counts = data.load_data(cfg)
@@ -509,9 +508,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     optimizer, lr_schedule, scaler = models.make_optimizer(cfg, policy, device, amp_dtype)
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
-    start_step, counters = checkpoints.load_checkpoint(
-        resume_from, policy, optimizer, lr_schedule, scaler, gen, cfg.seed, rank, world_size, device
-    )
+    state = checkpoints.State(policy, optimizer, lr_schedule, scaler, gen)
+    start_step, counters = checkpoints.load_checkpoint(resume_from, state, cfg.seed, rank, world_size, device)
     # Non-finite steps in a row; corrupt images and images read, for the 1% rule (data.check_corrupt)
     bad_steps, n_corrupt, n_seen = (counters[name] for name in checkpoints.COUNTERS)
     record = reports.Reports(
@@ -587,19 +585,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
             preempted = sums["stop"].item() > 0
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
-                checkpoints.save_checkpoint(
-                    cfg,
-                    policy,
-                    optimizer,
-                    lr_schedule,
-                    scaler,
-                    gen,
-                    step,
-                    counters,
-                    rank,
-                    world_size,
-                    data_id,
-                )
+                checkpoints.save_checkpoint(cfg, state, step, counters, rank, world_size, data_id)
                 record.checkpoint(step)
             # Preempted at the last step: the run is complete and ends as usual
             if preempted and step < cfg.max_train_steps:
