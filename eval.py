@@ -258,14 +258,14 @@ def check_inputs(cfg: Config):
             f"--metrics {cfg.metrics}: unknown {', '.join(unknown) or '(none given)'}; choose from "
             f"{', '.join(SCORERS)}."
         )
-    ckpt = describe_model(cfg.ckpt, "--ckpt")
+    ckpt = models.describe_model(cfg.ckpt, "--ckpt")
     if not cfg.baseline:
         if ckpt["unet"] is None and ckpt["lora"] is None:
             raise DataError(
                 f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline."
             )
         cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
-    pair = dict(checkpoint=ckpt, baseline=describe_model(cfg.baseline, "--baseline"))
+    pair = dict(checkpoint=ckpt, baseline=models.describe_model(cfg.baseline, "--baseline"))
     prompts = prompt_sets.load_prompts(cfg.prompts)
     # prompt ids are indices in the full set: seeds follow them
     ids = prompt_sets.subset_indices(prompts, cfg.num_prompts)
@@ -402,46 +402,17 @@ def score_images(
 # Generation: both models, the same initial noise for image k of prompt p
 
 
-def describe_model(spec: str, flag: str) -> dict:
-    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None, 'lora': checkpoint folder holding a LoRA
-    file or None, 'vae': the VAE trained with (--pretrained_vae), only where there is one}, checked to exist. A checkpoint-<step>
-    folder holds only unet/ (or the LoRA file); its base model and VAE are config.pretrained_model and
-    config.pretrained_vae in the run.json above."""
-    path = Path(spec)
-    lora = (path / models.LORA_FILE).exists()
-    if (lora or (path / "unet" / "config.json").exists()) and not (path / "model_index.json").exists():
-        run_json = path.parent / "run.json"
-        if not run_json.exists():
-            raise DataError(
-                f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
-                f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id."
-            )
-        config = json.loads(run_json.read_text())["config"]
-        base, vae = config["pretrained_model"], config.get("pretrained_vae") or None
-        utils.resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
-        if vae:
-            utils.resolve_model(vae, f"{flag} {spec}: the VAE it was trained with, {vae} (in {run_json})")
-        model = dict(base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None)
-        # 'vae' only where one was trained with: images/generation.json of earlier runs stays the same
-        return model | {"vae": vae} if vae else model
-    if path.is_dir() and not (path / "model_index.json").exists():
-        raise DataError(
-            f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/ or {models.LORA_FILE}) nor a "
-            "diffusers model folder (with model_index.json)."
-        )
-    return dict(base=utils.resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
-
-
 def generation_dtype(device: torch.device) -> torch.dtype:
     """Images are generated in fp16 on GPUs, in fp32 on CPUs."""
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_pipeline(model: dict, device: torch.device):
-    """The pipeline of `model` (see describe_model): the base, with the checkpoint's UNet or LoRA adapters and VAE."""
+    """The pipeline of `model` (models.describe_model): the base, with the checkpoint's UNet or LoRA adapters and
+    VAE, in generation_dtype."""
     dtype = generation_dtype(device)
     try:
-        pipe = models.load_pipeline(model["base"], dtype=dtype, **trained_components(model, dtype))
+        pipe = models.load_pipeline(model["base"], dtype=dtype, **models.trained_components(model, dtype))
     except OSError as e:
         raise DataError(
             f"could not load the model {model} ({e}). Offline? Pass a local diffusers folder."
@@ -450,15 +421,6 @@ def load_pipeline(model: dict, device: torch.device):
         pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def trained_components(model: dict, dtype=None) -> dict:
-    """The parts of `model` (describe_model) that replace its base model's: the checkpoint's UNet, the VAE trained
-    with. LoRA adapters are loaded into the pipeline afterwards."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    parts = dict(unet=(UNet2DConditionModel, model["unet"]), vae=(AutoencoderKL, model.get("vae")))
-    return {name: cls.from_pretrained(path, dtype=dtype) for name, (cls, path) in parts.items() if path}
 
 
 def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: str, rank: int, device):
@@ -648,7 +610,7 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
 def export(cfg: Config, rank: int, world_size: int, device) -> Path:
     """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet and VAE, saved as one
     diffusers folder (model card included) that DiffusionPipeline.from_pretrained(OUT) loads alone."""
-    model, out = describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
+    model, out = models.describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
     if model["unet"] is None and model["lora"] is None:
         raise DataError(
             f"--ckpt {cfg.ckpt}: already a complete pipeline; --export takes a checkpoint-<step> folder "
@@ -658,7 +620,7 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
         raise DataError(f"--export {out}: already exists; pass a new folder (or delete this one).")
     # weights as saved (float32): the exported UNet equals the checkpoint's bit for bit; LoRA adapters are fused
     if rank == 0:
-        pipe = models.load_pipeline(model["base"], **trained_components(model))
+        pipe = models.load_pipeline(model["base"], **models.trained_components(model))
         if model["lora"]:
             pipe.load_lora_weights(model["lora"], weight_name=models.LORA_FILE)
             pipe.fuse_lora()

@@ -2,14 +2,19 @@
 adapters on its attention projections (peft, as diffusers uses it), whose frozen reference is the same UNet with
 the adapters switched off, so that no second UNet is held. A full policy is saved as a diffusers `unet/` folder;
 a LoRA policy as `pytorch_lora_weights.safetensors` in the diffusers LoRA format, which
-`pipe.load_lora_weights(folder)` reads. Also the optimizer of the trainable parameters and its step."""
+`pipe.load_lora_weights(folder)` reads. Also the optimizer of the trainable parameters and its step, and how a
+checkpoint folder is read back (describe_model: its base model and VAE from the run's run.json; trained_components
+and load_pipeline: the base model's pipeline with the trained parts in place)."""
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
+
+from utils import DataError, resolve_model
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # The attention projections of every transformer block (self- and cross-attention), as in diffusers' LoRA scripts
@@ -88,6 +93,45 @@ def load_pipeline(path: str, **components):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components
         )
     return cls.from_pretrained(path, **components)
+
+
+def describe_model(spec: str, flag: str) -> dict:
+    """{'base': diffusers folder/id, 'unet': checkpoint UNet folder or None, 'lora': checkpoint folder holding a LoRA
+    file or None, 'vae': the VAE trained with (--pretrained_vae), only where there is one}, checked to exist. A checkpoint-<step>
+    folder holds only unet/ (or the LoRA file); its base model and VAE are config.pretrained_model and
+    config.pretrained_vae in the run.json above."""
+    path = Path(spec)
+    lora = (path / LORA_FILE).exists()
+    if (lora or (path / "unet" / "config.json").exists()) and not (path / "model_index.json").exists():
+        run_json = path.parent / "run.json"
+        if not run_json.exists():
+            raise DataError(
+                f"{flag} {spec}: a UNet checkpoint without {run_json}, so its base model is unknown. "
+                f"Pass the checkpoint of a train_kto.py run, or a full diffusers folder / hub id."
+            )
+        config = json.loads(run_json.read_text())["config"]
+        base, vae = config["pretrained_model"], config.get("pretrained_vae") or None
+        resolve_model(base, f"{flag} {spec}: its base model {base} (in {run_json})", "model_index.json")
+        if vae:
+            resolve_model(vae, f"{flag} {spec}: the VAE it was trained with, {vae} (in {run_json})")
+        model = dict(base=base, unet=None if lora else str(path / "unet"), lora=str(path) if lora else None)
+        # 'vae' only where one was trained with: images/generation.json of earlier runs stays the same
+        return model | {"vae": vae} if vae else model
+    if path.is_dir() and not (path / "model_index.json").exists():
+        raise DataError(
+            f"{flag} {spec}: neither a checkpoint-<step> folder (with unet/ or {LORA_FILE}) nor a "
+            "diffusers model folder (with model_index.json)."
+        )
+    return dict(base=resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
+
+
+def trained_components(model: dict, dtype=None) -> dict:
+    """The parts of `model` (describe_model) that replace its base model's: the checkpoint's UNet, the VAE trained
+    with. LoRA adapters are loaded into the pipeline afterwards."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    parts = dict(unet=(UNet2DConditionModel, model["unet"]), vae=(AutoencoderKL, model.get("vae")))
+    return {name: cls.from_pretrained(path, dtype=dtype) for name, (cls, path) in parts.items() if path}
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device):

@@ -20,6 +20,7 @@ from PIL import Image
 import eval as ev
 import fixtures
 import model_card
+import models
 import reports
 from utils import DataError
 
@@ -453,10 +454,12 @@ def test_the_vae_trained_with_replaces_the_base_models_in_eval_export_and_the_mo
             torch.equal(a, b.to(a.dtype)) for a, b in zip(vae.state_dict().values(), v.state_dict().values())
         )
 
-    assert ev.describe_model(str(ckpt), "--ckpt")["vae"] == str(tmp_path / "vae")
+    assert models.describe_model(str(ckpt), "--ckpt")["vae"] == str(tmp_path / "vae")
     # without one, no 'vae' key: the images/generation.json of an --out begun before --pretrained_vae still matches
-    assert "vae" not in ev.describe_model(str(checkpoint), "--ckpt")
-    assert same_as_trained(ev.load_pipeline(ev.describe_model(str(ckpt), "--ckpt"), torch.device("cpu")).vae)
+    assert "vae" not in models.describe_model(str(checkpoint), "--ckpt")
+    assert same_as_trained(
+        ev.load_pipeline(models.describe_model(str(ckpt), "--ckpt"), torch.device("cpu")).vae
+    )
     assert ev.main(["--ckpt", str(ckpt), "--export", str(tmp_path / "exported")]) == tmp_path / "exported"
     assert same_as_trained(StableDiffusionPipeline.from_pretrained(tmp_path / "exported").vae)
     # The model card's loading code, run as written from the run's folder, loads that VAE too
@@ -489,7 +492,6 @@ def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_validation_decodes_as_the_pipeline_and_outside_autocast(family):
-    import models
 
     path = fixtures.tiny_sdxl_model_path() if family == "sdxl" else fixtures.tiny_model_path()
     pipe = models.load_pipeline(str(path))
