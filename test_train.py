@@ -96,6 +96,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         (["--train_batch_size", "1"], None, "--train_batch_size >= 2"),
         (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
         (["--beta", "0"], None, "--beta 0: the utility is then the same for every image"),
+        (["--lambda_d", "0", "--desirable_ratio", "1"], None, "every sample drawn has loss weight 0"),
         (["--report_to", "wandb"], None, "--report_to wandb needs the wandb package: pip install wandb"),
         (
             ["--validation_prompts", "/no/such/prompts.txt"],
@@ -109,6 +110,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         "batch_of_one",
         "zero_checkpointing_steps",
         "zero_beta",
+        "zero_weight",
         "no_wandb",
         "no_prompts_file",
     ],

@@ -237,9 +237,15 @@ def parse_config(argv=None) -> Config:
 
 def check_flags(cfg: Config):
     """Flags that cannot work together, refused before anything is loaded or built (--tiny's world)."""
+    # A loss that is the same for every sample trains nothing, silently
     if cfg.beta == 0:
         raise DataError(
             "--beta 0: the utility is then the same for every image and nothing trains; beta must be > 0"
+        )
+    if cfg.desirable_ratio * cfg.lambda_d + (1 - cfg.desirable_ratio) * cfg.lambda_u == 0:
+        raise DataError(
+            f"--lambda_d {cfg.lambda_d} --lambda_u {cfg.lambda_u} --desirable_ratio {cfg.desirable_ratio}: every "
+            "sample drawn has loss weight 0 and nothing trains"
         )
     if cfg.reference_point == "kl_mismatched" and cfg.objective == "kto":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
