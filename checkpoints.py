@@ -285,19 +285,19 @@ def load_checkpoint(
         return 0, dict.fromkeys(COUNTERS, 0)
     policy, optimizer, lr_schedule, scaler, gen = state
     models.load_policy(policy, path)
-    state = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
+    saved = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    if state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
+    lr_schedule.load_state_dict(saved["lr_schedule"])
+    if saved.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(saved["scaler"])
     rng_states = torch.load(path / "rng_state.pt", weights_only=True)
     if len(rng_states) == world_size:
         gen.set_state(rng_states[rank])
     else:  # a different number of ranks: same weights and optimizer, new per-rank streams
-        gen.manual_seed(derive_seed(seed + state["step"], rank))
+        gen.manual_seed(derive_seed(seed + saved["step"], rank))
         if rank == 0:
             print(
                 f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
                 "restart, so the run will not match an uninterrupted one exactly"
             )
-    return state["step"], {name: state.get(name, 0) for name in COUNTERS}
+    return saved["step"], {name: saved.get(name, 0) for name in COUNTERS}
