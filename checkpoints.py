@@ -103,7 +103,8 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
     training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every
     rank's generator), config.json and data.json (the data's fingerprint, `data_id`). Rank 0 writes it to a
     temporary folder, flushes it to disk, then renames it; a full disk removes the partial folder and stops every
-    rank with TrainingError. All ranks call this."""
+    rank with TrainingError. Then older checkpoints lose their optimizer.pt, and those beyond
+    --checkpoints_total_limit are deleted. All ranks call this."""
     policy, optimizer, lr_schedule, scaler, gen = state
     rng_states = [gen.get_state()]
     if world_size > 1:

@@ -474,7 +474,7 @@ def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: in
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training inputs: desirable and undesirable samples checked, augmented, encoded (or read from the latent cache)
+# The training data: loaded and checked, its fingerprint, the held-out split's image keys
 
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 
@@ -524,7 +524,9 @@ def image_keys(table: pd.DataFrame, base_dir: Path) -> list[str] | None:
 
 
 def load_data(cfg):
-    """The feedback table and its dataset, checked before any model is loaded."""
+    """The feedback table and its FeedbackDataset (with its .fingerprint), checked before any model is loaded.
+    Returns (table, dataset, desirable: bool array per row, counts for run.json: classes, label policy, stats,
+    fingerprint)."""
     table = check_feedback(load_feedback(cfg.dataset, label_policy=cfg.label_policy), cfg)
     dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     dataset.fingerprint = fingerprint(table, Path(cfg.dataset).parent)

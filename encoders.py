@@ -12,7 +12,9 @@ Inputs turns a loader batch into the objective's inputs: x0 ~ q(x0 | image) afte
 `cond`, the UNet's keyword inputs for each image's own caption after caption dropout, and `cond_mismatched`, the
 same for the caption of the sample each image is paired with (kl_mismatched only): every caption-dependent input
 rolled together, while the size conditioning, a property of the image, stays. The training step indexes them by
-sample and calls unet(x_t, t, **cond): it never asks which family it trains."""
+sample and calls unet(x_t, t, **cond): it never asks which family it trains. Inputs also builds and reads the
+--cache_latents files (latent_cache.py) and makes the DataLoader of the training batches (Inputs.loader, its
+workers deaf to SIGTERM: ignore_sigterm)."""
 
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ def augment_draws(b: int, gen: torch.Generator, random_flip: bool, caption_dropo
 def augment(
     pixels: torch.Tensor, captions: list[str], gen: torch.Generator, random_flip: bool, caption_dropout: float
 ):
-    """Random horizontal flip (p = 0.5) and caption dropout (caption -> "" with p = caption_dropout); returns the
-    pixels, the captions and the dropout mask."""
+    """Random horizontal flip (p = 0.5; never without random_flip) and caption dropout (caption -> "" with
+    p = caption_dropout); returns the pixels, the captions and the dropout mask."""
     flip, drop = augment_draws(pixels.shape[0], gen, random_flip, caption_dropout)
     pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
     return pixels, ["" if d else c for c, d in zip(captions, drop.tolist())], drop

@@ -148,7 +148,7 @@ def random_scorers(cfg: Config) -> bool:
 
 def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     """The whole evaluation on this rank; returns the report on rank 0 (None on other ranks)."""
-    why = "Every rank writes its share of the images, which rank 0 then scores"
+    why = "Every rank writes its share of the images and reads all of them to score its share"
     utils.check_shared_folder(Path(cfg.out), rank, world_size, ("--out", why))
     cfg, metrics, pair, prompts, ids = check_inputs(cfg)
     items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
@@ -571,7 +571,7 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
 def write_reports(
     cfg: Config, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path
 ) -> list:
-    """results.md, win_rates.png and grid_<prompt>.png for the first 4 prompts; returns their paths."""
+    """results.md, win_rates.png and grid_<prompt id>.png for the first 4 prompts; returns their paths."""
     results = report["metrics"]
     write_markdown(results, out / "results.md", cfg)
     draw_win_rates(results, out / "win_rates.png", cfg)
@@ -609,7 +609,8 @@ def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
 
 def export(cfg: Config, rank: int, world_size: int, device) -> Path:
     """--export OUT: the base model of --ckpt (from its run.json) with the checkpoint's UNet and VAE, saved as one
-    diffusers folder (model card included) that DiffusionPipeline.from_pretrained(OUT) loads alone."""
+    diffusers folder (with the checkpoint's model card, if it has one) that DiffusionPipeline.from_pretrained(OUT)
+    loads alone."""
     model, out = models.describe_model(cfg.ckpt, "--ckpt"), Path(cfg.export)
     if model["unet"] is None and model["lora"] is None:
         raise DataError(
@@ -641,7 +642,8 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
 
 
 def main(argv=None):
-    """Run the evaluation (or --export); returns the report (the exported folder) on rank 0, None on other ranks."""
+    """Run the evaluation: returns the report on rank 0, None on other ranks; or --export: returns the exported
+    folder on every rank."""
     # first: --tiny may build the tiny scorers while parsing
     utils.quiet_libraries()
     with utils.reported((DataError,)):

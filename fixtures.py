@@ -4,6 +4,7 @@ Nothing here is part of the method or is needed to train on real data:
 - the tiny model: tiny_world.build_tiny_model's random-weight, Stable-Diffusion-shaped pipeline, built once into
   the cache; a small labelled CSV dataset of tiny-world drawings (the fast tests); perturb_norms, which moves a
   random model's norm weights off 1 and 0 so that precision tests see their rounding;
+- the tiny v-prediction model: the tiny model with SD 2.1's v-prediction scheduler config (its plumbing only);
 - the tiny SDXL model: a random-weight, SDXL-shaped pipeline (two text encoders, pooled text and size
   conditioning), built once into the cache;
 - the tiny scorers: the five paper scorers (scorers.py) with tiny random weights, each saved in the format of its

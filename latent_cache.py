@@ -1,8 +1,7 @@
-"""--cache_latents: every image's VAE posterior (both flips) and size, and every caption's text embeddings (SDXL: with
-the pooled one), encoded once into
-<cache>/latents-*.pt and text-*.pt, shared out over ranks chunk by chunk, each chunk written atomically (a killed run
-resumes the build where it stopped), and read back memory-mapped. A cache is reused only with the settings it was
-built with (settings.json)."""
+"""--cache_latents: every image's VAE posterior (both flips with --random_flip) and size, and every caption's text
+embeddings (SDXL: with the pooled one), encoded once into <cache>/latents-*.pt and text-*.pt, shared out over ranks
+chunk by chunk, each chunk written atomically (a killed run resumes the build where it stopped), and read back
+memory-mapped. A cache is reused only with the settings it was built with (settings.json)."""
 
 from __future__ import annotations
 
@@ -78,7 +77,8 @@ class CachedLatents(torch.utils.data.Dataset):
 
 def build(folder: Path, dataset, captions: list[str], inputs, cfg, rank, world_size):
     """Encode the chunks of CACHE_CHUNK images / captions not yet on disk, chunk k on rank k % world_size, each
-    written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)."""
+    written atomically (a killed run resumes where it stopped). Images are encoded in both flips (view 1 flipped)
+    with --random_flip, else unflipped only."""
     caption_id, failed = {c: i for i, c in enumerate(captions)}, None
     for name in cache_files(len(dataset), len(captions))[rank::world_size]:
         file, k = folder / name, int(name[-9:-3])

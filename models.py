@@ -2,9 +2,10 @@
 adapters on its attention projections (peft, as diffusers uses it), whose frozen reference is the same UNet with
 the adapters switched off, so that no second UNet is held. A full policy is saved as a diffusers `unet/` folder;
 a LoRA policy as `pytorch_lora_weights.safetensors` in the diffusers LoRA format, which
-`pipe.load_lora_weights(folder)` reads. Also the optimizer of the trainable parameters and its step, and how a
-checkpoint folder is read back (describe_model: its base model and VAE from the run's run.json; trained_components
-and load_pipeline: the base model's pipeline with the trained parts in place)."""
+`pipe.load_lora_weights(folder)` reads. Also the frozen modules' storage (store_frozen), the autocast dtype
+(--mixed_precision), regional compilation (--compile), the optimizer of the trainable parameters and its step,
+and how a checkpoint folder is read back (describe_model: its base model and VAE from the run's run.json;
+trained_components and load_pipeline: the base model's pipeline with the trained parts in place)."""
 
 from __future__ import annotations
 

@@ -303,7 +303,7 @@ class Tracker:
             self.run.log(numbers, step=step)
 
     def log_image(self, name: str, path: Path, step: int):
-        """An image file (a validation grid, curves.png) under `name` at `step`."""
+        """An image file (a validation grid) under `name` at `step`."""
         if self.writer is not None:
             with Image.open(path) as image:
                 self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")

@@ -3,9 +3,11 @@
 Each metric has two functions: locate_<metric>(cfg) resolves every file the scorer reads (a local file or folder,
 a URL downloaded once into the cache, or a hub repo; DataError if missing), and load_<metric>(cfg, device) returns
 score(images: list[PIL.Image], prompts: list[str]) -> FloatTensor [N]. cfg is anything with the fields
-<metric>_path (eval.Config). All five load through transformers (no open_clip, no torchvision, no scorer packages):
-the weights are renamed from their released formats (openclip_to_hf, blip_to_hf), and images and prompts are
-prepared as each scorer's authors prepare them (preprocess_*, clean_openclip_text; sources in docs/evaluation.md).
+<metric>_path (eval.Config); for clip they are locate_clip_score and load_clip_score (locate_clip and load_clip
+load the CLIP models of PickScore and of the CLIP score). All five load through transformers (no open_clip, no
+torchvision, no scorer packages): the weights are renamed from their released formats (openclip_to_hf,
+blip_to_hf), and images and prompts are prepared as each scorer's authors prepare them (preprocess_*,
+clean_openclip_text; sources in docs/evaluation.md).
 
 eval.py is the protocol that uses them (SCORERS names each metric's title and functions); fixtures.py writes tiny
 random-weight scorers in the same formats. Add a scorer: its locate/load here, a default in DEFAULT_PATHS, a line

@@ -604,7 +604,8 @@ def main(argv=None):
 
 def make_figure(eval_out: Path, png: Path, seeds: int = 8) -> dict:
     """Base and KTO images of each held-out prompt (two rows per prompt), same seeds column by column, from the
-    images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y)} of each tile."""
+    images/ folder that `eval.py --tiny --out eval_out` wrote. Returns {(prompt, model, k): (x, y, image file)} of
+    each tile."""
     index = pd.read_csv(Path(eval_out) / "images" / "index.csv")
     size, pad, label, left = 48, 4, 14, 150
     rows = [(p, m) for p in HELD_OUT for m in ("baseline", "checkpoint")]

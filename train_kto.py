@@ -17,9 +17,10 @@ Launch:
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
 Every flag: python train_kto.py --help. Outputs (docs/outputs.md): <output_dir>/run.json, metrics.jsonl,
 curves.png, validation/, checkpoint-<step>/ (unet/ or the LoRA file, model card).
-Other files (the README's table): models.py what is trained, encoders.py the model families' inputs, data.py the
-likes and dislikes, heldout.py the held-out margin, reports.py the run's record, checkpoints.py the checkpoints,
-utils.py the run time.
+Other files (the README's table): models.py what is trained, encoders.py the model families' inputs, data.py
+the likes and dislikes (pickapic.py: Pick-a-Pic's), latent_cache.py --cache_latents, heldout.py the held-out
+margin, reports.py the run's record, profiling.py --profile, checkpoints.py the checkpoints, utils.py the run
+time, tiny_world.py --tiny.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Config:
     random_flip: bool = True
     """flip each image horizontally with probability 0.5 (released code; paper silent)"""
     caption_dropout: float = 0.2
-    """probability of replacing a caption by the empty one (released code; not in the paper)"""
+    """probability of replacing a caption by the unconditional input, the empty caption's (zeros for SDXL)
+    (released code; not in the paper)"""
     desirable_ratio: float = 0.8
     """probability that a sample is drawn from the desirable set (the paper's gamma)"""
     dataloader_workers: int = 4
@@ -112,7 +114,7 @@ class Config:
     learning_rate: float = 1e-7
     """peak learning rate of AdamW (weight decay 0, i.e. Adam)"""
     lr_warmup_steps: int = 1000
-    """steps of linear learning-rate warm-up from 0, then constant"""
+    """steps of linear learning-rate warm-up (step k of W at k/W of the rate), then constant"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (released code: 1.0; 0: no clipping, the norm is still logged)"""
     seed: int = 0
@@ -123,7 +125,8 @@ class Config:
     """keep only the newest this many checkpoints (0: keep all)"""
     resume: str = ""
     """continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if there is none);
-    refused if the data, model or objective differ from the checkpoint's"""
+    refused if a setting outside RESUMABLE (the data, model, objective, optimisation) differs from the
+    checkpoint's"""
     max_bad_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped: no update,
     no learning-rate step)"""
@@ -141,14 +144,14 @@ class Config:
     compile: bool = False
     """torch.compile the repeated blocks of the policy and reference UNets (the first steps are slow)"""
     cache_latents: bool = False
-    """encode every image (both flips) and caption once, to disk; training then never loads the VAE and text
-    encoder"""
+    """encode every image (both flips with --random_flip) and caption once, to disk; training then never loads
+    the VAE and text encoder"""
     cache_dir: str = ""
     """folder of the --cache_latents files (default: <output_dir>/latent_cache); reused and resumed when its
     settings match"""
     profile: bool = False
     """add seconds per phase of each step (time_<phase>, CUDA-synchronised), the step's FLOPs (counted once),
-    TFLOP/s and GPU utilisation to metrics.jsonl"""
+    TFLOP/s, GPU utilisation and, on a GPU, max_memory_gb to metrics.jsonl"""
     peak_tflops: float = 0.0
     """with --profile: the GPU's dense bf16/fp16 peak in TFLOP/s, for the utilisation (0: looked up by GPU
     name in PEAK_TFLOPS; none for unknown GPUs and CPUs)"""
@@ -161,12 +164,12 @@ class Config:
     line"""
     validation_steps: int = 500
     """sample the validation prompts every this many steps and at the start, into
-    <output_dir>/validation/step-<N>.png (0: never)"""
+    <output_dir>/validation/step-NNNNNN.png (0: never)"""
     validation_guidance: float = 7.5
     """classifier-free guidance scale of the validation images (25 steps)"""
     heldout_images: int = 256
-    """images never trained on (at most a tenth of the data and of each class), scored every --heldout_steps
-    (heldout.py)"""
+    """images never trained on (at most a tenth of the data, and about a tenth of each class, rounded up),
+    scored every --heldout_steps (heldout.py)"""
     heldout_steps: int = 1000
     """measure the held-out reward every this many steps (0: never; the cost: docs/outputs.md)"""
     report_to: str = "none"
@@ -260,7 +263,7 @@ def check_flags(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The objective (paper Eq. 8): pure tensor functions
+# The objective (paper Eq. 8): the loss, the reference point, the frozen reference, one step
 
 
 def denoising_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -447,12 +450,14 @@ class DesirableRatioSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: the models, the optimizer, the loop (inputs: data.py; checkpoints: checkpoints.py; the record: reports.py)
+# Plumbing: the models and the loop (data: data.py; inputs: encoders.py; optimizer: models.py; checkpoints:
+# checkpoints.py; the record: reports.py)
 
 
 def load_models(cfg: Config, path: str, device: torch.device):
     """The trainable policy (float32 master weights) and the frozen reference, both from the base UNet; the
-    noise scheduler; the autocast dtype (None: float32) and the dtype the frozen modules are stored in."""
+    noise scheduler; the autocast dtype (None: float32), which is also the dtype the frozen modules are stored
+    in."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     amp_dtype = models.autocast_dtype(cfg.mixed_precision, device)
@@ -475,7 +480,8 @@ def load_models(cfg: Config, path: str, device: torch.device):
 
 
 def main(argv=None):
-    """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it."""
+    """Train; returns the trained policy UNet (unwrapped) so tests and notebooks can inspect it (None with --plot
+    or when nothing is left to train)."""
     utils.quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     # First: --tiny may build the tiny world while parsing
