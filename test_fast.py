@@ -81,8 +81,9 @@ def plain(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def still(tmp_path_factory):
-    """The plain run at learning rate 0: Adam cannot amplify rounding differences between two runs' steps."""
-    return run(tmp_path_factory.mktemp("still") / "out", "--learning_rate", "0")
+    """The plain run at learning rate 0: Adam cannot amplify rounding differences between two runs' steps. The
+    held-out images are scored at its last step."""
+    return run(tmp_path_factory.mktemp("still") / "out", "--learning_rate", "0", "--heldout_steps", "3")
 
 
 @pytest.mark.slow
@@ -110,8 +111,27 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
     from transformers import CLIPTextModel
 
     cache = tmp_path / "cache"
-    rows, _ = run(tmp_path / "a", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
+    rows, _ = run(
+        tmp_path / "a",
+        "--cache_latents",
+        "--cache_dir",
+        str(cache),
+        "--learning_rate",
+        "0",
+        "--heldout_steps",
+        "3",
+    )
     assert_same_inputs(rows, still[0])
+    # the held-out images' scoring reads the cache too (each image's unflipped posterior mean and own caption):
+    # at lr 0 r is exactly 0 in both runs, and the policy's error is the plain path's up to the inputs' rounding
+    held_out = (
+        "heldout_reward_desirable",
+        "heldout_reward_undesirable",
+        "heldout_margin",
+        "heldout_accuracy",
+    )
+    assert_close(rows[-1:], still[0][-1:], 0.0, keys=held_out)
+    assert_close(rows[-1:], still[0][-1:], E_TOL, keys=("heldout_policy_err",))
     first = torch.load(cache / "latents-000000.pt", weights_only=True)
     # both flips
     assert first["mean"].shape == (256, 2, 4, 8, 8) and first["std"].shape == first["mean"].shape
