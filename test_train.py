@@ -836,6 +836,27 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
+    run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    proc = run_script(
+        tmp_path,
+        "",
+        "--max_train_steps",
+        "3",
+        "--resume",
+        "latest",
+        "--output_dir",
+        str(tmp_path / "out"),
+        torchrun=TORCHRUN,
+    )
+    # one saved generator for two ranks: each rank starts a new stream, and rank 0 says so (once)
+    assert (proc.stdout + proc.stderr).count("was saved by 1 ranks, resuming on 2") == 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    launches = json.loads((tmp_path / "out" / "run.json").read_text())["launches"]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [x["world_size"] for x in launches] == [1, 2]
+
+
 def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
     _, rows = run(tmp_path, "--max_train_steps", "2", "--objective", "sft")
     assert all(r["desirable_frac"] == 1 for r in rows)
