@@ -434,6 +434,10 @@ def test_missing_models_are_named_before_anything_runs(fake_ckpt, tmp_path, caps
     fails_before_generating(
         ["--ckpt", str(fake_ckpt), *out], capsys, "its base model", "no such file or folder"
     )
+    # a checkpoint moved away from its run's run.json; a folder that is neither a checkpoint nor a pipeline
+    (fake_ckpt.parent / "run.json").unlink()
+    fails_before_generating(["--ckpt", str(fake_ckpt), *out], capsys, "so its base model is unknown")
+    fails_before_generating(["--ckpt", str(tmp_path), *out], capsys, "neither a checkpoint-<step> folder")
     assert not (tmp_path / "o").exists()
 
 
