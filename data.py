@@ -31,8 +31,6 @@ from utils import DataError
 def load_image(source, base_dir: Path | None = None) -> Image.Image:
     """An RGB PIL image from a path (relative to base_dir) or from encoded bytes (PNG, JPEG, ...), turned upright
     as its EXIF orientation says (phone photos are often stored sideways with such a tag): to_rgb."""
-    if isinstance(source, dict) and "bytes" in source:  # datasets' Image feature stored in parquet
-        source = source["bytes"]
     if isinstance(source, (bytes, bytearray, memoryview)):
         return to_rgb(Image.open(io.BytesIO(bytes(source))))
     path = Path(source)

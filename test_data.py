@@ -405,6 +405,13 @@ def parquet_bytes() -> bytes:
     return buf.getvalue()
 
 
+def damaged_parquet_bytes() -> bytes:
+    """A parquet file whose footer (the schema) reads, but whose first data page is overwritten."""
+    raw = bytearray(parquet_bytes())
+    raw[4:34] = b"\xff" * 30
+    return bytes(raw)
+
+
 ROWS = "image,caption,label\na.png,a café,1\nb.png,a dog,0\n"
 JSONL = '{"image": "a.png", "caption": "x", "label": 1}\n{"image": "b.png", "caption": "y", "label": 0}\n'
 
@@ -456,6 +463,13 @@ def test_every_table_format_reads_the_same_rows(tmp_path):
         ("truncated.jsonl", JSONL.encode()[:-20], r"line 2 is not valid JSON.*looks truncated"),
         ("invalid.jsonl", JSONL.replace("{", "[", 1).encode(), r"line 1 is not valid JSON"),
         ("truncated.parquet", parquet_bytes()[:300], r"not a readable parquet file.*truncated"),
+        ("damaged.parquet", damaged_parquet_bytes(), r"a damaged parquet file"),
+        ("ragged.csv", (ROWS + "c.png,x,1,extra,more\n").encode(), r"not a well-formed CSV file \(.*line 4"),
+        (
+            "latin1.jsonl",
+            JSONL.replace('"x"', '"café"').encode("latin-1"),
+            r"not UTF-8 text \(byte 0xe9 on line 1",
+        ),
     ],
 )
 def test_malformed_table_files_are_refused_with_what_is_wrong(tmp_path, capsys, name, content, problem):
@@ -475,6 +489,12 @@ def test_malformed_table_files_are_refused_with_what_is_wrong(tmp_path, capsys, 
         train_kto.main([*args, "--validation_steps", "0", "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_table_with_a_header_and_no_rows_is_refused(tmp_path):
+    (tmp_path / "t.csv").write_text("image,caption,label\n")
+    with pytest.raises(DataError, match="the table has no rows"):
+        data.load_feedback(tmp_path / "t.csv")
 
 
 def test_first_caption_wins_and_conflicts_are_counted():

@@ -93,6 +93,11 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     [
         ([], [{"image": "a.png", "caption": "x", "label": "maybe"}], "column 'label', row 0"),
         ([], [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)], "--allow_one_class"),
+        (
+            ["--objective", "sft", "--allow_one_class"],
+            [{"image": "a.png", "caption": f"c{i}", "label": 0} for i in range(4)],
+            "--objective sft trains on desirable samples, and there are none",
+        ),
         (["--train_batch_size", "1"], None, "--train_batch_size >= 2"),
         (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
         (["--beta", "0"], None, "--beta 0: the utility is then the same for every image"),
@@ -107,6 +112,7 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
     ids=[
         "bad_label",
         "one_class",
+        "sft_without_likes",
         "batch_of_one",
         "zero_checkpointing_steps",
         "zero_beta",
