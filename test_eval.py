@@ -525,6 +525,10 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
         fails_before_generating(
             ["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad], capsys
         )
+    # no --ckpt: argparse's usage and error
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--tiny", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "error: --ckpt is required" in capsys.readouterr().err
     # no recorded base
     fails_before_generating(
         ["--ckpt", str(fixtures.tiny_model_path()), "--tiny", "--out", str(tmp_path / "o")],

@@ -528,3 +528,10 @@ def test_a_class_absent_from_the_steps_batch_has_no_mean_reward():
     assert json.loads(json.dumps(row))["reward_undesirable"] is None  # valid JSON: null
     fig = reports.curves_figure([row, dict(row, step=8, reward_undesirable=-0.3)], "run")  # a gap, no error
     assert fig is not None
+
+
+def test_validation_prompts_come_from_a_txt_file_or_a_bar_separated_list(tmp_path):
+    # a file: one prompt per line, a '|' inside a line kept; blank lines dropped
+    (tmp_path / "p.txt").write_text("a cat | on a sofa\n\n  a dog\n")
+    assert reports.read_prompts(str(tmp_path / "p.txt")) == ["a cat | on a sofa", "a dog"]
+    assert reports.read_prompts("a cat| |a dog ") == ["a cat", "a dog"]
