@@ -438,6 +438,10 @@ def test_missing_models_are_named_before_anything_runs(fake_ckpt, tmp_path, caps
     (fake_ckpt.parent / "run.json").unlink()
     fails_before_generating(["--ckpt", str(fake_ckpt), *out], capsys, "so its base model is unknown")
     fails_before_generating(["--ckpt", str(tmp_path), *out], capsys, "neither a checkpoint-<step> folder")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    fails_before_generating(
+        ["--ckpt", str(tmp_path / "model.safetensors"), *out], capsys, "a file; expected a model folder"
+    )
     assert not (tmp_path / "o").exists()
 
 
