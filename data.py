@@ -1,8 +1,9 @@
 """The like/dislike data: tables of (image, caption, label) or Pick-a-Pic v2 (labels from pickapic.py), their
-fingerprint, and the dataset that decodes the images into the [-1, 1] tensors a Stable Diffusion VAE expects (PIL +
-torch, no torchvision) with each image's size and crop (SDXL's size conditioning). What the UNet sees of them (VAE
-latents, caption embeddings) is encoders.py's. Everything is checked before any model loads: a bad file or column stops with a message
-that says what and how to fix (utils.DataError)."""
+fingerprint, the rows held out of training (heldout.split), and the dataset that decodes the images into the
+[-1, 1] tensors a Stable Diffusion VAE expects (PIL + torch, no torchvision) with each image's size and crop
+(SDXL's size conditioning). What the UNet sees of them (VAE latents, caption embeddings) is encoders.py's.
+Everything is checked before any model loads: a bad file or column stops with a message that says what and how to
+fix (utils.DataError)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
+import heldout
 from pickapic import LABEL_POLICIES, is_hub_dataset, is_pickapic_parquet, load_pickapic, read_schema
 from utils import DataError
 
@@ -472,7 +474,7 @@ def check_corrupt(n_corrupt: int, n_seen: int, limit: float = 0.01, min_seen: in
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training data: loaded and checked, its fingerprint, the held-out split's image keys
+# The training data: loaded and checked, its fingerprint, the held-out rows
 
 MIN_IMAGES_TO_JUDGE = 1000  # corrupt images: the 1% limit applies once this many were read
 
@@ -522,13 +524,19 @@ def image_keys(table: pd.DataFrame, base_dir: Path) -> list[str] | None:
 
 
 def load_data(cfg):
-    """The feedback table and its FeedbackDataset (with its .fingerprint), checked before any model is loaded.
-    Returns (table, dataset, desirable: bool array per row, counts for run.json: classes, label policy, stats,
-    fingerprint)."""
+    """The feedback table and its FeedbackDataset (with its .fingerprint), checked before any model is loaded, and
+    the held-out rows (--heldout_images; none with --heldout_steps 0), kept apart in the dataset. Returns (table,
+    dataset, desirable: bool array per row, held_out: bool array per row, counts for run.json: classes, label
+    policy, stats, fingerprint)."""
     table = check_feedback(load_feedback(cfg.dataset, label_policy=cfg.label_policy), cfg)
     dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     dataset.fingerprint = fingerprint(table, Path(cfg.dataset).parent)
     desirable = table["desirable"].to_numpy()
+    # Images never trained on (heldout.py); an image in several rows is held out in all of them or in none
+    n_held_out = cfg.heldout_images if cfg.heldout_steps else 0
+    keys = image_keys(table, Path(cfg.dataset).parent) if n_held_out else None
+    held_out = heldout.split(desirable, n_held_out, cfg.seed, keys)
+    dataset.keep_apart(held_out)
     counts = dict(
         num_desirable=int(desirable.sum()),
         num_undesirable=int((~desirable).sum()),
@@ -536,7 +544,7 @@ def load_data(cfg):
         data=table.attrs.get("stats"),
         fingerprint=dataset.fingerprint,
     )
-    return table, dataset, desirable, counts
+    return table, dataset, desirable, held_out, counts
 
 
 def check_feedback(table, cfg):

@@ -506,7 +506,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             f"nothing to train: {done} is the last step (--max_train_steps {cfg.max_train_steps})", flush=True
         )
         return None
-    table, dataset, desirable, counts = data.load_data(cfg)
+    # The data, less the held-out images: never trained on, scored with fixed draws (the held-out margin)
+    table, dataset, desirable, held_out, counts = data.load_data(cfg)
     resume_from = checkpoints.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
     if rank == 0:  # what saves killed midway left (checkpoint-<step>.*.tmp, as large as a checkpoint)
         checkpoints.remove_stopped_saves(Path(cfg.output_dir))
@@ -528,12 +529,6 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
 
-    # Images never trained on, scored with fixed draws: the held-out reward margin
-    n_held_out = cfg.heldout_images if cfg.heldout_steps else 0
-    # an image in several rows is held out in all of them or in none
-    keys = data.image_keys(table, Path(cfg.dataset).parent) if n_held_out else None
-    held_out = heldout.split(desirable, n_held_out, cfg.seed, keys)
-    dataset.keep_apart(held_out)
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
     inputs = encoders.Inputs(
         cfg, path, dataset, table["caption"], amp_dtype, autocast, device, rank, world_size, mismatched
