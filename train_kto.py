@@ -168,7 +168,7 @@ class Config:
     validation_guidance: float = 7.5
     """classifier-free guidance scale of the validation images (25 steps)"""
     heldout_images: int = 256
-    """images never trained on (at most a tenth of the data, and about a tenth of each class, rounded up),
+    """images never trained on (at most a tenth of the data, and of each class at most a tenth rounded up),
     scored every --heldout_steps (heldout.py)"""
     heldout_steps: int = 1000
     """measure the held-out reward every this many steps (0: never; the cost: docs/outputs.md)"""
