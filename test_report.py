@@ -492,7 +492,6 @@ def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_validation_decodes_as_the_pipeline_and_outside_autocast(family):
-
     path = fixtures.tiny_sdxl_model_path() if family == "sdxl" else fixtures.tiny_model_path()
     pipe = models.load_pipeline(str(path))
     pipe.set_progress_bar_config(disable=True)

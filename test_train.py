@@ -856,7 +856,7 @@ def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
         str(tmp_path / "out"),
         torchrun=TORCHRUN,
     )
-    # one saved generator for two ranks: each rank starts a new stream, and rank 0 says so (once)
+    # one saved generator for two ranks: the run goes on (each rank seeds a new stream), and rank 0 says so, once
     assert (proc.stdout + proc.stderr).count("was saved by 1 ranks, resuming on 2") == 1
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     launches = json.loads((tmp_path / "out" / "run.json").read_text())["launches"]
