@@ -239,7 +239,8 @@ def parse_config(argv=None) -> Config:
 
 
 def check_flags(cfg: Config):
-    """Flags that cannot work together, refused before anything is loaded or built (--tiny's world)."""
+    """Flags that cannot work, alone or together, refused before anything is loaded or built (--tiny's
+    world)."""
     # A loss that is the same for every sample trains nothing, silently
     if cfg.beta == 0:
         raise DataError(
@@ -247,8 +248,8 @@ def check_flags(cfg: Config):
         )
     if cfg.desirable_ratio * cfg.lambda_d + (1 - cfg.desirable_ratio) * cfg.lambda_u == 0:
         raise DataError(
-            f"--lambda_d {cfg.lambda_d} --lambda_u {cfg.lambda_u} --desirable_ratio {cfg.desirable_ratio}: every "
-            "sample drawn has loss weight 0 and nothing trains"
+            f"--lambda_d {cfg.lambda_d} --lambda_u {cfg.lambda_u} --desirable_ratio {cfg.desirable_ratio}: "
+            "every sample drawn has loss weight 0 and nothing trains"
         )
     if cfg.reference_point == "kl_mismatched" and cfg.objective == "kto":
         # Each image is paired with another sample's caption: a batch of one fails now, with a clear message
@@ -506,7 +507,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             f"nothing to train: {done} is the last step (--max_train_steps {cfg.max_train_steps})", flush=True
         )
         return None
-    # The data, less the held-out images: never trained on, scored with fixed draws (the held-out margin)
+    # The data and its held-out images (never trained on: the sampler skips them; scored with fixed draws)
     table, dataset, desirable, held_out, counts = data.load_data(cfg)
     resume_from = checkpoints.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
     if rank == 0:  # what saves killed midway left (checkpoint-<step>.*.tmp, as large as a checkpoint)
