@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+import data
 import models
 from utils import (
     HOST,
@@ -87,7 +88,7 @@ def fsync_tree(path: Path):
 
 
 class State(NamedTuple):
-    """What a checkpoint saves and a resume restores, besides the step and the counters."""
+    """What a checkpoint saves and a resume restores, besides the step and the Counters."""
 
     policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -98,9 +99,27 @@ class State(NamedTuple):
     gen: torch.Generator
 
 
+@dataclasses.dataclass
+class Counters:
+    """What a run counts across its steps, saved with each checkpoint: non-finite steps in a row (utils.
+    check_bad_steps stops the run after --max_bad_steps), corrupt images and images read (the 1% rule)."""
+
+    bad_steps: int = 0
+    n_corrupt: int = 0
+    n_seen: int = 0
+
+    def count(self, sums: dict[str, torch.Tensor]) -> None:
+        """Add a step's sums over all ranks (reports.step_sums), the same on every rank, so every rank stops
+        together: when more than 1% of the images read could not be decoded (data.check_corrupt)."""
+        self.bad_steps = self.bad_steps + 1 if sums["not_finite"] > 0 else 0
+        self.n_corrupt += int(sums["corrupt"])
+        self.n_seen += int(sums["n"] + sums["corrupt"])
+        data.check_corrupt(self.n_corrupt, self.n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
+
+
 def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id):
     """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt (with `counters`: the run's running counts, e.g. bad steps in a row), rng_state.pt (every
+    training_state.pt (with the run's Counters), rng_state.pt (every
     rank's generator), config.json and data.json (the data's fingerprint, `data_id`). Rank 0 writes it to a
     temporary folder, flushes it to disk, then renames it; a full disk removes the partial folder and stops every
     rank with TrainingError. Then older checkpoints lose their optimizer.pt, and those beyond
@@ -122,7 +141,7 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
                         lr_schedule=lr_schedule.state_dict(),
                         step=step,
                         scaler=scaler.state_dict(),
-                        **counters,
+                        **dataclasses.asdict(counters),
                     ),
                     tmp / "training_state.pt",
                 )
@@ -271,19 +290,14 @@ def resume_command(cfg, script: str, argv: list[str]) -> str:
     )
 
 
-# Counts that run through a run, saved in training_state.pt: non-finite steps in a row (check_bad_steps), corrupt
-# images and images read (data.check_corrupt)
-COUNTERS = ("bad_steps", "n_corrupt", "n_seen")
-
-
 def load_checkpoint(
     path: Path | None, state: State, seed: int, rank: int, world_size: int, device
-) -> tuple[int, dict]:
+) -> tuple[int, Counters]:
     """Restore what save_checkpoint wrote into `state`: the policy's weights, the optimizer, the learning-rate
-    schedule, the fp16 loss scale and this rank's generator. Returns (step, counters): the saved value of each name
-    in COUNTERS, 0 if the checkpoint has none (older versions saved bad_steps only); (0, all 0) without a path."""
+    schedule, the fp16 loss scale and this rank's generator. Returns (step, Counters): a count the checkpoint
+    lacks is 0 (older versions saved bad_steps only); (0, all 0) without a path."""
     if path is None:
-        return 0, dict.fromkeys(COUNTERS, 0)
+        return 0, Counters()
     policy, optimizer, lr_schedule, scaler, gen = state
     models.load_policy(policy, path)
     saved = torch.load(path / "training_state.pt", map_location=device, weights_only=True)
@@ -301,4 +315,5 @@ def load_checkpoint(
                 f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: random streams "
                 "restart, so the run will not match an uninterrupted one exactly"
             )
-    return saved["step"], {name: saved.get(name, 0) for name in COUNTERS}
+    counts = {field.name: saved.get(field.name, 0) for field in dataclasses.fields(Counters)}
+    return saved["step"], Counters(**counts)

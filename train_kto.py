@@ -503,9 +503,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
     # A relaunch of a finished run (a restart or requeue after its last save): nothing to train, nothing written
     if done := checkpoints.finished(cfg):
-        print(
-            f"nothing to train: {done} is the last step (--max_train_steps {cfg.max_train_steps})", flush=True
-        )
+        print(f"nothing to train: {done} is the run's last step (--max_train_steps)", flush=True)
         return None
     # The data and its held-out images (never trained on: the sampler skips them; scored with fixed draws)
     table, dataset, desirable, held_out, counts = data.load_data(cfg)
@@ -523,9 +521,8 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
     state = checkpoints.State(policy, optimizer, lr_schedule, scaler, gen)
+    # Counters: non-finite steps in a row, corrupt images and images read
     start_step, counters = checkpoints.load_checkpoint(resume_from, state, cfg.seed, rank, world_size, device)
-    # Non-finite steps in a row; corrupt images and images read, for the 1% rule (data.check_corrupt)
-    bad_steps, n_corrupt, n_seen = (counters[name] for name in checkpoints.COUNTERS)
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
@@ -571,15 +568,11 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
                 # A non-finite loss or gradient on any rank: no rank steps (fp16 overflows: the scaler's business)
                 finite = torch.isfinite(grad_norm) | scaler.is_enabled()
                 sums = reports.step_sums(loss, stats, is_desirable, finite, batch["corrupt"], stop.requested)
-                skipped, lr = sums["not_finite"].item() > 0, lr_schedule.get_last_lr()[0]
-                bad_steps = bad_steps + 1 if skipped else 0
+                lr = lr_schedule.get_last_lr()[0]
                 # fp16: the scaler also skips a step whose gradients overflowed (not a bad step: it lowers the scale)
-                skipped = not models.update(optimizer, lr_schedule, scaler, skipped)
-            n_corrupt, n_seen = n_corrupt + int(sums["corrupt"]), n_seen + int(sums["n"] + sums["corrupt"])
-            # Every rank stops together
-            data.check_corrupt(n_corrupt, n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
-            # saved with each checkpoint
-            counters = dict(zip(checkpoints.COUNTERS, (bad_steps, n_corrupt, n_seen)))
+                skipped = not models.update(optimizer, lr_schedule, scaler, sums["not_finite"].item() > 0)
+            # Too many corrupt images stops every rank here
+            counters.count(sums)
 
             seconds = time.perf_counter() - t0
             row = reports.log_row(step, sums, stats["z"], grad_norm, lr, skipped, seconds)
@@ -588,7 +581,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
             if held_out.any() and step % cfg.heldout_steps == 0:
                 row |= measure(policy, ref, cfg.train_batch_size)
             record.log(row)
-            utils.check_bad_steps(bad_steps, cfg.max_bad_steps, step)
+            utils.check_bad_steps(counters.bad_steps, cfg.max_bad_steps, step)
             record.validate(policy, step, inputs)
             # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
             preempted = sums["stop"].item() > 0
