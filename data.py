@@ -308,9 +308,8 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
                 f"or is not a file (paths are relative to {base}). {int((~exists).sum())} image path(s) are "
                 "missing in all."
             )
-    captions = table["caption"].map(
-        lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-    )
+    # A missing caption (None, NaN, or pandas' NA in a nullable string column) is empty, never the text "<NA>"
+    captions = table["caption"].map(lambda v: "" if pd.api.types.is_scalar(v) and pd.isna(v) else str(v))
     out = pd.DataFrame({"image": images, "caption": captions, "desirable": labels.astype(bool)})
     out.attrs["stats"] = dict(
         source=str(path),
@@ -526,8 +525,8 @@ def image_keys(table: pd.DataFrame, base_dir: Path) -> list[str] | None:
 def load_data(cfg):
     """The feedback table and its FeedbackDataset (with its .fingerprint), checked before any model is loaded, and
     the held-out rows (--heldout_images; none with --heldout_steps 0), kept apart in the dataset. Returns (table,
-    dataset, desirable: bool array per row, held_out: bool array per row, counts for run.json: classes, label
-    policy, stats, fingerprint)."""
+    dataset, desirable: bool array per row, held_out: bool array per row, counts for run.json: classes, held-out
+    images, label policy (Pick-a-Pic only), stats, fingerprint)."""
     table = check_feedback(load_feedback(cfg.dataset, label_policy=cfg.label_policy), cfg)
     dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     dataset.fingerprint = fingerprint(table, Path(cfg.dataset).parent)
@@ -540,7 +539,10 @@ def load_data(cfg):
     counts = dict(
         num_desirable=int(desirable.sum()),
         num_undesirable=int((~desirable).sum()),
-        label_policy=cfg.label_policy,
+        # Images never trained on (counted in the two classes above)
+        num_heldout=int(held_out.sum()),
+        # Pick-a-Pic's pairs become labels by it; a table has its labels already
+        label_policy=cfg.label_policy if "shard" in table.columns else None,
         data=table.attrs.get("stats"),
         fingerprint=dataset.fingerprint,
     )
@@ -557,6 +559,13 @@ def check_feedback(table, cfg):
             f"--dataset {cfg.dataset}: {n_d} desirable and {n_u} undesirable samples. KTO can learn "
             "from one kind alone, but this is often a labelling mistake: check the label column, or "
             "pass --allow_one_class to train anyway."
+        )
+    # One class only: every sample drawn is of it, so its loss weight alone decides whether anything trains
+    weight = cfg.lambda_u if n_d == 0 else cfg.lambda_d
+    if min(n_d, n_u) == 0 and cfg.objective == "kto" and weight == 0:
+        raise DataError(
+            f"--dataset {cfg.dataset}: only {'undesirable' if n_d == 0 else 'desirable'} samples, and their loss "
+            f"weight (--lambda_{'u' if n_d == 0 else 'd'}) is 0: nothing would train."
         )
     if cfg.objective == "sft" and n_d == 0:
         raise DataError(

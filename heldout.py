@@ -7,7 +7,7 @@ noises drawn from the seed alone, the same for every image (so what they add to 
 alike cancels in the margin), at every evaluation, on every rank and after a resume. The image is the VAE posterior's mean of the unflipped image, with its own caption. For each
 (image, draw) the implicit reward r = ref_err - policy_err is as in training; per image it is averaged over the K
 draws. Reported: the mean r of liked and of disliked images, their difference (the margin; None for a class without
-held-out images, and then the margin too), the implicit accuracy (the fraction of images with w * r > 0) and the
+held-out images, and then the margin too), the implicit accuracy (the fraction of images with w * r > 0, a tie half) and the
 policy's mean error. The cost: 2 x K forwards without gradient per held-out image and evaluation (docs/outputs.md)."""
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class HeldOut:
             sums["n_desirable"] += d.sum()
             sums["r_undesirable"] += (r * (1 - d)).sum()
             sums["n"] += b
-            sums["won"] += ((2 * d - 1) * r > 0).float().sum()
+            # w * r > 0; a tie (r = 0, as at step 0) counts half
+            sums["won"] += ((2 * d - 1) * r > 0).float().sum() + 0.5 * (r == 0).float().sum()
             sums["policy_err"] += policy_err.sum()
         s = {k: v.item() for k, v in utils.global_sums(sums).items()}
         # a class with no held-out image (split spares none of a class under 10) has no mean: None (null in

@@ -30,6 +30,9 @@ RECIPE = (
     "lora_rank",
 )
 
+# Settings that SFT's loss does not read
+KTO_ONLY = ("beta", "utility", "reference_point")
+
 
 def base_license(base: str) -> str:
     """creativeml-openrail-m for Stable Diffusion v1-5 (any owner's copy: the name is the model), else other."""
@@ -76,8 +79,13 @@ def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> 
         pipeline_tag="text-to-image",
     )
     recipe = dict(cfg, world_size=run.get("world_size", "?"))
-    rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE)
-    policy = run.get("label_policy", cfg.get("label_policy", "?"))
+    sft = cfg.get("objective") == "sft"
+    # SFT's loss has no beta, utility or reference point
+    rows = "\n".join(f"| `{k}` | {recipe.get(k, '?')} |" for k in RECIPE if not (sft and k in KTO_ONLY))
+    method = "the paper's SFT baseline (the denoising loss on liked images only)" if sft else "Diffusion-KTO"
+    # Pick-a-Pic's comparisons become labels by a policy; a table's labels are its own (None)
+    policy = run.get("label_policy", cfg.get("label_policy"))
+    held_out = run.get("num_heldout") or 0
     lora = cfg.get("lora_rank", 0)
     what = f"Rank-{lora} LoRA adapters of the UNet" if lora else "The UNet"
     # the VAE it was trained with (--pretrained_vae) replaces the base model's
@@ -113,8 +121,8 @@ def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> 
     body = f"""
 # Diffusion-KTO: {ckpt_dir.parent.name}, step {step}
 
-{what} of Stable Diffusion fine-tuned with Diffusion-KTO (Li et al., NeurIPS 2024) from per-image like/dislike
-labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
+{what} of Stable Diffusion fine-tuned with {method} (Li et al., NeurIPS 2024) from per-image
+like/dislike labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
 
 License: {terms}. The base model's license applies to these weights as to the base model itself.
 
@@ -127,7 +135,8 @@ License: {terms}. The base model's license applies to these weights as to the ba
 ## Data
 
 `{cfg.get("dataset", "?")}`: {run.get("num_desirable", "?")} desirable and {run.get("num_undesirable", "?")} \
-undesirable images (label policy `{policy}`).
+undesirable images{f" (label policy `{policy}`)" if policy else ""}\
+{f", of which {held_out} held out (never trained on)" if held_out else ""}.
 
 {heldout_section(heldout)}## Use
 

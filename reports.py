@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from model_card import write_model_card
-from models import load_pipeline
+from models import autocast_dtype, load_pipeline
 from utils import DataError, atomic_path, derive_seed, global_sums
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,6 +324,25 @@ class Tracker:
 # A training run's record: run.json, metrics.jsonl, validation grids, model cards
 
 
+def start_warnings(cfg, num_heldout: int) -> list[str]:
+    """Settings that run but do less than they seem to (each said at the start, and run.json records them)."""
+    said = []
+    if cfg.learning_rate == 0:
+        said.append("--learning_rate 0: the weights never change (a control run).")
+    if cfg.lr_warmup_steps > cfg.max_train_steps:
+        said.append(
+            f"--lr_warmup_steps {cfg.lr_warmup_steps} > --max_train_steps {cfg.max_train_steps}: the learning "
+            f"rate reaches only {cfg.max_train_steps / cfg.lr_warmup_steps:.0%} of --learning_rate."
+        )
+    if num_heldout and cfg.heldout_steps > cfg.max_train_steps:
+        said.append(
+            f"{num_heldout} images are held out of training (--heldout_images) but never scored: --heldout_steps "
+            f"{cfg.heldout_steps} > --max_train_steps {cfg.max_train_steps}. Pass --heldout_steps 0 to train on "
+            "them, or a smaller --heldout_steps."
+        )
+    return said
+
+
 def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict):
     """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks)."""
     file = out_dir / "run.json"
@@ -335,6 +354,10 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
             start_step=start_step,
             world_size=world_size,
             device=str(device),
+            # what --mixed_precision (auto by default) resolved to on this device
+            precision=str(autocast_dtype(cfg.mixed_precision, device) or torch.float32).removeprefix(
+                "torch."
+            ),
             time=time.strftime("%Y-%m-%d %H:%M:%S"),
             versions=dict(python=platform.python_version(), **versions),
         )
@@ -349,8 +372,8 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
 def step_sums(loss, stats, desirable, grad_finite, corrupt, stop: bool) -> dict[str, torch.Tensor]:
     """The step's metrics as global sums and counts, reduced by name over all ranks (see log_row)."""
     r, z, d = stats["r"], stats["z"], desirable.float()
-    # W * (r - z) > 0: the utility is above its midpoint
-    won = torch.where(desirable, r > z, r < z).float()
+    # W * (r - z) > 0: the utility is above its midpoint; a tie (r = z, as at step 1) counts half
+    won = torch.where(desirable, r > z, r < z).float() + 0.5 * (r == z).float()
     return global_sums(
         dict(
             loss=loss.detach() * len(r),
@@ -440,12 +463,15 @@ class Reports:
         self.out.mkdir(parents=True, exist_ok=True)
         write_run_record(cfg, self.out, start_step, world_size, device, counts)
         per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
+        held_out = f" ({counts['num_heldout']} held out)" if counts.get("num_heldout") else ""
         print(
-            f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images; {world_size} "
+            f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images{held_out}; {world_size} "
             f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
             f"batch {world_size * per_rank}; device {device}"
             + (f"; resuming from {resume_from} at step {start_step}" if resume_from else "")
         )
+        for line in start_warnings(cfg, counts.get("num_heldout", 0)):
+            print(f"warning: {line}")
         self.metrics, self.heldout = open_metrics(self.out, start_step), {}
         # Resumed: the model cards start from the last held-out measurement kept, as the whole run's would
         for _, row in metric_lines((self.out / "metrics.jsonl").read_text()):

@@ -737,3 +737,18 @@ def test_a_16_bit_png_keeps_its_greys(tmp_path):
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     rgb = np.asarray(data.load_image("deep.png", tmp_path))
     assert (rgb[..., 0] == values >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_a_missing_caption_is_empty_in_every_column_type(tmp_path):
+    import pandas as pd
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    rows = pd.DataFrame(
+        dict(image=[png.getvalue()] * 3, caption=["a cat", None, float("nan")], label=[1, 0, 1])
+    )
+    # object columns keep None and NaN; convert_dtypes() makes a nullable string column, whose missing value is NA
+    for name, table in (("object", rows), ("nullable", rows.convert_dtypes())):
+        table.to_parquet(tmp_path / f"{name}.parquet")
+        read = data.load_feedback(tmp_path / f"{name}.parquet")
+        assert read["caption"].tolist() == ["a cat", "", ""], name

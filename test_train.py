@@ -23,6 +23,7 @@ import torch
 import checkpoints
 import data
 import fixtures
+import reports
 import train_kto
 import utils
 
@@ -102,6 +103,12 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         (["--checkpointing_steps", "0"], None, "--checkpointing_steps 0: must be at least 1"),
         (["--beta", "0"], None, "--beta 0: the utility is then the same for every image"),
         (["--lambda_d", "0", "--desirable_ratio", "1"], None, "every sample drawn has loss weight 0"),
+        (
+            ["--allow_one_class", "--lambda_d", "0"],
+            [{"image": "a.png", "caption": f"c{i}", "label": 1} for i in range(4)],
+            "only desirable samples, and their loss weight (--lambda_d) is 0",
+        ),
+        (["--validation_prompts", "|"], None, "--validation_prompts '|': no prompt in it"),
         (["--report_to", "wandb"], None, "--report_to wandb needs the wandb package: pip install wandb"),
         (
             ["--validation_prompts", "/no/such/prompts.txt"],
@@ -117,6 +124,8 @@ def test_bad_dataset_is_refused_with_a_message(tmp_path, rows, message, capsys):
         "zero_checkpointing_steps",
         "zero_beta",
         "zero_weight",
+        "one_class_of_zero_weight",
+        "no_validation_prompt",
         "no_wandb",
         "no_prompts_file",
     ],
@@ -857,7 +866,8 @@ def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
         torchrun=TORCHRUN,
     )
     # one saved generator for two ranks: the run goes on (each rank seeds a new stream), and rank 0 says so, once
-    assert (proc.stdout + proc.stderr).count("was saved by 1 ranks, resuming on 2") == 1
+    said = proc.stdout + proc.stderr
+    assert said.count("was saved by 1 ranks, resuming on 2: the global batch is now 2/1 of the run's") == 1
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     launches = json.loads((tmp_path / "out" / "run.json").read_text())["launches"]
     assert [r["step"] for r in rows] == [1, 2, 3] and [x["world_size"] for x in launches] == [1, 2]
@@ -872,10 +882,46 @@ def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
     # no reference point: the step skips z's UNet forwards (with kl_mismatched, z > 0 from step 2)
     assert config["desirable_ratio"] == 1.0 and config["reference_point"] == "zero"
     assert all(r["z"] == 0 for r in rows)
-    # no mismatched partner needed, so a batch of one is fine (KTO's default kl_mismatched refuses it)
+    # no mismatched partner needed, so a batch of one is fine (KTO's default kl_mismatched refuses it); nor are beta
+    # and the loss weights, so their zeros, which KTO refuses, are no reason to refuse SFT
     assert (
         train_kto.parse_config([*TINY, "--objective", "sft", "--train_batch_size", "1"]).train_batch_size == 1
     )
+    assert train_kto.parse_config([*TINY, "--objective", "sft", "--beta", "0", "--lambda_d", "0"]).beta == 0
+    # the model card names the SFT baseline and lists no KTO-only setting
+    card = (tmp_path / "out" / "checkpoint-2" / "README.md").read_text()
+    assert "fine-tuned with the paper's SFT baseline" in card and "Diffusion-KTO (Li" not in card
+    assert "| `beta` |" not in card and "| `learning_rate` |" in card
+
+
+def test_a_run_that_does_less_than_it_seems_says_so_and_ties_count_half(tmp_path, capsys):
+    # lr 0: the policy stays the reference, so every reward ties with z (0) and with the held-out 0
+    _, rows = run(
+        tmp_path,
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "0",
+        "--lr_warmup_steps",
+        "4",
+        "--heldout_steps",
+        "1",
+    )
+    out = capsys.readouterr().out
+    assert "warning: --learning_rate 0: the weights never change" in out
+    assert "warning: --lr_warmup_steps 4 > --max_train_steps 2: the learning rate reaches only 50%" in out
+    assert all(r["accuracy"] == 0.5 and r["heldout_accuracy"] == 0.5 for r in rows), rows
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    # what the run trained on and in, as it was, not as the flags read
+    assert run_json["num_heldout"] > 0 and f"({run_json['num_heldout']} held out)" in out
+    assert run_json["label_policy"] is None and run_json["launches"][0]["precision"] == "float32"
+    card = (tmp_path / "out" / "checkpoint-2" / "README.md").read_text()
+    assert f"of which {run_json['num_heldout']} held out" in card and "label policy" not in card
+    # held-out images that no step scores
+    cfg = train_kto.parse_config([*TINY, "--max_train_steps", "5", "--heldout_steps", "6"])
+    (said,) = reports.start_warnings(cfg, 9)
+    assert said.startswith("9 images are held out of training (--heldout_images) but never scored")
+    assert not reports.start_warnings(dataclasses.replace(cfg, heldout_steps=5), 9)
 
 
 def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path, capsys):

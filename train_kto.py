@@ -87,7 +87,8 @@ class Config:
     # the objective
     objective: str = "kto"
     """kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on desirable images only (same
-    loop; --desirable_ratio is then 1 and --reference_point zero: SFT has no z)"""
+    loop; --desirable_ratio is then 1 and --reference_point zero: SFT has no z; --beta, --utility, --lambda_d and
+    --lambda_u have no effect)"""
     beta: float = 5000.0
     """scale of the implicit reward inside the utility (paper: 5000; released code: 1000)"""
     utility: str = "kahneman_tversky"
@@ -241,12 +242,13 @@ def parse_config(argv=None) -> Config:
 def check_flags(cfg: Config):
     """Flags that cannot work, alone or together, refused before anything is loaded or built (--tiny's
     world)."""
-    # A loss that is the same for every sample trains nothing, silently
-    if cfg.beta == 0:
+    # A loss that is the same for every sample trains nothing, silently (SFT's loss has no beta or weights)
+    if cfg.beta == 0 and cfg.objective == "kto":
         raise DataError(
             "--beta 0: the utility is then the same for every image and nothing trains; beta must be > 0"
         )
-    if cfg.desirable_ratio * cfg.lambda_d + (1 - cfg.desirable_ratio) * cfg.lambda_u == 0:
+    weight = cfg.desirable_ratio * cfg.lambda_d + (1 - cfg.desirable_ratio) * cfg.lambda_u
+    if weight == 0 and cfg.objective == "kto":
         raise DataError(
             f"--lambda_d {cfg.lambda_d} --lambda_u {cfg.lambda_u} --desirable_ratio {cfg.desirable_ratio}: "
             "every sample drawn has loss weight 0 and nothing trains"
@@ -260,7 +262,11 @@ def check_flags(cfg: Config):
     except ImportError as e:
         raise DataError(str(e)) from e
     reports.tracker_backend(cfg.report_to)
-    reports.read_prompts(cfg.validation_prompts)
+    if cfg.validation_steps and not reports.read_prompts(cfg.validation_prompts):
+        raise DataError(
+            f"--validation_prompts {cfg.validation_prompts!r}: no prompt in it; give at least one, or pass "
+            "--validation_steps 0 for no validation images"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
