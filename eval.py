@@ -2,7 +2,8 @@
 
 Both models draw images from the same prompts, starting from the same initial noise for every (prompt, image
 index); five automatic scorers (Aesthetic, PickScore, ImageReward, CLIP, HPS v2) rate every image, and for each
-prompt the median-scoring image of each model is compared (Li et al., NeurIPS 2024, Sec. 5 and App. A.2).
+prompt the median-scoring image of each model is compared (Li et al., NeurIPS 2024, Sec. 5 and App. A.2). With an
+even number of images per prompt that is the lower median, the lower of the two middle values: the worse one at 2.
 Paper, Pick-a-Pic test prompts, Diffusion-KTO vs SD v1-5: 86.0 / 85.2 / 87.2 / 62.0 / 62.0 % win rate.
 
 Launch:
@@ -12,8 +13,8 @@ Launch:
     python eval.py --ckpt runs/kto/checkpoint-10000 --export runs/kto-pipeline  # a full diffusers folder; no eval
 Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
 results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png, images/index.csv and
-images/generation.json. A rerun with the same --out skips finished images. A checkpoint-<step> folder's model card
-(README.md) gets the results table.
+images/generation.json. A rerun with the same --out skips finished images, and is refused if the settings or the
+models' weights changed. A checkpoint-<step> folder's model card (README.md) gets the results table.
 
 This file is the protocol: the flags, evaluate() (check, generate, score, compare, report), the win rate, the
 scoring interface (SCORERS), generation with shared noise, the report and --export. The prompt sets are in
@@ -60,18 +61,20 @@ class Config:
     ckpt: str = ""
     """model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id"""
     baseline: str = ""
-    """model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json"""
+    """model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json, with the
+    VAE the checkpoint was trained with (--pretrained_vae) where there is one, so that only the UNet differs"""
     prompts: str = "pickapic_test"
     """pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's held-out captions) | a
     .txt/.csv/.tsv/.jsonl/.parquet file"""
     num_prompts: int = 0
     """use this many prompts, evenly spaced through the set (0 = all)"""
     images_per_prompt: int = 5
-    """images per prompt per model; the per-prompt score is their median (paper: 5)"""
+    """images per prompt per model; the per-prompt score is their median (paper: 5), the lower of the two middle
+    values for an even count: the worse one at 2"""
     steps: int = 50
     """denoising steps of the model's own scheduler"""
     guidance: float = 7.5
-    """classifier-free guidance scale"""
+    """classifier-free guidance scale (1: no classifier-free guidance)"""
     seed: int = 0
     """image (p, k) starts from noise seeded by (seed, p, k) only: the same for both models"""
     metrics: str = ",".join(METRICS)
@@ -113,12 +116,7 @@ TINY = dict(
 CHOICES = dict(compare=("median", "all"))
 # Ranges of the numeric flags, checked before anything loads
 BOUNDS = dict(images_per_prompt=(1, None), steps=(1, None), batch_size=(1, None), num_prompts=(0, None))
-BOUNDS |= dict(seed=(0, None))
-TINY_NOTE = (
-    "--tiny: the five paper metrics are tiny RANDOM-WEIGHT models with the real architectures; their "
-    "numbers test the plumbing only and say nothing about image quality ('utility', the tiny world's own, "
-    "is real)."
-)
+BOUNDS |= dict(seed=(0, None), guidance=(1, None))
 
 
 def tiny_paths(cfg, given: dict) -> dict:
@@ -137,9 +135,23 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def random_scorers(cfg: Config) -> bool:
-    """--tiny with any of the five paper metrics: those scores come from random weights."""
-    return cfg.tiny and any(m.strip() in METRICS for m in cfg.metrics.split(","))
+def tiny_note(cfg: Config) -> str:
+    """The warning the results carry when some of --metrics are scored by --tiny's random-weight scorers (a
+    --<metric>_path given explicitly is used as it is); '' when none are."""
+    metrics = [m.strip() for m in cfg.metrics.split(",")]
+    if not (cfg.tiny and set(metrics) & set(METRICS)):
+        return ""
+    tiny = tiny_paths(cfg, {})
+    random = [
+        SCORERS[m].title for m in METRICS if m in metrics and getattr(cfg, f"{m}_path") == tiny[f"{m}_path"]
+    ]
+    return (
+        f"--tiny: the scores of {', '.join(random)} come from tiny RANDOM-WEIGHT models with the real "
+        "architectures; they test the plumbing only and say nothing about image quality ('utility', the tiny "
+        "world's own, is real)."
+        if random
+        else ""
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,10 +165,13 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     cfg, metrics, pair, prompts, ids = check_inputs(cfg)
     items = [(p, k, prompts[p]) for p in ids for k in range(cfg.images_per_prompt)]
     out = Path(cfg.out)
-    # Everything an image depends on; a rerun into the same --out reuses the images only if all of it is the same
+    # Everything an image depends on, the weights by their content (a checkpoint retrained in place is another
+    # model); a rerun into the same --out reuses the images only if all of it is the same
     generation = dict(
         ckpt=pair["checkpoint"],
         baseline=pair["baseline"],
+        ckpt_weights_sha256=models.weights_digest(pair["checkpoint"]),
+        baseline_weights_sha256=models.weights_digest(pair["baseline"]),
         prompts=cfg.prompts,
         prompt_texts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         steps=cfg.steps,
@@ -179,6 +194,10 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     problem = utils.agree(problem, world_size)
     if problem:
         raise DataError(problem)
+    # an earlier evaluation's results go now: a rerun that stops early leaves none that read as its own
+    if rank == 0:
+        for old in ("results.json", "results.md"):
+            (out / old).unlink(missing_ok=True)
 
     # -- generate: each rank takes every world_size-th image; images already on disk are skipped --------------
     folders = {tag: out / "images" / tag for tag in pair}
@@ -230,8 +249,9 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
         versions=dict(python=platform.python_version(), **versions),
         argv=sys.argv,
     )
-    if random_scorers(cfg):
-        report["note"] = TINY_NOTE
+    note = tiny_note(cfg)
+    if note:
+        report["note"] = note
     written = write_reports(cfg, report, tables, prompts, ids, paths, out)
     # a checkpoint-<step> folder of train_kto.py: its model card gets the table
     if pair["checkpoint"]["unet"] or pair["checkpoint"]["lora"]:
@@ -241,8 +261,8 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
         tmp.write_text(json.dumps(report, indent=2))
     written.insert(0, out / "results.json")
     print((out / "results.md").read_text())
-    if random_scorers(cfg):
-        print(TINY_NOTE)
+    if note:
+        print(note)
     print("Wrote:\n" + "\n".join(f"  {p}" for p in [*written, out / "images" / "index.csv"]))
     return report
 
@@ -265,7 +285,11 @@ def check_inputs(cfg: Config):
                 f"--ckpt {cfg.ckpt} is a full model, so there is no recorded base model: pass --baseline."
             )
         cfg = dataclasses.replace(cfg, baseline=ckpt["base"])
-    pair = dict(checkpoint=ckpt, baseline=models.describe_model(cfg.baseline, "--baseline"))
+        # the base model with the checkpoint's VAE, if it has one: the two models differ only in the UNet
+        baseline = dict(ckpt, unet=None, lora=None)
+    else:
+        baseline = models.describe_model(cfg.baseline, "--baseline")
+    pair = dict(checkpoint=ckpt, baseline=baseline)
     prompts = prompt_sets.load_prompts(cfg.prompts)
     # prompt ids are indices in the full set: seeds follow them
     ids = prompt_sets.subset_indices(prompts, cfg.num_prompts)
@@ -293,6 +317,14 @@ def lower_median(x: np.ndarray) -> np.ndarray:
     return np.sort(x, axis=-1)[..., (x.shape[-1] - 1) // 2]
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion `rate` seen over n trials (z: the normal quantile, 95% by default)."""
+    centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2))
+    # within [0, 1] but for float rounding
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def win_rate(
     ckpt: np.ndarray, baseline: np.ndarray, compare: str = "median", n_boot: int = 10_000, seed: int = 0
 ) -> dict:
@@ -300,7 +332,9 @@ def win_rate(
 
     Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
     the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
-    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed)."""
+    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed). When every
+    prompt has the same outcome (or there is one prompt) every resample is the same and that interval is a point,
+    so ci95 is then the Wilson score 95% interval of the win rate over n_prompts instead."""
     ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
         raise ValueError(
@@ -322,6 +356,8 @@ def win_rate(
         [outcome[rng.integers(0, n, (min(1000, n_boot - i), n))].mean(axis=1) for i in range(0, n_boot, 1000)]
     )
     lo, hi = np.quantile(boot, [0.025, 0.975])
+    if (outcome == outcome[0]).all():
+        lo, hi = wilson_interval(outcome.mean(), n)
     return dict(
         win_rate=float(outcome.mean()),
         ci95=[float(lo), float(hi)],
@@ -427,6 +463,8 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     """Generate the images of `items` = [(prompt_id, k, prompt)] not yet on disk, batch_size at a time. The noise
     of image (p, k) is seeded by (cfg.seed, p, k) only: the same for both models, whatever the batch or rank."""
     todo = [it for it in items if not (folder / image_name(it[0], it[1])).exists()]
+    if len(todo) < len(items):
+        print(f"reusing {counted(len(items) - len(todo), 'image')} already in {folder}", flush=True)
     if not todo:
         return
     pipe = load_pipeline(model, device)
@@ -473,7 +511,17 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def write_markdown(results: dict, path: Path, cfg: Config):
+def generation_settings(cfg: Config) -> str:
+    """The settings besides the models and prompts that change the numbers, in words."""
+    return (
+        f"{counted(cfg.images_per_prompt, 'image')} per prompt, compare = {cfg.compare}, "
+        f"{counted(cfg.steps, 'step')}, guidance {cfg.guidance:g}, seed {cfg.seed}"
+    )
+
+
+def write_markdown(results: dict, path: Path, cfg: Config, pair: dict):
+    """results.md: what was compared and how (with the VAE of each model that has its own), then the table.
+    pair = {'checkpoint': model, 'baseline': model} as models.describe_model gives them."""
     names = [SCORERS[m].title for m in results]
     rows = [
         ("win rate (%)", lambda r: f"{100 * r['win_rate']:.1f}"),
@@ -482,13 +530,16 @@ def write_markdown(results: dict, path: Path, cfg: Config):
         ("mean, baseline", lambda r: f"{r['mean_baseline']:.4g}"),
     ]
     n = next(iter(results.values()))["n_prompts"] if results else 0
+    vaes = [f"{tag} `{model['vae']}`" for tag, model in pair.items() if model.get("vae")]
     lines = [
         f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {counted(n, 'prompt')} of `{cfg.prompts}`, "
-        f"{counted(cfg.images_per_prompt, 'image')} per prompt, compare = {cfg.compare}.",
+        f"{generation_settings(cfg)}."
+        + (f" VAE instead of the base model's: {', '.join(vaes)}." if vaes else ""),
         "",
     ]
-    if random_scorers(cfg):
-        lines += [f"**{TINY_NOTE}**", ""]
+    note = tiny_note(cfg)
+    if note:
+        lines += [f"**{note}**", ""]
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(fmt(results[m]) for m in results) + " |" for label, fmt in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -520,8 +571,8 @@ def draw_win_rates(results: dict, path: Path, cfg: Config):
         ),
         fontsize=10,
     )
-    if random_scorers(cfg):
-        ax.set_xlabel(wrap(TINY_NOTE, 90), color="firebrick", fontsize=8)
+    # '' when no metric has random weights
+    ax.set_xlabel(wrap(tiny_note(cfg), 90), color="firebrick", fontsize=8)
     fig.savefig(path, bbox_inches="tight")
     return fig
 
@@ -555,9 +606,7 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
         ["* = the model's median image for that metric (the one compared)"] if cfg.compare == "median" else []
     )
     fig.supxlabel(
-        wrap(
-            "; ".join(notes) + (f". {TINY_NOTE}" if random_scorers(cfg) else ""), int(14 * fig.get_figwidth())
-        ),
+        wrap(". ".join(filter(None, ["; ".join(notes), tiny_note(cfg)])), int(14 * fig.get_figwidth())),
         fontsize=7,
         color="dimgray",
     )
@@ -573,7 +622,12 @@ def write_reports(
 ) -> list:
     """results.md, win_rates.png and grid_<prompt id>.png for the first 4 prompts; returns their paths."""
     results = report["metrics"]
-    write_markdown(results, out / "results.md", cfg)
+    write_markdown(
+        results,
+        out / "results.md",
+        cfg,
+        dict(checkpoint=report["checkpoint_model"], baseline=report["baseline_model"]),
+    )
     draw_win_rates(results, out / "win_rates.png", cfg)
     written = [out / "results.md", out / "win_rates.png"]
     # a rerun's grids replace the earlier run's, whose prompts may differ
@@ -592,13 +646,16 @@ def write_reports(
 
 def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
     """The results table (results.md) as a section of the checkpoint's model card, replacing an earlier evaluation
-    with the same prompts, number of prompts and baseline. A checkpoint without a card gets one from its run.json."""
+    with the same prompts, number of prompts, baseline and generation settings (generation_settings). A checkpoint
+    without a card gets one from its run.json."""
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "README.md").exists():
         model_card.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
     n = next(iter(results.values()))["n_prompts"]
     model_card.append_to_model_card(
-        ckpt, f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline})\n\n" + results_md.read_text()
+        ckpt,
+        f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline}; {generation_settings(cfg)})\n\n"
+        + results_md.read_text(),
     )
     return ckpt / "README.md"
 

@@ -10,6 +10,7 @@ trained_components and load_pipeline: the base model's pipeline with the trained
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -124,6 +125,21 @@ def describe_model(spec: str, flag: str) -> dict:
             "diffusers model folder (with model_index.json)."
         )
     return dict(base=resolve_model(spec, f"{flag} {spec}", "model_index.json"), unet=None, lora=None)
+
+
+def weights_digest(model: dict) -> str | None:
+    """sha256 of the UNet weights a describe_model dict generates with: the checkpoint's LoRA file or unet/ files, or
+    a local diffusers folder's unet/; None for a hub id (named by its id). So a checkpoint retrained, or a pipeline
+    exported, into the same folder is another model (about a second per GB read)."""
+    folder = Path(model["lora"] or model["unet"] or Path(model["base"]) / "unet")
+    files = [folder / LORA_FILE] if model["lora"] else sorted(folder.glob("diffusion_pytorch_model*"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            hashlib.file_digest(fh, lambda: digest)
+    return digest.hexdigest()
 
 
 def trained_components(model: dict, dtype=None) -> dict:

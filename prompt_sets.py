@@ -4,6 +4,7 @@ then cached), the tiny world's held-out captions, or a file of your own; and the
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -22,13 +23,18 @@ HPS_FILES = ("anime.json", "concept-art.json", "paintings.json", "photo.json")  
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped."""
+    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped.
+    A .csv's fields may be quoted; a .tsv's are read as they are, quotes included."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         lines = path.read_text(encoding="utf-8-sig").splitlines()
         return [line.strip() for line in lines if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+    if suffix == ".csv":
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    elif suffix == ".tsv":
+        # tabs alone separate fields: a prompt that starts with a quote (PartiPrompts' '"G I G G L E" painted
+        # ...') keeps it
+        table = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
     elif suffix == ".jsonl":
         table = pd.read_json(path, lines=True, dtype=False)
     elif suffix == ".parquet":

@@ -78,6 +78,22 @@ def run_jobs(
         log(f"FAILED: {failed}")
 
 
+def check_work(work: Path, settings: dict) -> None:
+    """The runs and evaluations in `work` are reused, so they must be made with this study's `settings` (training
+    flags, world sizes, device): the first study there records them in work/study.json, and a study with other
+    settings is refused before anything runs."""
+    record, settings = work / "study.json", json.loads(json.dumps(settings))
+    if not record.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(settings, indent=2))
+    elif (recorded := json.loads(record.read_text())) != settings:
+        raise ValueError(
+            f"study: --work {work} holds runs and evaluations made with {json.dumps(recorded)}, not with this "
+            f"study's {json.dumps(settings)}; they would be reused as this study's. Use another --work, or "
+            f"delete {work}."
+        )
+
+
 def study(
     seeds=STUDY_WORLDS,
     out: Path = Path("runs/study-out"),
@@ -94,7 +110,8 @@ def study(
     """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
     the base (and KTO against SFT) on the held-out captions. Writes 6 files into `out`: tiny_world_table.md,
     tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
-    Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes.
+    Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes, and
+    a study whose `extra`, `sizes` or `device` differ from those recorded in work/study.json is refused.
     `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run.
     train_seeds: train_kto.py --seed of the runs; the first gets every row, the others KTO, shuffled labels and SFT
     at the default steps (one checkpoint's win rate varies more between training seeds than its CI says).
@@ -107,6 +124,7 @@ def study(
             f"worlds {list(seeds)}; pass --ablation_seeds from --seeds (or none)"
         )
     out, work = Path(out), Path(work)
+    check_work(work, dict(train_flags=list(extra), sizes=sizes or {}, device=device))
     out.mkdir(parents=True, exist_ok=True)
     logfile = open(out / "tiny_world_study.log", "a")
 
@@ -560,7 +578,12 @@ def main(argv=None):
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (threads split between them)")
     parser.add_argument("--out", default="runs/study-out", help="folder of the tables and plots (6 files)")
-    parser.add_argument("--work", default="runs/study", help="folder of the runs and evaluations")
+    parser.add_argument(
+        "--work",
+        default="runs/study",
+        help="folder of the runs and evaluations, reused by a rerun; its study.json records the --train_flags, "
+        "--sizes and --device they were made with, and a study with other ones is refused",
+    )
     parser.add_argument(
         "--device",
         default="cpu",

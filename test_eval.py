@@ -66,7 +66,9 @@ def test_win_rate_invariants(compare):
     r = ev.win_rate(a, b, compare)
     # exact: every comparison of a with its copy is a tie worth 1/2, and means of halves are exact
     assert ev.win_rate(a, a.copy(), compare)["win_rate"] == 0.5
-    assert ev.win_rate(a, a.copy(), compare)["ci95"] == [0.5, 0.5]
+    # every prompt ties: the Wilson interval around 0.5, symmetric
+    lo, hi = ev.win_rate(a, a.copy(), compare)["ci95"]
+    assert lo < 0.5 < hi and lo + hi == pytest.approx(1)
     swapped = ev.win_rate(b, a, compare)
     assert swapped["win_rate"] == pytest.approx(1 - r["win_rate"])
     assert swapped["ci95"] == pytest.approx([1 - r["ci95"][1], 1 - r["ci95"][0]])
@@ -75,6 +77,26 @@ def test_win_rate_invariants(compare):
     # comparison changes, and the win rate and the bootstrap over the same outcomes are the same numbers
     assert scaled["win_rate"] == r["win_rate"] and scaled["ci95"] == r["ci95"]
     assert r["ci95"][0] < r["win_rate"] < r["ci95"][1]
+
+
+def wilson(wins, n, z=1.959963984540054):
+    """The Wilson score interval, solved from |wins / n - p| = z sqrt(p (1 - p) / n) as a quadratic in p."""
+    a, b, c = n + z**2, -(2 * wins + z**2), wins**2 / n
+    root = np.sqrt(b**2 - 4 * a * c)
+    return [(-b - root) / (2 * a), (-b + root) / (2 * a)]
+
+
+def test_win_rate_ci_is_not_a_point_when_every_prompt_has_the_same_outcome():
+    """8 wins of 8: every bootstrap resample is all wins, a point at 1; the Wilson interval is reported instead."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(8, 3))
+    r = ev.win_rate(base + 10, base)
+    # the closed form and the quadratic agree to float64 rounding; approx's default rel 1e-6 is headroom
+    assert r["win_rate"] == 1 and r["ci95"] == pytest.approx(wilson(8, 8))
+    assert r["ci95"][0] < 0.7 and r["ci95"][1] == pytest.approx(1)
+    assert ev.win_rate(base, base + 10)["ci95"] == pytest.approx(wilson(0, 8), abs=1e-12)
+    # one prompt: the bootstrap has one outcome to draw
+    assert ev.win_rate([[1.0, 10.0]], [[2.0, 3.0]])["ci95"] == pytest.approx(wilson(0, 1), abs=1e-12)
 
 
 def test_win_rate_rejects_bad_input():
@@ -110,6 +132,13 @@ def test_prompt_files_of_every_format(tmp_path, kind):
         else:
             table.to_parquet(path)
     assert prompt_sets.load_prompts(str(path)) == PROMPTS
+
+
+def test_tsv_prompts_keep_their_quotes(tmp_path):
+    """PartiPrompts.tsv has a prompt that starts with a quoted word; CSV quoting would strip the quotes."""
+    giggle = '"G I G G L E" painted in thick colorful lettering as graffiti on a faded red brick wall'
+    (tmp_path / "p.tsv").write_text(f"Prompt\tCategory\n{giggle}\tWorld Knowledge\na cat\tAnimals\n")
+    assert prompt_sets.load_prompts(str(tmp_path / "p.tsv")) == [giggle, "a cat"]
 
 
 def test_prompt_errors(tmp_path):
@@ -445,6 +474,48 @@ def test_missing_models_are_named_before_anything_runs(fake_ckpt, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+def test_default_baseline_has_the_checkpoints_vae(fake_ckpt, tmp_path):
+    """A run trained with --pretrained_vae decodes with that VAE; the default baseline (its base model) does too, so
+    the two models differ only in the UNet."""
+    vae = str(fixtures.tiny_model_path() / "vae")
+    run = json.loads((fake_ckpt.parent / "run.json").read_text())
+    run["config"]["pretrained_vae"] = vae
+    (fake_ckpt.parent / "run.json").write_text(json.dumps(run))
+    cfg, _, pair, _, _ = ev.check_inputs(ev.parse_config(["--ckpt", str(fake_ckpt), "--tiny"]))
+    assert pair["checkpoint"]["vae"] == vae and pair["baseline"]["vae"] == vae
+    assert pair["baseline"]["base"] == cfg.baseline == str(fixtures.tiny_model_path())
+    assert pair["baseline"]["unet"] is None and pair["baseline"]["lora"] is None
+    # a baseline given by name is that model as it is
+    cfg = ev.parse_config(["--ckpt", str(fake_ckpt), "--tiny", "--baseline", str(fixtures.tiny_model_path())])
+    assert "vae" not in ev.check_inputs(cfg)[2]["baseline"]
+
+
+def test_random_weight_note_names_only_the_metrics_scored_with_random_weights(fake_ckpt, tmp_path):
+    """--tiny swaps in random-weight scorers for the paper metrics whose path is not given; a given one is real."""
+    common = ["--ckpt", str(fake_ckpt), "--tiny"]
+    note = ev.tiny_note(
+        ev.parse_config([*common, "--metrics", "utility,clip,hps", "--hps_path", str(tmp_path)])
+    )
+    assert "RANDOM-WEIGHT" in note and "CLIP" in note and "HPS" not in note
+    assert ev.tiny_note(ev.parse_config([*common, "--metrics", "hps", "--hps_path", str(tmp_path)])) == ""
+    assert ev.tiny_note(ev.parse_config(common)) == ""  # utility alone
+
+
+def test_model_card_keeps_one_section_per_generation_setting(fake_ckpt, tmp_path):
+    """Two evaluations that differ only in --guidance measure different things: both stay in the card."""
+    results = {"utility": dict(win_rate=0.75, ci95=[0.5, 0.9], mean_ckpt=0.8, mean_baseline=0.7, n_prompts=8)}
+    plain = dict(base=str(fixtures.tiny_model_path()), unet=None, lora=None)
+    for guidance in (3.0, 1.0, 3.0):
+        cfg = ev.parse_config(["--ckpt", str(fake_ckpt), "--tiny", "--guidance", str(guidance)])
+        cfg = dataclasses.replace(cfg, baseline=plain["base"])
+        ev.write_markdown(results, tmp_path / "results.md", cfg, dict(checkpoint=plain, baseline=plain))
+        card = ev.add_to_model_card(cfg, tmp_path / "results.md", results).read_text()
+    # the third evaluation replaced the first, whose settings it repeats
+    headings = [line for line in card.splitlines() if line.startswith("## Evaluation")]
+    assert len(headings) == 2 and len(set(headings)) == 2, headings
+    assert any("guidance 3," in h for h in headings) and any("guidance 1," in h for h in headings)
+
+
 def test_every_scorer_is_found_before_any_image_is_generated(fake_ckpt, tmp_path, capsys, no_generation):
     (tmp_path / "p.txt").write_text("a red circle on a white background\n")
     common = ["--ckpt", str(fake_ckpt), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
@@ -524,11 +595,14 @@ def test_cli_errors_and_help(fake_ckpt, tmp_path, capsys, no_generation):
         ["--num_prompts", "-3"],
         ["--seed", "-1"],
         ["--prompts", "nope.txt"],
+        # diffusers samples without guidance at any scale up to 1: 0.5 would only look like another setting
+        ["--guidance", "0.5"],
     )
     for bad in bad_flags:
-        fails_before_generating(
+        err = fails_before_generating(
             ["--ckpt", str(fake_ckpt), "--tiny", "--out", str(tmp_path / "o"), *bad], capsys
         )
+        assert bad[0] in err, err
     # no --ckpt: argparse's usage and error
     with pytest.raises(SystemExit) as e:
         ev.main(["--tiny", "--out", str(tmp_path / "o")])
@@ -591,8 +665,19 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
     assert "1 prompt of pickapic_test, 1 image per prompt" in figure_text(
         ev.draw_win_rates(results, tmp_path / "w1.png", one)
     )
-    ev.write_markdown(results, tmp_path / "results.md", one)
-    assert "on 1 prompt of `pickapic_test`, 1 image per prompt," in (tmp_path / "results.md").read_text()
+    plain = dict(base=cfg.baseline, unet=None, lora=None)
+    ev.write_markdown(results, tmp_path / "results.md", one, dict(checkpoint=plain, baseline=plain))
+    text = (tmp_path / "results.md").read_text()
+    assert (
+        "on 1 prompt of `pickapic_test`, 1 image per prompt, compare = median, 50 steps, guidance 7.5, seed 0."
+        in text
+    )
+    assert "VAE" not in text
+    # a VAE that replaces the base model's is named, on each side that has one
+    vae = dict(plain, vae="madebyollin/sdxl-vae-fp16-fix")
+    ev.write_markdown(results, tmp_path / "results.md", one, dict(checkpoint=vae, baseline=vae))
+    text = (tmp_path / "results.md").read_text()
+    assert "checkpoint `madebyollin/sdxl-vae-fp16-fix`, baseline `madebyollin/sdxl-vae-fp16-fix`" in text
 
     prompt = (
         "a yellow triangle on a black background, in the style of a very detailed oil painting, golden hour"
@@ -671,6 +756,11 @@ class SpyPipe:
             raise Interrupted("simulated interruption (a killed job)")
         self.log.append((len(prompts), kw))
         return self.pipe(prompts, **kw)
+
+
+def interrupted(model, device):
+    """load_pipeline of a run killed as it starts to generate."""
+    raise Interrupted("simulated interruption (a killed job)")
 
 
 def spy(monkeypatch, fail_after=None):
@@ -794,6 +884,43 @@ def test_interrupted_run_resumes_without_regenerating(ckpt, tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         ev.main([*mine, "--num_prompts", "1", "--images_per_prompt", "1", "--out", str(tmp_path / "p")])
     assert "other settings or prompt texts" in capsys.readouterr().err
+
+
+def nudge_unet_in_place(ckpt: Path):
+    """Retrain in place, as far as the files show: every UNet weight moved by 5% of its tensor's spread."""
+    from safetensors.torch import load_file, save_file
+
+    file = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    weights = load_file(file)
+    save_file(
+        {k: v + 0.05 * v.std().nan_to_num() * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+        file,
+    )
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_images_of_the_same_weights_only(tmp_path, monkeypatch, capsys):
+    """A checkpoint retrained in place has the same path: the images already in --out are another model's."""
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    shutil.copytree(fixtures.tiny_model_path() / "unet", ckpt / "unet")
+    run = {"config": {"pretrained_model": str(fixtures.tiny_model_path())}}
+    (ckpt.parent / "run.json").write_text(json.dumps(run))
+    out = tmp_path / "o"
+    args = ["--ckpt", str(ckpt), "--tiny", "--steps", "1", "--num_prompts", "2", "--out", str(out)]
+    ev.main(args)
+    capsys.readouterr()
+    ev.main(args)
+    assert f"reusing 2 images already in {out / 'images' / 'checkpoint'}\n" in capsys.readouterr().out
+    # a rerun that stops early leaves no results.json or results.md: the earlier run's would read as its own
+    monkeypatch.setattr(ev, "load_pipeline", interrupted)
+    with pytest.raises(Interrupted):
+        ev.main([*args, "--num_prompts", "3"])
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+    nudge_unet_in_place(ckpt)
+    with pytest.raises(SystemExit):
+        ev.main(args)
+    assert "other settings" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -484,7 +484,8 @@ def test_eval_adds_its_table_to_the_model_card(checkpoint, tmp_path, capsys):
     ev.main(args)  # a rerun replaces its section
     assert str(ckpt / "README.md") in capsys.readouterr().out
     card = ModelCard.load(ckpt / "README.md")
-    heading = f"## Evaluation (tiny, 2 prompts, vs {fixtures.tiny_model_path()})"
+    settings = "1 image per prompt, compare = median, 1 step, guidance 3, seed 0"
+    heading = f"## Evaluation (tiny, 2 prompts, vs {fixtures.tiny_model_path()}; {settings})"
     table = (tmp_path / "e" / "results.md").read_text()
     assert card.text.count(heading) == 1 and card.text.rstrip().endswith(heading + "\n\n" + table.rstrip())
     assert "| win rate (%) |" in table and card.data.library_name == "diffusers" and "## Recipe" in card.text

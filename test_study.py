@@ -182,6 +182,34 @@ def test_study_puts_the_ablations_on_a_world_it_studies(tmp_path, monkeypatch):
     assert ablations == sorted(f"train seed 3 {a} t0" for a in study.ABLATIONS), started
 
 
+def test_a_study_with_other_settings_does_not_reuse_the_runs_in_its_work_folder(tmp_path, monkeypatch):
+    """Run folders are named by world, kind and training seed only: a study with other training flags, world sizes
+    or device in the same --work would take the finished runs as its own. It is refused before anything runs."""
+    started = []
+    monkeypatch.setattr(study, "run_jobs", lambda commands, *a, **k: started.extend(c[0] for c in commands))
+    monkeypatch.setattr(study, "world_path", lambda seed, *a, **k: tmp_path / f"world{seed}")
+    monkeypatch.setattr(study, "study_table", lambda *a, **k: "")
+    monkeypatch.setattr(study, "steps_figure", lambda *a, **k: None)
+    (tmp_path / "world3").mkdir()
+    (tmp_path / "world3" / "world.json").write_text("{}")
+    common = dict(seeds=(3,), out=tmp_path / "out", work=tmp_path / "work", train_seeds=(0,))
+    study.study(**common)
+    # the default study's KTO run finished
+    (tmp_path / "work" / "seed3" / "KTO" / "checkpoint-400" / "unet").mkdir(parents=True)
+    started.clear()
+    for other in (
+        dict(extra=["--lora_rank", "8", "--learning_rate", "1e-4"]),
+        dict(sizes={"unet_steps": 1000}),
+        dict(device="cuda"),
+    ):
+        with pytest.raises(ValueError, match="Use another --work, or delete"):
+            study.study(**common, **other)
+        assert started == [], other
+    # the same settings again: the finished run is reused, the others start
+    study.study(**common)
+    assert "train seed 3 SFT t0" in started and "train seed 3 KTO t0" not in started
+
+
 def test_t_interval_covers_the_mean_95_percent_of_the_time():
     rng = np.random.default_rng(0)
     for n in (3, 9):

@@ -6,6 +6,7 @@ Run: python -m pytest -q test_toy.py   (offline, CPU, ~15-20 s)
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import toy_2d
@@ -28,3 +29,10 @@ def test_kahneman_tversky_moves_toward_desirable_and_away_from_undesirable(tmp_p
     assert kt["finite"] == 1.0
     assert out.exists() and 0 < out.stat().st_size < 300_000  # --out: the figure, small enough for the repo
     assert all(toy_2d.LABELS[m] in res["table"] for m in toy_2d.METHODS)
+
+
+def test_no_seeds_is_refused(capsys):
+    """--seeds 0 would print a table of nan and name a figure it never wrote."""
+    with pytest.raises(SystemExit) as e:
+        toy_2d.main(["--seeds", "0"])
+    assert e.value.code == 2 and "--seeds 0: must be at least 1" in capsys.readouterr().err

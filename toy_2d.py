@@ -273,13 +273,18 @@ def figure(results: dict, samples: dict, feedback: tuple, cfg: Config, path: str
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--seeds", type=int, default=5, help="number of seeds (0..seeds-1); the table is over seeds"
+        "--seeds",
+        type=int,
+        default=5,
+        help="number of seeds (0..seeds-1, at least 1); the table is over seeds",
     )
     p.add_argument(
         "--steps", type=int, default=Config.steps, help="fine-tuning steps, the same for every method"
     )
     p.add_argument("--out", default="assets/toy_2d.png", help="where to write the figure (seed 0)")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: must be at least 1")
     torch.set_num_threads(1)  # a 128-wide MLP gains ~10% from a 2nd thread: leave it to others
     cfg = Config(steps=args.steps)
     start, per_seed = time.time(), []
