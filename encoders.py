@@ -82,10 +82,22 @@ def load_vae(path: str, vae_path: str, dtype: torch.dtype):
     )
 
 
-def vae_scaling_factor(path: str, vae_path: str) -> float:
+def latent_scaling(path: str, vae_path: str, device) -> tuple:
+    """(shift, scale) with x0 = (z - shift) * scale, z the VAE's latent: its scaling_factor, and for a VAE whose
+    latents are standardised per channel (latents_mean and latents_std in its config, e.g. Playground v2.5's) that
+    standardisation too, the inverse of what its pipeline does before decoding (reports.decode_images)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.load_config(**vae_source(path, vae_path)).get("scaling_factor", 0.18215)
+    config = AutoencoderKL.load_config(**vae_source(path, vae_path))
+    factor, mean, std = (
+        config.get("scaling_factor", 0.18215),
+        config.get("latents_mean"),
+        config.get("latents_std"),
+    )
+    if mean is None or std is None:
+        return 0.0, factor
+    channels = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return channels(mean), factor / channels(std)
 
 
 def take(inputs: dict, i) -> dict:
@@ -189,7 +201,7 @@ class Inputs:
         captions = list(dict.fromkeys(["", *captions]))
         self.cfg, self.path, self.device, self.dtype = cfg, path, device, dtype or torch.float32
         self.autocast, self.mismatched = autocast, mismatched
-        self.scaling_factor = vae_scaling_factor(path, cfg.pretrained_vae)
+        self.shift, self.scale = latent_scaling(path, cfg.pretrained_vae, device)
         self.zero_uncond = zeros_for_empty_caption(path)
         self.cache = (
             Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache") if cfg.cache_latents else None
@@ -288,7 +300,7 @@ class Inputs:
         else:
             mean, _ = self.posterior(batch["pixel_values"].to(self.device))
             text = self.text(list(batch["caption"]))
-        return (mean * self.scaling_factor).float(), unet_inputs(text, sizes, self.cfg.resolution)
+        return self.to_x0(mean), unet_inputs(text, sizes, self.cfg.resolution)
 
     def __call__(self, batch: dict, gen: torch.Generator):
         """(x0 [B, 4, h, w] float32, cond, cond_mismatched or None): cond as unet_inputs."""
@@ -320,4 +332,8 @@ class Inputs:
         x0 = mean + std * torch.randn(mean.shape, generator=gen, device=device, dtype=mean.dtype)
         cond = unet_inputs(own, sizes, cfg.resolution)
         mismatched = unet_inputs(other, sizes, cfg.resolution) if len(rolled) else None
-        return (x0 * self.scaling_factor).float(), cond, mismatched
+        return self.to_x0(x0), cond, mismatched
+
+    def to_x0(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent as the UNet sees it (latent_scaling), in float32."""
+        return ((z - self.shift) * self.scale).float()

@@ -198,3 +198,37 @@ def test_sdxl_time_ids_are_exact_whatever_the_embeddings_dtype():
     )
     ids = encoders.unet_inputs(text, sizes, 1024)["added_cond_kwargs"]["time_ids"]
     assert ids.tolist() == [[1023, 1365, 0, 170, 1024, 1024], [512, 683, 0, 85, 1024, 1024]]
+
+
+def test_a_vae_with_standardised_latents_trains_in_the_space_its_pipeline_decodes(tmp_path):
+    """A VAE whose config has latents_mean and latents_std (Playground v2.5's): the UNet's x0 is the standardised
+    latent, which the pipeline turns back into the VAE's latent before decoding (reports.decode_images)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import reports
+
+    copy = tmp_path / "model"
+    shutil.copytree(fixtures.tiny_sdxl_model_path(), copy)
+    config = json.loads((copy / "vae" / "config.json").read_text())
+    channels = config["latent_channels"]
+    # per-channel statistics far from 0 and 1, so that a missing standardisation shows
+    stats = dict(
+        latents_mean=[0.3 * c - 0.5 for c in range(channels)],
+        latents_std=[0.4 + 0.3 * c for c in range(channels)],
+    )
+    (copy / "vae" / "config.json").write_text(json.dumps(config | stats))
+    batch, _ = sized_batch(tmp_path, ["a red circle", "a blue square", "a green triangle", "a yellow circle"])
+    x0, _ = inputs(tmp_path, 0.0, str(copy)).fixed(batch)
+    pipe = StableDiffusionXLPipeline.from_pretrained(copy)
+    with torch.no_grad():
+        latent = pipe.vae.encode(batch["pixel_values"]).latent_dist.mean
+    seen = []
+    pipe.vae.decode = lambda z, **k: (
+        seen.append(z) or types.SimpleNamespace(sample=torch.zeros(len(z), 3, 32, 32))
+    )
+    reports.decode_images(pipe, x0)
+    # the VAE decodes its own latent: x0's standardisation undone, up to float32 rounding of the two affine maps
+    # (four roundings, each within a unit roundoff of the largest value met: the latent or a mean; 8 for headroom)
+    size = max(latent.abs().max().item(), max(abs(m) for m in stats["latents_mean"]))
+    assert torch.allclose(seen[0], latent, rtol=0, atol=8 * 2**-24 * size)
+    assert not torch.allclose(x0, latent * config["scaling_factor"], atol=0.1)
