@@ -17,9 +17,9 @@ images/generation.json. A rerun with the same --out skips finished images, and i
 models' weights changed. A checkpoint-<step> folder's model card (README.md) gets the results table.
 
 This file is the protocol: the flags, evaluate() (check, generate, score, compare, report), the win rate, the
-scoring interface (SCORERS), generation with shared noise, the report and --export. The prompt sets are in
-prompt_sets.py; the five scorers' weights, models and upstream preprocessing in scorers.py; the tiny world's
-utility in tiny_world.py.
+scoring interface (SCORERS), generation with shared noise and --export. The report's table, charts and grids are in
+eval_report.py; the prompt sets in prompt_sets.py; the five scorers' weights, models and upstream preprocessing in
+scorers.py; the tiny world's utility in tiny_world.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import platform
 import shutil
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -41,14 +40,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import model_card
+import eval_report
 import models
 import prompt_sets
 import reports
 import scorers
 import tiny_world
 import utils
-from reports import wrap
 from scorers import DEFAULT_PATHS, METRICS
 from utils import DataError
 
@@ -252,10 +250,11 @@ def evaluate(cfg: Config, rank: int, world_size: int, device: torch.device):
     note = tiny_note(cfg)
     if note:
         report["note"] = note
-    written = write_reports(cfg, report, tables, prompts, ids, paths, out)
+    titles = {m: SCORERS[m].title for m in metrics}
+    written = eval_report.write_reports(cfg, report, tables, prompts, ids, paths, out, titles)
     # a checkpoint-<step> folder of train_kto.py: its model card gets the table
     if pair["checkpoint"]["unet"] or pair["checkpoint"]["lora"]:
-        written.append(add_to_model_card(cfg, out / "results.md", results))
+        written.append(eval_report.add_to_model_card(cfg, out / "results.md", results))
     # Last, and whole: results.json says the evaluation finished (study.py skips those that have one)
     with utils.atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
@@ -464,7 +463,9 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
     of image (p, k) is seeded by (cfg.seed, p, k) only: the same for both models, whatever the batch or rank."""
     todo = [it for it in items if not (folder / image_name(it[0], it[1])).exists()]
     if len(todo) < len(items):
-        print(f"reusing {counted(len(items) - len(todo), 'image')} already in {folder}", flush=True)
+        print(
+            f"reusing {eval_report.counted(len(items) - len(todo), 'image')} already in {folder}", flush=True
+        )
     if not todo:
         return
     pipe = load_pipeline(model, device)
@@ -500,164 +501,6 @@ def generate(cfg: Config, model: dict, items: list[tuple], folder: Path, desc: s
 
 def image_name(p: int, k: int) -> str:
     return f"{p:05d}_{k:02d}.png"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reports
-
-
-def counted(n: int, noun: str) -> str:
-    """'1 image', '5 images'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def generation_settings(cfg: Config) -> str:
-    """The settings besides the models and prompts that change the numbers, in words."""
-    return (
-        f"{counted(cfg.images_per_prompt, 'image')} per prompt, compare = {cfg.compare}, "
-        f"{counted(cfg.steps, 'step')}, guidance {cfg.guidance:g}, seed {cfg.seed}"
-    )
-
-
-def write_markdown(results: dict, path: Path, cfg: Config, pair: dict):
-    """results.md: what was compared and how (with the VAE of each model that has its own), then the table.
-    pair = {'checkpoint': model, 'baseline': model} as models.describe_model gives them."""
-    names = [SCORERS[m].title for m in results]
-    rows = [
-        ("win rate (%)", lambda r: f"{100 * r['win_rate']:.1f}"),
-        ("95% CI (%)", lambda r: f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}"),
-        ("mean, checkpoint", lambda r: f"{r['mean_ckpt']:.4g}"),
-        ("mean, baseline", lambda r: f"{r['mean_baseline']:.4g}"),
-    ]
-    n = next(iter(results.values()))["n_prompts"] if results else 0
-    vaes = [f"{tag} `{model['vae']}`" for tag, model in pair.items() if model.get("vae")]
-    lines = [
-        f"Win rate of `{cfg.ckpt}` over `{cfg.baseline}` on {counted(n, 'prompt')} of `{cfg.prompts}`, "
-        f"{generation_settings(cfg)}."
-        + (f" VAE instead of the base model's: {', '.join(vaes)}." if vaes else ""),
-        "",
-    ]
-    note = tiny_note(cfg)
-    if note:
-        lines += [f"**{note}**", ""]
-    lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {label} | " + " | ".join(fmt(results[m]) for m in results) + " |" for label, fmt in rows]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def draw_win_rates(results: dict, path: Path, cfg: Config):
-    """Win rates (%) as bars with their 95% CIs and the 50% line; the title names both models in full."""
-    from matplotlib.figure import Figure
-
-    rates = np.array([100 * r["win_rate"] for r in results.values()])
-    ci = np.array([[100 * r["ci95"][0], 100 * r["ci95"][1]] for r in results.values()])
-    fig = Figure(figsize=(max(6.4, 1.4 * len(results) + 1.5), 4.8), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    x = np.arange(len(results))
-    ax.bar(x, rates, width=0.6, color="#4c72b0", yerr=[rates - ci[:, 0], ci[:, 1] - rates], capsize=8)
-    ax.axhline(50, color="black", linestyle="--", linewidth=1)
-    for xi, rate, top in zip(x, rates, ci[:, 1]):
-        ax.text(xi, top + 2, f"{rate:.1f}%", ha="center", va="bottom")
-    ax.set_xticks(x, [wrap(SCORERS[m].title, 12) for m in results])
-    ax.set(ylim=(0, 112), yticks=range(0, 101, 25), ylabel="win rate of the checkpoint (%), 95% CI")
-    n = next(iter(results.values()))["n_prompts"]
-    ax.set_title(
-        wrap(f"Win rate of {cfg.ckpt} over {cfg.baseline}", 70, path=True)
-        + "\n"
-        + wrap(
-            f"{counted(n, 'prompt')} of {cfg.prompts}, {counted(cfg.images_per_prompt, 'image')} per prompt, "
-            f"compare = {cfg.compare}",
-            80,
-        ),
-        fontsize=10,
-    )
-    # '' when no metric has random weights
-    ax.set_xlabel(wrap(tiny_note(cfg), 90), color="firebrick", fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
-    return fig
-
-
-def draw_grid(prompt: str, images: dict, scores: dict, cfg: Config, path: Path):
-    """One row per model (baseline above checkpoint), one column per image index: the same initial noise in each
-    column. images = {model: [PIL]}, scores = {model: {metric: [score per image]}}, shown under each image; with
-    --compare median a * marks each model's median image for that metric, the one compared."""
-    from matplotlib.figure import Figure
-
-    n = len(images["baseline"])
-    fig = Figure(
-        figsize=(max(4.5, 1.5 + 2 * n), 2 * (2.5 + 0.18 * len(scores["baseline"])) + 1),
-        dpi=100,
-        layout="constrained",
-    )
-    axes = fig.subplots(2, n, squeeze=False)
-    for row, (tag, model) in enumerate((("baseline", cfg.baseline), ("checkpoint", cfg.ckpt))):
-        for k, image in enumerate(images[tag]):
-            lines = []
-            for m, values in scores[tag].items():
-                median = np.argsort(values, kind="stable")[(n - 1) // 2]
-                lines.append(
-                    f"{SCORERS[m].title} {values[k]:.4g}"
-                    + (" *" if cfg.compare == "median" and k == median else "")
-                )
-            reports.show_image(axes[row, k], image, "\n".join(lines))
-        axes[row, 0].set_ylabel(wrap(f"{tag}: {model}", 28, path=True), fontsize=8)
-    fig.suptitle(wrap(prompt, int(12 * fig.get_figwidth())), fontsize=10)
-    notes = ["same initial noise in each column"] + (
-        ["* = the model's median image for that metric (the one compared)"] if cfg.compare == "median" else []
-    )
-    fig.supxlabel(
-        wrap(". ".join(filter(None, ["; ".join(notes), tiny_note(cfg)])), int(14 * fig.get_figwidth())),
-        fontsize=7,
-        color="dimgray",
-    )
-    # a prompt in a script the font lacks draws boxes; index.csv has its text
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(path, bbox_inches="tight")
-    return fig
-
-
-def write_reports(
-    cfg: Config, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path
-) -> list:
-    """results.md, win_rates.png and grid_<prompt id>.png for the first 4 prompts; returns their paths."""
-    results = report["metrics"]
-    write_markdown(
-        results,
-        out / "results.md",
-        cfg,
-        dict(checkpoint=report["checkpoint_model"], baseline=report["baseline_model"]),
-    )
-    draw_win_rates(results, out / "win_rates.png", cfg)
-    written = [out / "results.md", out / "win_rates.png"]
-    # a rerun's grids replace the earlier run's, whose prompts may differ
-    for old in out.glob("grid_*.png"):
-        old.unlink()
-    for row, p in enumerate(ids[:4]):
-        images = {
-            tag: [Image.open(paths[(tag, p, k)]) for k in range(cfg.images_per_prompt)]
-            for tag in ("baseline", "checkpoint")
-        }
-        scores = {tag: {m: tables[m][tag][row] for m in tables} for tag in images}
-        draw_grid(prompts[p], images, scores, cfg, out / f"grid_{p:05d}.png")
-        written.append(out / f"grid_{p:05d}.png")
-    return written
-
-
-def add_to_model_card(cfg: Config, results_md: Path, results: dict) -> Path:
-    """The results table (results.md) as a section of the checkpoint's model card, replacing an earlier evaluation
-    with the same prompts, number of prompts, baseline and generation settings (generation_settings). A checkpoint
-    without a card gets one from its run.json."""
-    ckpt = Path(cfg.ckpt)
-    if not (ckpt / "README.md").exists():
-        model_card.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))
-    n = next(iter(results.values()))["n_prompts"]
-    model_card.append_to_model_card(
-        ckpt,
-        f"## Evaluation ({cfg.prompts}, {n} prompts, vs {cfg.baseline}; {generation_settings(cfg)})\n\n"
-        + results_md.read_text(),
-    )
-    return ckpt / "README.md"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
+import eval_report
 import fixtures
 import prompt_sets
 import scorers
@@ -31,6 +32,7 @@ import utils
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).parent
 REAL_LOAD_PIPELINE = ev.load_pipeline
+TITLES = {m: scorer.title for m, scorer in ev.SCORERS.items()}
 FAST = [
     "--tiny",
     "--steps",
@@ -508,8 +510,9 @@ def test_model_card_keeps_one_section_per_generation_setting(fake_ckpt, tmp_path
     for guidance in (3.0, 1.0, 3.0):
         cfg = ev.parse_config(["--ckpt", str(fake_ckpt), "--tiny", "--guidance", str(guidance)])
         cfg = dataclasses.replace(cfg, baseline=plain["base"])
-        ev.write_markdown(results, tmp_path / "results.md", cfg, dict(checkpoint=plain, baseline=plain))
-        card = ev.add_to_model_card(cfg, tmp_path / "results.md", results).read_text()
+        pair = dict(checkpoint=plain, baseline=plain)
+        eval_report.write_markdown(results, tmp_path / "results.md", cfg, pair, TITLES)
+        card = eval_report.add_to_model_card(cfg, tmp_path / "results.md", results).read_text()
     # the third evaluation replaced the first, whose settings it repeats
     headings = [line for line in card.splitlines() if line.startswith("## Evaluation")]
     assert len(headings) == 2 and len(set(headings)) == 2, headings
@@ -653,7 +656,7 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
     results = {
         "pickscore": dict(win_rate=0.625, ci95=[0.5, 0.75], mean_ckpt=21.2, mean_baseline=20.7, n_prompts=8)
     }
-    fig = ev.draw_win_rates(results, tmp_path / "w.png", cfg)
+    fig = eval_report.draw_win_rates(results, tmp_path / "w.png", cfg, TITLES)
     text = figure_text(fig)
     assert cfg.ckpt in text.replace(" ", "") and cfg.baseline in text.replace(" ", "")
     assert "62.5%" in text and "PickScore" in text and "8 prompts of pickapic_test" in text
@@ -663,10 +666,12 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
     one = dataclasses.replace(cfg, images_per_prompt=1)
     results["pickscore"]["n_prompts"] = 1
     assert "1 prompt of pickapic_test, 1 image per prompt" in figure_text(
-        ev.draw_win_rates(results, tmp_path / "w1.png", one)
+        eval_report.draw_win_rates(results, tmp_path / "w1.png", one, TITLES)
     )
     plain = dict(base=cfg.baseline, unet=None, lora=None)
-    ev.write_markdown(results, tmp_path / "results.md", one, dict(checkpoint=plain, baseline=plain))
+    eval_report.write_markdown(
+        results, tmp_path / "results.md", one, dict(checkpoint=plain, baseline=plain), TITLES
+    )
     text = (tmp_path / "results.md").read_text()
     assert (
         "on 1 prompt of `pickapic_test`, 1 image per prompt, compare = median, 50 steps, guidance 7.5, seed 0."
@@ -675,7 +680,9 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
     assert "VAE" not in text
     # a VAE that replaces the base model's is named, on each side that has one
     vae = dict(plain, vae="madebyollin/sdxl-vae-fp16-fix")
-    ev.write_markdown(results, tmp_path / "results.md", one, dict(checkpoint=vae, baseline=vae))
+    eval_report.write_markdown(
+        results, tmp_path / "results.md", one, dict(checkpoint=vae, baseline=vae), TITLES
+    )
     text = (tmp_path / "results.md").read_text()
     assert "checkpoint `madebyollin/sdxl-vae-fp16-fix`, baseline `madebyollin/sdxl-vae-fp16-fix`" in text
 
@@ -690,7 +697,7 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
         "baseline": {"pickscore": np.array([20.5, 21.25, 19.0]), "hps": np.array([0.25, 0.5, 0.75])},
         "checkpoint": {"pickscore": np.array([22.0, 21.0, 23.5]), "hps": np.array([0.3, 0.1, 0.2])},
     }
-    fig = ev.draw_grid(prompt, images, scores, cfg, tmp_path / "g.png")
+    fig = eval_report.draw_grid(prompt, images, scores, cfg, tmp_path / "g.png", TITLES)
     text = figure_text(fig)
     assert prompt in text and cfg.baseline in text.replace(" ", "") and cfg.ckpt in text.replace(" ", "")
     for value in (
@@ -706,7 +713,7 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
         assert value in text, value
     assert Image.open(tmp_path / "g.png").width >= 400
     # long model names break after a "/", not inside a name
-    assert ev.wrap("stable-diffusion-v1-5/stable-diffusion-v1-5", 28, path=True) == (
+    assert eval_report.wrap("stable-diffusion-v1-5/stable-diffusion-v1-5", 28, path=True) == (
         "stable-diffusion-v1-5/\nstable-diffusion-v1-5"
     )
 
