@@ -11,7 +11,7 @@ Launch:
     torchrun --standalone --nproc_per_node 2 train_kto.py --tiny --train_batch_size 4   # 2 CPU processes
     python train_kto.py --dataset likes.csv                      # 1 GPU, SD v1-5, your data
     torchrun --standalone --nproc_per_node 4 train_kto.py        # the paper's recipe: 4 GPUs x 2 images
-    python train_kto.py --gradient_accumulation_steps 4          # the same batch of 8 on 1 GPU (2 x 4)
+    python train_kto.py --train_batch_size 8                     # the same batch of 8 on 1 GPU (22 GB; else 2 x 4)
     python train_kto.py --gradient_accumulation_steps 4 --lora_rank 8   # LoRA adapters instead of the whole UNet
     python train_kto.py --pretrained_model stabilityai/stable-diffusion-xl-base-1.0 --resolution 1024 --lora_rank 8
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
@@ -109,7 +109,7 @@ class Config:
     """images per rank per forward pass (global batch = this x accumulation steps x number of ranks)"""
     gradient_accumulation_steps: int = 1
     """forward/backward passes per optimizer step; z and the metrics are over the whole accumulated batch (the
-    paper's batch 8 on 1 GPU: 2 x 4)"""
+    paper's batch 8 on 1 GPU where memory is short: 2 x 4, 3.8x slower than batch 8, docs/benchmarks.md)"""
     max_train_steps: int = 10_000
     """optimizer steps"""
     learning_rate: float = 1e-7
@@ -138,7 +138,8 @@ class Config:
     """autocast dtype of the UNets, frozen modules stored in it (norms in float32): auto (bf16 on GPUs that
     have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 | fp16 | no"""
     gradient_checkpointing: bool = False
-    """recompute the policy's activations in the backward pass: less memory, about a third more compute"""
+    """recompute the policy's activations in the backward pass: less memory, one more policy forward (+12% of a
+    kl_mismatched step's FLOPs, docs/benchmarks.md)"""
     optimizer: str = "adamw"
     """adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; 2 instead of 8 bytes of
     state per parameter)"""
