@@ -325,7 +325,7 @@ class Tracker:
 
 
 def start_warnings(cfg, num_heldout: int) -> list[str]:
-    """Settings that run but do less than they seem to (each said at the start, and run.json records them)."""
+    """Settings that run but do less than they seem to: said at the start, and in run.json's launch entry."""
     said = []
     if cfg.learning_rate == 0:
         said.append("--learning_rate 0: the weights never change (a control run).")
@@ -344,7 +344,7 @@ def start_warnings(cfg, num_heldout: int) -> list[str]:
 
 
 def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict):
-    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks)."""
+    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks, precision, warnings)."""
     file = out_dir / "run.json"
     launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
@@ -358,6 +358,7 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
             precision=str(autocast_dtype(cfg.mixed_precision, device) or torch.float32).removeprefix(
                 "torch."
             ),
+            warnings=start_warnings(cfg, data.get("num_heldout", 0)),
             time=time.strftime("%Y-%m-%d %H:%M:%S"),
             versions=dict(python=platform.python_version(), **versions),
         )

@@ -915,6 +915,10 @@ def test_a_run_that_does_less_than_it_seems_says_so_and_ties_count_half(tmp_path
     # what the run trained on and in, as it was, not as the flags read
     assert run_json["num_heldout"] > 0 and f"({run_json['num_heldout']} held out)" in out
     assert run_json["label_policy"] is None and run_json["launches"][0]["precision"] == "float32"
+    assert [w.split(":")[0] for w in run_json["launches"][0]["warnings"]] == [
+        "--learning_rate 0",
+        "--lr_warmup_steps 4 > --max_train_steps 2",
+    ]
     card = (tmp_path / "out" / "checkpoint-2" / "README.md").read_text()
     assert f"of which {run_json['num_heldout']} held out" in card and "label policy" not in card
     # held-out images that no step scores

@@ -11,7 +11,7 @@ Launch:
     torchrun --standalone --nproc_per_node 2 train_kto.py --tiny --train_batch_size 4   # 2 CPU processes
     python train_kto.py --dataset likes.csv                      # 1 GPU, SD v1-5, your data
     torchrun --standalone --nproc_per_node 4 train_kto.py        # the paper's recipe: 4 GPUs x 2 images
-    python train_kto.py --train_batch_size 8                     # the same batch of 8 on 1 GPU (22 GB; else 2 x 4)
+    python train_kto.py --train_batch_size 8                     # the same batch of 8 on 1 GPU (22 GB)
     python train_kto.py --gradient_accumulation_steps 4 --lora_rank 8   # LoRA adapters instead of the whole UNet
     python train_kto.py --pretrained_model stabilityai/stable-diffusion-xl-base-1.0 --resolution 1024 --lora_rank 8
     python train_kto.py --plot runs/kto                          # redraw a run's curves.png
