@@ -312,9 +312,9 @@ def load_checkpoint(
         gen.manual_seed(derive_seed(seed + saved["step"], rank))
         if rank == 0:
             print(
-                f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: the global batch "
-                f"is now {world_size}/{len(rng_states)} of the run's (at the same learning rate), and the random "
-                "streams restart, so the run will not match an uninterrupted one"
+                f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: the global "
+                f"batch is now {world_size}/{len(rng_states)} of the run's (at the same learning rate), "
+                "and the random streams restart, so the run will not match an uninterrupted one"
             )
     counts = {field.name: saved.get(field.name, 0) for field in dataclasses.fields(Counters)}
     return saved["step"], Counters(**counts)

@@ -525,8 +525,8 @@ def image_keys(table: pd.DataFrame, base_dir: Path) -> list[str] | None:
 def load_data(cfg):
     """The feedback table and its FeedbackDataset (with its .fingerprint), checked before any model is loaded, and
     the held-out rows (--heldout_images; none with --heldout_steps 0), kept apart in the dataset. Returns (table,
-    dataset, desirable: bool array per row, held_out: bool array per row, counts for run.json: classes, held-out
-    images, label policy (Pick-a-Pic only), stats, fingerprint)."""
+    dataset, desirable: bool array per row, held_out: bool array per row, counts for run.json: classes,
+    held-out images, label policy (Pick-a-Pic only), stats, fingerprint)."""
     table = check_feedback(load_feedback(cfg.dataset, label_policy=cfg.label_policy), cfg)
     dataset = FeedbackDataset(table, Path(cfg.dataset).parent, cfg.resolution)
     dataset.fingerprint = fingerprint(table, Path(cfg.dataset).parent)
@@ -564,8 +564,8 @@ def check_feedback(table, cfg):
     weight = cfg.lambda_u if n_d == 0 else cfg.lambda_d
     if min(n_d, n_u) == 0 and cfg.objective == "kto" and weight == 0:
         raise DataError(
-            f"--dataset {cfg.dataset}: only {'undesirable' if n_d == 0 else 'desirable'} samples, and their loss "
-            f"weight (--lambda_{'u' if n_d == 0 else 'd'}) is 0: nothing would train."
+            f"--dataset {cfg.dataset}: only {'undesirable' if n_d == 0 else 'desirable'} samples, and their "
+            f"loss weight (--lambda_{'u' if n_d == 0 else 'd'}) is 0: nothing would train."
         )
     if cfg.objective == "sft" and n_d == 0:
         raise DataError(

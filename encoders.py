@@ -83,9 +83,10 @@ def load_vae(path: str, vae_path: str, dtype: torch.dtype):
 
 
 def latent_scaling(path: str, vae_path: str, device) -> tuple:
-    """(shift, scale) with x0 = (z - shift) * scale, z the VAE's latent: its scaling_factor, and for a VAE whose
-    latents are standardised per channel (latents_mean and latents_std in its config, e.g. Playground v2.5's) that
-    standardisation too, the inverse of what its pipeline does before decoding (reports.decode_images)."""
+    """(shift, scale) with x0 = (z - shift) * scale, z the VAE's latent: its scaling_factor, and for a VAE
+    whose latents are standardised per channel (latents_mean and latents_std in its config, e.g. Playground
+    v2.5's) that standardisation too, the inverse of what its pipeline does before decoding
+    (reports.decode_images)."""
     from diffusers import AutoencoderKL
 
     config = AutoencoderKL.load_config(**vae_source(path, vae_path))

@@ -2,8 +2,9 @@
 
 Both models draw images from the same prompts, starting from the same initial noise for every (prompt, image
 index); five automatic scorers (Aesthetic, PickScore, ImageReward, CLIP, HPS v2) rate every image, and for each
-prompt the median-scoring image of each model is compared (Li et al., NeurIPS 2024, Sec. 5 and App. A.2). With an
-even number of images per prompt that is the lower median, the lower of the two middle values: the worse one at 2.
+prompt the median-scoring image of each model is compared (Li et al., NeurIPS 2024, Sec. 5 and App. A.2). With
+an even number of images per prompt that is the lower median, the lower of the two middle values: the worse
+one at 2.
 Paper, Pick-a-Pic test prompts, Diffusion-KTO vs SD v1-5: 86.0 / 85.2 / 87.2 / 62.0 / 62.0 % win rate.
 
 Launch:
@@ -13,13 +14,13 @@ Launch:
     python eval.py --ckpt runs/kto/checkpoint-10000 --export runs/kto-pipeline  # a full diffusers folder; no eval
 Every flag: python eval.py --help. Scorers and outputs: docs/evaluation.md. Outputs in --out: results.json,
 results.md, win_rates.png, grid_*.png, images/{checkpoint,baseline}/*.png, images/index.csv and
-images/generation.json. A rerun with the same --out skips finished images, and is refused if the settings or the
-models' weights changed. A checkpoint-<step> folder's model card (README.md) gets the results table.
+images/generation.json. A rerun with the same --out skips finished images, and is refused if the settings or
+the models' weights changed. A checkpoint-<step> folder's model card (README.md) gets the results table.
 
 This file is the protocol: the flags, evaluate() (check, generate, score, compare, report), the win rate, the
-scoring interface (SCORERS), generation with shared noise and --export. The report's table, charts and grids are in
-eval_report.py; the prompt sets in prompt_sets.py; the five scorers' weights, models and upstream preprocessing in
-scorers.py; the tiny world's utility in tiny_world.py.
+scoring interface (SCORERS), generation with shared noise and --export. The report's table, charts and grids
+are in eval_report.py; the prompt sets in prompt_sets.py; the five scorers' weights, models and upstream
+preprocessing in scorers.py; the tiny world's utility in tiny_world.py.
 """
 
 from __future__ import annotations
@@ -59,16 +60,17 @@ class Config:
     ckpt: str = ""
     """model under test: a checkpoint-<step> folder of train_kto.py, a diffusers folder or a hub id"""
     baseline: str = ""
-    """model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json, with the
-    VAE the checkpoint was trained with (--pretrained_vae) where there is one, so that only the UNet differs"""
+    """model to compare against, same forms as --ckpt; empty: the base model in the checkpoint's run.json,
+    with the VAE the checkpoint was trained with (--pretrained_vae) where there is one, so that only the UNet
+    differs"""
     prompts: str = "pickapic_test"
     """pickapic_test (500) | hps (3,200) | parti (1,632) | tiny (the tiny world's held-out captions) | a
     .txt/.csv/.tsv/.jsonl/.parquet file"""
     num_prompts: int = 0
     """use this many prompts, evenly spaced through the set (0 = all)"""
     images_per_prompt: int = 5
-    """images per prompt per model; the per-prompt score is their median (paper: 5), the lower of the two middle
-    values for an even count: the worse one at 2"""
+    """images per prompt per model; the per-prompt score is their median (paper: 5), the lower of the two
+    middle values for an even count: the worse one at 2"""
     steps: int = 50
     """denoising steps of the model's own scheduler"""
     guidance: float = 7.5
@@ -317,7 +319,8 @@ def lower_median(x: np.ndarray) -> np.ndarray:
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a proportion `rate` seen over n trials (z: the normal quantile, 95% by default)."""
+    """Wilson score interval of a proportion `rate` seen over n trials (z: the normal quantile, 95% by
+    default)."""
     centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z / (1 + z**2 / n) * np.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2))
     # within [0, 1] but for float rounding
@@ -331,9 +334,9 @@ def win_rate(
 
     Per prompt: win 1, tie 0.5, loss 0 between the two models' median images (compare="median", the paper), or
     the mean of that over every checkpoint x baseline image pair (compare="all"). Win rate = mean over prompts;
-    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed). When every
-    prompt has the same outcome (or there is one prompt) every resample is the same and that interval is a point,
-    so ci95 is then the Wilson score 95% interval of the win rate over n_prompts instead."""
+    ci95 = 2.5 / 97.5 % percentiles of the mean over prompts resampled with replacement (fixed seed). When
+    every prompt has the same outcome (or there is one prompt) every resample is the same and that interval is
+    a point, so ci95 is then the Wilson score 95% interval of the win rate over n_prompts instead."""
     ckpt, baseline = np.asarray(ckpt, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if ckpt.shape != baseline.shape or ckpt.ndim != 2 or ckpt.size == 0:
         raise ValueError(

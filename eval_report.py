@@ -1,6 +1,7 @@
-"""What an evaluation (eval.py) shows a person: results.md (what was compared and how, then the win-rate table),
-win_rates.png, grids of the first prompts' images with their scores, and the section it adds to a checkpoint's
-model card. `cfg` is eval.py's Config; `titles` names each metric as tables and charts show it."""
+"""What an evaluation (eval.py) shows a person: results.md (what was compared and how, then the win-rate
+table), win_rates.png, grids of the first prompts' images with their scores, and the section it adds to a
+checkpoint's model card. `cfg` is eval.py's Config; `titles` names each metric as tables and charts show
+it."""
 
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ def draw_win_rates(results: dict, path: Path, cfg, titles: dict, note: str = "")
 
 
 def draw_grid(prompt: str, images: dict, scores: dict, cfg, path: Path, titles: dict, note: str = ""):
-    """One row per model (baseline above checkpoint), one column per image index: the same initial noise in each
-    column. images = {model: [PIL]}, scores = {model: {metric: [score per image]}}, shown under each image; with
-    --compare median a * marks each model's median image for that metric, the one compared."""
+    """One row per model (baseline above checkpoint), one column per image index: the same initial noise in
+    each column. images = {model: [PIL]}, scores = {model: {metric: [score per image]}}, shown under each
+    image; with --compare median a * marks each model's median image for that metric, the one compared."""
     from matplotlib.figure import Figure
 
     n = len(images["baseline"])
@@ -128,9 +129,9 @@ def draw_grid(prompt: str, images: dict, scores: dict, cfg, path: Path, titles: 
 def write_reports(
     cfg, report: dict, tables: dict, prompts: list, ids: list, paths: dict, out: Path, titles: dict
 ) -> list:
-    """results.md, win_rates.png and grid_<prompt id>.png for the first 4 prompts (report: eval.evaluate's, with
-    its "note" on random-weight scorers, if any; titles: {metric: its name in tables and charts}); returns their
-    paths."""
+    """results.md, win_rates.png and grid_<prompt id>.png for the first 4 prompts (report: eval.evaluate's,
+    with its "note" on random-weight scorers, if any; titles: {metric: its name in tables and charts});
+    returns their paths."""
     results, note = report["metrics"], report.get("note", "")
     pair = dict(checkpoint=report["checkpoint_model"], baseline=report["baseline_model"])
     write_markdown(results, out / "results.md", cfg, pair, titles, note)
@@ -151,9 +152,9 @@ def write_reports(
 
 
 def add_to_model_card(cfg, results_md: Path, results: dict) -> Path:
-    """The results table (results.md) as a section of the checkpoint's model card, replacing an earlier evaluation
-    with the same prompts, number of prompts, baseline and generation settings (generation_settings). A checkpoint
-    without a card gets one from its run.json."""
+    """The results table (results.md) as a section of the checkpoint's model card, replacing an earlier
+    evaluation with the same prompts, number of prompts, baseline and generation settings
+    (generation_settings). A checkpoint without a card gets one from its run.json."""
     ckpt = Path(cfg.ckpt)
     if not (ckpt / "README.md").exists():
         model_card.write_model_card(ckpt, json.loads((ckpt.parent / "run.json").read_text()))

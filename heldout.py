@@ -7,8 +7,9 @@ noises drawn from the seed alone, the same for every image (so what they add to 
 alike cancels in the margin), at every evaluation, on every rank and after a resume. The image is the VAE posterior's mean of the unflipped image, with its own caption. For each
 (image, draw) the implicit reward r = ref_err - policy_err is as in training; per image it is averaged over the K
 draws. Reported: the mean r of liked and of disliked images, their difference (the margin; None for a class without
-held-out images, and then the margin too), the implicit accuracy (the fraction of images with w * r > 0, a tie half) and the
-policy's mean error. The cost: 2 x K forwards without gradient per held-out image and evaluation (docs/outputs.md)."""
+held-out images, and then the margin too), the implicit accuracy (the fraction of images with w * r > 0, a tie
+half) and the policy's mean error. The cost: 2 x K forwards without gradient per held-out image and evaluation
+(docs/outputs.md)."""
 
 from __future__ import annotations
 

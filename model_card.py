@@ -122,7 +122,8 @@ def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> 
 # Diffusion-KTO: {ckpt_dir.parent.name}, step {step}
 
 {what} of Stable Diffusion fine-tuned with {method} (Li et al., NeurIPS 2024) from per-image
-like/dislike labels, by `train_kto.py`, for {step} steps. Base model: `{base}`{"" if is_hub_id(base) else " (a local folder)"}.
+like/dislike labels, by `train_kto.py`, for {step} steps. Base model: `{base}`\
+{"" if is_hub_id(base) else " (a local folder)"}.
 
 License: {terms}. The base model's license applies to these weights as to the base model itself.
 

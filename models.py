@@ -128,9 +128,9 @@ def describe_model(spec: str, flag: str) -> dict:
 
 
 def weights_digest(model: dict) -> str | None:
-    """sha256 of the UNet weights a describe_model dict generates with: the checkpoint's LoRA file or unet/ files, or
-    a local diffusers folder's unet/; None for a hub id (named by its id). So a checkpoint retrained, or a pipeline
-    exported, into the same folder is another model (about a second per GB read)."""
+    """sha256 of the UNet weights a describe_model dict generates with: the checkpoint's LoRA file or unet/
+    files, or a local diffusers folder's unet/; None for a hub id (named by its id). So a checkpoint
+    retrained, or a pipeline exported, into the same folder is another model (about a second per GB read)."""
     folder = Path(model["lora"] or model["unet"] or Path(model["base"]) / "unet")
     files = [folder / LORA_FILE] if model["lora"] else sorted(folder.glob("diffusion_pytorch_model*"))
     if not files:

@@ -23,8 +23,8 @@ HPS_FILES = ("anime.json", "concept-art.json", "paintings.json", "photo.json")  
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones dropped.
-    A .csv's fields may be quoted; a .tsv's are read as they are, quotes included."""
+    """Prompts from .txt (one per line) or a table with a column prompt, Prompt or caption; empty ones
+    dropped. A .csv's fields may be quoted; a .tsv's are read as they are, quotes included."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         lines = path.read_text(encoding="utf-8-sig").splitlines()

@@ -331,20 +331,21 @@ def start_warnings(cfg, num_heldout: int) -> list[str]:
         said.append("--learning_rate 0: the weights never change (a control run).")
     if cfg.lr_warmup_steps > cfg.max_train_steps:
         said.append(
-            f"--lr_warmup_steps {cfg.lr_warmup_steps} > --max_train_steps {cfg.max_train_steps}: the learning "
-            f"rate reaches only {cfg.max_train_steps / cfg.lr_warmup_steps:.0%} of --learning_rate."
+            f"--lr_warmup_steps {cfg.lr_warmup_steps} > --max_train_steps {cfg.max_train_steps}: the "
+            f"learning rate reaches only {cfg.max_train_steps / cfg.lr_warmup_steps:.0%} of --learning_rate."
         )
     if num_heldout and cfg.heldout_steps > cfg.max_train_steps:
         said.append(
-            f"{num_heldout} images are held out of training (--heldout_images) but never scored: --heldout_steps "
-            f"{cfg.heldout_steps} > --max_train_steps {cfg.max_train_steps}. Pass --heldout_steps 0 to train on "
-            "them, or a smaller --heldout_steps."
+            f"{num_heldout} images are held out of training (--heldout_images) but never scored: "
+            f"--heldout_steps {cfg.heldout_steps} > --max_train_steps {cfg.max_train_steps}. Pass "
+            "--heldout_steps 0 to train on them, or a smaller --heldout_steps."
         )
     return said
 
 
 def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict):
-    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks, precision, warnings)."""
+    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks,
+    precision, warnings)."""
     file = out_dir / "run.json"
     launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
@@ -466,9 +467,10 @@ class Reports:
         per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
         held_out = f" ({counts['num_heldout']} held out)" if counts.get("num_heldout") else ""
         print(
-            f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable images{held_out}; {world_size} "
-            f"rank(s) x {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation step(s) = global "
-            f"batch {world_size * per_rank}; device {device}"
+            f"{counts['num_desirable']} desirable / {counts['num_undesirable']} undesirable "
+            f"images{held_out}; {world_size} rank(s) x {cfg.train_batch_size} x "
+            f"{cfg.gradient_accumulation_steps} accumulation step(s) = global batch {world_size * per_rank}; "
+            f"device {device}"
             + (f"; resuming from {resume_from} at step {start_step}" if resume_from else "")
         )
         for line in start_warnings(cfg, counts.get("num_heldout", 0)):

@@ -79,18 +79,18 @@ def run_jobs(
 
 
 def check_work(work: Path, settings: dict) -> None:
-    """The runs and evaluations in `work` are reused, so they must be made with this study's `settings` (training
-    flags, world sizes, device): the first study there records them in work/study.json, and a study with other
-    settings is refused before anything runs."""
+    """The runs and evaluations in `work` are reused, so they must be made with this study's `settings`
+    (training flags, world sizes, device): the first study there records them in work/study.json, and a study
+    with other settings is refused before anything runs."""
     record, settings = work / "study.json", json.loads(json.dumps(settings))
     if not record.exists():
         work.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(settings, indent=2))
     elif (recorded := json.loads(record.read_text())) != settings:
         raise ValueError(
-            f"study: --work {work} holds runs and evaluations made with {json.dumps(recorded)}, not with this "
-            f"study's {json.dumps(settings)}; they would be reused as this study's. Use another --work, or "
-            f"delete {work}."
+            f"study: --work {work} holds runs and evaluations made with {json.dumps(recorded)}, not with "
+            f"this study's {json.dumps(settings)}; they would be reused as this study's. Use another --work, "
+            f"or delete {work}."
         )
 
 
@@ -110,8 +110,8 @@ def study(
     """Build the worlds, train KTO / shuffled-label KTO / SFT (and the ablations) on each, evaluate each against
     the base (and KTO against SFT) on the held-out captions. Writes 6 files into `out`: tiny_world_table.md,
     tiny_world_results.json, tiny_world_steps.png, tiny_world.png, tiny_world_worlds.json, tiny_world_study.log.
-    Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes, and
-    a study whose `extra`, `sizes` or `device` differ from those recorded in work/study.json is refused.
+    Runs are folders under `work`; finished runs and evaluations are reused, so an interrupted study resumes,
+    and a study whose `extra`, `sizes` or `device` differ from those recorded in work/study.json is refused.
     `sizes` overrides the worlds' build sizes (SIZES); the --tiny training defaults are used for every run.
     train_seeds: train_kto.py --seed of the runs; the first gets every row, the others KTO, shuffled labels and SFT
     at the default steps (one checkpoint's win rate varies more between training seeds than its CI says).
@@ -581,8 +581,8 @@ def main(argv=None):
     parser.add_argument(
         "--work",
         default="runs/study",
-        help="folder of the runs and evaluations, reused by a rerun; its study.json records the --train_flags, "
-        "--sizes and --device they were made with, and a study with other ones is refused",
+        help="folder of the runs and evaluations, reused by a rerun; its study.json records the "
+        "--train_flags, --sizes and --device they were made with, and a study with other ones is refused",
     )
     parser.add_argument(
         "--device",

@@ -747,7 +747,8 @@ def test_a_missing_caption_is_empty_in_every_column_type(tmp_path):
     rows = pd.DataFrame(
         dict(image=[png.getvalue()] * 3, caption=["a cat", None, float("nan")], label=[1, 0, 1])
     )
-    # object columns keep None and NaN; convert_dtypes() makes a nullable string column, whose missing value is NA
+    # object columns keep None and NaN; convert_dtypes() makes a nullable string column, whose missing value
+    # is NA
     for name, table in (("object", rows), ("nullable", rows.convert_dtypes())):
         table.to_parquet(tmp_path / f"{name}.parquet")
         read = data.load_feedback(tmp_path / f"{name}.parquet")

@@ -89,7 +89,8 @@ def wilson(wins, n, z=1.959963984540054):
 
 
 def test_win_rate_ci_is_not_a_point_when_every_prompt_has_the_same_outcome():
-    """8 wins of 8: every bootstrap resample is all wins, a point at 1; the Wilson interval is reported instead."""
+    """8 wins of 8: every bootstrap resample is all wins, a point at 1; the Wilson interval is reported
+    instead."""
     rng = np.random.default_rng(1)
     base = rng.normal(size=(8, 3))
     r = ev.win_rate(base + 10, base)
@@ -477,8 +478,8 @@ def test_missing_models_are_named_before_anything_runs(fake_ckpt, tmp_path, caps
 
 
 def test_default_baseline_has_the_checkpoints_vae(fake_ckpt, tmp_path):
-    """A run trained with --pretrained_vae decodes with that VAE; the default baseline (its base model) does too, so
-    the two models differ only in the UNet."""
+    """A run trained with --pretrained_vae decodes with that VAE; the default baseline (its base model) does
+    too, so the two models differ only in the UNet."""
     vae = str(fixtures.tiny_model_path() / "vae")
     run = json.loads((fake_ckpt.parent / "run.json").read_text())
     run["config"]["pretrained_vae"] = vae
@@ -493,7 +494,8 @@ def test_default_baseline_has_the_checkpoints_vae(fake_ckpt, tmp_path):
 
 
 def test_random_weight_note_names_only_the_metrics_scored_with_random_weights(fake_ckpt, tmp_path):
-    """--tiny swaps in random-weight scorers for the paper metrics whose path is not given; a given one is real."""
+    """--tiny swaps in random-weight scorers for the paper metrics whose path is not given; a given one is
+    real."""
     common = ["--ckpt", str(fake_ckpt), "--tiny"]
     note = ev.tiny_note(
         ev.parse_config([*common, "--metrics", "utility,clip,hps", "--hps_path", str(tmp_path)])
@@ -674,8 +676,8 @@ def test_pictures_name_the_models_and_show_full_prompts_and_scores(tmp_path):
     )
     text = (tmp_path / "results.md").read_text()
     assert (
-        "on 1 prompt of `pickapic_test`, 1 image per prompt, compare = median, 50 steps, guidance 7.5, seed 0."
-        in text
+        "on 1 prompt of `pickapic_test`, 1 image per prompt, compare = median, 50 steps, guidance 7.5, "
+        "seed 0." in text
     )
     assert "VAE" not in text
     # a VAE that replaces the base model's is named, on each side that has one

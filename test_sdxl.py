@@ -201,8 +201,9 @@ def test_sdxl_time_ids_are_exact_whatever_the_embeddings_dtype():
 
 
 def test_a_vae_with_standardised_latents_trains_in_the_space_its_pipeline_decodes(tmp_path):
-    """A VAE whose config has latents_mean and latents_std (Playground v2.5's): the UNet's x0 is the standardised
-    latent, which the pipeline turns back into the VAE's latent before decoding (reports.decode_images)."""
+    """A VAE whose config has latents_mean and latents_std (Playground v2.5's): the UNet's x0 is the
+    standardised latent, which the pipeline turns back into the VAE's latent before decoding
+    (reports.decode_images)."""
     from diffusers import StableDiffusionXLPipeline
 
     import reports
@@ -227,8 +228,9 @@ def test_a_vae_with_standardised_latents_trains_in_the_space_its_pipeline_decode
         seen.append(z) or types.SimpleNamespace(sample=torch.zeros(len(z), 3, 32, 32))
     )
     reports.decode_images(pipe, x0)
-    # the VAE decodes its own latent: x0's standardisation undone, up to float32 rounding of the two affine maps
-    # (four roundings, each within a unit roundoff of the largest value met: the latent or a mean; 8 for headroom)
+    # the VAE decodes its own latent: x0's standardisation undone, up to float32 rounding of the two affine
+    # maps (four roundings, each within a unit roundoff of the largest value met: the latent or a mean; 8 for
+    # headroom)
     size = max(latent.abs().max().item(), max(abs(m) for m in stats["latents_mean"]))
     assert torch.allclose(seen[0], latent, rtol=0, atol=8 * 2**-24 * size)
     assert not torch.allclose(x0, latent * config["scaling_factor"], atol=0.1)

@@ -183,8 +183,9 @@ def test_study_puts_the_ablations_on_a_world_it_studies(tmp_path, monkeypatch):
 
 
 def test_a_study_with_other_settings_does_not_reuse_the_runs_in_its_work_folder(tmp_path, monkeypatch):
-    """Run folders are named by world, kind and training seed only: a study with other training flags, world sizes
-    or device in the same --work would take the finished runs as its own. It is refused before anything runs."""
+    """Run folders are named by world, kind and training seed only: a study with other training flags, world
+    sizes or device in the same --work would take the finished runs as its own. It is refused before anything
+    runs."""
     started = []
     monkeypatch.setattr(study, "run_jobs", lambda commands, *a, **k: started.extend(c[0] for c in commands))
     monkeypatch.setattr(study, "world_path", lambda seed, *a, **k: tmp_path / f"world{seed}")

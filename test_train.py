@@ -882,8 +882,8 @@ def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):
     # no reference point: the step skips z's UNet forwards (with kl_mismatched, z > 0 from step 2)
     assert config["desirable_ratio"] == 1.0 and config["reference_point"] == "zero"
     assert all(r["z"] == 0 for r in rows)
-    # no mismatched partner needed, so a batch of one is fine (KTO's default kl_mismatched refuses it); nor are beta
-    # and the loss weights, so their zeros, which KTO refuses, are no reason to refuse SFT
+    # no mismatched partner needed, so a batch of one is fine (KTO's default kl_mismatched refuses it); nor
+    # are beta and the loss weights, so their zeros, which KTO refuses, are no reason to refuse SFT
     assert (
         train_kto.parse_config([*TINY, "--objective", "sft", "--train_batch_size", "1"]).train_batch_size == 1
     )

@@ -412,8 +412,8 @@ def test_fine_tuning_sees_the_latents_the_base_was_trained_on(quick_start):
 
 @pytest.mark.slow
 def test_kto_beats_the_base_model(quick_start):
-    """World 0, training seed 0, lr 1e-5: 0.799 [0.750, 0.846] (95 images held out; 0.854 [0.811, 0.895] before the
-    held-out split, with 1 thread and with 2; at lr 3e-5: 0.848; v4 0.688,
+    """World 0, training seed 0, lr 1e-5: 0.799 [0.750, 0.846] (95 images held out; 0.854 [0.811, 0.895]
+    before the held-out split, with 1 thread and with 2; at lr 3e-5: 0.848; v4 0.688,
     v3 0.529 [0.467, 0.590], failed). Training runs differ more than this CI says (at 3e-5, world 2 seed 0: 0.420);
     the claims over worlds and runs are in docs/tiny_world.md."""
     _, utility = quick_start

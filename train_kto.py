@@ -87,8 +87,8 @@ class Config:
     # the objective
     objective: str = "kto"
     """kto: Diffusion-KTO | sft: the paper's baseline, the plain denoising loss on desirable images only (same
-    loop; --desirable_ratio is then 1 and --reference_point zero: SFT has no z; --beta, --utility, --lambda_d and
-    --lambda_u have no effect)"""
+    loop; --desirable_ratio is then 1 and --reference_point zero: SFT has no z; --beta, --utility, --lambda_d
+    and --lambda_u have no effect)"""
     beta: float = 5000.0
     """scale of the implicit reward inside the utility (paper: 5000; released code: 1000)"""
     utility: str = "kahneman_tversky"
@@ -138,8 +138,8 @@ class Config:
     """autocast dtype of the UNets, frozen modules stored in it (norms in float32): auto (bf16 on GPUs that
     have it, fp16 + grad scaler on older GPUs, no on CPU) | bf16 | fp16 | no"""
     gradient_checkpointing: bool = False
-    """recompute the policy's activations in the backward pass: less memory, one more policy forward (+12% of a
-    kl_mismatched step's FLOPs, docs/benchmarks.md)"""
+    """recompute the policy's activations in the backward pass: less memory, one more policy forward (+12% of
+    a kl_mismatched step's FLOPs, docs/benchmarks.md)"""
     optimizer: str = "adamw"
     """adamw (torch, fused kernel) | adamw8bit (bitsandbytes, installed separately; 2 instead of 8 bytes of
     state per parameter)"""
