@@ -159,7 +159,9 @@ def parse_config(
     for f in dataclasses.fields(config_cls):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=types[f.type])
         default = f" (default: {f.default!r}" + (f"; --tiny: {tiny[f.name]!r})" if f.name in tiny else ")")
-        parser.add_argument(f"--{f.name}", help=helps[f.name] + default, choices=choices.get(f.name), **kind)
+        # argparse formats help with %: a literal one ("+12% of a step") is %%
+        text = (helps[f.name] + default).replace("%", "%%")
+        parser.add_argument(f"--{f.name}", help=text, choices=choices.get(f.name), **kind)
     given = vars(parser.parse_args(argv))
     cfg = dataclasses.replace(config_cls(), **{**(tiny if given.get("tiny") else {}), **given})
     for f in dataclasses.fields(config_cls):  # NaN passes any bound (every comparison is False)
