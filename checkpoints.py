@@ -180,10 +180,17 @@ def finished(cfg) -> Path | None:
     return last if cfg.resume == "latest" and last in list_checkpoints(Path(cfg.output_dir)) else None
 
 
-def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
+def global_batch(config: dict, ranks: int) -> int:
+    """Images per optimizer step over all ranks."""
+    return ranks * config["train_batch_size"] * config["gradient_accumulation_steps"]
+
+
+def find_resume(cfg, resumable: set[str], data_id: dict, world_size: int) -> Path | None:
     """The checkpoint to resume from, or None. Refuses to write into another run's folder without --resume or with
     a checkpoint of another folder, and to resume a checkpoint whose data (by content: `data_id`, see
-    data.fingerprint), model or objective differ from this launch's (RESUMABLE may differ; paths were resolved when the flags were parsed)."""
+    data.fingerprint), model or objective differ from this launch's (RESUMABLE may differ, and the per-rank batch
+    and accumulation where the global batch over `world_size` ranks stays; paths were resolved when the flags
+    were parsed)."""
     out = Path(cfg.output_dir)
     if not cfg.resume:
         if list_checkpoints(out):
@@ -248,6 +255,10 @@ def find_resume(cfg, resumable: set[str], data_id: dict) -> Path | None:
     saved = json.loads((path / "config.json").read_text())
     now = dataclasses.asdict(cfg)
     differ = [k for k in saved if k not in resumable and k in now and saved[k] != now[k]]
+    # On another number of ranks (or after running out of memory) the same global batch may be split otherwise
+    ranks = len(torch.load(path / "rng_state.pt", weights_only=True))
+    if global_batch(saved, ranks) == global_batch(now, world_size):
+        differ = [k for k in differ if k not in ("train_batch_size", "gradient_accumulation_steps")]
     if differ:
         raise DataError(
             f"--resume {path}: this launch differs from the checkpoint's run in "
@@ -291,7 +302,7 @@ def resume_command(cfg, script: str, argv: list[str]) -> str:
 
 
 def load_checkpoint(
-    path: Path | None, state: State, seed: int, rank: int, world_size: int, device
+    path: Path | None, state: State, cfg, rank: int, world_size: int, device
 ) -> tuple[int, Counters]:
     """Restore what save_checkpoint wrote into `state`: the policy's weights, the optimizer, the learning-rate
     schedule, the fp16 loss scale and this rank's generator. Returns (step, Counters): a count the checkpoint
@@ -309,12 +320,16 @@ def load_checkpoint(
     if len(rng_states) == world_size:
         gen.set_state(rng_states[rank])
     else:  # a different number of ranks: same weights and optimizer, new per-rank streams
-        gen.manual_seed(derive_seed(seed + saved["step"], rank))
-        if rank == 0:
-            print(
-                f"warning: {path} was saved by {len(rng_states)} ranks, resuming on {world_size}: the global "
-                f"batch is now {world_size}/{len(rng_states)} of the run's (at the same learning rate), "
-                "and the random streams restart, so the run will not match an uninterrupted one"
-            )
+        gen.manual_seed(derive_seed(cfg.seed + saved["step"], rank))
+    # The batch split otherwise (find_resume allows it): said once, with the global batch before and now
+    then, now = json.loads((path / "config.json").read_text()), dataclasses.asdict(cfg)
+    split = lambda c, ranks: f"{ranks} rank(s) x {c['train_batch_size']} x {c['gradient_accumulation_steps']}"
+    if rank == 0 and split(then, len(rng_states)) != split(now, world_size):
+        print(
+            f"warning: {path} was saved by {split(then, len(rng_states))} = global batch "
+            f"{global_batch(then, len(rng_states))}, resuming as {split(now, world_size)} = global batch "
+            f"{global_batch(now, world_size)} (at the same learning rate): the data and noise streams go on "
+            "otherwise, so the run will not match an uninterrupted one"
+        )
     counts = {field.name: saved.get(field.name, 0) for field in dataclasses.fields(Counters)}
     return saved["step"], Counters(**counts)

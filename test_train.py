@@ -852,8 +852,9 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
+def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path, capsys):
     run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    # 1 rank x 8 images, then 2 x 4: the same global batch split otherwise
     proc = run_script(
         tmp_path,
         "",
@@ -863,14 +864,51 @@ def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path):
         "latest",
         "--output_dir",
         str(tmp_path / "out"),
+        "--train_batch_size",
+        "4",
         torchrun=TORCHRUN,
     )
     # one saved generator for two ranks: the run goes on (each rank seeds a new stream), and rank 0 says so, once
     said = proc.stdout + proc.stderr
-    assert said.count("was saved by 1 ranks, resuming on 2: the global batch is now 2/1 of the run's") == 1
+    saved_as = (
+        "was saved by 1 rank(s) x 8 x 1 = global batch 8, resuming as 2 rank(s) x 4 x 1 = global batch 8"
+    )
+    assert said.count(saved_as) == 1, said
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     launches = json.loads((tmp_path / "out" / "run.json").read_text())["launches"]
     assert [r["step"] for r in rows] == [1, 2, 3] and [x["world_size"] for x in launches] == [1, 2]
+    # back on one rank with the same per-rank batch: the global batch halves, which is allowed and said
+    capsys.readouterr()
+    run(tmp_path, "--max_train_steps", "4", "--resume", "latest", "--train_batch_size", "4")
+    assert (
+        "resuming as 1 rank(s) x 4 x 1 = global batch 4 (at the same learning rate)"
+        in capsys.readouterr().out
+    )
+
+
+def test_a_resume_may_split_the_global_batch_otherwise_but_not_change_it(tmp_path, capsys):
+    run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    # 8 images per step as 4 x 2 accumulation (after running out of memory, say): allowed, and said
+    _, rows = run(
+        tmp_path,
+        "--max_train_steps",
+        "3",
+        "--resume",
+        "latest",
+        "--train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+    )
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    said = capsys.readouterr().out
+    assert (
+        "saved by 1 rank(s) x 8 x 1 = global batch 8, resuming as 1 rank(s) x 4 x 2 = global batch 8" in said
+    )
+    # 4 images per step on the same rank would change the recipe's batch: refused, naming the flag
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--max_train_steps", "4", "--resume", "latest", "--train_batch_size", "2")
+    assert "--train_batch_size (4 there, 2 here)" in capsys.readouterr().err
 
 
 def test_sft_trains_on_desirable_images_with_the_denoising_loss(tmp_path):

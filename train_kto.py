@@ -127,7 +127,8 @@ class Config:
     resume: str = ""
     """continue from a checkpoint-<step> folder, or 'latest' in output_dir (a fresh start if there is none);
     refused if a setting outside RESUMABLE (the data, model, objective, optimisation) differs from the
-    checkpoint's"""
+    checkpoint's, except that the global batch may be split otherwise (ranks x --train_batch_size x
+    --gradient_accumulation_steps)"""
     max_bad_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped: no update,
     no learning-rate step)"""
@@ -514,7 +515,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
         return None
     # The data and its held-out images (never trained on: the sampler skips them; scored with fixed draws)
     table, dataset, desirable, held_out, counts = data.load_data(cfg)
-    resume_from = checkpoints.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"])
+    resume_from = checkpoints.find_resume(cfg, RESUMABLE, data_id := counts["fingerprint"], world_size)
     if rank == 0:  # what saves killed midway left (checkpoint-<step>.*.tmp, as large as a checkpoint)
         checkpoints.remove_stopped_saves(Path(cfg.output_dir))
 
@@ -529,7 +530,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
     state = checkpoints.State(policy, optimizer, lr_schedule, scaler, gen)
     # Counters: non-finite steps in a row, corrupt images and images read
-    start_step, counters = checkpoints.load_checkpoint(resume_from, state, cfg.seed, rank, world_size, device)
+    start_step, counters = checkpoints.load_checkpoint(resume_from, state, cfg, rank, world_size, device)
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
     )
