@@ -43,7 +43,13 @@ def load_image(source, base_dir: Path | None = None) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright (EXIF orientation) and RGB; 16-bit greyscale (a 16-bit PNG) scaled to 8 bits, which convert("RGB")
-    would clip at 255 instead."""
+    would clip at 255 instead. 32-bit integer or float greyscale (TIFF modes "I", "F") has no range to scale from:
+    refused (ValueError), where convert("RGB") would clip or blacken it."""
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"a 32-bit {'integer' if image.mode == 'I' else 'float'} greyscale image (mode {image.mode}) has no "
+            "fixed range of values to map to 8 bits; convert it to an 8-bit image"
+        )
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
@@ -404,6 +410,14 @@ class FeedbackDataset(torch.utils.data.Dataset):
         self.group = self.desirable.numpy().astype(np.int64) + 2 * np.asarray(held_out, np.int64)
         self.groups = [np.flatnonzero(self.group == g) for g in range(4)]
 
+    def stand_in(self, i: int, corrupt: int) -> int:
+        """The image that stands in for item i, the `corrupt`-th in a row found corrupt: the next one of i's group
+        (table order, wrapping around); DataError when every image of the group was tried or 100 in a row."""
+        same = self.groups[int(self.group[i])]
+        if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
+            raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged.")
+        return int(same[(np.searchsorted(same, i, side="right")) % len(same)])
+
     def _where(self, i: int) -> str:
         if self.images is not None:
             return f"row {i} ({self.images[i] if isinstance(self.images[i], str) else 'bytes'})"
@@ -429,18 +443,16 @@ class FeedbackDataset(torch.utils.data.Dataset):
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 corrupt += 1
                 self.n_corrupt += 1
-                same = self.groups[int(self.group[i])]
-                nxt = int(same[(np.searchsorted(same, i, side="right")) % len(same)])
+                try:
+                    nxt = self.stand_in(i, corrupt)
+                except DataError as stop:
+                    raise stop from e
                 if self.n_corrupt <= 20 or self.n_corrupt % 100 == 0:
                     warnings.warn(
                         f"corrupt image #{self.n_corrupt} in this process skipped: {self._where(i)}: "
                         f"{type(e).__name__}: {e}; replaced by item {nxt} of the same class",
                         RuntimeWarning,
                     )
-                if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
-                    raise DataError(
-                        f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged."
-                    ) from e
                 i = nxt
         caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
         # SDXL's size conditioning: the original height and width, the crop's top and left (the same when flipped:

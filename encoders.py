@@ -239,7 +239,7 @@ class Inputs:
                 del self.vae, self.text
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            self.dataset = latent_cache.CachedLatents(self.cache, dataset.desirable)
+            self.dataset = latent_cache.CachedLatents(self.cache, dataset)
             self.empty = {k: v.to(device) for k, v in self.dataset.empty.items()}
         else:
             self.dataset = dataset

@@ -15,8 +15,9 @@ from utils import DataError, TrainingError, agree, atomic_path, disk_full_messag
 
 # How images and captions become cache entries (data.FeedbackDataset's decoding, the encoders); raised whenever that
 # code changes what a cache holds, so a cache built by older code is refused, not reused.
-# 2: EXIF orientation applied, 16-bit PNGs scaled to 8 bits (2026-12-06)
-FORMAT = 2
+# 2: EXIF orientation applied, 16-bit PNGs scaled to 8 bits (2026-12-06); 3: 32-bit images (modes I, F) refused as
+# corrupt, not clipped (2026-12-07)
+FORMAT = 3
 
 CACHE_CHUNK = (
     256  # images (or captions) per cache file: the unit of work shared out over ranks and of resuming
@@ -47,10 +48,13 @@ def check_settings(folder: Path, settings: dict, rank: int):
 class CachedLatents(torch.utils.data.Dataset):
     """--cache_latents: per image the VAE posterior's mean and std [views, 4, h, w] (view 1 = flipped image), its
     size (as data.FeedbackDataset's) and its caption's text embeddings (emb, and SDXL's pooled), memory-mapped from
-    <cache>/latents-*.pt and text-*.pt."""
+    <cache>/latents-*.pt and text-*.pt.
 
-    def __init__(self, folder: Path, desirable: torch.Tensor):
-        self.desirable = desirable
+    A corrupt image's row is never read: its stand-in is chosen now, as `images` (the data.FeedbackDataset) chooses
+    it for this run's held-out split, which may not be the split of the run that built the cache (another --seed)."""
+
+    def __init__(self, folder: Path, images):
+        self.desirable, self.images = images.desirable, images
         self.latents = [
             torch.load(f, mmap=True, weights_only=True) for f in sorted(folder.glob("latents-*.pt"))
         ]
@@ -62,6 +66,11 @@ class CachedLatents(torch.utils.data.Dataset):
         return len(self.desirable)
 
     def __getitem__(self, i: int) -> dict:
+        corrupt = 0
+        # A row whose own image was corrupt (it holds the stand-in of the split it was built with): the next one
+        while int(self.latents[i // CACHE_CHUNK]["corrupt"][i % CACHE_CHUNK]):
+            corrupt += 1
+            i = self.images.stand_in(i, corrupt)
         part, j = self.latents[i // CACHE_CHUNK], i % CACHE_CHUNK
         c = int(part["caption_id"][j])
         text = self.text[c // CACHE_CHUNK]
@@ -71,7 +80,7 @@ class CachedLatents(torch.utils.data.Dataset):
             size=part["size"][j],
             **{k: v[c % CACHE_CHUNK] for k, v in text.items()},
             desirable=self.desirable[i],
-            corrupt=int(part["corrupt"][j]),
+            corrupt=corrupt,
         )
 
 

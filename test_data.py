@@ -282,6 +282,44 @@ def test_corrupt_image_is_replaced_counted_and_warned(folder):
     assert sample["caption"] == CAPTION[uids[others[(others.index(i) + 1) % len(others)]]] != CAPTION["F"]
 
 
+def test_the_latent_cache_chooses_a_corrupt_images_stand_in_for_this_runs_split(folder, tmp_path):
+    import contextlib
+    import types
+
+    import latent_cache
+
+    table = data.load_feedback(folder)
+    dataset = data.FeedbackDataset(table, folder, 32)
+    uids = list(table["uid"])
+    # "Encoders" that keep a pixel's colour as the latent, so that a cached row tells whose image it holds
+    inputs = types.SimpleNamespace(
+        autocast=contextlib.nullcontext(),
+        posterior=lambda pixels: (pixels[:, :, :1, :1], pixels[:, :, :1, :1]),
+        text=lambda captions: dict(emb=torch.tensor([[float(len(c))] for c in captions])),
+    )
+    cfg = types.SimpleNamespace(train_batch_size=2, dataloader_workers=0, random_flip=False)
+    captions = list(dict.fromkeys(["", *table["caption"]]))
+    # built by a run that holds nothing out: F stands in for the corrupt C
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        latent_cache.build(tmp_path, dataset, captions, inputs, cfg, rank=0, world_size=1)
+    cached = latent_cache.CachedLatents(tmp_path, dataset)
+    # reused by a run whose split holds F out (another --seed): C's stand-in is then another training image,
+    # as without the cache, never the held-out F
+    for held_out in (np.zeros(len(uids), bool), np.array(uids) == "F"):
+        dataset.keep_apart(held_out)
+        for i in range(len(uids)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                want = dataset[i]
+            got = cached[i]
+            assert torch.equal(got["mean"][0], want["pixel_values"][:, :1, :1]), (uids[i], held_out)
+            assert got["emb"].item() == len(want["caption"]) and got["corrupt"] == want["corrupt"]
+            assert torch.equal(got["size"], want["size"]) and got["desirable"] == want["desirable"]
+    i = uids.index("C")
+    assert cached[i]["corrupt"] == 1 and not torch.equal(cached[i]["mean"], cached[uids.index("F")]["mean"])
+
+
 def test_a_shard_gone_during_the_run_stops_with_a_data_error(folder):
     table = data.load_feedback(folder)
     dataset = data.FeedbackDataset(table, folder, 32)
@@ -730,13 +768,19 @@ def test_images_in_table_order_read_each_row_group_column_once(folder, monkeypat
     assert pickle.loads(pickle.dumps(dataset))._group == (None, {})
 
 
-def test_a_16_bit_png_keeps_its_greys(tmp_path):
+def test_a_16_bit_png_keeps_its_greys_and_32_bit_images_are_refused(tmp_path):
     """A 16-bit greyscale PNG is scaled to 8 bits (value >> 8), not clipped at 255 by convert("RGB")."""
     values = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(1, 16).repeat(4, 0)
     Image.fromarray(values).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     rgb = np.asarray(data.load_image("deep.png", tmp_path))
     assert (rgb[..., 0] == values >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()
+    # 32-bit greyscale has no known range (convert("RGB") would clip the integers, blacken floats in [0, 1]): the
+    # image is refused, so training counts it as a corrupt one and says why
+    for name, deep in (("int", values.astype(np.int32) * 1000), ("float", values.astype(np.float32) / 65536)):
+        Image.fromarray(deep).save(tmp_path / f"{name}.tif")
+        with pytest.raises(ValueError, match=f"32-bit {name}.*convert it to an 8-bit image"):
+            data.load_image(f"{name}.tif", tmp_path)
 
 
 def test_a_missing_caption_is_empty_in_every_column_type(tmp_path):
