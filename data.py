@@ -415,7 +415,9 @@ class FeedbackDataset(torch.utils.data.Dataset):
         (table order, wrapping around); DataError when every image of the group was tried or 100 in a row."""
         same = self.groups[int(self.group[i])]
         if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
-            raise DataError(f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged.")
+            raise DataError(
+                f"{corrupt} corrupt images in a row (last: {self._where(i)}); the data are damaged."
+            )
         return int(same[(np.searchsorted(same, i, side="right")) % len(same)])
 
     def _where(self, i: int) -> str:
