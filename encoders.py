@@ -223,9 +223,9 @@ class Inputs:
                 dict(
                     pretrained_model=path,
                     pretrained_vae=cfg.pretrained_vae,
-                    # the data by content (see data.fingerprint): a moved dataset keeps its cache
+                    # the data by content (see data.fingerprint: rows, captions, labels, images): a moved dataset
+                    # keeps its cache
                     data=dataset.fingerprint,
-                    label_policy=cfg.label_policy,
                     resolution=cfg.resolution,
                     random_flip=cfg.random_flip,
                     images=len(dataset),

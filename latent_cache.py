@@ -16,7 +16,7 @@ from utils import DataError, TrainingError, agree, atomic_path, disk_full_messag
 # How images and captions become cache entries (data.FeedbackDataset's decoding, the encoders); raised whenever that
 # code changes what a cache holds, so a cache built by older code is refused, not reused.
 # 2: EXIF orientation applied, 16-bit PNGs scaled to 8 bits (2026-12-06); 3: 32-bit images (modes I, F) refused as
-# corrupt, not clipped (2026-12-07)
+# corrupt, not clipped; --label_policy no longer in the settings: the data's fingerprint has the labels (2026-12-07)
 FORMAT = 3
 
 CACHE_CHUNK = (

@@ -140,14 +140,19 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
         set(__import__("pandas").read_csv(fixtures.tiny_dataset_path())["caption"])
     )
 
-    # a complete cache: the VAE and text encoder are never loaded, and the run is the same
+    # a complete cache: the VAE and text encoder are never loaded, and the run is the same (--label_policy, which
+    # does nothing to a table, does not make the cache another's)
     def refuse(*a, **k):
         raise AssertionError("loaded the VAE or text encoder although the cache is complete")
 
     with monkeypatch.context() as m:
         m.setattr(AutoencoderKL, "from_pretrained", refuse)
         m.setattr(CLIPTextModel, "from_pretrained", refuse)
-        again, _ = run(tmp_path / "b", "--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0")
+        again, _ = run(
+            tmp_path / "b",
+            *("--cache_latents", "--cache_dir", str(cache), "--learning_rate", "0"),
+            *("--label_policy", "always_won"),
+        )
     assert_close(again, rows, 0.0)  # the same cache files through the same computation: bit for bit
 
     # a missing chunk (an interrupted cache pass) is encoded again, identically
