@@ -39,11 +39,13 @@ def add_lora(unet, rank: int, frozen_dtype: torch.dtype, seed: int):
     """LoRA adapters of rank `rank` (alpha = rank: scale 1) on the attention projections of `unet`, in place. The
     base weights are frozen and stored as the reference's are (store_frozen); the adapters, the only trainable
     parameters, are float32 (master weights, as the full policy's). lora_A is drawn from `seed` (the same on every
-    rank and every launch), lora_B starts at 0: policy == reference."""
+    rank and every launch) from N(0, 1/rank^2), as diffusers' LoRA scripts draw it (peft's "gaussian"; peft's
+    default, Kaiming-uniform, is 4-10x smaller at rank 8, so the adapters would move that much less per step at a
+    learning rate taken from those scripts); lora_B starts at 0: policy == reference."""
     from peft import LoraConfig
 
     store_frozen(unet, frozen_dtype)
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(config)

@@ -57,6 +57,13 @@ def test_lora_reference_is_the_base_unet_and_r_is_zero_at_step_0(dtype, model):
     ref = models.AdaptersOff(models.add_lora(policy, 4, dtype, seed=0))
     trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    # lora_A drawn as diffusers' LoRA scripts draw it, N(0, 1/rank^2): the sample std of n values is within 5
+    # standard errors (about 1/sqrt(2n) relative) of 1/rank; peft's default would be several times smaller
+    a = torch.cat([p.detach().flatten() for n, p in trainable.items() if "lora_A" in n])
+    assert (
+        abs(a.std().item() * 4 - 1) < 5 / (2 * a.numel()) ** 0.5
+        and abs(a.mean().item()) < 5 / 4 / a.numel() ** 0.5
+    )
     x0, emb, emb_mismatched, desirable, g = inputs(policy)
     loss_fn = lambda policy_err, ref_err, desirable, z: train_kto.kto_loss(
         policy_err, ref_err, desirable, 200.0, z
