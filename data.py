@@ -458,7 +458,7 @@ class FeedbackDataset(torch.utils.data.Dataset):
                 i = nxt
         caption = self.captions[i] if self.images is not None else self.captions[i].as_py()
         # SDXL's size conditioning: the original height and width, the crop's top and left (the same when flipped:
-        # the crop is centred); the other families ignore it
+        # the crop is centred, to a pixel where the margin is odd); the other families ignore it
         _, _, left, top = crop_box(*image.size, self.resolution)
         return {
             "pixel_values": pixels,

@@ -69,6 +69,15 @@ def vae_source(path: str, vae_path: str) -> dict:
     )
 
 
+def native_resolution(path: str, vae_path: str) -> int:
+    """The side in pixels of the images the base model makes by default (its pipeline's, eval.py's and the
+    validation images'): the UNet's sample_size times the VAE's downsampling, 2^(its blocks - 1)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    blocks = len(AutoencoderKL.load_config(**vae_source(path, vae_path))["block_out_channels"])
+    return UNet2DConditionModel.load_config(path, subfolder="unet")["sample_size"] * 2 ** (blocks - 1)
+
+
 def load_vae(path: str, vae_path: str, dtype: torch.dtype):
     """The VAE (vae_source) in `dtype`, or float32 under fp16 if its config says it overflows there (force_upcast).
     A config without the key (SD v1-5's) counts as no, as in diffusers' SD training scripts."""
@@ -85,7 +94,7 @@ def load_vae(path: str, vae_path: str, dtype: torch.dtype):
 def latent_scaling(path: str, vae_path: str, device) -> tuple:
     """(shift, scale) with x0 = (z - shift) * scale, z the VAE's latent: its scaling_factor, and for a VAE
     whose latents are standardised per channel (latents_mean and latents_std in its config, e.g. Playground
-    v2.5's) that standardisation too, the inverse of what its pipeline does before decoding
+    v2.5's VAE; its EDM UNet is refused, models.check_noise_schedule) that standardisation too, the inverse of what its pipeline does before decoding
     (reports.decode_images)."""
     from diffusers import AutoencoderKL
 

@@ -99,8 +99,8 @@ class Config:
     hps_path: str = DEFAULT_PATHS["hps"]
     """HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo"""
     export: str = ""
-    """write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its UNet and VAE) to this
-    new folder, then exit: no images, no scores"""
+    """write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its UNet and VAE; no
+    safety checker, as every image here is made) to this new folder, then exit: no images, no scores"""
 
 
 # --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison
@@ -535,7 +535,7 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
             if (Path(cfg.ckpt) / "README.md").exists():
                 shutil.copyfile(Path(cfg.ckpt) / "README.md", tmp / "README.md")
         print(
-            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet and VAE) to {out}\n"
+            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet and VAE, no safety checker) to {out}\n"
             f"  load it with DiffusionPipeline.from_pretrained({str(out)!r})"
         )
     return out

@@ -4,8 +4,9 @@ the adapters switched off, so that no second UNet is held. A full policy is save
 a LoRA policy as `pytorch_lora_weights.safetensors` in the diffusers LoRA format, which
 `pipe.load_lora_weights(folder)` reads. Also the frozen modules' storage (store_frozen), the autocast dtype
 (--mixed_precision), regional compilation (--compile), the optimizer of the trainable parameters and its step,
-and how a checkpoint folder is read back (describe_model: its base model and VAE from the run's run.json;
-trained_components and load_pipeline: the base model's pipeline with the trained parts in place)."""
+which base models the objective can train (check_noise_schedule), and how a checkpoint folder is read back
+(describe_model: its base model and VAE from the run's run.json; trained_components and load_pipeline: the base
+model's pipeline with the trained parts in place)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,27 @@ from utils import DataError, resolve_model
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # The attention projections of every transformer block (self- and cross-attention), as in diffusers' LoRA scripts
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def check_noise_schedule(path: str):
+    """The objective noises images with the base model's discrete beta schedule (the DDPM family: DDPM, DDIM, PNDM,
+    Euler, DPM-Solver configs) and regresses the noise or the velocity. A model trained otherwise (EDM, e.g.
+    Playground v2.5; flow matching, e.g. SD3; x0-prediction) would be trained on inputs and targets it never saw,
+    silently: refused before its weights load."""
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    where = f"--pretrained_model {path}: its scheduler ({config.get('_class_name')}, scheduler/scheduler_config.json)"
+    if config.get("beta_schedule") is None and config.get("trained_betas") is None:
+        raise DataError(
+            f"{where} has no discrete beta schedule (an EDM or flow-matching model?); Diffusion-KTO here trains "
+            "models with DDPM-family schedules only (SD v1-5, SD 2.1, SDXL)"
+        )
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise DataError(
+            f"{where} predicts {config['prediction_type']!r}; the training step regresses the noise (epsilon) or "
+            "the velocity (v_prediction) only"
+        )
 
 
 def store_frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoders import native_resolution
 from model_card import write_model_card
 from models import autocast_dtype, load_pipeline
 from utils import DataError, atomic_path, derive_seed, global_sums
@@ -324,9 +325,15 @@ class Tracker:
 # A training run's record: run.json, metrics.jsonl, validation grids, model cards
 
 
-def start_warnings(cfg, num_heldout: int) -> list[str]:
-    """Settings that run but do less than they seem to: said at the start, and in run.json's launch entry."""
+def start_warnings(cfg, num_heldout: int, native: int) -> list[str]:
+    """Settings that run but do less than they seem to: said at the start, and in run.json's launch entry. native:
+    the base model's image side (encoders.native_resolution)."""
     said = []
+    if cfg.resolution != native:
+        said.append(
+            f"--resolution {cfg.resolution}: the base model makes {native} px images, and the validation images and "
+            f"eval.py sample at that size, where this run does not train; pass --resolution {native} to train there."
+        )
     if cfg.learning_rate == 0:
         said.append("--learning_rate 0: the weights never change (a control run).")
     if cfg.lr_warmup_steps > cfg.max_train_steps:
@@ -343,9 +350,11 @@ def start_warnings(cfg, num_heldout: int) -> list[str]:
     return said
 
 
-def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict):
+def write_run_record(
+    cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict, said: list[str]
+):
     """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks,
-    precision, warnings)."""
+    precision, the start's warnings `said`)."""
     file = out_dir / "run.json"
     launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
@@ -359,7 +368,7 @@ def write_run_record(cfg, out_dir: Path, start_step: int, world_size: int, devic
             precision=str(autocast_dtype(cfg.mixed_precision, device) or torch.float32).removeprefix(
                 "torch."
             ),
-            warnings=start_warnings(cfg, data.get("num_heldout", 0)),
+            warnings=said,
             time=time.strftime("%Y-%m-%d %H:%M:%S"),
             versions=dict(python=platform.python_version(), **versions),
         )
@@ -463,7 +472,8 @@ class Reports:
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        write_run_record(cfg, self.out, start_step, world_size, device, counts)
+        said = start_warnings(cfg, counts.get("num_heldout", 0), native_resolution(path, cfg.pretrained_vae))
+        write_run_record(cfg, self.out, start_step, world_size, device, counts, said)
         per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
         held_out = f" ({counts['num_heldout']} held out)" if counts.get("num_heldout") else ""
         print(
@@ -473,7 +483,7 @@ class Reports:
             f"device {device}"
             + (f"; resuming from {resume_from} at step {start_step}" if resume_from else "")
         )
-        for line in start_warnings(cfg, counts.get("num_heldout", 0)):
+        for line in said:
             print(f"warning: {line}")
         self.metrics, self.heldout = open_metrics(self.out, start_step), {}
         # Resumed: the model cards start from the last held-out measurement kept, as the whole run's would

@@ -201,6 +201,51 @@ def test_a_v_prediction_model_trains_and_evaluates(tmp_path):
     assert report["metrics"]["utility"]["win_rate"] == 0.5
 
 
+@pytest.mark.parametrize(
+    "scheduler, message",
+    [
+        # Playground v2.5's (EDM): no betas; DDPMScheduler would fall back to its default linear schedule
+        (
+            dict(
+                _class_name="EDMDPMSolverMultistepScheduler", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5
+            ),
+            "no discrete beta schedule",
+        ),
+        # an x0-predicting model: its target is not the noise
+        (
+            dict(_class_name="DDPMScheduler", beta_schedule="scaled_linear", prediction_type="sample"),
+            "'sample'",
+        ),
+    ],
+)
+def test_a_model_trained_with_another_noise_or_target_is_refused(tmp_path, capsys, scheduler, message):
+    base = fixtures.tiny_model_path()
+    model = tmp_path / "model"
+    model.mkdir()
+    for part in base.iterdir():
+        (model / part.name).symlink_to(part)
+    (model / "scheduler").unlink()
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(dict(num_train_timesteps=1000, prediction_type="epsilon") | scheduler)
+    )
+    with pytest.raises(SystemExit) as e:
+        train_kto.main(
+            [
+                *TINY,
+                "--pretrained_model",
+                str(model),
+                "--max_train_steps",
+                "1",
+                "--output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "scheduler_config.json" in err, err[-2000:]
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
 def test_a_lora_checkpoint_that_does_not_fit_the_adapters_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -470,6 +470,8 @@ def load_models(cfg: Config, path: str, device: torch.device):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     amp_dtype = models.autocast_dtype(cfg.mixed_precision, device)
+    # The objective's noise: the base model's discrete beta schedule; its target: the noise or the velocity
+    models.check_noise_schedule(path)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     policy = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).train()
     if cfg.lora_rank:
