@@ -58,15 +58,17 @@ def is_running(pid: int) -> bool:
 def remove_stopped_saves(output_dir: Path):
     """Remove the checkpoint-<step>.*.tmp folders that saves killed before their rename left (SIGKILL, out of
     memory; each the size of a checkpoint), when their writer, named in the folder (temp_name), is no process on
-    this machine: a run saving into the same folder keeps its own. Those of other machines are only named: this
-    one cannot tell whether they are still being written. Rank 0 calls this at start-up."""
+    this machine, or is this process: a run saving into the same folder keeps its own. Those of other machines are
+    only named: this one cannot tell whether they are still being written. Rank 0 calls this at start-up."""
     for tmp in sorted(Path(output_dir).glob("checkpoint-*.tmp")):
         name = tmp.name.split(".")[0]
         writer = re.fullmatch(r"checkpoint-\d+", name) and temp_writer(name, tmp.name)
         if not writer or not tmp.is_dir() or tmp.is_symlink():
             continue
         host, pid = writer
-        if host in (None, HOST) and not is_running(pid):
+        # This process has begun no save yet: a folder named by its pid was left by a stopped writer that had the
+        # same pid (a relaunch in a container, where python is pid 1 every time)
+        if host in (None, HOST) and (pid == os.getpid() or not is_running(pid)):
             print(f"removing {tmp}, left by a stopped save", flush=True)
             shutil.rmtree(tmp)
         elif host not in (None, HOST):
@@ -150,7 +152,8 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
                 (tmp / "data.json").write_text(json.dumps(data_id, indent=2))
                 fsync_tree(tmp)
         except Exception as e:
-            if not is_disk_full(e):
+            # what the disk refused (safetensors words an OS error as "(os error N)"); anything else is a bug
+            if not isinstance(e, OSError) and "(os error " not in str(e):
                 raise
             # the weights that are saved, and AdamW's two float32 moments per trainable parameter
             trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -159,7 +162,14 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
                 if models.is_lora(policy)
                 else sum(t.nbytes for t in policy.state_dict().values())
             )
-            failed = disk_full_message(e, folder, saved + 8 * trainable, "a checkpoint")
+            failed = (
+                disk_full_message(e, folder, saved + 8 * trainable, "a checkpoint")
+                if is_disk_full(e)
+                # not writable (permissions, a read-only or failing disk): what is saved, and how to go on
+                else f"could not save {folder} ({type(e).__name__}: {e}); its partial files were removed and "
+                f"{(list_checkpoints(cfg.output_dir) or ['no earlier checkpoint'])[-1]} is intact. Make "
+                "--output_dir writable, then launch again with --resume latest."
+            )
         else:
             *older, _ = list_checkpoints(cfg.output_dir)
             for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only

@@ -351,16 +351,32 @@ def start_warnings(cfg, num_heldout: int, native: int) -> list[str]:
 
 
 def write_run_record(
-    cfg, out_dir: Path, start_step: int, world_size: int, device, data: dict, said: list[str]
+    cfg,
+    out_dir: Path,
+    start_step: int,
+    world_size: int,
+    device,
+    data: dict,
+    said: list[str],
+    command: list[str],
 ):
-    """run.json: the current config, the data counts, library versions and every launch (argv, step, ranks,
-    precision, the start's warnings `said`)."""
+    """run.json: the current config, the data counts, library versions and every launch (its command line as main()
+    was given it, step, ranks, precision, the start's warnings `said`). A resume whose run.json is gone says so in its
+    launch (earlier_launches_lost); one that cannot be read is refused, not overwritten."""
     file = out_dir / "run.json"
-    launches = json.loads(file.read_text()).get("launches", []) if start_step and file.exists() else []
+    launches = []
+    if start_step and file.exists():
+        try:
+            launches = list(json.loads(file.read_text())["launches"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{file}: not a run record that can be read ({type(e).__name__}: {e}), so this resume cannot add "
+                "its launch to the earlier ones. Restore it, or move it aside to start the record again."
+            ) from e
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
     launches.append(
         dict(
-            argv=sys.argv,
+            argv=list(command),
             start_step=start_step,
             world_size=world_size,
             device=str(device),
@@ -369,6 +385,8 @@ def write_run_record(
                 "torch."
             ),
             warnings=said,
+            # resumed, but the record of the launches before was gone
+            **(dict(earlier_launches_lost=True) if start_step and not launches else {}),
             time=time.strftime("%Y-%m-%d %H:%M:%S"),
             versions=dict(python=platform.python_version(), **versions),
         )
@@ -465,6 +483,7 @@ class Reports:
         world_size: int,
         counts: dict,
         resume_from,
+        command: list[str],
         enabled: bool,
     ):
         self.cfg, self.path, self.device, self.autocast = cfg, path, device, autocast
@@ -473,7 +492,7 @@ class Reports:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         said = start_warnings(cfg, counts.get("num_heldout", 0), native_resolution(path, cfg.pretrained_vae))
-        write_run_record(cfg, self.out, start_step, world_size, device, counts, said)
+        write_run_record(cfg, self.out, start_step, world_size, device, counts, said, command)
         per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
         held_out = f" ({counts['num_heldout']} held out)" if counts.get("num_heldout") else ""
         print(

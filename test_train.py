@@ -525,15 +525,42 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert not list(out.glob("checkpoint-4.*.tmp"))
 
 
+def test_a_save_the_disk_refuses_keeps_the_last_checkpoint_and_says_how_to_go_on(
+    tmp_path, monkeypatch, capsys
+):
+    import models
+
+    real, saves = models.save_policy, []
+
+    def read_only_at_the_second_save(policy, folder):
+        saves.append(folder)
+        if len(saves) == 2:  # as a folder made read-only (or a failing disk) would refuse it
+            raise PermissionError(13, "Permission denied", str(folder / "unet"))
+        real(policy, folder)
+
+    monkeypatch.setattr(models, "save_policy", read_only_at_the_second_save)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    err = capsys.readouterr().err
+    out = tmp_path / "out"
+    # one line, no traceback: what failed, what is intact, how to go on
+    assert e.value.code == 3 and "Traceback" not in err, err[-3000:]
+    assert f"could not save {out / 'checkpoint-4'} (PermissionError: [Errno 13] Permission denied" in err
+    assert f"{out / 'checkpoint-2'} is intact" in err and "--resume latest" in err
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-2"]
+
+
 def test_start_up_removes_partial_saves_whose_writer_is_gone(tmp_path, capsys):
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    dead, alive = int(gone.stdout), os.getpid()
+    dead, alive = int(gone.stdout), os.getppid()
     removed = [
         f"checkpoint-4.{utils.HOST}.{dead}.0a1b2c3d.tmp",
-        f"checkpoint-6.{dead}.tmp",
-    ]  # and older versions'
+        f"checkpoint-6.{dead}.tmp",  # and older versions'
+        # this process's own pid: a relaunch that got its dead writer's pid (python is pid 1 in a container)
+        f"checkpoint-5.{utils.HOST}.{os.getpid()}.0a1b2c3d.tmp",
+    ]
     kept = [
         f"checkpoint-8.{utils.HOST}.{alive}.0a1b2c3d.tmp",  # a save under way in the same folder
         f"checkpoint-9.other-node.{dead}.0a1b2c3d.tmp",  # another machine's: its writer cannot be checked
@@ -991,6 +1018,29 @@ def test_resume_refuses_other_data_or_objective_and_keeps_every_launch(tmp_path,
     assert [launch["start_step"] for launch in record["launches"]] == [0, 2]
     assert record["config"]["max_train_steps"] == 3
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # each launch's command line is the one main() was given (here by a test: not pytest's own)
+    flags = [*TINY, "--output_dir", str(tmp_path / "out")]
+    assert record["launches"][1]["argv"] == [
+        "train_kto.py",
+        *flags,
+        *"--max_train_steps 3 --resume latest".split(),
+        "--checkpointing_steps",
+        "5",
+    ]
+    # a run.json that cannot be read: the resume stops and says so, the record is not overwritten
+    (tmp_path / "out" / "run.json").write_text('{"config": {}, "launches": [')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--max_train_steps", "4", "--resume", "latest")
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2 and "run.json: not a run record that can be read" in err and "Traceback" not in err
+    )
+    assert (tmp_path / "out" / "run.json").read_text() == '{"config": {}, "launches": ['
+    # one that is gone: the resume's launch says that the earlier ones are not on record
+    (tmp_path / "out" / "run.json").unlink()
+    run(tmp_path, "--max_train_steps", "4", "--resume", "latest")
+    (launch,) = json.loads((tmp_path / "out" / "run.json").read_text())["launches"]
+    assert launch["start_step"] == 3 and launch["earlier_launches_lost"] is True
 
 
 def test_resume_knows_the_data_by_content_not_by_path(tmp_path, monkeypatch, capsys):

@@ -502,10 +502,11 @@ def main(argv=None):
         print(f"wrote {reports.plot_curves(Path(cfg.plot))}")
         return None
     stopped = lambda cfg: checkpoints.resume_command(cfg, os.path.relpath(__file__), argv)
-    return utils.run_main(train, cfg, (DataError, TrainingError), stopped)
+    command = [os.path.relpath(__file__), *argv]
+    return utils.run_main(functools.partial(train, command=command), cfg, (DataError, TrainingError), stopped)
 
 
-def train(cfg: Config, rank: int, world_size: int, device: torch.device):
+def train(cfg: Config, rank: int, world_size: int, device: torch.device, command=()):
     # Images per rank and optimizer step
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
@@ -534,7 +535,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device):
     # Counters: non-finite steps in a row, corrupt images and images read
     start_step, counters = checkpoints.load_checkpoint(resume_from, state, cfg, rank, world_size, device)
     record = reports.Reports(
-        cfg, start_step, path, device, autocast, world_size, counts, resume_from, rank == 0
+        cfg, start_step, path, device, autocast, world_size, counts, resume_from, command, rank == 0
     )
 
     # The data: desirable with probability gamma (a stream a resume continues exactly), encoded or from the cache
