@@ -28,6 +28,7 @@ from utils import (
     derive_seed,
     disk_full_message,
     is_disk_full,
+    temp_name,
     temp_writer,
     torch_save,
 )
@@ -119,13 +120,14 @@ class Counters:
         data.check_corrupt(self.n_corrupt, self.n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
 
 
-def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id):
+def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id, card=lambda folder: None):
     """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt (with the run's Counters), rng_state.pt (every
-    rank's generator), config.json and data.json (the data's fingerprint, `data_id`). Rank 0 writes it to a
-    temporary folder, flushes it to disk, then renames it; a full disk removes the partial folder and stops every
-    rank with TrainingError. Then older checkpoints lose their optimizer.pt, and those beyond
-    --checkpoints_total_limit are deleted. All ranks call this."""
+    training_state.pt (with the run's Counters), rng_state.pt (every rank's generator), config.json, data.json (the
+    data's fingerprint, `data_id`) and what card(folder) writes (the model card). Rank 0 writes it to a temporary
+    folder, flushes it to disk, then renames it; a disk that refuses it (full, not writable) removes the partial
+    folder and stops every rank with TrainingError. Then older checkpoints lose their optimizer.pt, and those beyond
+    --checkpoints_total_limit are deleted (renamed to a temporary name first: a crash midway leaves no half
+    checkpoint). All ranks call this."""
     policy, optimizer, lr_schedule, scaler, gen = state
     rng_states = [gen.get_state()]
     if world_size > 1:
@@ -150,6 +152,7 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
                 torch_save([s.cpu() for s in rng_states], tmp / "rng_state.pt")
                 (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
                 (tmp / "data.json").write_text(json.dumps(data_id, indent=2))
+                card(tmp)
                 fsync_tree(tmp)
         except Exception as e:
             # what the disk refused (safetensors words an OS error as "(os error N)"); anything else is a bug
@@ -176,7 +179,9 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
                 (old / "optimizer.pt").unlink(missing_ok=True)
             if cfg.checkpoints_total_limit > 0:
                 for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
-                    shutil.rmtree(old)
+                    # a temporary name first: what a crash midway leaves is no checkpoint, and the next start
+                    # removes it (remove_stopped_saves)
+                    shutil.rmtree(old.rename(old.with_name(temp_name(old.name))))
     # every rank learns whether the save worked (a barrier too)
     failed = agree(failed, world_size)
     if failed:

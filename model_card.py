@@ -61,14 +61,17 @@ minus the disliked ones (0 for the base model).
 """
 
 
-def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> Path:
+def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None, name: str = "") -> Path:
     """<ckpt_dir>/README.md for a checkpoint-<step> folder: Hub metadata (huggingface_hub's ModelCardData), the
-    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py. Returns the path."""
+    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py; `name`: the folder's name
+    once saved (default: ckpt_dir's; the card is written into the checkpoint's temporary folder). Returns the
+    path."""
     from huggingface_hub import ModelCard, ModelCardData
 
     ckpt_dir, cfg = Path(ckpt_dir), run.get("config", {})
+    name = name or ckpt_dir.name
     base = str(cfg.get("pretrained_model", "?"))
-    found = re.match(r"checkpoint-(\d+)", ckpt_dir.name)
+    found = re.match(r"checkpoint-(\d+)", name)
     step = int(found.group(1)) if found else run.get("step", "?")
     terms = base_license(base)
     data = ModelCardData(
@@ -101,11 +104,11 @@ def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None) -> 
         lines.append(f'vae = AutoencoderKL.from_pretrained("{vae}")  # the VAE it was trained with')
         parts.append("vae=vae")
     if not lora:
-        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{ckpt_dir.name}", subfolder="unet")')
+        lines.append(f'unet = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet")')
         parts.append("unet=unet")
     lines.append("pipe = DiffusionPipeline.from_pretrained(" + ", ".join([f'"{base}"', *parts]) + ")")
     if lora:
-        lines.append(f'pipe.load_lora_weights("{ckpt_dir.name}", weight_name="{LORA_FILE}")')
+        lines.append(f'pipe.load_lora_weights("{name}", weight_name="{LORA_FILE}")')
     lines.append('image = pipe("a photo of an astronaut riding a horse").images[0]')
     code = "\n".join(lines)
     held = "the fine-tuned UNet (`unet/`)"
@@ -142,7 +145,7 @@ undesirable images{f" (label policy `{policy}`)" if policy else ""}\
 {heldout_section(heldout)}## Use
 
 {use}
-`python eval.py --ckpt {ckpt_dir.name} --export OUT` writes a complete pipeline folder{" (adapters fused)" if lora else ""}:
+`python eval.py --ckpt {name} --export OUT` writes a complete pipeline folder{" (adapters fused)" if lora else ""}:
 `DiffusionPipeline.from_pretrained("OUT")`.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

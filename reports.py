@@ -557,12 +557,16 @@ class Reports:
         )
         self.tracker.log_image("validation", grid, step)
 
-    def checkpoint(self, step: int):
+    def card(self, step: int):
+        """What writes checkpoint-<step>'s model card into the folder being saved (checkpoints.save_checkpoint's
+        card), so that the card is part of the checkpoint's atomic save."""
+        run = json.loads((self.out / "run.json").read_text()) if self.enabled else {}
+        heldout = self.heldout if len(self.heldout) > 1 else None
+        return lambda folder: write_model_card(folder, run, heldout, name=f"checkpoint-{step}")
+
+    def checkpoint(self):
+        """After a save: curves.png redrawn."""
         if self.enabled:
-            run = json.loads((self.out / "run.json").read_text())
-            write_model_card(
-                self.out / f"checkpoint-{step}", run, self.heldout if len(self.heldout) > 1 else None
-            )
             plot_curves(self.out)
 
     def close(self):

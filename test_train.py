@@ -471,6 +471,34 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5]
 
 
+def test_the_model_card_is_saved_with_the_checkpoint_and_pruning_leaves_no_half_checkpoint(
+    tmp_path, monkeypatch
+):
+    import shutil
+
+    flushed, removed = [], []
+    real_fsync, real_rmtree = checkpoints.fsync_tree, shutil.rmtree
+    # what is in the temporary folder when it is flushed is what the rename makes the checkpoint, all at once
+    monkeypatch.setattr(
+        checkpoints,
+        "fsync_tree",
+        lambda tmp: flushed.append((tmp.name, (tmp / "README.md").exists())) or real_fsync(tmp),
+    )
+    monkeypatch.setattr(
+        checkpoints.shutil, "rmtree", lambda p: removed.append(Path(p).name) or real_rmtree(p)
+    )
+    run(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1")
+    assert [has_card for _, has_card in flushed] == [True, True]
+    card = (tmp_path / "out" / "checkpoint-4" / "README.md").read_text()
+    # the card names the checkpoint by its final name, not the temporary one it was written into
+    assert "step 4" in card and 'from_pretrained("checkpoint-4"' in card and ".tmp" not in card
+    # checkpoint-2 was pruned under a temporary name, which a start-up removes if a crash stops the deletion
+    assert len(removed) == 1 and utils.temp_writer("checkpoint-2", removed[0])
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint")] == [
+        "checkpoint-4"
+    ]
+
+
 def run_script(tmp_path, body, *argv, torchrun=None, check=True):
     """Run train_kto.main in a fresh process with a patch applied first (`body` is Python code)."""
     script = tmp_path / "patched.py"

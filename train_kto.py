@@ -597,8 +597,10 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device, command
             # Preemption (SIGTERM on any rank): the step is done; save it and stop, resumable
             preempted = sums["stop"].item() > 0
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or preempted:
-                checkpoints.save_checkpoint(cfg, state, step, counters, rank, world_size, data_id)
-                record.checkpoint(step)
+                checkpoints.save_checkpoint(
+                    cfg, state, step, counters, rank, world_size, data_id, record.card(step)
+                )
+                record.checkpoint()
             # Preempted at the last step: the run is complete and ends as usual
             if preempted and step < cfg.max_train_steps:
                 raise utils.Preempted(f"SIGTERM at step {step}: the step was finished and saved.")
