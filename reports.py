@@ -559,8 +559,10 @@ class Reports:
 
     def card(self, step: int):
         """What writes checkpoint-<step>'s model card into the folder being saved (checkpoints.save_checkpoint's
-        card), so that the card is part of the checkpoint's atomic save."""
-        run = json.loads((self.out / "run.json").read_text()) if self.enabled else {}
+        card), so that the card is part of the checkpoint's atomic save. Nothing on the other ranks."""
+        if not self.enabled:
+            return lambda folder: None
+        run = json.loads((self.out / "run.json").read_text())
         heldout = self.heldout if len(self.heldout) > 1 else None
         return lambda folder: write_model_card(folder, run, heldout, name=f"checkpoint-{step}")
 
