@@ -58,17 +58,18 @@ def is_running(pid: int) -> bool:
 
 def remove_stopped_saves(output_dir: Path):
     """Remove the checkpoint-<step>.*.tmp folders that saves killed before their rename left (SIGKILL, out of
-    memory; each the size of a checkpoint), when their writer, named in the folder (temp_name), is no process on
-    this machine, or is this process: a run saving into the same folder keeps its own. Those of other machines are
-    only named: this one cannot tell whether they are still being written. Rank 0 calls this at start-up."""
+    memory; each the size of a checkpoint), when their writer, named in the folder (temp_name), is no process
+    on this machine, or is this process: a run saving into the same folder keeps its own. Those of other
+    machines are only named: this one cannot tell whether they are still being written. Rank 0 calls this at
+    start-up."""
     for tmp in sorted(Path(output_dir).glob("checkpoint-*.tmp")):
         name = tmp.name.split(".")[0]
         writer = re.fullmatch(r"checkpoint-\d+", name) and temp_writer(name, tmp.name)
         if not writer or not tmp.is_dir() or tmp.is_symlink():
             continue
         host, pid = writer
-        # This process has begun no save yet: a folder named by its pid was left by a stopped writer that had the
-        # same pid (a relaunch in a container, where python is pid 1 every time)
+        # This process has begun no save yet: a folder named by its pid was left by a stopped writer that had
+        # the same pid (a relaunch in a container, where python is pid 1 every time)
         if host in (None, HOST) and (pid == os.getpid() or not is_running(pid)):
             print(f"removing {tmp}, left by a stopped save", flush=True)
             shutil.rmtree(tmp)
@@ -122,12 +123,12 @@ class Counters:
 
 def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id, card=lambda folder: None):
     """checkpoint-<step>/: unet/ or the LoRA file (models.save_policy), optimizer.pt (newest checkpoint only),
-    training_state.pt (with the run's Counters), rng_state.pt (every rank's generator), config.json, data.json (the
-    data's fingerprint, `data_id`) and what card(folder) writes (the model card). Rank 0 writes it to a temporary
-    folder, flushes it to disk, then renames it; a disk that refuses it (full, not writable) removes the partial
-    folder and stops every rank with TrainingError. Then older checkpoints lose their optimizer.pt, and those beyond
-    --checkpoints_total_limit are deleted (renamed to a temporary name first: a crash midway leaves no half
-    checkpoint). All ranks call this."""
+    training_state.pt (with the run's Counters), rng_state.pt (every rank's generator), config.json, data.json
+    (the data's fingerprint, `data_id`) and what card(folder) writes (the model card). Rank 0 writes it to a
+    temporary folder, flushes it to disk, then renames it; a disk that refuses it (full, not writable) removes
+    the partial folder and stops every rank with TrainingError. Then older checkpoints lose their
+    optimizer.pt, and those beyond --checkpoints_total_limit are deleted (renamed to a temporary name first: a
+    crash midway leaves no half checkpoint). All ranks call this."""
     policy, optimizer, lr_schedule, scaler, gen = state
     rng_states = [gen.get_state()]
     if world_size > 1:
@@ -155,24 +156,25 @@ def save_checkpoint(cfg, state: State, step, counters, rank, world_size, data_id
                 card(tmp)
                 fsync_tree(tmp)
         except Exception as e:
-            # what the disk refused (safetensors words an OS error as "(os error N)"); anything else is a bug
-            if not isinstance(e, OSError) and "(os error " not in str(e):
+            if is_disk_full(e):
+                # the weights that are saved, and AdamW's two float32 moments per trainable parameter
+                trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+                saved = (
+                    trainable * 4
+                    if models.is_lora(policy)
+                    else sum(t.nbytes for t in policy.state_dict().values())
+                )
+                failed = disk_full_message(e, folder, saved + 8 * trainable, "a checkpoint")
+            # not writable (permissions, a read-only or failing disk; safetensors words an OS error as "(os
+            # error N)"): what is saved, and how to go on. Anything else is a bug, with its traceback
+            elif isinstance(e, OSError) or "(os error " in str(e):
+                intact = (list_checkpoints(cfg.output_dir) or ["no earlier checkpoint"])[-1]
+                failed = (
+                    f"could not save {folder} ({type(e).__name__}: {e}); its partial files were removed and "
+                    f"{intact} is intact. Make --output_dir writable, then launch again with --resume latest."
+                )
+            else:
                 raise
-            # the weights that are saved, and AdamW's two float32 moments per trainable parameter
-            trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-            saved = (
-                trainable * 4
-                if models.is_lora(policy)
-                else sum(t.nbytes for t in policy.state_dict().values())
-            )
-            failed = (
-                disk_full_message(e, folder, saved + 8 * trainable, "a checkpoint")
-                if is_disk_full(e)
-                # not writable (permissions, a read-only or failing disk): what is saved, and how to go on
-                else f"could not save {folder} ({type(e).__name__}: {e}); its partial files were removed and "
-                f"{(list_checkpoints(cfg.output_dir) or ['no earlier checkpoint'])[-1]} is intact. Make "
-                "--output_dir writable, then launch again with --resume latest."
-            )
         else:
             *older, _ = list_checkpoints(cfg.output_dir)
             for old in older:  # the optimizer state (2x the UNet) is kept in the newest checkpoint only
