@@ -43,12 +43,12 @@ def load_image(source, base_dir: Path | None = None) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright (EXIF orientation) and RGB; 16-bit greyscale (a 16-bit PNG) scaled to 8 bits, which convert("RGB")
-    would clip at 255 instead. 32-bit integer or float greyscale (TIFF modes "I", "F") has no range to scale from:
-    refused (ValueError), where convert("RGB") would clip or blacken it."""
+    would clip at 255 instead. 32-bit integer or float greyscale (TIFF modes "I", "F") has no range to scale
+    from: refused (ValueError), where convert("RGB") would clip or blacken it."""
     if image.mode in ("I", "F"):
         raise ValueError(
-            f"a 32-bit {'integer' if image.mode == 'I' else 'float'} greyscale image (mode {image.mode}) has no "
-            "fixed range of values to map to 8 bits; convert it to an 8-bit image"
+            f"a 32-bit {'integer' if image.mode == 'I' else 'float'} greyscale image (mode {image.mode}) "
+            "has no fixed range of values to map to 8 bits; convert it to an 8-bit image"
         )
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
@@ -411,8 +411,9 @@ class FeedbackDataset(torch.utils.data.Dataset):
         self.groups = [np.flatnonzero(self.group == g) for g in range(4)]
 
     def stand_in(self, i: int, corrupt: int) -> int:
-        """The image that stands in for item i, the `corrupt`-th in a row found corrupt: the next one of i's group
-        (table order, wrapping around); DataError when every image of the group was tried or 100 in a row."""
+        """The image that stands in for item i, the `corrupt`-th in a row found corrupt: the next one of i's
+        group (table order, wrapping around); DataError when every image of the group was tried or 100 in a
+        row."""
         same = self.groups[int(self.group[i])]
         if corrupt >= min(self.max_corrupt_in_a_row, len(same)):
             raise DataError(

@@ -94,8 +94,8 @@ def load_vae(path: str, vae_path: str, dtype: torch.dtype):
 def latent_scaling(path: str, vae_path: str, device) -> tuple:
     """(shift, scale) with x0 = (z - shift) * scale, z the VAE's latent: its scaling_factor, and for a VAE
     whose latents are standardised per channel (latents_mean and latents_std in its config, e.g. Playground
-    v2.5's VAE; its EDM UNet is refused, models.check_noise_schedule) that standardisation too, the inverse of what its pipeline does before decoding
-    (reports.decode_images)."""
+    v2.5's VAE; its EDM UNet is refused, models.check_noise_schedule) that standardisation too, the inverse of
+    what its pipeline does before decoding (reports.decode_images)."""
     from diffusers import AutoencoderKL
 
     config = AutoencoderKL.load_config(**vae_source(path, vae_path))
@@ -232,8 +232,8 @@ class Inputs:
                 dict(
                     pretrained_model=path,
                     pretrained_vae=cfg.pretrained_vae,
-                    # the data by content (see data.fingerprint: rows, captions, labels, images): a moved dataset
-                    # keeps its cache
+                    # the data by content (see data.fingerprint: rows, captions, labels, images): a moved
+                    # dataset keeps its cache
                     data=dataset.fingerprint,
                     resolution=cfg.resolution,
                     random_flip=cfg.random_flip,

@@ -535,7 +535,8 @@ def export(cfg: Config, rank: int, world_size: int, device) -> Path:
             if (Path(cfg.ckpt) / "README.md").exists():
                 shutil.copyfile(Path(cfg.ckpt) / "README.md", tmp / "README.md")
         print(
-            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet and VAE, no safety checker) to {out}\n"
+            f"Exported {cfg.ckpt} (base model {model['base']} + its UNet and VAE, no safety checker) "
+            f"to {out}\n"
             f"  load it with DiffusionPipeline.from_pretrained({str(out)!r})"
         )
     return out

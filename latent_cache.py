@@ -15,8 +15,9 @@ from utils import DataError, TrainingError, agree, atomic_path, disk_full_messag
 
 # How images and captions become cache entries (data.FeedbackDataset's decoding, the encoders); raised whenever that
 # code changes what a cache holds, so a cache built by older code is refused, not reused.
-# 2: EXIF orientation applied, 16-bit PNGs scaled to 8 bits (2026-12-06); 3: 32-bit images (modes I, F) refused as
-# corrupt, not clipped; --label_policy no longer in the settings: the data's fingerprint has the labels (2026-12-07)
+# 2: EXIF orientation applied, 16-bit PNGs scaled to 8 bits (2026-12-06); 3: 32-bit images (modes I, F)
+# refused as corrupt, not clipped; --label_policy no longer in the settings: the data's fingerprint has the
+# labels (2026-12-07)
 FORMAT = 3
 
 CACHE_CHUNK = (
@@ -50,8 +51,9 @@ class CachedLatents(torch.utils.data.Dataset):
     size (as data.FeedbackDataset's) and its caption's text embeddings (emb, and SDXL's pooled), memory-mapped from
     <cache>/latents-*.pt and text-*.pt.
 
-    A corrupt image's row is never read: its stand-in is chosen now, as `images` (the data.FeedbackDataset) chooses
-    it for this run's held-out split, which may not be the split of the run that built the cache (another --seed)."""
+    A corrupt image's row is never read: its stand-in is chosen now, as `images` (the data.FeedbackDataset)
+    chooses it for this run's held-out split, which may not be the split of the run that built the cache
+    (another --seed)."""
 
     def __init__(self, folder: Path, images):
         self.desirable, self.images = images.desirable, images
@@ -67,7 +69,7 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         corrupt = 0
-        # A row whose own image was corrupt (it holds the stand-in of the split it was built with): the next one
+        # A row whose own image was corrupt holds the stand-in of the split it was built with: skip it
         while int(self.latents[i // CACHE_CHUNK]["corrupt"][i % CACHE_CHUNK]):
             corrupt += 1
             i = self.images.stand_in(i, corrupt)

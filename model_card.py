@@ -63,9 +63,9 @@ minus the disliked ones (0 for the base model).
 
 def write_model_card(ckpt_dir: Path, run: dict, heldout: dict | None = None, name: str = "") -> Path:
     """<ckpt_dir>/README.md for a checkpoint-<step> folder: Hub metadata (huggingface_hub's ModelCardData), the
-    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py; `name`: the folder's name
-    once saved (default: ckpt_dir's; the card is written into the checkpoint's temporary folder). Returns the
-    path."""
+    recipe, the data, the step and how to load it. `run`: the run.json of train_kto.py; `name`: the folder's
+    name once saved (default: ckpt_dir's; the card is written into the checkpoint's temporary folder). Returns
+    the path."""
     from huggingface_hub import ModelCard, ModelCardData
 
     ckpt_dir, cfg = Path(ckpt_dir), run.get("config", {})

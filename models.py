@@ -5,8 +5,8 @@ a LoRA policy as `pytorch_lora_weights.safetensors` in the diffusers LoRA format
 `pipe.load_lora_weights(folder)` reads. Also the frozen modules' storage (store_frozen), the autocast dtype
 (--mixed_precision), regional compilation (--compile), the optimizer of the trainable parameters and its step,
 which base models the objective can train (check_noise_schedule), and how a checkpoint folder is read back
-(describe_model: its base model and VAE from the run's run.json; trained_components and load_pipeline: the base
-model's pipeline with the trained parts in place)."""
+(describe_model: its base model and VAE from the run's run.json; trained_components and load_pipeline: the
+base model's pipeline with the trained parts in place)."""
 
 from __future__ import annotations
 
@@ -25,23 +25,24 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def check_noise_schedule(path: str):
-    """The objective noises images with the base model's discrete beta schedule (the DDPM family: DDPM, DDIM, PNDM,
-    Euler, DPM-Solver configs) and regresses the noise or the velocity. A model trained otherwise (EDM, e.g.
-    Playground v2.5; flow matching, e.g. SD3; x0-prediction) would be trained on inputs and targets it never saw,
-    silently: refused before its weights load."""
+    """The objective noises images with the base model's discrete beta schedule (the DDPM family: DDPM, DDIM,
+    PNDM, Euler, DPM-Solver configs) and regresses the noise or the velocity. A model trained otherwise (EDM,
+    e.g. Playground v2.5; flow matching, e.g. SD3; x0-prediction) would be trained on inputs and targets it
+    never saw, silently: refused before its weights load."""
     from diffusers import DDPMScheduler
 
     config = DDPMScheduler.load_config(path, subfolder="scheduler")
-    where = f"--pretrained_model {path}: its scheduler ({config.get('_class_name')}, scheduler/scheduler_config.json)"
+    where = f"--pretrained_model {path}: its scheduler ({config.get('_class_name')}, "
+    where += "scheduler/scheduler_config.json)"
     if config.get("beta_schedule") is None and config.get("trained_betas") is None:
         raise DataError(
-            f"{where} has no discrete beta schedule (an EDM or flow-matching model?); Diffusion-KTO here trains "
-            "models with DDPM-family schedules only (SD v1-5, SD 2.1, SDXL)"
+            f"{where} has no discrete beta schedule (an EDM or flow-matching model?); Diffusion-KTO here "
+            "trains models with DDPM-family schedules only (SD v1-5, SD 2.1, SDXL)"
         )
     if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
         raise DataError(
-            f"{where} predicts {config['prediction_type']!r}; the training step regresses the noise (epsilon) or "
-            "the velocity (v_prediction) only"
+            f"{where} predicts {config['prediction_type']!r}; the training step regresses the noise "
+            "(epsilon) or the velocity (v_prediction) only"
         )
 
 
@@ -58,12 +59,13 @@ def store_frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 
 
 def add_lora(unet, rank: int, frozen_dtype: torch.dtype, seed: int):
-    """LoRA adapters of rank `rank` (alpha = rank: scale 1) on the attention projections of `unet`, in place. The
-    base weights are frozen and stored as the reference's are (store_frozen); the adapters, the only trainable
-    parameters, are float32 (master weights, as the full policy's). lora_A is drawn from `seed` (the same on every
-    rank and every launch) from N(0, 1/rank^2), as diffusers' LoRA scripts draw it (peft's "gaussian"; peft's
-    default, Kaiming-uniform, is 4-10x smaller at rank 8, so the adapters would move that much less per step at a
-    learning rate taken from those scripts); lora_B starts at 0: policy == reference."""
+    """LoRA adapters of rank `rank` (alpha = rank: scale 1) on the attention projections of `unet`, in place.
+    The base weights are frozen and stored as the reference's are (store_frozen); the adapters, the only
+    trainable parameters, are float32 (master weights, as the full policy's). lora_A is drawn from `seed` (the
+    same on every rank and every launch) from N(0, 1/rank^2), as diffusers' LoRA scripts draw it (peft's
+    "gaussian"; peft's default, Kaiming-uniform, is 4-10x smaller at rank 8, so the adapters would move that
+    much less per step at a learning rate taken from those scripts); lora_B starts at 0: policy ==
+    reference."""
     from peft import LoraConfig
 
     store_frozen(unet, frozen_dtype)

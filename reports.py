@@ -326,13 +326,14 @@ class Tracker:
 
 
 def start_warnings(cfg, num_heldout: int, native: int) -> list[str]:
-    """Settings that run but do less than they seem to: said at the start, and in run.json's launch entry. native:
-    the base model's image side (encoders.native_resolution)."""
+    """Settings that run but do less than they seem to: said at the start, and in run.json's launch entry.
+    native: the base model's image side (encoders.native_resolution)."""
     said = []
     if cfg.resolution != native:
         said.append(
-            f"--resolution {cfg.resolution}: the base model makes {native} px images, and the validation images and "
-            f"eval.py sample at that size, where this run does not train; pass --resolution {native} to train there."
+            f"--resolution {cfg.resolution}: the base model makes {native} px images, and the validation "
+            "images and eval.py sample at that size, where this run does not train; pass --resolution "
+            f"{native} to train there."
         )
     if cfg.learning_rate == 0:
         said.append("--learning_rate 0: the weights never change (a control run).")
@@ -360,9 +361,9 @@ def write_run_record(
     said: list[str],
     command: list[str],
 ):
-    """run.json: the current config, the data counts, library versions and every launch (its command line as main()
-    was given it, step, ranks, precision, the start's warnings `said`). A resume whose run.json is gone says so in its
-    launch (earlier_launches_lost); one that cannot be read is refused, not overwritten."""
+    """run.json: the current config, the data counts, library versions and every launch (its command line as
+    main() was given it, step, ranks, precision, the start's warnings `said`). A resume whose run.json is gone
+    says so in its launch (earlier_launches_lost); one that cannot be read is refused, not overwritten."""
     file = out_dir / "run.json"
     launches = []
     if start_step and file.exists():
@@ -370,8 +371,8 @@ def write_run_record(
             launches = list(json.loads(file.read_text())["launches"])
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(
-                f"{file}: not a run record that can be read ({type(e).__name__}: {e}), so this resume cannot add "
-                "its launch to the earlier ones. Restore it, or move it aside to start the record again."
+                f"{file}: not a run record that can be read ({type(e).__name__}: {e}), so this resume cannot "
+                "add its launch to the earlier ones. Restore it, or move it aside to start the record again."
             ) from e
     versions = {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers", "numpy")}
     launches.append(
@@ -558,8 +559,9 @@ class Reports:
         self.tracker.log_image("validation", grid, step)
 
     def card(self, step: int):
-        """What writes checkpoint-<step>'s model card into the folder being saved (checkpoints.save_checkpoint's
-        card), so that the card is part of the checkpoint's atomic save. Nothing on the other ranks."""
+        """What writes checkpoint-<step>'s model card into the folder being saved
+        (checkpoints.save_checkpoint's card), so that the card is part of the checkpoint's atomic save.
+        Nothing on the other ranks."""
         if not self.enabled:
             return lambda folder: None
         run = json.loads((self.out / "run.json").read_text())

@@ -775,8 +775,8 @@ def test_a_16_bit_png_keeps_its_greys_and_32_bit_images_are_refused(tmp_path):
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     rgb = np.asarray(data.load_image("deep.png", tmp_path))
     assert (rgb[..., 0] == values >> 8).all() and (rgb[..., 0] == rgb[..., 2]).all()
-    # 32-bit greyscale has no known range (convert("RGB") would clip the integers, blacken floats in [0, 1]): the
-    # image is refused, so training counts it as a corrupt one and says why
+    # 32-bit greyscale has no known range (convert("RGB") would clip the integers, blacken floats in [0, 1]):
+    # the image is refused, so training counts it as a corrupt one and says why
     for name, deep in (("int", values.astype(np.int32) * 1000), ("float", values.astype(np.float32) / 65536)):
         Image.fromarray(deep).save(tmp_path / f"{name}.tif")
         with pytest.raises(ValueError, match=f"32-bit {name}.*convert it to an 8-bit image"):

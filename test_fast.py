@@ -140,8 +140,8 @@ def test_cache_latents_matches_the_plain_path_is_reused_and_resumed(tmp_path, st
         set(__import__("pandas").read_csv(fixtures.tiny_dataset_path())["caption"])
     )
 
-    # a complete cache: the VAE and text encoder are never loaded, and the run is the same (--label_policy, which
-    # does nothing to a table, does not make the cache another's)
+    # a complete cache: the VAE and text encoder are never loaded, and the run is the same (--label_policy,
+    # which does nothing to a table, does not make the cache another's)
     def refuse(*a, **k):
         raise AssertionError("loaded the VAE or text encoder although the cache is complete")
 

@@ -1020,8 +1020,8 @@ def test_a_run_that_does_less_than_it_seems_says_so_and_ties_count_half(tmp_path
     (said,) = reports.start_warnings(cfg, 9, native=32)
     assert said.startswith("9 images are held out of training (--heldout_images) but never scored")
     assert not reports.start_warnings(dataclasses.replace(cfg, heldout_steps=5), 9, native=32)
-    # training at another size than the base model's (SDXL at the default 512): validation and eval sample at its
-    # own, read from its configs
+    # training at another size than the base model's (SDXL at the default 512): validation and eval sample at
+    # its own, read from its configs
     native = encoders.native_resolution(cfg.pretrained_model, cfg.pretrained_vae)
     (said,) = reports.start_warnings(dataclasses.replace(cfg, heldout_steps=5, resolution=16), 9, native)
     assert native == 32 and said.startswith("--resolution 16: the base model makes 32 px images")
