@@ -506,7 +506,7 @@ def main(argv=None):
     return utils.run_main(functools.partial(train, command=command), cfg, (DataError, TrainingError), stopped)
 
 
-def train(cfg: Config, rank: int, world_size: int, device: torch.device, command=()):
+def train(cfg: Config, rank: int, world_size: int, device: torch.device, command: list[str]):
     # Images per rank and optimizer step
     per_rank = cfg.train_batch_size * cfg.gradient_accumulation_steps
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
