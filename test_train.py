@@ -822,6 +822,20 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
 TORCHRUN = ["--standalone", "--nproc_per_node", "2"]
 
 
+def test_two_ranks_save_score_and_sample_at_the_same_step(tmp_path):
+    """The fast layer's one torchrun run: rank-0-only work (card, curves, images) beside every rank's collectives."""
+    out = tmp_path / "out"
+    # a save at a step without a held-out score, then one with it
+    at = ("--checkpointing_steps", "1", "--heldout_steps", "2", "--validation_steps", "2")
+    run_script(tmp_path, "", "--max_train_steps", "2", *at, "--output_dir", str(out), torchrun=TORCHRUN)
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    cards = [(out / f"checkpoint-{step}" / "README.md").read_text() for step in (1, 2)]
+    assert "## Held-out reward" not in cards[0] and "## Held-out reward at step 2" in cards[1]
+    assert (out / "validation" / "step-000002.png").exists() and (out / "curves.png").exists()
+
+
 @pytest.mark.slow
 def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     record = """
