@@ -187,6 +187,15 @@ def plot_curves(run_dir: Path) -> Path:
     return save_figure(fig, run_dir / "curves.png")
 
 
+def redraw_stale_curves(run_dir: Path) -> Path | None:
+    """curves.png redrawn where metrics.jsonl is newer (a run stopped between its last save and the redraw after
+    it); returns its path, or None where it was current."""
+    curves, metrics = Path(run_dir) / "curves.png", Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists() or (curves.exists() and curves.stat().st_mtime_ns >= metrics.stat().st_mtime_ns):
+        return None
+    return plot_curves(run_dir)
+
+
 def save_image_grid(
     images: list, labels: list[str], title: str, path: Path, columns: int | None = None
 ) -> Path:

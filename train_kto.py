@@ -512,8 +512,11 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device, command
     mismatched = mismatched_indices if cfg.reference_point == "kl_mismatched" else None
     # The output folder, the data and the run to resume, checked before any model loads
     utils.check_shared_folder(Path(cfg.output_dir), rank, world_size)
-    # A relaunch of a finished run (a restart or requeue after its last save): nothing to train, nothing written
+    # A relaunch of a finished run (a restart or requeue after its last save): nothing to train; only curves.png
+    # is redrawn, where the run stopped before drawing its last steps
     if done := checkpoints.finished(cfg):
+        if rank == 0:
+            reports.redraw_stale_curves(Path(cfg.output_dir))
         print(f"nothing to train: {done} is the run's last step (--max_train_steps)", flush=True)
         return None
     # The data and its held-out images (never trained on: the sampler skips them; scored with fixed draws)
