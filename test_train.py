@@ -263,24 +263,23 @@ def test_a_resume_into_a_new_folder_stopped_before_its_first_save_runs_again_as_
 
 def test_a_relaunch_of_a_finished_run_trains_nothing_and_exits_0(tmp_path, capsys):
     run(tmp_path, "--max_train_steps", "2")
-    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files()
     # a torchrun restart or a requeue after the last save: the same command, --resume latest
-    assert (
-        train_kto.main(
-            [*TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--resume", "latest"]
-        )
-        is None
+    relaunch = lambda: train_kto.main(
+        [*TINY, "--output_dir", str(out), "--max_train_steps", "2", "--resume", "latest"]
     )
+    assert relaunch() is None
     assert "nothing to train: " in capsys.readouterr().out
-    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert files() == before
     # stopped between the last save and the curves' redraw (curves.png older than metrics.jsonl, or none yet): the
     # relaunch draws them, and writes nothing else
-    curves, metrics = tmp_path / "out" / "curves.png", tmp_path / "out" / "metrics.jsonl"
+    curves, metrics = out / "curves.png", out / "metrics.jsonl"
     for stop in (lambda: os.utime(curves, ns=(0, 0)), curves.unlink):
         stop()
-        train_kto.main([*TINY, "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--resume", "latest"])
-        assert curves.stat().st_mtime_ns >= metrics.stat().st_mtime_ns
-        assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+        relaunch()
+        assert curves.stat().st_mtime_ns >= metrics.stat().st_mtime_ns and files() == before
 
 
 def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):
