@@ -738,6 +738,8 @@ def test_the_corrupt_image_count_goes_on_after_a_resume(tmp_path, monkeypatch, c
         "bad_resume",
         "no_such_model_folder",
         "not_a_pipeline_folder",
+        "sdxl_refiner_folder",
+        "sdxl_refiner_on_the_hub",
         "unreachable_hub_model",
         "zero_checkpointing_steps",
         "ratio_above_one",
@@ -746,7 +748,7 @@ def test_the_corrupt_image_count_goes_on_after_a_resume(tmp_path, monkeypatch, c
         "negative_seed",
     ],
 )
-def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
+def test_bad_input_is_refused_before_training(tmp_path, case, capsys, monkeypatch):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
@@ -786,6 +788,26 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         args += ["--pretrained_model", str(tmp_path / "runs" / "nope")]
     if case == "not_a_pipeline_folder":
         args += ["--pretrained_model", str(tmp_path)]
+    refiner = ("unet", "scheduler", "vae", "text_encoder_2", "tokenizer_2")  # and model_index.json
+    if case == "sdxl_refiner_folder":
+        for part in refiner:
+            (tmp_path / "refiner" / part).mkdir(parents=True)
+        args += ["--pretrained_model", str(tmp_path / "refiner")]
+    if case == "sdxl_refiner_on_the_hub":  # offline: a hand-made hub cache holding its model_index.json
+        import huggingface_hub.constants
+
+        snapshot = tmp_path / "hub" / "models--someone--refiner" / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        index = {p: ["diffusers", "X"] for p in refiner} | {
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+        }
+        (snapshot / "model_index.json").write_text(json.dumps(index))
+        (tmp_path / "hub" / "models--someone--refiner" / "refs").mkdir()
+        (tmp_path / "hub" / "models--someone--refiner" / "refs" / "main").write_text("0" * 40)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        args += ["--pretrained_model", "someone/refiner"]
     if case == "unreachable_hub_model":  # offline here: the hub cannot be reached, and the cache lacks it
         args += ["--pretrained_model", "nobody-here/no-such-model"]
     if case == "zero_checkpointing_steps":  # was a ZeroDivisionError after the first step
@@ -813,6 +835,8 @@ def test_bad_input_is_refused_before_training(tmp_path, case, capsys):
         "bad_resume": "not a checkpoint folder",
         "no_such_model_folder": "no such file or folder",
         "not_a_pipeline_folder": "no unet/, scheduler/",
+        "sdxl_refiner_folder": "as an SDXL refiner: not supported",
+        "sdxl_refiner_on_the_hub": "someone/refiner: a pipeline with text_encoder_2 but no text_encoder",
         "unreachable_hub_model": "hf download",
         "zero_checkpointing_steps": "--checkpointing_steps 0: must be at least 1",
         "ratio_above_one": "--desirable_ratio 1.5: must be in [0, 1]",

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import fcntl
 import inspect
+import json
 import logging
 import os
 import re
@@ -315,10 +316,20 @@ def check_pretrained(
     """A diffusers pipeline: a local folder holding `parts`, or a hub id whose model_index.json can be fetched (its
     weights follow in from_pretrained). Else a DataError saying what is missing, where, and how to fix it."""
     path = Path(spec).expanduser()
+    if path.exists():
+        has = {p for p in (*parts, "text_encoder_2") if (path / p).is_dir()}
+    else:  # model_index.json names each part, null where the pipeline has none
+        index = json.loads(from_hub(spec, "model_index.json", f"{flag} {spec}").read_text())
+        has = {p for p, v in index.items() if isinstance(v, list) and any(v)}
+    if "text_encoder_2" in has and "text_encoder" not in has:
+        raise DataError(
+            f"{flag} {spec}: a pipeline with text_encoder_2 but no text_encoder, as an SDXL refiner: not supported "
+            "(the refiner denoises only the last steps of a base model's sampling). Pass an SDXL base model, "
+            "such as stabilityai/stable-diffusion-xl-base-1.0."
+        )
     if not path.exists():
-        from_hub(spec, "model_index.json", f"{flag} {spec}")
         return spec
-    missing = [p for p in parts if not (path / p).is_dir()]
+    missing = [p for p in parts if p not in has]
     if missing:
         raise DataError(
             f"{flag} {spec}: not a diffusers pipeline folder: no {', '.join(f'{p}/' for p in missing)} "
