@@ -154,11 +154,12 @@ def describe_model(spec: str, flag: str) -> dict:
 
 
 def weights_digest(model: dict) -> str | None:
-    """sha256 of the UNet weights a describe_model dict generates with: the checkpoint's LoRA file or unet/
-    files, or a local diffusers folder's unet/; None for a hub id (named by its id). So a checkpoint
-    retrained, or a pipeline exported, into the same folder is another model (about a second per GB read)."""
-    folder = Path(model["lora"] or model["unet"] or Path(model["base"]) / "unet")
-    files = [folder / LORA_FILE] if model["lora"] else sorted(folder.glob("diffusion_pytorch_model*"))
+    """sha256 of the UNet weights a describe_model dict generates with: the checkpoint's unet/ files, or its LoRA
+    file and the local base's unet/ files the adapters load into, or a local diffusers folder's unet/; None for a
+    hub id (named by its id; a LoRA file on a hub base: the adapters alone). So a checkpoint retrained, or a
+    pipeline exported, into the same folder is another model (about a second per GB read)."""
+    files = [Path(model["lora"]) / LORA_FILE] if model["lora"] else []
+    files += sorted(Path(model["unet"] or Path(model["base"]) / "unet").glob("diffusion_pytorch_model*"))
     if not files:
         return None
     digest = hashlib.sha256()

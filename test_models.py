@@ -272,3 +272,21 @@ def test_a_lora_checkpoint_that_does_not_fit_the_adapters_is_refused(tmp_path):
         save_file(tampered, file)
         with pytest.raises(ValueError, match="does not fit the policy's adapters"):
             models.load_policy(lora(1), tmp_path)
+
+
+def test_a_lora_checkpoints_weights_digest_covers_the_base_unet_it_loads_into(tmp_path):
+    """eval.py's record of the weights: base UNet retrained in place under the adapters = another model."""
+    import hashlib
+
+    (tmp_path / "base" / "unet").mkdir(parents=True)
+    (tmp_path / "ckpt").mkdir()
+    base_file = tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    base_file.write_bytes(b"base weights")
+    (tmp_path / "ckpt" / models.LORA_FILE).write_bytes(b"adapters")
+    model = dict(base=str(tmp_path / "base"), unet=None, lora=str(tmp_path / "ckpt"))
+    before = models.weights_digest(model)
+    base_file.write_bytes(b"base weights, retrained")
+    assert models.weights_digest(model) != before
+    # a hub base is named by its id: the adapters alone
+    on_the_hub = dict(model, base="someone/base")
+    assert models.weights_digest(on_the_hub) == hashlib.sha256(b"adapters").hexdigest()
