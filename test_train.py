@@ -5,6 +5,7 @@ Run: python -m pytest -q test_train.py   (offline; the fast layer: -m "not slow"
 """
 
 import dataclasses
+import errno
 import json
 import math
 import multiprocessing
@@ -280,6 +281,36 @@ def test_a_relaunch_of_a_finished_run_trains_nothing_and_exits_0(tmp_path, capsy
         stop()
         relaunch()
         assert curves.stat().st_mtime_ns >= metrics.stat().st_mtime_ns and files() == before
+
+
+def test_a_second_launch_into_a_folder_that_a_run_is_writing_stops_at_once(tmp_path, capsys, monkeypatch):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a run holds the folder (its lock, as rank 0 of another process would)
+    with open(out / ".lock", "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("held by pid 12345 on node7 since 2026-12-07 10:00:00 UTC\n")
+        other.flush()
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--max_train_steps", "1")
+        assert e.value.code == 2
+        assert "another run is writing there (held by pid 12345 on node7" in capsys.readouterr().err
+        assert not (out / "run.json").exists()
+    # that run ended: the folder is free; and a run that stops with an error frees it too
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--max_train_steps", "1", "--resume", str(tmp_path))
+    run(tmp_path, "--max_train_steps", "1")
+    assert f"pid {os.getpid()}" in (out / ".lock").read_text()
+
+    # a file system without locks: the run goes on, and says that it is unguarded
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    run(tmp_path, "--max_train_steps", "1", out="unguarded")
+    assert "cannot be locked ([Errno 37] No locks available); a second launch" in capsys.readouterr().out
 
 
 def test_the_resume_command_names_the_launch_of_one_or_several_nodes(tmp_path, monkeypatch):

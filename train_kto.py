@@ -503,7 +503,8 @@ def main(argv=None):
         return None
     stopped = lambda cfg: checkpoints.resume_command(cfg, os.path.relpath(__file__), argv)
     command = [os.path.relpath(__file__), *argv]
-    return utils.run_main(functools.partial(train, command=command), cfg, (DataError, TrainingError), stopped)
+    errors, folder = (DataError, TrainingError), ("--output_dir", Path(cfg.output_dir))
+    return utils.run_main(functools.partial(train, command=command), cfg, errors, stopped, folder)
 
 
 def train(cfg: Config, rank: int, world_size: int, device: torch.device, command: list[str]):

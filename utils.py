@@ -223,13 +223,16 @@ def reported(errors: tuple, rank: int | None = None, on_stop=lambda: ""):
         raise SystemExit(143 if isinstance(e, Stopped) else 130) from None
 
 
-def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
+def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: "", folder: tuple[str, Path] | None = None):
     """init_distributed, work(cfg, rank, world_size, device), then tear down on every rank; errors, Ctrl-C and
-    SIGTERM as `reported` says (on_stop(cfg): the line that says what was saved)."""
+    SIGTERM as `reported` says (on_stop(cfg): the line that says what was saved). folder: (flag, path) of an output
+    folder that this run holds (hold_folder) until it ends."""
     rank, world_size, device = init_distributed()
     signal.signal(signal.SIGTERM, raise_stopped)
     try:
-        with reported(errors, rank, lambda: on_stop(cfg)):
+        with reported(errors, rank, lambda: on_stop(cfg)), contextlib.ExitStack() as held:
+            if folder:
+                hold_folder(*folder, rank, world_size, held)
             try:
                 result = work(cfg, rank, world_size, device)
             except Preempted:
@@ -246,6 +249,35 @@ def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: ""):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def hold_folder(flag: str, folder: Path, rank: int, world_size: int, held: contextlib.ExitStack):
+    """Rank 0 locks <folder>/.lock until `held` closes (or the process ends, however it ends), so that a second
+    launch into the folder while this run writes there (a job submitted twice, a requeue while the first still runs)
+    stops at once, on every rank, instead of mixing two runs' records and checkpoints."""
+    problem = None
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = held.enter_context(open(folder / ".lock", "a+"))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            problem = (
+                f"{flag} {folder}: another run is writing there ({lock.read().strip() or 'its holder unknown'}). "
+                f"Wait for it to end or stop it, or pass another {flag}."
+            )
+        except OSError as e:  # a file system without locks (some Lustre mounts): the run goes on, unguarded
+            print(f"warning: {flag} {folder}: cannot be locked ({e}); a second launch into it is not refused")
+        else:
+            lock.truncate(0)
+            lock.write(
+                f"held by pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%F %T %Z')}\n"
+            )
+            lock.flush()
+    problem = agree(problem, world_size)
+    if problem:
+        raise DataError(problem)
 
 
 TRAINING_FOLDER = ("--output_dir", "Rank 0 saves the checkpoints and every rank reads them on resume")
