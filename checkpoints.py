@@ -106,11 +106,13 @@ class State(NamedTuple):
 @dataclasses.dataclass
 class Counters:
     """What a run counts across its steps, saved with each checkpoint: non-finite steps in a row (utils.
-    check_bad_steps stops the run after --max_bad_steps), corrupt images and images read (the 1% rule)."""
+    check_bad_steps stops the run after --max_bad_steps), corrupt images and images read (the 1% rule), and the
+    draws of the image stream used (where a resume's sampler goes on)."""
 
     bad_steps: int = 0
     n_corrupt: int = 0
     n_seen: int = 0
+    n_drawn: int = 0
 
     def count(self, sums: dict[str, torch.Tensor]) -> None:
         """Add a step's sums over all ranks (reports.step_sums), the same on every rank, so every rank stops
@@ -118,6 +120,7 @@ class Counters:
         self.bad_steps = self.bad_steps + 1 if sums["not_finite"] > 0 else 0
         self.n_corrupt += int(sums["corrupt"])
         self.n_seen += int(sums["n"] + sums["corrupt"])
+        self.n_drawn += int(sums["n"])
         data.check_corrupt(self.n_corrupt, self.n_seen, min_seen=data.MIN_IMAGES_TO_JUDGE)
 
 
@@ -336,7 +339,7 @@ def load_checkpoint(
     rng_states = torch.load(path / "rng_state.pt", weights_only=True)
     if len(rng_states) == world_size:
         gen.set_state(rng_states[rank])
-    else:  # a different number of ranks: same weights and optimizer, new per-rank streams
+    else:  # a different number of ranks: same weights and optimizer, new per-rank noise streams
         gen.manual_seed(derive_seed(cfg.seed + saved["step"], rank))
     # The batch split otherwise (find_resume allows it): said once, with the global batch before and now
     then, now = json.loads((path / "config.json").read_text()), dataclasses.asdict(cfg)
@@ -345,8 +348,11 @@ def load_checkpoint(
         print(
             f"warning: {path} was saved by {split(then, len(rng_states))} = global batch "
             f"{global_batch(then, len(rng_states))}, resuming as {split(now, world_size)} = global batch "
-            f"{global_batch(now, world_size)} (at the same learning rate): the data and noise streams go on "
-            "otherwise, so the run will not match an uninterrupted one"
+            f"{global_batch(now, world_size)} (at the same learning rate): the images go on in the same "
+            "stream (none again, none skipped), the noise, timesteps, flips and caption dropout otherwise, so the "
+            "run will not match an uninterrupted one"
         )
     counts = {field.name: saved.get(field.name, 0) for field in dataclasses.fields(Counters)}
+    # saved before n_drawn was: every step drew the checkpoint's global batch
+    counts["n_drawn"] = saved.get("n_drawn", saved["step"] * global_batch(then, len(rng_states)))
     return saved["step"], Counters(**counts)

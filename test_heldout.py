@@ -42,7 +42,7 @@ def test_split_holds_out_both_classes_and_the_sampler_never_draws_them():
         heldout.split(desirable, 256, 1) == mask
     ).all()
     assert heldout.split(desirable, 0, seed=0).sum() == 0
-    sampler = train_kto.DesirableRatioSampler(desirable, 0.8, seed=[0, 0], held_out=mask)
+    sampler = train_kto.DesirableRatioSampler(desirable, 0.8, seed=0, held_out=mask)
     drawn = np.array([i for _, i in zip(range(100_000), sampler)])
     # every other image is drawn (100k draws: each undesirable one ~32 times)
     assert not mask[drawn].any() and len(set(drawn)) == 900

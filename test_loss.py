@@ -339,18 +339,39 @@ def test_compiled_unets_keep_the_reward_exactly_zero_at_step_0():
 
 def test_sampler_ratio_resume_and_seeds():
     desirable = np.array([True] * 10 + [False] * 90)
-    stream = DesirableRatioSampler(desirable, 0.8, seed=[0, 0], chunk=64)
-    draws = [i for _, i in zip(range(5000), stream)]
+    draws = [i for _, i in zip(range(5000), DesirableRatioSampler(desirable, 0.8, seed=0))]
     frac = np.mean(desirable[draws])
     assert abs(frac - 0.8) < 0.03  # gamma, whatever the class sizes
-    resumed = DesirableRatioSampler(desirable, 0.8, seed=[0, 0], start=1234, chunk=64)
-    assert [i for _, i in zip(range(300), resumed)] == draws[1234:1534]
-    other_rank = DesirableRatioSampler(desirable, 0.8, seed=[0, 1], chunk=64)
-    assert [i for _, i in zip(range(50), other_rank)] != draws[:50]
-    never_d = DesirableRatioSampler(np.array([True, False, True]), 0.0, seed=[0, 0])
+    # resumed after 4000 draws: on across the stream's 4096-draw chunks
+    resumed = DesirableRatioSampler(desirable, 0.8, seed=0, start=4000)
+    assert [i for _, i in zip(range(300), resumed)] == draws[4000:4300]
+    other_seed = DesirableRatioSampler(desirable, 0.8, seed=1)
+    assert [i for _, i in zip(range(50), other_seed)] != draws[:50]
+    never_d = DesirableRatioSampler(np.array([True, False, True]), 0.0, seed=0)
     assert {i for _, i in zip(range(50), never_d)} == {1}
-    only_u = DesirableRatioSampler(np.zeros(4, bool), 0.8, seed=[0, 0])  # one class: every draw from it
+    only_u = DesirableRatioSampler(np.zeros(4, bool), 0.8, seed=0)  # one class: every draw from it
     assert {i for _, i in zip(range(200), only_u)} == {0, 1, 2, 3}
+
+
+def test_the_sampler_draws_the_same_images_on_any_split_of_the_global_batch():
+    desirable = np.arange(1000) % 3 == 0
+
+    def steps(world_size, per_rank, start, n):
+        """The images of n steps after `start` draws, each step's ranks in rank order."""
+        streams = [
+            iter(DesirableRatioSampler(desirable, 0.8, 7, rank, world_size, per_rank, start))
+            for rank in range(world_size)
+        ]
+        return sum(([next(s) for _ in range(per_rank)] for _ in range(n) for s in streams), [])
+
+    whole = steps(1, 8, 0, 900)  # 7200 draws: past the stream's first 4096-draw chunk
+    assert steps(4, 2, 0, 900) == whole and steps(2, 4, 0, 900) == whole
+    # saved at step 500 by 1 rank x 8 (4000 draws), resumed on 2 x 4 or 4 x 2: the whole run's images, none again
+    assert steps(2, 4, 4000, 400) == whole[4000:] == steps(4, 2, 4000, 400)
+    # ... or on 2 x 2, a smaller global batch: still the stream's next draws
+    assert steps(2, 2, 4000, 800) == whole[4000:]
+    # the ranks of a step take different draws: rank 1's first images are not rank 0's
+    assert steps(2, 4, 0, 1)[:4] != steps(2, 4, 0, 1)[4:]
 
 
 def test_augment_flip_and_caption_dropout():

@@ -984,13 +984,36 @@ def test_two_ranks_stay_in_sync_and_survive_a_killed_rank(tmp_path):
     )
 
 
+# Each rank appends the dataset indices its sampler yields to $DRAWS<rank> (the DataLoader has no workers: it takes
+# exactly one batch of indices per step)
+RECORD_DRAWS = """
+    class Recorded(train_kto.DesirableRatioSampler):
+        def __iter__(self):
+            for i in super().__iter__():
+                with open(os.environ["DRAWS"] + os.environ.get("RANK", "0"), "a") as f:
+                    f.write(f"{i}\\n")
+                yield i
+"""
+
+
 @pytest.mark.slow
-def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path, capsys):
+def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path, capsys, monkeypatch):
+    namespace = dict(train_kto=train_kto, os=os)
+    exec(textwrap.dedent(RECORD_DRAWS), namespace)
+    monkeypatch.setattr(train_kto, "DesirableRatioSampler", namespace["Recorded"])
+    draws = lambda name, rank=0: [int(i) for i in (tmp_path / f"{name}{rank}").read_text().split()]
+    monkeypatch.setenv("DRAWS", str(tmp_path / "whole"))
+    run(tmp_path, "--max_train_steps", "4", out="whole")  # the images of an uninterrupted run, 8 per step
+    monkeypatch.setenv("DRAWS", str(tmp_path / "first"))
     run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    # as saved before checkpoints counted the images drawn
+    state = tmp_path / "out" / "checkpoint-2" / "training_state.pt"
+    torch.save({k: v for k, v in torch.load(state, weights_only=True).items() if k != "n_drawn"}, state)
     # 1 rank x 8 images, then 2 x 4: the same global batch split otherwise
+    monkeypatch.setenv("DRAWS", str(tmp_path / "second"))
     proc = run_script(
         tmp_path,
-        "",
+        RECORD_DRAWS + "    train_kto.DesirableRatioSampler = Recorded\n",
         "--max_train_steps",
         "3",
         "--resume",
@@ -1010,13 +1033,22 @@ def test_a_checkpoint_of_one_rank_resumes_on_two(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     launches = json.loads((tmp_path / "out" / "run.json").read_text())["launches"]
     assert [r["step"] for r in rows] == [1, 2, 3] and [x["world_size"] for x in launches] == [1, 2]
+    # the images are the uninterrupted run's: steps 1-2, then step 3 split over the two ranks (none again)
+    whole = draws("whole")
+    assert draws("first") == whole[:16] and draws("second", 0) + draws("second", 1) == whole[16:24]
     # back on one rank with the same per-rank batch: the global batch halves, which is allowed and said
     capsys.readouterr()
+    monkeypatch.setenv("DRAWS", str(tmp_path / "third"))
     run(tmp_path, "--max_train_steps", "4", "--resume", "latest", "--train_batch_size", "4")
     assert (
         "resuming as 1 rank(s) x 4 x 1 = global batch 4 (at the same learning rate)"
         in capsys.readouterr().out
     )
+    # the stream's next 4 images, and after a resume the next 4 (the checkpoint counts the images drawn: 3 steps of
+    # 8, 1 of 4)
+    monkeypatch.setenv("DRAWS", str(tmp_path / "fourth"))
+    run(tmp_path, "--max_train_steps", "5", "--resume", "latest", "--train_batch_size", "4")
+    assert draws("third") == whole[24:28] and draws("fourth") == whole[28:32]
 
 
 def test_a_resume_may_split_the_global_batch_otherwise_but_not_change_it(tmp_path, capsys):

@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import os
 import sys
 import time
@@ -119,7 +120,8 @@ class Config:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (released code: 1.0; 0: no clipping, the norm is still logged)"""
     seed: int = 0
-    """seed for everything; ranks derive their own streams from (seed, rank)"""
+    """seed for everything; ranks derive their own noise streams from (seed, rank), and take their own draws of
+    one stream of images"""
     checkpointing_steps: int = 1000
     """save checkpoint-<step>/ every this many steps (and at the end)"""
     checkpoints_total_limit: int = 0
@@ -436,26 +438,37 @@ def objective(cfg: Config, backward):
 
 
 class DesirableRatioSampler(torch.utils.data.Sampler):
-    """Infinite stream of dataset indices: desirable with probability `ratio`, else undesirable, uniform within.
+    """This rank's share of one infinite stream of dataset indices: desirable with probability `ratio`, else
+    undesirable, uniform within. Each step the ranks take the stream's next world_size x per_rank draws, rank r
+    the r-th per_rank of them: no two ranks share a draw, and a run resumed after `start` draws (Counters.n_drawn)
+    continues with the very images of an uninterrupted run, however the global batch is split."""
 
-    Draw i depends only on (seed, i), so a run resumed at draw `start` continues the exact same stream."""
-
-    def __init__(self, desirable: np.ndarray, ratio: float, seed, start=0, chunk=4096, held_out=None):
+    def __init__(self, desirable, ratio, seed, rank=0, world_size=1, per_rank=1, start=0, held_out=None):
         # Never the held-out images (heldout.py)
         train = ~held_out if held_out is not None else np.ones(len(desirable), bool)
         self.d, self.u = np.flatnonzero(desirable & train), np.flatnonzero(~desirable & train)
         self.ratio = (ratio if len(self.u) else 1.0) if len(self.d) else 0.0
-        self.seed, self.start, self.chunk = seed, start, chunk
+        self.seed, self.rank, self.world_size, self.per_rank = seed, rank, world_size, per_rank
+        self.start, self.chunk = start, 4096
+
+    def draws(self, k: int) -> np.ndarray:
+        """The stream's draws k * chunk onwards (keyed as rank 0's own stream was, so one-rank runs draw as
+        before)."""
+        rng = np.random.default_rng([self.seed, 0, k])
+        pick_d = rng.random(self.chunk) < self.ratio
+        d = self.d[rng.integers(0, max(len(self.d), 1), self.chunk)] if len(self.d) else 0
+        u = self.u[rng.integers(0, max(len(self.u), 1), self.chunk)] if len(self.u) else 0
+        return np.where(pick_d, d, u)
 
     def __iter__(self):
-        k, offset = divmod(self.start, self.chunk)
-        while True:
-            rng = np.random.default_rng([*self.seed, k])
-            pick_d = rng.random(self.chunk) < self.ratio
-            d = self.d[rng.integers(0, max(len(self.d), 1), self.chunk)] if len(self.d) else 0
-            u = self.u[rng.integers(0, max(len(self.u), 1), self.chunk)] if len(self.u) else 0
-            yield from np.where(pick_d, d, u)[offset:].tolist()
-            k, offset = k + 1, 0
+        k, chunk = -1, None
+        for step in itertools.count():
+            first = self.start + (step * self.world_size + self.rank) * self.per_rank
+            for i in range(first, first + self.per_rank):
+                if i // self.chunk != k:
+                    k = i // self.chunk
+                    chunk = self.draws(k)
+                yield int(chunk[i % self.chunk])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -550,7 +563,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device, command
         held_out, inputs, scheduler, autocast, denoising_error, cfg.seed, rank, world_size
     )
     sampler = DesirableRatioSampler(
-        desirable, cfg.desirable_ratio, seed=[cfg.seed, rank], start=start_step * per_rank, held_out=held_out
+        desirable, cfg.desirable_ratio, cfg.seed, rank, world_size, per_rank, counters.n_drawn, held_out
     )
     # The objective, chosen once; fp16: the loss scaled so that its gradients do not underflow
     step_fn = objective(cfg, backward=lambda loss_k: scaler.scale(loss_k).backward())
