@@ -7,6 +7,7 @@ fix (utils.DataError)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -182,7 +183,36 @@ def read_csv(path: Path) -> pd.DataFrame:
         problem = wrong_delimiter(path, str(table.columns[0]))
         if problem:
             raise problem
+    check_csv_quotes(path, table)
     return table
+
+
+def check_csv_quotes(path: Path, table: pd.DataFrame):
+    """pandas reads a stray double quote without a word: a caption that begins with a quoted phrase loses its
+    quotes, and an unclosed quote merges the lines after it into one cell (their rows lost, the last one's label
+    kept). Python's strict CSV reader refuses the first; a line break in a cell shows the second."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            for _ in reader:
+                pass
+        except csv.Error as e:
+            raise unreadable(
+                path,
+                f"line {reader.line_num}: {e}: a field that begins with a double quote must end with one. "
+                "Quote a caption that begins with a quote whole, doubling the quotes inside: "
+                '"""Starry Night"" painting"',
+            ) from None
+    for column in (c for c in ("image", "caption", "label") if c in table):
+        broken = np.flatnonzero(table[column].astype(str).str.contains("[\r\n]", regex=True).to_numpy())
+        if len(broken):
+            raise unreadable(
+                path,
+                f"column {column!r}, row {broken[0]} (0-based) holds a line break ({len(broken)} such "
+                "cells): a double quote opened in that row and closed rows later merges those lines into this "
+                "cell. Close or double the quote (one caption per line; line breaks within a caption: replace "
+                "them by spaces)",
+            )
 
 
 def read_json(path: Path, lines: bool) -> pd.DataFrame:
@@ -314,8 +344,18 @@ def load_feedback(path: str | Path, label_policy: str = "won_once") -> pd.DataFr
                 f"or is not a file (paths are relative to {base}). {int((~exists).sum())} image path(s) are "
                 "missing in all."
             )
+    # One caption per row: a list, array or dict (several captions per image) would train as its Python text
+    several = np.flatnonzero([not pd.api.types.is_scalar(v) for v in table["caption"]])
+    if len(several):
+        row = int(several[0])
+        raise DataError(
+            f"--dataset {path}: column 'caption', row {row} (0-based, {len(several)} such rows) holds a "
+            f"{type(table['caption'].iloc[row]).__name__}, {str(table['caption'].iloc[row])[:80]!r}, not one "
+            "caption. Pick one caption per image, or put each caption in a row of its own (pandas: "
+            "DataFrame.explode)."
+        )
     # A missing caption (None, NaN, or pandas' NA in a nullable string column) is empty, never the text "<NA>"
-    captions = table["caption"].map(lambda v: "" if pd.api.types.is_scalar(v) and pd.isna(v) else str(v))
+    captions = table["caption"].map(lambda v: "" if pd.isna(v) else str(v))
     out = pd.DataFrame({"image": images, "caption": captions, "desirable": labels.astype(bool)})
     out.attrs["stats"] = dict(
         source=str(path),

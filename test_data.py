@@ -797,3 +797,50 @@ def test_a_missing_caption_is_empty_in_every_column_type(tmp_path):
         table.to_parquet(tmp_path / f"{name}.parquet")
         read = data.load_feedback(tmp_path / f"{name}.parquet")
         assert read["caption"].tolist() == ["a cat", "", ""], name
+
+
+def test_a_caption_cell_that_holds_several_captions_is_refused(tmp_path):
+    import pandas as pd
+
+    rows = pd.DataFrame(dict(image=[png_bytes()] * 4, caption=["a cat"] * 4, label=[1, 0, 1, 0]))
+    # a parquet list column comes back as numpy arrays; JSON Lines lists as lists; a struct as a dict
+    several = (
+        ("list.parquet", ["a cat", "a red cat"]),
+        ("struct.parquet", {"en": "a red cat"}),
+        ("list.jsonl", ["a cat", "a red cat"]),
+    )
+    for name, cell in several:
+        table = rows.assign(caption=[cell] * 4)
+        table.caption = table.caption.astype(object)
+        if name.endswith(".parquet"):
+            table.to_parquet(tmp_path / name)
+        else:
+            table.assign(image=[f"{i}.png" for i in range(4)]).to_json(
+                tmp_path / name, orient="records", lines=True
+            )
+            for i in range(4):
+                Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        with pytest.raises(DataError, match="column 'caption', row 0 .*4 such rows.* not one caption"):
+            data.load_feedback(tmp_path / name)
+
+
+def test_a_csv_quote_that_pandas_would_read_leniently_is_refused(tmp_path):
+    for i in range(12):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    lines = [f"{i}.png,a cat {i},{i % 2}" for i in range(12)]
+    (tmp_path / "ok.csv").write_text("image,caption,label\n" + "\n".join(lines) + "\n")
+    assert len(data.load_feedback(tmp_path / "ok.csv")) == 12
+    # an unclosed quote in row 4, closed in row 8: pandas merged rows 4-8 into one cell, with row 8's label
+    unclosed = lines[:4] + ['4.png,"a cat 4,0'] + lines[5:8] + ['8.png,a dog",1'] + lines[9:]
+    (tmp_path / "unclosed.csv").write_text("image,caption,label\n" + "\n".join(unclosed) + "\n")
+    with pytest.raises(DataError, match="column 'caption', row 4 .0-based. holds a line break"):
+        data.load_feedback(tmp_path / "unclosed.csv")
+    # a caption that begins with a quoted phrase: pandas dropped the quotes
+    quoted = lines[:2] + ['2.png,"Starry Night" painting of a cat,0'] + lines[3:]
+    (tmp_path / "quoted.csv").write_text("image,caption,label\n" + "\n".join(quoted) + "\n")
+    with pytest.raises(DataError, match="line 4: .*must end with one"):
+        data.load_feedback(tmp_path / "quoted.csv")
+    # quoted whole, with the quotes inside doubled: read as written
+    fixed = lines[:2] + ['2.png,"""Starry Night"" painting of a cat",0'] + lines[3:]
+    (tmp_path / "fixed.csv").write_text("image,caption,label\n" + "\n".join(fixed) + "\n")
+    assert data.load_feedback(tmp_path / "fixed.csv")["caption"][2] == '"Starry Night" painting of a cat'
