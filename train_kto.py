@@ -323,7 +323,9 @@ def reference_point(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def mismatched_indices(n: int) -> torch.Tensor:
-    """Sample i is paired with the caption of sample i+1 (roll by one): no sample keeps its own caption."""
+    """Sample i is paired with the caption of sample i+1 (roll by one): no sample keeps its own row's caption. The
+    partner's caption may be the same text (another image of the prompt, the same image drawn twice): such pairs
+    stay in z's mean as drawn (README, departures)."""
     if n < 2:
         raise DataError(
             "--reference_point kl_mismatched pairs each image with another sample's caption, so it "
