@@ -442,7 +442,9 @@ class FeedbackDataset(torch.utils.data.Dataset):
         columns, name = self._group[1], self.image_column[self.column[i]]
         if name not in columns:
             columns[name] = pf.read_row_group(g, columns=[name]).column(0)
-        return columns[name][row - int(starts[g])].as_py()
+        value = columns[name][row - int(starts[g])].as_py()
+        # a copy saved through `datasets` with its Image feature holds {"bytes", "path"}
+        return value.get("bytes") if isinstance(value, dict) else value
 
     def keep_apart(self, held_out: np.ndarray):
         """A corrupt image is replaced only by one of its class on its own side of `held_out` (heldout.split): a

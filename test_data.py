@@ -74,9 +74,15 @@ def encode(uid: str, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(path: Path, rows, drop_optional=False):
-    """One shard with Pick-a-Pic v2's columns and types (optional columns dropped if asked)."""
+def write_shard(path: Path, rows, drop_optional=False, image_structs=False):
+    """One shard with Pick-a-Pic v2's columns and types (optional columns dropped if asked; the images as datasets'
+    Image structs {"bytes", "path"}, as a copy saved through `datasets`, if asked)."""
     cap, u0, u1, l0, l1 = map(list, zip(*rows))
+    image = lambda uids: (
+        pa.array([{"bytes": encode(u), "path": f"{u}.jpg"} for u in uids])
+        if image_structs
+        else pa.array([encode(u) for u in uids], pa.binary())
+    )
     cols = {
         "are_different": [True] * len(rows),
         "best_image_uid": [a if x == 1 else b if y == 1 else "" for a, b, x, y in zip(u0, u1, l0, l1)],
@@ -87,8 +93,8 @@ def write_shard(path: Path, rows, drop_optional=False):
         "image_0_url": [f"https://x.invalid/{u}" for u in u0],
         "image_1_uid": u1,
         "image_1_url": [f"https://x.invalid/{u}" for u in u1],
-        "jpg_0": pa.array([encode(u) for u in u0], pa.binary()),
-        "jpg_1": pa.array([encode(u) for u in u1], pa.binary()),
+        "jpg_0": image(u0),
+        "jpg_1": image(u1),
         "label_0": pa.array(l0, pa.float64()),
         "label_1": pa.array(l1, pa.float64()),
         "model_0": ["sd"] * len(rows),
@@ -104,9 +110,10 @@ def write_shard(path: Path, rows, drop_optional=False):
     pq.write_table(pa.table(cols), path, row_group_size=2)  # several row groups per shard
 
 
-def make_folder(root: Path, shards=SHARDS) -> Path:
+def make_folder(root: Path, shards=SHARDS, image_structs=False) -> Path:
     for k, rows in enumerate(shards):
-        write_shard(root / f"train-{k:05d}-of-{len(shards):05d}.parquet", rows, drop_optional=k == 1)
+        name = f"train-{k:05d}-of-{len(shards):05d}.parquet"
+        write_shard(root / name, rows, drop_optional=k == 1, image_structs=image_structs)
     return root
 
 
@@ -140,7 +147,9 @@ def test_counts_per_policy_match_hand_derived(folder, policy):
     assert stats["label_policy"] == policy
 
 
-def test_caption_and_location_carried_over(folder):
+@pytest.mark.parametrize("image_structs", [False, True])
+def test_caption_and_location_carried_over(tmp_path, image_structs):
+    folder = make_folder(tmp_path / "pickapic", image_structs=image_structs)
     table = data.load_feedback(folder)
     rows = by_uid(table)
     for uid, (shard, row, column) in LOCATION.items():
