@@ -38,7 +38,7 @@ PICKAPIC_SPLITS = ("train", "validation", "test", "validation_unique", "test_uni
 LABEL_POLICIES = ("won_once", "always_won")
 
 
-PICKAPIC_LABELS_VERSION = 1  # bump when the conversion changes: cached label tables are then rebuilt
+PICKAPIC_LABELS_VERSION = 2  # bump when the conversion changes: cached label tables are then rebuilt
 
 
 def is_hub_dataset(spec: str) -> bool:
@@ -268,6 +268,8 @@ def pickapic_labels(comparisons: pa.Table, label_policy: str) -> tuple[pa.Table,
         images=len(first),
         images_only_in_ties=len(tie_uids) - int(pc.sum(pc.is_in(tie_uids, uid_names)).as_py() or 0),
         images_won_and_lost=int((won & lost).sum()),
+        # an image against itself: it wins and loses there (won_once then makes it desirable)
+        self_comparisons=int(pc.sum(pc.equal(u0.take(idx), u1.take(idx))).as_py() or 0),
         images_dropped=int((~keep).sum()),
         images_with_several_captions=several_captions,
         num_desirable=int(desirable.sum()),

@@ -853,3 +853,25 @@ def test_a_csv_quote_that_pandas_would_read_leniently_is_refused(tmp_path):
     fixed = lines[:2] + ['2.png,"""Starry Night"" painting of a cat",0'] + lines[3:]
     (tmp_path / "fixed.csv").write_text("image,caption,label\n" + "\n".join(fixed) + "\n")
     assert data.load_feedback(tmp_path / "fixed.csv")["caption"][2] == '"Starry Night" painting of a cat'
+
+
+def test_an_image_compared_with_itself_is_counted():
+    comparisons = pa.table(
+        dict(
+            caption=pa.array(["a cat", "a dog", "a dog"], pa.large_string()),
+            label_0=[1.0, 0.0, 0.5],
+            label_1=[0.0, 1.0, 0.5],
+            image_0_uid=pa.array(["A", "B", "A"], pa.large_string()),
+            image_1_uid=pa.array(["A", "C", "A"], pa.large_string()),  # a tie of A with itself: no preference
+            shard=np.zeros(3, np.int32),
+            row=np.arange(3),
+        )
+    )
+    table, stats = pickapic.pickapic_labels(comparisons, "won_once")
+    assert stats["self_comparisons"] == 1
+    # it won there (and lost): desirable under the paper's rule
+    assert dict(zip(table["uid"].to_pylist(), table["desirable"].to_pylist())) == {
+        "A": True,
+        "B": False,
+        "C": True,
+    }
