@@ -305,6 +305,15 @@ def test_a_second_launch_into_a_folder_that_a_run_is_writing_stops_at_once(tmp_p
     run(tmp_path, "--max_train_steps", "1")
     assert f"pid {os.getpid()}" in (out / ".lock").read_text()
 
+    # a folder that cannot be made (a file where a folder is expected; or no permission): said, nothing started
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        train_kto.main([*TINY, "--output_dir", str(tmp_path / "a_file" / "out"), "--max_train_steps", "1"])
+    assert (
+        e.value.code == 2
+        and "a_file/out: cannot be written ([Errno 20] Not a directory" in capsys.readouterr().err
+    )
+
     # a file system without locks: the run goes on, and says that it is unguarded
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")

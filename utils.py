@@ -1,7 +1,7 @@
 """The run time shared by train_kto.py and eval.py: flags from a config dataclass, torchrun-aware distributed
-set-up and tear-down, errors and signals (one line, no traceback; Ctrl-C, SIGTERM as preemption), the check that
-every rank sees the output folder, hub ids and local folders, paths made absolute, derived seeds, files written
-atomically and a cache of things built once, a full disk. The training checkpoints are checkpoints.py's."""
+set-up and tear-down, errors and signals (one line, no traceback; Ctrl-C, SIGTERM as preemption), the checks that
+every rank sees the output folder and that no other run writes there, hub ids and local folders, paths made
+absolute, derived seeds, files written atomically and a cache of things built once, a full disk. The training checkpoints are checkpoints.py's."""
 
 from __future__ import annotations
 
@@ -257,27 +257,35 @@ def hold_folder(flag: str, folder: Path, rank: int, world_size: int, held: conte
     stops at once, on every rank, instead of mixing two runs' records and checkpoints."""
     problem = None
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = held.enter_context(open(folder / ".lock", "a+"))
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            problem = (
-                f"{flag} {folder}: another run is writing there ({lock.read().strip() or 'its holder unknown'}). "
-                f"Wait for it to end or stop it, or pass another {flag}."
-            )
-        except OSError as e:  # a file system without locks (some Lustre mounts): the run goes on, unguarded
-            print(f"warning: {flag} {folder}: cannot be locked ({e}); a second launch into it is not refused")
-        else:
-            lock.truncate(0)
-            lock.write(
-                f"held by pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%F %T %Z')}\n"
-            )
-            lock.flush()
+            folder.mkdir(parents=True, exist_ok=True)
+            problem = lock_file(held.enter_context(open(folder / ".lock", "a+")), flag, folder)
+        except OSError as e:
+            problem = f"{flag} {folder}: cannot be written ({e}). Pass a folder that this user can write to."
     problem = agree(problem, world_size)
     if problem:
         raise DataError(problem)
+
+
+def lock_file(lock, flag: str, folder: Path) -> str | None:
+    """Lock the open file `lock` (hold_folder's) and write who holds it; or say who holds it already (a message).
+    A file system without locks (some Lustre mounts) gives a warning, and None."""
+    what = f"{flag} {folder}"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        return (
+            f"{what}: another run is writing there ({lock.read().strip() or 'its holder unknown'}). Wait for it "
+            f"to end or stop it, or pass another {flag}."
+        )
+    except OSError as e:
+        print(f"warning: {what}: cannot be locked ({e}); a second launch into it is not refused")
+        return None
+    lock.truncate(0)
+    lock.write(f"held by pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%F %T %Z')}\n")
+    lock.flush()
+    return None
 
 
 TRAINING_FOLDER = ("--output_dir", "Rank 0 saves the checkpoints and every rank reads them on resume")
