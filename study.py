@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from tiny_world import BUILD_THREADS, HELD_OUT, SIZES, world_path
+from tiny_world import BUILD_THREADS, HELD_OUT, SIZES, world_hash, world_path
 
 TINY_STEPS = 200  # train_kto.py's --tiny max_train_steps
 # the README's worlds; 0-2 were used to choose the --tiny learning rate (docs/tiny_world.md)
@@ -277,7 +277,10 @@ def study(
         rows.append(
             {**e, **{k: u[k] for k in ("win_rate", "ci95", "n_prompts", "mean_ckpt", "mean_baseline")}}
         )
+    # each world's record, with its hash (which world was studied: the same seed built elsewhere can differ)
     worlds = {s: json.loads((world[s] / "world.json").read_text()) for s in seeds}
+    for s in seeds:
+        worlds[s]["world_hash"] = world_hash(world[s])
     minutes = (time.time() - t_start) / 60
     table = study_table(rows, worlds, steps, device, jobs, minutes, train_seeds)
     (out / "tiny_world_table.md").write_text(table)
@@ -428,15 +431,18 @@ def study_table(rows, worlds, steps, device, jobs, minutes, train_seeds=(0,)) ->
         f"Tiny world study ({device}, {jobs} job(s), {minutes:.1f} min). Win rate on the hidden utility over "
         f"the baseline, {rows[0]['n_prompts'] if rows else 0} paired held-out comparisons, bootstrap 95% CI.",
         "",
-        "| world | base error, own / another caption | raters agree | base samples: asked colour, mean "
-        "utility | rated drawings: mean utility |",
-        "|---|---|---|---|---|",
+        "| world (world_hash) | base error, own / another caption | raters agree | shuffled labels' utility "
+        "gap, share of the true one's | base samples: asked colour, mean utility | rated drawings: mean utility |",
+        "|---|---|---|---|---|---|",
     ]
     for s in seeds:
         cd, w = worlds[s]["caption_dependence"], worlds[s]
+        # the control's one permutation, shared by all its training seeds, is by chance a little for or against
+        # the utility
+        shuffled = w["feedback-shuffled"]["utility_gap"] / w["feedback"]["utility_gap"]
         lines.append(
-            f"| {s} | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) | "
-            f"{w['feedback']['rater_agreement']:.0%} | {w['base_images']['color_match']:.1%}, "
+            f"| {s} ({w['world_hash'][:12]}) | {cd['matched']:.4f} / {cd['mismatched']:.4f} (x{cd['ratio']:.2f}) "
+            f"| {w['feedback']['rater_agreement']:.0%} | {shuffled:+.0%} | {w['base_images']['color_match']:.1%}, "
             f"{w['base_images']['mean_utility']:.3f} | {w['feedback_images']['mean_utility']:.3f} |"
         )
     lines += [

@@ -56,7 +56,9 @@ def made_up_study():
     worlds = {
         s: dict(
             caption_dependence=dict(matched=0.04, mismatched=0.14, ratio=3.5),
-            feedback=dict(rater_agreement=0.64),
+            feedback=dict(rater_agreement=0.64, utility_gap=0.08),
+            **{"feedback-shuffled": dict(utility_gap=-0.004)},
+            world_hash=f"{s}bc" * 20,
             base_images=dict(color_match=0.999, mean_utility=0.8),
             feedback_images=dict(mean_utility=0.7),
         )
@@ -83,7 +85,11 @@ def test_study_table_has_every_row_and_says_what_did_not_run(tmp_path):
         column = 3 if r["baseline"] == "SFT" else ["KTO", "shuffled labels", "SFT"].index(r["kind"])
         assert cells[f"{r['seed']}/{r['steps']}"][column] == fmt(r), r
     assert cells["2/400"][2] == "not run"  # the failed run is named, not hidden
-    assert "| 1 | 0.0400 / 0.1400 (x3.50) | 64% | 99.9%, 0.800 | 0.700 |" in table.splitlines()  # the worlds
+    # the worlds
+    assert (
+        "| 1 (1bc1bc1bc1bc) | 0.0400 / 0.1400 (x3.50) | 64% | -5% | 99.9%, 0.800 | 0.700 |"
+        in table.splitlines()
+    )
     for a, flags in study.ABLATIONS.items():
         r = next(r for r in rows if r["kind"] == a)
         assert f"| 0 | `{' '.join(flags)}` | {fmt(r)} |" in table
@@ -169,6 +175,7 @@ def test_study_puts_the_ablations_on_a_world_it_studies(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(study, "run_jobs", lambda commands, *a, **k: started.extend(c[0] for c in commands))
     monkeypatch.setattr(study, "world_path", lambda seed, *a, **k: tmp_path / f"world{seed}")
+    monkeypatch.setattr(study, "world_hash", lambda path: "0" * 64)
     monkeypatch.setattr(study, "study_table", lambda *a, **k: "")
     monkeypatch.setattr(study, "steps_figure", lambda *a, **k: None)
     for seed in (3, 4):
@@ -189,6 +196,7 @@ def test_a_study_with_other_settings_does_not_reuse_the_runs_in_its_work_folder(
     started = []
     monkeypatch.setattr(study, "run_jobs", lambda commands, *a, **k: started.extend(c[0] for c in commands))
     monkeypatch.setattr(study, "world_path", lambda seed, *a, **k: tmp_path / f"world{seed}")
+    monkeypatch.setattr(study, "world_hash", lambda path: "0" * 64)
     monkeypatch.setattr(study, "study_table", lambda *a, **k: "")
     monkeypatch.setattr(study, "steps_figure", lambda *a, **k: None)
     (tmp_path / "world3").mkdir()

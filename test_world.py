@@ -193,6 +193,9 @@ def test_a_build_says_what_it_does_and_how_long_it_takes(tmp_path, monkeypatch, 
     # and the same record (the base's samples and the caption check are measured only there)
     records = [json.loads((w / "world.json").read_text()) for w in (world, quiet)]
     assert records[0] | {"build_seconds": 0} == records[1] | {"build_seconds": 0}
+    # which world it is, and what else than the seed it may depend on
+    assert records[0]["world_hash"] == tiny_world.world_hash(world)
+    assert records[0]["versions"]["numpy"] == np.__version__ and records[0]["machine"]
 
 
 def test_building_the_model_says_nothing_about_torchvision(tmp_path):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import io
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -591,6 +593,9 @@ def build_world(
         device=str(device),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        # what else the weights may depend on: the same seed built elsewhere can be another world
+        versions={m: importlib.metadata.version(m) for m in ("diffusers", "transformers", "numpy", "pillow")},
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
         held_out=list(HELD_OUT),
     )
     record.update(train_base(path / "model", seed, sizes, device, log))
@@ -606,6 +611,7 @@ def build_world(
         f"{cd['mismatched']:.4f} (x{cd['ratio']:.2f}; larger on {cd['mismatched_larger']:.0%} of images)"
     )
     record["build_seconds"] = round(time.time() - t0, 1)
+    record["world_hash"] = world_hash(path)
     for f in (path / "world.json", path / "feedback" / "world.json"):
         f.write_text(json.dumps(record, indent=2))
     log(f"world built in {time.time() - t0:.0f}s: {final}")
