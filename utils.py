@@ -398,7 +398,10 @@ def check_bad_steps(bad_steps: int, limit: int, step: int):
 
 def derive_seed(*keys: int) -> int:
     """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition):
-    (seed, rank) for a rank's training stream, (seed, prompt, image) for an evaluation image."""
+    (seed, rank) for a rank's training stream, (seed, prompt, image) for an evaluation image. SeedSequence drops
+    trailing zero keys, so (s, 0), (s, 0, 0) and (s,) give one seed: rank 0's training noise, eval's first image and
+    validation's first prompt at one --seed start from the same numbers (different uses in different processes;
+    left so that earlier runs reproduce)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
