@@ -906,6 +906,17 @@ def test_two_ranks_save_score_and_sample_at_the_same_step(tmp_path):
     cards = [(out / f"checkpoint-{step}" / "README.md").read_text() for step in (1, 2)]
     assert "## Held-out reward" not in cards[0] and "## Held-out reward at step 2" in cards[1]
     assert (out / "validation" / "step-000002.png").exists() and (out / "curves.png").exists()
+    # a second launch while another run holds the folder: both ranks stop at start-up with the message (torchrun's
+    # failure summary gives each rank's error; a rank left going on would fail in its next collective instead)
+    # and rank 0 says it
+    import fcntl
+
+    with open(out / ".lock", "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        proc = run_script(tmp_path, "", "--output_dir", str(out), torchrun=TORCHRUN, check=False)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and said.count("error: --output_dir") == 1, said[-3000:]
+    assert said.count("DataError: --output_dir") == 2 and "another run is writing there" in said, said[-3000:]
 
 
 @pytest.mark.slow
