@@ -100,7 +100,7 @@ class Config:
     """HPS v2.0 weights: HPS_v2_compressed.pt, a folder holding it, or a hub repo"""
     export: str = ""
     """write --ckpt as a complete diffusers pipeline folder (its base model in run.json + its UNet and VAE; no
-    safety checker, as every image here is made) to this new folder, then exit: no images, no scores"""
+    safety checker, as eval.py generates without one) to this new folder, then exit: no images, no scores"""
 
 
 # --tiny defaults (flags still win): one image per (held-out prompt, seed), each its own comparison

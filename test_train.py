@@ -895,7 +895,8 @@ TORCHRUN = ["--standalone", "--nproc_per_node", "2"]
 
 
 def test_two_ranks_save_score_and_sample_at_the_same_step(tmp_path):
-    """The fast layer's one torchrun run: rank-0-only work (card, curves, images) beside every rank's collectives."""
+    """The fast layer's one torchrun run: rank-0-only work (card, curves, images) beside every rank's
+    collectives."""
     out = tmp_path / "out"
     # a save at a step without a held-out score, then one with it
     at = ("--checkpointing_steps", "1", "--heldout_steps", "2", "--validation_steps", "2")

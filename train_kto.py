@@ -551,7 +551,7 @@ def train(cfg: Config, rank: int, world_size: int, device: torch.device, command
     # Noise, t, flips, dropout
     gen = torch.Generator(device).manual_seed(utils.derive_seed(cfg.seed, rank))
     state = checkpoints.State(policy, optimizer, lr_schedule, scaler, gen)
-    # Counters: non-finite steps in a row, corrupt images and images read
+    # Counters: non-finite steps in a row, corrupt images, images read and the image stream's draws used
     start_step, counters = checkpoints.load_checkpoint(resume_from, state, cfg, rank, world_size, device)
     record = reports.Reports(
         cfg, start_step, path, device, autocast, world_size, counts, resume_from, command, rank == 0

@@ -1,7 +1,8 @@
 """The run time shared by train_kto.py and eval.py: flags from a config dataclass, torchrun-aware distributed
-set-up and tear-down, errors and signals (one line, no traceback; Ctrl-C, SIGTERM as preemption), the checks that
-every rank sees the output folder and that no other run writes there, hub ids and local folders, paths made
-absolute, derived seeds, files written atomically and a cache of things built once, a full disk. The training checkpoints are checkpoints.py's."""
+set-up and tear-down, errors and signals (one line, no traceback; Ctrl-C, SIGTERM as preemption), the checks
+that every rank sees the output folder and that no other run writes there, hub ids and local folders, paths
+made absolute, derived seeds, files written atomically and a cache of things built once, a full disk. The
+training checkpoints are checkpoints.py's."""
 
 from __future__ import annotations
 
@@ -225,8 +226,8 @@ def reported(errors: tuple, rank: int | None = None, on_stop=lambda: ""):
 
 def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: "", folder: tuple[str, Path] | None = None):
     """init_distributed, work(cfg, rank, world_size, device), then tear down on every rank; errors, Ctrl-C and
-    SIGTERM as `reported` says (on_stop(cfg): the line that says what was saved). folder: (flag, path) of an output
-    folder that this run holds (hold_folder) until it ends."""
+    SIGTERM as `reported` says (on_stop(cfg): the line that says what was saved). folder: (flag, path) of an
+    output folder that this run holds (hold_folder) until it ends."""
     rank, world_size, device = init_distributed()
     signal.signal(signal.SIGTERM, raise_stopped)
     try:
@@ -252,9 +253,9 @@ def run_main(work, cfg, errors: tuple, on_stop=lambda cfg: "", folder: tuple[str
 
 
 def hold_folder(flag: str, folder: Path, rank: int, world_size: int, held: contextlib.ExitStack):
-    """Rank 0 locks <folder>/.lock until `held` closes (or the process ends, however it ends), so that a second
-    launch into the folder while this run writes there (a job submitted twice, a requeue while the first still runs)
-    stops at once, on every rank, instead of mixing two runs' records and checkpoints."""
+    """Rank 0 locks <folder>/.lock until `held` closes (or the process ends, however it ends), so that a
+    second launch into the folder while this run writes there (a job submitted twice, a requeue while the
+    first still runs) stops at once, on every rank, instead of mixing two runs' records and checkpoints."""
     problem = None
     if rank == 0:
         try:
@@ -268,8 +269,8 @@ def hold_folder(flag: str, folder: Path, rank: int, world_size: int, held: conte
 
 
 def lock_file(lock, flag: str, folder: Path) -> str | None:
-    """Lock the open file `lock` (hold_folder's) and write who holds it; or say who holds it already (a message).
-    A file system without locks (some Lustre mounts) gives a warning, and None."""
+    """Lock the open file `lock` (hold_folder's) and write who holds it; or say who holds it already (a
+    message). A file system without locks (some Lustre mounts) gives a warning, and None."""
     what = f"{flag} {folder}"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -363,9 +364,9 @@ def check_pretrained(
         has = {p for p, v in index.items() if isinstance(v, list) and any(v)}
     if "text_encoder_2" in has and "text_encoder" not in has:
         raise DataError(
-            f"{flag} {spec}: a pipeline with text_encoder_2 but no text_encoder, as an SDXL refiner: not supported "
-            "(the refiner denoises only the last steps of a base model's sampling). Pass an SDXL base model, "
-            "such as stabilityai/stable-diffusion-xl-base-1.0."
+            f"{flag} {spec}: a pipeline with text_encoder_2 but no text_encoder, as an SDXL refiner: not "
+            "supported (the refiner denoises only the last steps of a base model's sampling). Pass an SDXL base "
+            "model, such as stabilityai/stable-diffusion-xl-base-1.0."
         )
     if not path.exists():
         return spec
@@ -397,11 +398,11 @@ def check_bad_steps(bad_steps: int, limit: int, step: int):
 
 
 def derive_seed(*keys: int) -> int:
-    """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by addition):
-    (seed, rank) for a rank's training stream, (seed, prompt, image) for an evaluation image. SeedSequence drops
-    trailing zero keys, so (s, 0), (s, 0, 0) and (s,) give one seed: rank 0's training noise, eval's first image and
-    validation's first prompt at one --seed start from the same numbers (different uses in different processes;
-    left so that earlier runs reproduce)."""
+    """A 32-bit seed that depends on `keys` only (numpy's SeedSequence: well mixed, no collisions by
+    addition): (seed, rank) for a rank's training stream, (seed, prompt, image) for an evaluation image.
+    SeedSequence drops trailing zero keys, so (s, 0), (s, 0, 0) and (s,) give one seed: rank 0's training
+    noise, eval's first image and validation's first prompt at one --seed start from the same numbers
+    (different uses in different processes; left so that earlier runs reproduce)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
